@@ -1,0 +1,214 @@
+"""Versioned, atomically written stage artifacts: ``<root>/<stage>/<version>/manifest.json``.
+
+A version directory only ever appears by ``os.rename`` of a finished temporary directory whose
+manifest (written last) lists the SHA-256 of every file. So a directory without a manifest, or
+whose files no longer match it, was never complete or was damaged later: it is not used, and
+the next build replaces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST = "manifest.json"
+_TMP_PREFIX = ".tmp-"
+
+
+class ArtifactError(RuntimeError):
+    """A stage artifact is missing, incomplete or damaged."""
+
+
+class ArtifactRef(BaseModel):
+    """The small reference stages hand each other instead of data."""
+
+    model_config = ConfigDict(frozen=True)
+
+    root: str
+    stage: str
+    version: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.stage / self.version
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"no manifest in {path}: the artifact is incomplete") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"unreadable manifest in {path}: {exc}") from None
+
+
+def verify(path: Path) -> list[str]:
+    """Problems with the artifact at ``path`` (empty when it is complete and intact)."""
+    if not path.is_dir():
+        return [f"{path} does not exist"]
+    try:
+        manifest = read_manifest(path)
+    except ArtifactError as exc:
+        return [str(exc)]
+    problems = []
+    for name, expected in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif sha256_file(file) != expected:
+            problems.append(f"{file} does not match its manifest hash")
+    return problems
+
+
+def is_complete(ref: ArtifactRef) -> bool:
+    return not verify(ref.path)
+
+
+def require(ref: ArtifactRef) -> ArtifactRef:
+    """Return ``ref`` if its artifact is intact, else raise a one-line ArtifactError."""
+    problems = verify(ref.path)
+    if problems:
+        raise ArtifactError(
+            f"artifact {ref.stage}/{ref.version} is not usable ({problems[0]}); "
+            "rerun the pipeline to rebuild it"
+        )
+    return ref
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(stage_dir: Path, version: str) -> None:
+    """Remove temporary dirs of ``version`` left by processes that died mid-write."""
+    for tmp in stage_dir.glob(f"{_TMP_PREFIX}{version}-*"):
+        try:
+            pid = int(tmp.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build(
+    root: str | Path,
+    stage: str,
+    version: str,
+    write: Callable[[Path], dict[str, Any] | None],
+    *,
+    parameters: dict[str, Any],
+    upstream: dict[str, Any],
+    code_version: str,
+) -> ArtifactRef:
+    """Build ``<root>/<stage>/<version>`` by calling ``write(tmp_dir)`` unless it is complete.
+
+    ``write`` fills the directory and may return metrics for the manifest. Any exception
+    removes the temporary directory and leaves existing versions untouched.
+    """
+    ref = ArtifactRef(root=str(Path(root).resolve()), stage=stage, version=version)
+    if is_complete(ref):
+        return ref
+    stage_dir = ref.path.parent
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(stage_dir, version)
+    tmp = stage_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        metrics = write(tmp) or {}
+        files = {
+            p.relative_to(tmp).as_posix(): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {
+            "stage": stage,
+            "version": version,
+            "parameters": parameters,
+            "upstream": upstream,
+            "code_version": code_version,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "files": files,
+            "metrics": metrics,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _publish(tmp, ref.path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return require(ref)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished ``tmp`` into place; a damaged old version is moved aside first."""
+    if final.exists():
+        if not verify(final):
+            return  # another process finished the same version first: keep theirs
+        trash = final.parent / f"{_TMP_PREFIX}{final.name}-0-damaged-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(FileNotFoundError):
+            final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    try:
+        tmp.rename(final)
+    except OSError:
+        # Lost a race with a concurrent writer of the same version: theirs is as good.
+        if verify(final):
+            raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def latest_pointer(root: str | Path, stage: str) -> Path:
+    return Path(root) / stage / "LATEST"
+
+
+def set_latest(ref: ArtifactRef) -> None:
+    """Point ``<root>/<stage>/LATEST`` at ``ref`` (atomic replace)."""
+    pointer = latest_pointer(ref.root, ref.stage)
+    tmp = pointer.with_name(f"{_TMP_PREFIX}LATEST-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(ref.version + "\n")
+    os.replace(tmp, pointer)
+
+
+def resolve(root: str | Path, stage: str, version: str | None = None) -> ArtifactRef:
+    """The ref for ``version`` of ``stage`` (LATEST when None), checked to be intact."""
+    root = Path(root).resolve()
+    if version in (None, "latest"):
+        pointer = latest_pointer(root, stage)
+        if not pointer.is_file():
+            raise ArtifactError(
+                f"no {stage} artifact under {root}: run 'houseprice run' first "
+                "or pass --artifacts"
+            )
+        version = pointer.read_text().strip()
+    return require(ArtifactRef(root=str(root), stage=stage, version=version))

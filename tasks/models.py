@@ -1,0 +1,102 @@
+"""The book's models (linear regression and MLPs), their initializations, and the metric.
+
+Every random draw (initialization, dropout masks, batch order) comes from an explicit
+``torch.Generator``: candidates train concurrently in threads, which share torch's global RNG,
+so seeding that one would not make a run reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tasks.config import CandidateConfig
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+class SeededDropout(nn.Module):
+    """Inverted dropout, as ``nn.Dropout``, drawing its masks from its own generator."""
+
+    def __init__(self, p: float, generator: torch.Generator | None):
+        super().__init__()
+        self.p = p
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+
+class Regressor(nn.Module):
+    """``(n, n_features) float32 -> (n,) float32``: linear, or an MLP with dropout."""
+
+    def __init__(self, spec: CandidateConfig, n_features: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_features
+        if spec.kind == "mlp":
+            for size in spec.hidden:
+                layers += [nn.Linear(width, size), ACTIVATIONS[spec.activation]()]
+                if spec.dropout > 0:
+                    layers.append(SeededDropout(spec.dropout, generator))
+                width = size
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+        if generator is not None:
+            initialize(self, spec.init, generator)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.net(X).squeeze(-1)
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> None:
+    """'default' is PyTorch's own Linear init; 'xavier' and 'normal' (std 0.01) as in the book."""
+    for layer in model.modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        w, b = layer.weight, layer.bias
+        if scheme == "default":
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(w.shape[1])
+            b.uniform_(-bound, bound, generator=generator)
+        elif scheme == "xavier":
+            nn.init.xavier_uniform_(w, generator=generator)
+            b.zero_()
+        elif scheme == "normal":
+            w.normal_(0.0, 0.01, generator=generator)
+            b.zero_()
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}")
+
+
+def make_optimizer(spec: CandidateConfig, params) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available; use auto or cpu")
+    return torch.device(device)
+
+
+def log_price(output: torch.Tensor, target: str, y_mean: float, y_std: float) -> torch.Tensor:
+    """Model output -> log(price), with the book's clamp of predicted prices to >= 1."""
+    if target == "log":
+        return (output * y_std + y_mean).clamp(min=0.0)
+    return torch.log(output.clamp(min=1.0))
+
+
+def log_rmse(pred_log_price: torch.Tensor, price: torch.Tensor) -> float:
+    """The book's metric: RMSE between log predicted and log true prices."""
+    return float(torch.sqrt(torch.mean((pred_log_price - torch.log(price)) ** 2)))

@@ -1,0 +1,132 @@
+"""Stage 6, batch predict: raw Kaggle-shaped rows -> ``Id,SalePrice`` (Kaggle's format).
+
+Rows are read, preprocessed and predicted one chunk at a time, so memory is bounded by the
+chunk size, not the file size. Output is written to a temporary file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from prefect import get_run_logger, task
+
+from tasks.artifacts import ArtifactRef
+from tasks.config import CandidateConfig, PredictConfig
+from tasks.models import Regressor, log_price
+from tasks.preprocess import ID, DataError, Preprocessor
+from tasks.select import CHECKPOINT_FORMAT
+from tasks.stage import build_stage, stage_task_options
+
+STAGE = "predict"
+HEADER = "Id,SalePrice\n"
+
+
+class FittedModel:
+    """A loaded checkpoint: preprocessor plus the K fold models, averaged in log space."""
+
+    def __init__(self, checkpoint: dict[str, Any]):
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise DataError(f"not a {CHECKPOINT_FORMAT} checkpoint")
+        self.spec = CandidateConfig(**checkpoint["model_config"])
+        self.target = checkpoint["target"]
+        self.preprocessor = Preprocessor.from_dict(checkpoint["preprocessor"])
+        self.metrics = checkpoint["metrics"]
+        self.folds = []
+        for fold in checkpoint["folds"]:
+            model = Regressor(self.spec, checkpoint["n_features"])
+            model.load_state_dict(fold["state_dict"])
+            model.eval()
+            self.folds.append((model, fold["y_mean"], fold["y_std"]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FittedModel:
+        return cls(torch.load(path, map_location="cpu", weights_only=True))
+
+    @torch.no_grad()
+    def predict_log_price(self, X: np.ndarray) -> np.ndarray:
+        """``(n, n_features) float32 -> (n,) float64`` mean log price over the fold models."""
+        X_t = torch.from_numpy(X)
+        preds = [log_price(m(X_t), self.target, mu, sd) for m, mu, sd in self.folds]
+        return torch.stack(preds).mean(0).double().numpy()
+
+
+def iter_chunks(path: Path, chunk_size: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:
+    """Raw rows of a CSV or Parquet file, ``chunk_size`` at a time."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    if suffix == ".csv":
+        try:
+            yield from pd.read_csv(path, chunksize=chunk_size, dtype=dtypes)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path} is empty: expected at least a header line") from None
+    elif suffix in (".parquet", ".pq"):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
+            yield batch.to_pandas()
+    else:
+        raise DataError(f"cannot read {path}: use a .csv or .parquet file")
+
+
+def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Path,
+                 chunk_size: int = 50_000, warn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``Id,SalePrice`` for every row of ``input_path`` to ``out_path``."""
+    input_path, out_path = Path(input_path), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    pre = model.preprocessor
+    rows, unseen, extra = 0, Counter(), None
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(HEADER)
+            for chunk in iter_chunks(input_path, chunk_size, pre.raw_dtypes()):
+                missing = [c for c in [ID, *pre.columns_] if c not in chunk.columns]
+                if missing:
+                    raise DataError(
+                        f"{input_path} lacks column(s) {', '.join(missing)}; it must have the "
+                        "Kaggle test file's columns"
+                    )
+                if extra is None:
+                    extra = [c for c in chunk.columns if c not in pre.columns_ and c != ID]
+                X, chunk_unseen = pre.transform(chunk)
+                unseen.update(chunk_unseen)
+                price = np.exp(model.predict_log_price(X))
+                pd.DataFrame({ID: chunk[ID].to_numpy(), "SalePrice": price}).to_csv(
+                    fh, header=False, index=False
+                )
+                rows += len(chunk)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if extra:
+        warn(f"{input_path}: ignored {len(extra)} column(s) not used by the model: "
+             f"{', '.join(extra[:10])}")
+    if unseen:
+        warn(f"{input_path}: {sum(unseen.values())} value(s) in categories unseen in training, "
+             f"encoded as all zeros: {dict(unseen)}")
+    return {"rows": rows, "unseen_categories": dict(unseen), "ignored_columns": extra or []}
+
+
+def predict(model: ArtifactRef, raw: ArtifactRef, config: PredictConfig, out_dir: Path,
+            warn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Predict the raw Kaggle test rows into ``submission.csv``."""
+    fitted = FittedModel.load(model.file("model.pt"))
+    return predict_file(fitted, raw.file("test.csv"), out_dir / "submission.csv",
+                        config.chunk_size, warn)
+
+
+@task(**stage_task_options(STAGE))
+def predict_task(model: ArtifactRef, raw: ArtifactRef, config: PredictConfig,
+                 root: str) -> ArtifactRef:
+    """Batch-predict the Kaggle test file with the selected model."""
+    logger = get_run_logger()
+    return build_stage(STAGE, root, {"model": model, "raw": raw, "config": config},
+                       lambda out: predict(model, raw, config, out, warn=logger.warning))

@@ -1,0 +1,60 @@
+"""After the stages: publish a run's results (dashboard artifacts, LATEST pointers, the
+submission copy). Not cached: every run, cached or not, shows its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.artifacts import ArtifactRef, require, set_latest
+
+METRICS_KEY = "house-price-metrics"
+MODEL_CARD_KEY = "house-price-model-card"
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    dest = dest.expanduser().resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(model: ArtifactRef, predictions: ArtifactRef,
+                 submission: str | None) -> dict[str, Any]:
+    """Mark these versions LATEST, create the dashboard artifacts, copy the submission."""
+    require(model)
+    require(predictions)
+    set_latest(model)
+    set_latest(predictions)
+    board = json.loads(model.file("leaderboard.json").read_text())
+    create_table_artifact(
+        key=METRICS_KEY, table=board["table"],
+        description="Valid log RMSE per fold and candidate (best first)",
+    )
+    create_markdown_artifact(
+        key=MODEL_CARD_KEY, markdown=model.file("model_card.md").read_text(),
+        description="The selected model",
+    )
+    if submission:
+        copy_atomic(predictions.file("submission.csv"), Path(submission))
+    metrics = model.manifest()["metrics"]
+    return {
+        "selected": metrics["selected"],
+        "mean_valid_log_rmse": metrics["mean_valid_log_rmse"],
+        "model_version": model.version,
+        "predictions_version": predictions.version,
+        "submission": str(predictions.file("submission.csv")),
+    }

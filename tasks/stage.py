@@ -1,0 +1,184 @@
+"""What every stage shares: content-derived versions, the cache policy keyed on them, and
+the helper the flow uses to call a stage.
+
+A stage's version is a hash of (stage name, the stage's code, its versioned parameters, its
+upstream versions). Prefect's cache key *is* that version, so caching holds across runs and
+processes, never hashes a DataFrame, and changes exactly when the output would.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+
+from tasks import artifacts
+from tasks.artifacts import ArtifactRef, is_complete
+from tasks.config import _Frozen
+
+TASKS_DIR = Path(__file__).resolve().parent
+
+# The source files whose text defines each stage's computation. The download stage's output
+# is fixed by the files' SHA-1 hashes alone, so its code is deliberately not part of it.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "download": (),
+    "preprocess": ("preprocess.py",),
+    "tensorize": ("tensorize.py", "preprocess.py"),
+    "train": ("train.py", "models.py"),
+    "select": ("select.py", "models.py"),
+    "predict": ("predict.py", "preprocess.py", "models.py"),
+}
+
+# Inputs that say where things run, not what is computed.
+_UNVERSIONED_INPUTS = frozenset({"root"})
+
+
+class StageError(RuntimeError):
+    """A stage failed; the message starts with the stage's name."""
+
+
+@functools.cache
+def code_version(stage: str) -> str:
+    digest = hashlib.sha256()
+    for name in STAGE_CODE[stage]:
+        digest.update(name.encode())
+        digest.update((TASKS_DIR / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, ArtifactRef):
+        return {"stage": value.stage, "version": value.version}
+    if isinstance(value, _Frozen):
+        return value.version_params()
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def versioned_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a stage's inputs into (parameters, upstream versions) that define its output."""
+    params: dict[str, Any] = {}
+    upstream: dict[str, Any] = {}
+    for name, value in sorted(inputs.items()):
+        if name in _UNVERSIONED_INPUTS:
+            continue
+        if isinstance(value, ArtifactRef) or (
+            isinstance(value, list | tuple) and value and isinstance(value[0], ArtifactRef)
+        ):
+            upstream[name] = _canonical(value)
+        else:
+            params[name] = _canonical(value)
+    return params, upstream
+
+
+def stage_version(stage: str, inputs: dict[str, Any]) -> str:
+    """The content-derived version of ``stage`` run on ``inputs`` (16 hex digits)."""
+    params, upstream = versioned_inputs(inputs)
+    blob = json.dumps(
+        {"stage": stage, "code": code_version(stage), "params": params, "upstream": upstream},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageVersionPolicy(CachePolicy):
+    """Cache key = the stage's artifact version (no run id, no big objects hashed)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        return f"houseprice-{self.stage}-{stage_version(self.stage, inputs)}"
+
+
+@functools.cache
+def results_storage(root: str | Path) -> str:
+    """Prefect's cache records live beside the artifacts they point to (a storage block saved
+    on the API, as Prefect requires, named after the artifact root)."""
+    path = Path(root).resolve() / ".prefect-results"
+    path.mkdir(parents=True, exist_ok=True)
+    name = "houseprice-results-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    LocalFileSystem(basepath=str(path)).save(name, overwrite=True)
+    return f"local-file-system/{name}"
+
+
+def _for_call(task: Task, root: str, inputs: dict[str, Any], force: bool) -> Task:
+    """``task`` configured for one call: results stored under ``root``, and the cache
+    refreshed when the artifact it would return is missing or damaged (or ``force``)."""
+    ref = ArtifactRef(root=str(Path(root).resolve()), stage=task.name,
+                      version=stage_version(task.name, inputs))
+    return task.with_options(
+        result_storage=results_storage(root), refresh_cache=force or not is_complete(ref)
+    )
+
+
+def run_stage(task: Task, root: str, *, force: bool = False, **inputs: Any) -> ArtifactRef:
+    """Call a stage task (cached on its version) and return its artifact reference."""
+    return _for_call(task, root, inputs, force)(root=root, **inputs)
+
+
+def submit_stage(task: Task, root: str, *, force: bool = False, **inputs: Any):
+    """Submit a stage task to the flow's task runner; returns a future of its reference."""
+    return _for_call(task, root, inputs, force).submit(root=root, **inputs)
+
+
+def stage_task_options(stage: str) -> dict[str, Any]:
+    """Keyword arguments for ``@task`` shared by all stage tasks."""
+    return {
+        "name": stage,
+        "cache_policy": StageVersionPolicy(stage),
+        "persist_result": True,
+        "result_serializer": "json",
+    }
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as a single line: its type when the message is empty."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class failing_as:  # noqa: N801 - used like a function: ``with failing_as("train"):``
+    """Re-raise any exception inside the block as a StageError naming ``stage``."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, StageError) or not isinstance(exc, Exception):
+            return False
+        raise StageError(f"stage '{self.stage}' failed: {one_line(exc)}") from exc
+
+
+def build_stage(stage: str, root: str, inputs: dict[str, Any], write) -> ArtifactRef:
+    """Build (or reuse, if intact) the artifact of ``stage`` on ``inputs``.
+
+    ``write(out_dir)`` fills a temporary directory and returns manifest metrics; errors come
+    out as a StageError naming the stage.
+    """
+    with failing_as(stage):
+        params, upstream = versioned_inputs(inputs)
+        return artifacts.build(
+            root, stage, stage_version(stage, inputs), write,
+            parameters=params, upstream=upstream, code_version=code_version(stage),
+        )
