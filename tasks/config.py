@@ -50,7 +50,7 @@ def _default_data_dir() -> str:
     return os.environ.get("HOUSEPRICE_DATA_DIR") or str(PROJECT_ROOT / "data" / "cache")
 
 
-def _default_artifacts_dir() -> str:
+def default_artifacts_dir() -> str:
     return os.environ.get("HOUSEPRICE_ARTIFACTS") or str(PROJECT_ROOT / "artifacts")
 
 
@@ -143,7 +143,7 @@ class PipelineConfig(_Frozen):
 
     _unversioned = frozenset({"artifacts_dir", "submission"})
 
-    artifacts_dir: str = Field(default_factory=_default_artifacts_dir)
+    artifacts_dir: str = Field(default_factory=default_artifacts_dir)
     submission: str | None = Field(None, description="also copy the Kaggle CSV to this path")
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)

@@ -90,9 +90,11 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
             for chunk in iter_chunks(input_path, chunk_size, pre.raw_dtypes()):
                 missing = [c for c in [ID, *pre.columns_] if c not in chunk.columns]
                 if missing:
+                    shown = ", ".join(missing[:10]) + (
+                        f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
                     raise DataError(
-                        f"{input_path} lacks column(s) {', '.join(missing)}; it must have the "
-                        "Kaggle test file's columns"
+                        f"{input_path} lacks {len(missing)} column(s): {shown}; it must have "
+                        "the Kaggle test file's columns"
                     )
                 if extra is None:
                     extra = [c for c in chunk.columns if c not in pre.columns_ and c != ID]

@@ -1,0 +1,125 @@
+"""End to end on the real data over loopback HTTP, against a real (temporary) Prefect API:
+what runs, what comes back Cached, and what the dashboard gets."""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.pipeline import house_price_pipeline
+from tasks.report import METRICS_KEY, MODEL_CARD_KEY
+from tests.conftest import small_config
+
+STAGES = ["download", "preprocess", "tensorize", "train", "select", "predict"]
+
+
+def _filter(state):
+    return FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+
+
+def stage_states(state) -> dict[str, list[str]]:
+    """Stage name -> state names of its task runs in the flow run behind ``state``."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=_filter(state))
+    out = defaultdict(list)
+    for run in runs:
+        out[run.name.rsplit("-", 1)[0]].append(run.state.name)
+    return dict(out)
+
+
+def run(cfg):
+    state = house_price_pipeline(cfg, return_state=True)
+    return state, stage_states(state)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, data_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = small_config(root / "artifacts", data_server.url, root / "cache",
+                       submission=str(root / "out" / "submission.csv"))
+    state, states = run(cfg)
+    return cfg, state, states
+
+
+def test_cold_run_completes_every_stage_and_writes_a_submission(first_run, real_data):
+    cfg, state, states = first_run
+    assert state.is_completed(), state.message
+    for stage in STAGES:
+        assert states[stage] and set(states[stage]) == {"Completed"}, (stage, states)
+    assert len(states["train"]) == len(cfg.candidates)
+    result = state.result()
+    sub = pd.read_csv(cfg.submission)
+    assert list(sub.columns) == ["Id", "SalePrice"] and len(sub) == 1459
+    assert sub["Id"].tolist() == pd.read_csv(real_data / "kaggle_house_pred_test.csv")["Id"].tolist()
+    assert sub["SalePrice"].gt(0).all()
+    assert 0.05 < result["mean_valid_log_rmse"] < 0.2
+    for stage in STAGES:
+        versions = [p for p in (Path(cfg.artifacts_dir) / stage).iterdir() if p.is_dir()]
+        assert versions and all((v / "manifest.json").is_file() for v in versions)
+
+
+def test_dashboard_gets_metrics_table_and_model_card(first_run):
+    cfg, state, _ = first_run
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(flow_run_filter=_filter(state))
+    by_key = {a.key: a for a in arts}
+    assert by_key[METRICS_KEY].type == "table"
+    assert by_key[MODEL_CARD_KEY].type == "markdown"
+    selected = state.result()["selected"]
+    assert selected in str(by_key[METRICS_KEY].data)
+    assert f"# Selected model: {selected}" in by_key[MODEL_CARD_KEY].data
+
+
+def test_identical_rerun_executes_no_stage(first_run):
+    cfg, state, _ = first_run
+    again, states = run(cfg)
+    assert again.is_completed()
+    for stage in STAGES:
+        assert set(states[stage]) == {"Cached"}, (stage, states)
+    assert again.result()["model_version"] == state.result()["model_version"]
+
+
+def test_changed_training_parameter_reruns_only_train_select_predict(first_run):
+    cfg, _, _ = first_run
+    _, states = run(cfg.with_epochs(cfg.candidates[0].epochs + 1))
+    for stage in ["download", "preprocess", "tensorize"]:
+        assert set(states[stage]) == {"Cached"}, (stage, states)
+    for stage in ["train", "select", "predict"]:
+        assert set(states[stage]) == {"Completed"}, (stage, states)
+
+
+def test_deleted_artifact_is_rebuilt_not_served_from_cache(first_run):
+    cfg, _, _ = first_run
+    tensorized = Path(cfg.artifacts_dir) / "tensorize"
+    for version in tensorized.iterdir():
+        shutil.rmtree(version)
+    _, states = run(cfg)
+    assert states["tensorize"] == ["Completed"]
+    assert set(states["download"]) == set(states["train"]) == {"Cached"}
+
+
+def test_rerun_after_failure_skips_completed_stages(prefect_api, data_server, tmp_path):
+    cfg = small_config(tmp_path / "artifacts", data_server.url, tmp_path / "cache", epochs=3)
+    (tmp_path / "artifacts").mkdir()
+    blocker = tmp_path / "artifacts" / "train"
+    blocker.write_text("a file where the train stage keeps its versions")
+    failed, states = run(cfg)
+    assert failed.is_failed()
+    assert "stage 'train' failed" in failed.message
+    for stage in ["download", "preprocess", "tensorize"]:
+        assert states[stage] == ["Completed"]
+    assert "select" not in states
+
+    blocker.unlink()  # the fault is fixed; rerun
+    again, states = run(cfg)
+    assert again.is_completed(), again.message
+    for stage in ["download", "preprocess", "tensorize"]:
+        assert states[stage] == ["Cached"], (stage, states)
+    for stage in ["train", "select", "predict"]:
+        assert set(states[stage]) == {"Completed"}, (stage, states)

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tasks import artifacts
+from tasks.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
+
+
+def _build(root, version="v1", payload="hello", calls=None):
+    def write(out):
+        if calls is not None:
+            calls.append(out)
+        (out / "data.txt").write_text(payload)
+        return {"score": 1.0}
+
+    return build(root, "stage", version, write, parameters={"p": 1}, upstream={},
+                 code_version="c")
+
+
+def test_build_writes_manifest_with_hashes(tmp_path):
+    ref = _build(tmp_path)
+    manifest = json.loads((ref.path / "manifest.json").read_text())
+    assert manifest["stage"] == "stage" and manifest["version"] == "v1"
+    assert manifest["metrics"] == {"score": 1.0}
+    assert manifest["parameters"] == {"p": 1}
+    assert set(manifest["files"]) == {"data.txt"}
+    assert verify(ref.path) == []
+
+
+def test_complete_version_is_reused_not_rewritten(tmp_path):
+    calls = []
+    _build(tmp_path, calls=calls)
+    _build(tmp_path, calls=calls)
+    assert len(calls) == 1
+
+
+def test_failed_write_leaves_nothing_and_keeps_other_versions(tmp_path):
+    good = _build(tmp_path, "good")
+
+    def boom(out):
+        (out / "half.txt").write_text("partial")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        build(tmp_path, "stage", "bad", boom, parameters={}, upstream={}, code_version="c")
+    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == ["good"]
+    assert verify(good.path) == []
+
+
+def test_damaged_version_is_detected_and_rebuilt(tmp_path):
+    ref = _build(tmp_path)
+    (ref.path / "data.txt").write_text("tampered")
+    assert "does not match" in verify(ref.path)[0]
+    with pytest.raises(ArtifactError, match="not usable"):
+        artifacts.require(ref)
+    calls = []
+    _build(tmp_path, calls=calls)
+    assert len(calls) == 1 and (ref.path / "data.txt").read_text() == "hello"
+
+
+def test_version_without_manifest_is_incomplete(tmp_path):
+    (tmp_path / "stage" / "v1").mkdir(parents=True)
+    (tmp_path / "stage" / "v1" / "data.txt").write_text("looks done")
+    assert not artifacts.is_complete(ArtifactRef(root=str(tmp_path), stage="stage", version="v1"))
+    calls = []
+    _build(tmp_path, calls=calls)
+    assert len(calls) == 1
+
+
+def test_killed_writer_leaves_no_complete_looking_version(tmp_path):
+    code = f"""
+import os, signal
+from tasks.artifacts import build
+def write(out):
+    (out / "data.txt").write_text("x")
+    os.kill(os.getpid(), signal.SIGKILL)
+build({str(tmp_path)!r}, "stage", "v1", write, parameters={{}}, upstream={{}}, code_version="c")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd())
+    assert proc.returncode == -9
+    assert not (tmp_path / "stage" / "v1").exists()
+    calls = []
+    _build(tmp_path, calls=calls)  # the next run cleans up and rebuilds
+    assert len(calls) == 1
+    assert [p.name for p in (tmp_path / "stage").iterdir()] == ["v1"]
+
+
+def test_latest_pointer_resolves_and_is_checked(tmp_path):
+    ref = _build(tmp_path)
+    with pytest.raises(ArtifactError, match="run 'houseprice run' first"):
+        resolve(tmp_path, "stage")
+    set_latest(ref)
+    assert resolve(tmp_path, "stage") == ref
+    assert resolve(tmp_path, "stage", "v1") == ref
+    with pytest.raises(ArtifactError, match="not usable"):
+        resolve(tmp_path, "stage", "nope")

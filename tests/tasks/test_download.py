@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+from tasks.config import DataConfig, RemoteFile
+from tasks.download import DownloadError, download, fetch, sha1_file
+
+TRAIN = RemoteFile(name="kaggle_house_pred_train.csv",
+                   sha1="585e9cc93e70b39160e7921475f9bcd7d31219ce")
+
+
+def test_fetches_over_http_and_verifies(data_server, tmp_path):
+    path = fetch(TRAIN, data_server.url, tmp_path / "cache", backoff_s=0)
+    assert sha1_file(path) == TRAIN.sha1
+    assert path.parent == tmp_path / "cache"
+    assert [p.name for p in path.parent.iterdir()] == [TRAIN.name]  # no temp files left
+
+
+def test_verified_cached_file_is_not_fetched_again(data_server, tmp_path):
+    before = data_server.requests[TRAIN.name]
+    fetch(TRAIN, data_server.url, tmp_path, backoff_s=0)
+    fetch(TRAIN, data_server.url, tmp_path, backoff_s=0)
+    assert data_server.requests[TRAIN.name] == before + 1
+
+
+def test_corrupted_cache_is_fetched_again(data_server, tmp_path):
+    fetch(TRAIN, data_server.url, tmp_path, backoff_s=0)
+    (tmp_path / TRAIN.name).write_text("damaged")
+    before = data_server.requests[TRAIN.name]
+    path = fetch(TRAIN, data_server.url, tmp_path, backoff_s=0)
+    assert sha1_file(path) == TRAIN.sha1
+    assert data_server.requests[TRAIN.name] == before + 1
+
+
+def test_hash_mismatch_names_file_and_hashes_and_caches_nothing(real_data, serve_dir, tmp_path):
+    bad_dir = tmp_path / "mirror"
+    bad_dir.mkdir()
+    content = (real_data / TRAIN.name).read_bytes() + b"extra row\n"
+    (bad_dir / TRAIN.name).write_bytes(content)
+    server = serve_dir(bad_dir)
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as err:
+        fetch(TRAIN, server.url, cache, backoff_s=0)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert TRAIN.name in msg and TRAIN.sha1 in msg
+    assert hashlib.sha1(content).hexdigest() in msg
+    assert list(cache.iterdir()) == []
+
+
+def test_local_directory_and_file_url(real_data, tmp_path):
+    a = fetch(TRAIN, str(real_data), tmp_path / "a")
+    b = fetch(TRAIN, real_data.as_uri(), tmp_path / "b")
+    assert sha1_file(a) == sha1_file(b) == TRAIN.sha1
+
+
+def test_http_404_fails_fast_with_url(data_server, tmp_path):
+    missing = RemoteFile(name="no-such-file.csv", sha1="0" * 40)
+    with pytest.raises(DownloadError, match=r"no-such-file\.csv: HTTP 404"):
+        fetch(missing, data_server.url, tmp_path, retries=3, backoff_s=0)
+    assert data_server.requests["no-such-file.csv"] == 1  # a 404 is not retried
+
+
+def test_connection_refused_is_retried_then_reported(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = []
+    with pytest.raises(DownloadError, match="after 3 attempts") as err:
+        fetch(TRAIN, f"http://127.0.0.1:{port}/", tmp_path, retries=2, backoff_s=0,
+              log=logs.append)
+    assert f"127.0.0.1:{port}/{TRAIN.name}" in str(err.value)
+    assert len(logs) == 2 and all("retry in" in line for line in logs)
+
+
+def test_download_copies_both_files(real_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = DataConfig(url=str(real_data), cache_dir=str(tmp_path / "cache"))
+    metrics = download(cfg, out)
+    assert sorted(p.name for p in out.iterdir()) == ["test.csv", "train.csv"]
+    assert metrics["sha1"]["train"] == TRAIN.sha1
+    shutil.rmtree(out)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from tasks.artifacts import resolve
+from tasks.predict import FittedModel, predict_file
+from tasks.preprocess import DataError
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    cfg, result = trained
+    return FittedModel.load(resolve(cfg.artifacts_dir, "select").file("model.pt"))
+
+
+def test_chunked_prediction_equals_one_pass(model, real_data, tmp_path):
+    test_csv = real_data / "kaggle_house_pred_test.csv"
+    stats = predict_file(model, test_csv, tmp_path / "one.csv", chunk_size=10_000)
+    predict_file(model, test_csv, tmp_path / "many.csv", chunk_size=97)
+    one, many = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "many.csv")
+    assert stats["rows"] == 1459 and list(one.columns) == ["Id", "SalePrice"]
+    pd.testing.assert_frame_equal(one, many, rtol=1e-6)
+    assert one["Id"].tolist() == pd.read_csv(test_csv)["Id"].tolist()
+    assert one["SalePrice"].between(10_000, 2_000_000).all()
+
+
+def test_parquet_input_gives_same_predictions(model, real_data, tmp_path):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv")
+    raw.to_parquet(tmp_path / "in.parquet")
+    predict_file(model, tmp_path / "in.parquet", tmp_path / "pq.csv", chunk_size=500)
+    predict_file(model, real_data / "kaggle_house_pred_test.csv", tmp_path / "csv.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "pq.csv"),
+                                  pd.read_csv(tmp_path / "csv.csv"), rtol=1e-6)
+
+
+def test_missing_columns_are_listed_and_nothing_is_written(model, real_data, tmp_path):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv")
+    raw.drop(columns=["LotArea", "Neighborhood"]).to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "out.csv"
+    with pytest.raises(DataError, match="lacks 2 column.*LotArea, Neighborhood"):
+        predict_file(model, tmp_path / "in.csv", out)
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.csv"]
+
+
+def test_unseen_category_and_extra_column_warn(model, real_data, tmp_path):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(20)
+    raw.loc[:2, "Neighborhood"] = "Atlantis"
+    raw["Comment"] = "x"
+    raw.to_csv(tmp_path / "in.csv", index=False)
+    warnings = []
+    stats = predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv", warn=warnings.append)
+    assert stats["unseen_categories"] == {"Neighborhood": 3}
+    assert stats["ignored_columns"] == ["Comment"]
+    assert any("Comment" in w for w in warnings) and any("unseen" in w for w in warnings)
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 20
+
+
+def test_header_only_input_gives_header_only_output(model, real_data, tmp_path):
+    header = (real_data / "kaggle_house_pred_test.csv").read_text().splitlines()[0]
+    (tmp_path / "in.csv").write_text(header + "\n")
+    stats = predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv")
+    assert stats["rows"] == 0
+    assert (tmp_path / "out.csv").read_text() == "Id,SalePrice\n"

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from tasks.artifacts import ArtifactRef
+from tasks.config import CandidateConfig, DataConfig, PipelineConfig, TrainConfig
+from tasks.stage import StageError, failing_as, stage_version
+
+
+def ref(version):
+    return ArtifactRef(root="/a", stage="tensorize", version=version)
+
+
+def test_version_is_content_derived():
+    cand = CandidateConfig(name="m")
+    base = {"data": ref("x"), "candidate": cand, "config": TrainConfig()}
+    assert stage_version("train", base) == stage_version("train", dict(base))
+    assert stage_version("train", {**base, "data": ref("y")}) != stage_version("train", base)
+    changed = {**base, "candidate": CandidateConfig(name="m", lr=0.5)}
+    assert stage_version("train", changed) != stage_version("train", base)
+    assert stage_version("select", base) != stage_version("train", base)
+
+
+def test_where_and_how_do_not_change_the_version():
+    cand = CandidateConfig(name="m")
+    a = {"data": ArtifactRef(root="/a", stage="t", version="x"), "candidate": cand,
+         "config": TrainConfig(device="cpu"), "root": "/a"}
+    b = {"data": ArtifactRef(root="/b", stage="t", version="x"), "candidate": cand,
+         "config": TrainConfig(device="auto"), "root": "/b"}
+    assert stage_version("train", a) == stage_version("train", b)
+    d1 = DataConfig(url="http://one/", cache_dir="/c1")
+    d2 = DataConfig(url="/mirror", cache_dir="/c2", retries=0)
+    assert stage_version("download", {"data": d1}) == stage_version("download", {"data": d2})
+
+
+@pytest.mark.parametrize(
+    ("update", "field"),
+    [
+        ({"train": {"n_splits": 1}}, "train.n_splits"),
+        ({"candidates": [{"name": "m", "lr": 0}]}, "candidates.0.lr"),
+        ({"candidates": [{"name": "m", "epochs": 0}]}, "candidates.0.epochs"),
+        ({"candidates": [{"name": "m", "activation": "gelu"}]}, "candidates.0.activation"),
+        ({"candidates": [{"name": "m", "dropout": 1.0}]}, "candidates.0.dropout"),
+        ({"candidates": [{"name": "m"}, {"name": "m"}]}, "candidates"),
+        ({"candidates": []}, "candidates"),
+        ({"trian": {}}, "trian"),
+    ],
+)
+def test_invalid_config_names_the_field(update, field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        PipelineConfig.model_validate(update)
+    assert ".".join(str(p) for p in err.value.errors()[0]["loc"]) == field
+
+
+def test_failing_as_names_the_stage():
+    with pytest.raises(StageError, match=r"^stage 'train' failed: boom$"), failing_as("train"):
+        raise ValueError("boom")
