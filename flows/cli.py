@@ -119,6 +119,9 @@ def _config_error(exc: ValidationError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The ephemeral API's telemetry call fails noisily on machines without internet (and can
+    # race the fresh SQLite database); a user who wants it sets the variable to true.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         return _run(args) if args.command == "run" else _predict(args)
     except ValidationError as exc:

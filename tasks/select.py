@@ -58,7 +58,7 @@ def lineage(ref: ArtifactRef) -> dict[str, Any]:
             out["raw_sha1"] = manifest["metrics"]["sha1"]
         for up in manifest["upstream"].values():
             for item in up if isinstance(up, list) else [up]:
-                todo.append(ArtifactRef(root=ref.root, stage=item["stage"], version=item["version"]))
+                todo.append(ArtifactRef(root=ref.root, **item))
     return {k: sorted(v) if isinstance(v, list) else v for k, v in sorted(out.items())}
 
 

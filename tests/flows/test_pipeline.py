@@ -56,7 +56,8 @@ def test_cold_run_completes_every_stage_and_writes_a_submission(first_run, real_
     result = state.result()
     sub = pd.read_csv(cfg.submission)
     assert list(sub.columns) == ["Id", "SalePrice"] and len(sub) == 1459
-    assert sub["Id"].tolist() == pd.read_csv(real_data / "kaggle_house_pred_test.csv")["Id"].tolist()
+    test_ids = pd.read_csv(real_data / "kaggle_house_pred_test.csv")["Id"]
+    assert sub["Id"].tolist() == test_ids.tolist()
     assert sub["SalePrice"].gt(0).all()
     assert 0.05 < result["mean_valid_log_rmse"] < 0.2
     for stage in STAGES:

@@ -1,0 +1,123 @@
+"""The ``houseprice`` command as a user runs it: a real process, real exit codes and stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tasks.artifacts import resolve
+
+
+def houseprice(*args, env_extra=None, api=None):
+    env = {**os.environ, **(env_extra or {})}
+    if api:
+        env["PREFECT_API_URL"] = api
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_invalid_config_is_rejected_before_running(tmp_path):
+    proc = houseprice("run", "--folds", "1", "--artifacts", str(tmp_path / "a"))
+    assert proc.returncode == 2
+    assert last_line(proc.stderr).startswith("houseprice: error: invalid configuration: "
+                                             "train.n_splits")
+    assert not (tmp_path / "a").exists()
+
+
+def test_bad_config_file_value_names_the_field(tmp_path):
+    (tmp_path / "c.toml").write_text('[[candidates]]\nname = "m"\nactivation = "gelu"\n')
+    proc = houseprice("run", "--config", str(tmp_path / "c.toml"))
+    assert proc.returncode == 2
+    assert "candidates.0.activation" in last_line(proc.stderr)
+
+
+def test_hash_mismatch_fails_run_with_one_line_and_empty_cache(
+        prefect_api, real_data, serve_dir, tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for f in real_data.glob("*.csv"):
+        (mirror / f.name).write_bytes(f.read_bytes())
+    train = mirror / "kaggle_house_pred_train.csv"
+    train.write_bytes(train.read_bytes().replace(b"208500", b"208501", 1))
+    server = serve_dir(mirror)
+    cache = tmp_path / "cache"
+    proc = houseprice("run", "--data-url", server.url, "--data-dir", str(cache),
+                      "--artifacts", str(tmp_path / "a"), api=prefect_api)
+    assert proc.returncode == 1
+    line = last_line(proc.stderr)
+    assert line.startswith("houseprice: error: stage 'download' failed: ")
+    assert "kaggle_house_pred_train.csv" in line
+    assert "expected 585e9cc93e70b39160e7921475f9bcd7d31219ce" in line
+    assert not cache.exists() or not any(cache.glob("kaggle_house_pred_train.csv*"))
+    assert not (tmp_path / "a" / "download").exists() or not any(
+        p for p in (tmp_path / "a" / "download").iterdir() if not p.name.startswith("."))
+
+
+def test_predict_command_writes_kaggle_submission(trained, real_data, tmp_path):
+    cfg, result = trained
+    out = tmp_path / "pred.csv"
+    proc = houseprice("predict", str(real_data / "kaggle_house_pred_test.csv"),
+                      "--out", str(out), "--artifacts", cfg.artifacts_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 1459 predictions" in proc.stdout
+    expected = pd.read_csv(resolve(cfg.artifacts_dir, "predict").file("submission.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out), expected, rtol=1e-6)
+
+
+def test_predict_with_explicit_and_unknown_model_version(trained, real_data, tmp_path):
+    cfg, result = trained
+    test_csv = str(real_data / "kaggle_house_pred_test.csv")
+    ok = houseprice("predict", test_csv, "--out", str(tmp_path / "p.csv"),
+                    "--model", result["model_version"], "--artifacts", cfg.artifacts_dir)
+    assert ok.returncode == 0, ok.stderr
+    bad = houseprice("predict", test_csv, "--out", str(tmp_path / "q.csv"),
+                     "--model", "0123456789abcdef", "--artifacts", cfg.artifacts_dir)
+    assert bad.returncode == 1
+    assert "select/0123456789abcdef is not usable" in last_line(bad.stderr)
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_predict_missing_column_is_one_clear_line(trained, real_data, tmp_path):
+    cfg, _ = trained
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv")
+    raw.drop(columns=["GrLivArea"]).to_csv(tmp_path / "in.csv", index=False)
+    proc = houseprice("predict", str(tmp_path / "in.csv"), "--out", str(tmp_path / "o.csv"),
+                      "--artifacts", cfg.artifacts_dir)
+    assert proc.returncode == 1
+    assert last_line(proc.stderr) == (
+        f"houseprice: error: {tmp_path / 'in.csv'} lacks 1 column(s): GrLivArea; it must have "
+        "the Kaggle test file's columns"
+    )
+    assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.parametrize("args", [["predict", "nowhere.csv", "--out", "x.csv"]])
+def test_predict_without_any_run_says_what_to_do(args, tmp_path):
+    proc = houseprice(*args, "--artifacts", str(tmp_path / "empty"))
+    assert proc.returncode == 1
+    assert "run 'houseprice run' first" in last_line(proc.stderr)
+
+
+def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_path):
+    env = {"HOUSEPRICE_DATA_URL": data_server.url,
+           "HOUSEPRICE_ARTIFACTS": str(tmp_path / "arts"),
+           "HOUSEPRICE_DATA_DIR": str(tmp_path / "cache")}
+    sub = tmp_path / "sub" / "submission.csv"
+    proc = houseprice("run", "--epochs", "3", "--folds", "3", "--seed", "1",
+                      "--submission", str(sub), env_extra=env, api=prefect_api)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = last_line(proc.stdout)
+    assert summary.startswith("houseprice: selected ") and "3-fold mean valid log RMSE" in summary
+    assert len(pd.read_csv(sub)) == 1459
+    assert (tmp_path / "cache" / "kaggle_house_pred_test.csv").is_file()
+    assert resolve(tmp_path / "arts", "select").file("model.pt").is_file()
