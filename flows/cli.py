@@ -77,11 +77,27 @@ def build_config(args: argparse.Namespace):
     return config.with_epochs(args.epochs) if args.epochs is not None else config
 
 
+def _check_api(url: str) -> None:
+    """Fail in one line, before the run, when PREFECT_API_URL names a server that is down."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise ConnectionError(
+            f"cannot reach the Prefect API at {url} ({type(problem).__name__}); start it with "
+            "'prefect server start' or unset PREFECT_API_URL to use an ephemeral one"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     config = build_config(args)  # validated before anything starts
     from flows.pipeline import house_price_pipeline
 
-    where = os.environ.get("PREFECT_API_URL") or "an ephemeral local Prefect API"
+    where = os.environ.get("PREFECT_API_URL")
+    if where:
+        _check_api(where)
+    where = where or "an ephemeral local Prefect API"
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}", flush=True)
     result = house_price_pipeline(config)
     print(

@@ -36,7 +36,10 @@ class Regressor(nn.Module):
     """``(n, n_features) float32 -> (n,) float32``: linear, or an MLP with dropout."""
 
     def __init__(self, spec: CandidateConfig, n_features: int,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None,
+                 dropout_generator: torch.Generator | None = None):
+        """``generator`` (a CPU generator) draws the initial weights, so they are the same on
+        every device; ``dropout_generator`` lives on the device the model runs on."""
         super().__init__()
         layers: list[nn.Module] = []
         width = n_features
@@ -44,7 +47,7 @@ class Regressor(nn.Module):
             for size in spec.hidden:
                 layers += [nn.Linear(width, size), ACTIVATIONS[spec.activation]()]
                 if spec.dropout > 0:
-                    layers.append(SeededDropout(spec.dropout, generator))
+                    layers.append(SeededDropout(spec.dropout, dropout_generator or generator))
                 width = size
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)

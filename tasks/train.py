@@ -80,8 +80,10 @@ def train_fold(X_train: torch.Tensor, y_train: torch.Tensor,
     """Train one model on one fold. ``X_*`` are ``(n, n_features) float32`` on the training
     device, ``y_*`` ``(n,) float32`` prices."""
     device = X_train.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    model = Regressor(spec, X_train.shape[1], generator=gen).to(device)
+    init_gen = torch.Generator().manual_seed(seed)  # CPU: the same weights on every device
+    gen = torch.Generator(device=device).manual_seed(seed)  # batches and dropout masks
+    model = Regressor(spec, X_train.shape[1], generator=init_gen, dropout_generator=gen)
+    model = model.to(device)
     optimizer = make_optimizer(spec, model.parameters())
     loss_fn = nn.MSELoss()
     y_mean, y_std = _target_stats(y_train, target)

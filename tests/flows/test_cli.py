@@ -121,3 +121,17 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
     assert len(pd.read_csv(sub)) == 1459
     assert (tmp_path / "cache" / "kaggle_house_pred_test.csv").is_file()
     assert resolve(tmp_path / "arts", "select").file("model.pt").is_file()
+
+
+def test_unreachable_prefect_server_is_one_clear_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    proc = houseprice("run", "--artifacts", str(tmp_path / "a"), api=url)
+    assert proc.returncode == 1
+    line = last_line(proc.stderr)
+    assert line.startswith(f"houseprice: error: cannot reach the Prefect API at {url}")
+    assert "prefect server start" in line

@@ -124,3 +124,24 @@ def test_rerun_after_failure_skips_completed_stages(prefect_api, data_server, tm
         assert states[stage] == ["Cached"], (stage, states)
     for stage in ["train", "select", "predict"]:
         assert set(states[stage]) == {"Completed"}, (stage, states)
+
+
+def test_flow_parameters_are_an_editable_pydantic_schema():
+    schema = house_price_pipeline.parameters.model_dump()
+    assert list(schema["properties"]) == ["config"]
+    defs = schema["definitions"]
+    assert defs["CandidateConfig"]["properties"]["activation"]["enum"] == [
+        "relu", "sigmoid", "tanh"]
+    assert defs["TrainConfig"]["properties"]["n_splits"]["minimum"] == 2
+
+
+def test_added_candidate_trains_alone(first_run):
+    from tasks.config import CandidateConfig
+
+    cfg, _, _ = first_run
+    extra = CandidateConfig(name="mlp-small", hidden=(16,), epochs=cfg.candidates[0].epochs)
+    more = cfg.model_copy(update={"candidates": (*cfg.candidates, extra)})
+    state, states = run(more)
+    assert state.is_completed()
+    assert sorted(states["train"]) == ["Cached"] * len(cfg.candidates) + ["Completed"]
+    assert set(states["tensorize"]) == {"Cached"}
