@@ -93,7 +93,9 @@ def stage_version(stage: str, inputs: dict[str, Any]) -> str:
 
 
 class StageVersionPolicy(CachePolicy):
-    """Cache key = the stage's artifact version (no run id, no big objects hashed)."""
+    """Cache key = the stage's artifact version (no run id, no big objects hashed), plus the
+    artifact root: a cached reference names its root, so a moved or copied root must not
+    be served references into the old one."""
 
     def __init__(self, stage: str):
         self.stage = stage
@@ -105,7 +107,8 @@ class StageVersionPolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        return f"houseprice-{self.stage}-{stage_version(self.stage, inputs)}"
+        root = hashlib.sha256(str(Path(inputs["root"]).resolve()).encode()).hexdigest()[:8]
+        return f"houseprice-{self.stage}-{stage_version(self.stage, inputs)}-{root}"
 
 
 @functools.cache

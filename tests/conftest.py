@@ -94,8 +94,9 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def session_tmp() -> Path:
+    """The session's temporary home (Prefect home, caches, artifacts), removed at the end."""
     yield _TMP
     shutil.rmtree(_TMP, ignore_errors=True)
 

@@ -145,3 +145,16 @@ def test_added_candidate_trains_alone(first_run):
     assert state.is_completed()
     assert sorted(states["train"]) == ["Cached"] * len(cfg.candidates) + ["Completed"]
     assert set(states["tensorize"]) == {"Cached"}
+
+
+def test_copied_artifact_root_serves_its_own_files(first_run, tmp_path):
+    cfg, state, _ = first_run
+    moved = tmp_path / "copy"
+    shutil.copytree(cfg.artifacts_dir, moved)
+    stamps = {p: p.stat().st_mtime_ns for p in moved.rglob("model.pt")}
+    copy_state, _ = run(cfg.model_copy(update={"artifacts_dir": str(moved), "submission": None}))
+    assert copy_state.is_completed(), copy_state.message
+    result = copy_state.result()
+    assert result["submission"].startswith(str(moved))
+    assert result["model_version"] == state.result()["model_version"]
+    assert {p: p.stat().st_mtime_ns for p in moved.rglob("model.pt")} == stamps  # reused
