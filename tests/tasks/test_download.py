@@ -86,3 +86,67 @@ def test_download_copies_both_files(real_data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["test.csv", "train.csv"]
     assert metrics["sha1"]["train"] == TRAIN.sha1
     shutil.rmtree(out)
+
+
+class _Flaky:
+    """A loopback server that answers 500 (or stalls) ``failures`` times, then the file."""
+
+    def __init__(self, body: bytes, failures: int, mode: str):
+        import http.server
+        import threading
+        import time
+
+        state = {"n": 0}
+        self.state = state
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                state["n"] += 1
+                if state["n"] <= failures:
+                    if mode == "stall":
+                        time.sleep(1.5)
+                        return
+                    self.send_error(500, "boom")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("mode", ["500", "stall"])
+def test_transient_failures_are_retried_with_backoff(real_data, tmp_path, mode):
+    server = _Flaky((real_data / TRAIN.name).read_bytes(), failures=2, mode=mode)
+    logs = []
+    try:
+        path = fetch(TRAIN, server.url, tmp_path, timeout_s=0.5, retries=2, backoff_s=0.01,
+                     log=logs.append)
+    finally:
+        server.close()
+    assert sha1_file(path) == TRAIN.sha1
+    assert server.state["n"] == 3
+    assert len(logs) == 2 and all("retry in" in line for line in logs)
+    assert ("HTTP 500" if mode == "500" else "timed out") in logs[0]
+
+
+def test_persistent_500_ends_in_one_line_naming_url(real_data, tmp_path):
+    server = _Flaky(b"", failures=99, mode="500")
+    try:
+        with pytest.raises(DownloadError) as err:
+            fetch(TRAIN, server.url, tmp_path, retries=1, backoff_s=0)
+    finally:
+        server.close()
+    assert str(err.value).startswith(f"could not download {server.url}{TRAIN.name}: HTTP 500")
+    assert server.state["n"] == 2
+    assert list(tmp_path.iterdir()) == []
