@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import DataConfig, RemoteFile
-from tasks.stage import build_stage, stage_task_options
+from tasks.stage import build_stage, one_line, stage_task_options
 
 STAGE = "download"
 
@@ -73,7 +73,7 @@ def _describe(exc: BaseException) -> str:
         return f"connection failed ({exc.reason})"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return one_line(exc)
 
 
 def fetch(

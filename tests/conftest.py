@@ -28,6 +28,15 @@ TRAIN_CSV = DATA / "kaggle_house_pred_train.csv"
 TEST_CSV = DATA / "kaggle_house_pred_test.csv"
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class DataServer:
     """A real HTTP server on 127.0.0.1 serving a directory, counting requests per path."""
 

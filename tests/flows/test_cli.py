@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from tasks.artifacts import resolve
+from tests.conftest import free_port
 
 
 def houseprice(*args, env_extra=None, api=None):
@@ -124,12 +125,7 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
 
 
 def test_unreachable_prefect_server_is_one_clear_line(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"
     proc = houseprice("run", "--artifacts", str(tmp_path / "a"), api=url)
     assert proc.returncode == 1
     line = last_line(proc.stderr)

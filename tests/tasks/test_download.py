@@ -7,6 +7,7 @@ import pytest
 
 from tasks.config import DataConfig, RemoteFile
 from tasks.download import DownloadError, download, fetch, sha1_file
+from tests.conftest import free_port
 
 TRAIN = RemoteFile(name="kaggle_house_pred_train.csv",
                    sha1="585e9cc93e70b39160e7921475f9bcd7d31219ce")
@@ -65,11 +66,7 @@ def test_http_404_fails_fast_with_url(data_server, tmp_path):
 
 
 def test_connection_refused_is_retried_then_reported(tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     logs = []
     with pytest.raises(DownloadError, match="after 3 attempts") as err:
         fetch(TRAIN, f"http://127.0.0.1:{port}/", tmp_path, retries=2, backoff_s=0,
