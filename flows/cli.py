@@ -100,10 +100,15 @@ def _run(args: argparse.Namespace) -> int:
     where = where or "an ephemeral local Prefect API"
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}", flush=True)
     result = house_price_pipeline(config)
+    parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
     print(
-        f"houseprice: selected {result['selected']} "
-        f"({config.train.n_splits}-fold mean valid log RMSE {result['mean_valid_log_rmse']:.4f}, "
-        f"model {result['model_version']}); predictions: {result['submission']}"
+        f"houseprice: selected {result['selected']}"
+        + (f" [{parts}]" if result["selected"] == "blend" else "")
+        + f" ({config.train.n_splits}-fold mean valid log RMSE "
+        f"{result['mean_valid_log_rmse']:.4f}; out-of-fold log RMSE "
+        f"{result['oof_log_rmse_clean']:.4f} without the outliers, "
+        f"{result['oof_log_rmse_all']:.4f} on all rows; model {result['model_version']}); "
+        f"predictions: {result['submission']}"
         + (f"; copied to {config.submission}" if config.submission else ""),
         flush=True,
     )
@@ -122,7 +127,7 @@ def _predict(args: argparse.Namespace) -> int:
     stats = predict_file(model, Path(args.input), Path(args.out), args.chunk_size,
                          warn=lambda msg: print(f"houseprice: warning: {msg}", file=sys.stderr))
     print(f"houseprice: wrote {stats['rows']} predictions to {args.out} "
-          f"(model {ref.version}: {model.spec.name})")
+          f"(model {ref.version}: {model.metrics['candidate']})")
     return 0
 
 

@@ -31,11 +31,11 @@ def house_price_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str,
     # runner, and a failed candidate reruns alone.
     futures = [
         submit_stage(train_task, root, data=data, candidate=candidate, config=config.train)
-        for candidate in config.candidates
+        for candidate in config.all_candidates()
     ]
     trained = [f.result() for f in futures]
     model = run_stage(select_task, root, trained=trained,
-                      candidates=list(config.candidates), config=config.train)
+                      candidates=list(config.all_candidates()), config=config.train)
     predictions = run_stage(predict_task, root, model=model, raw=raw, config=config.predict)
     return publish_task(model, predictions, config.submission)
 

@@ -79,10 +79,31 @@ def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> Non
             raise ValueError(f"unknown init scheme {scheme!r}")
 
 
-def make_optimizer(spec: CandidateConfig, params) -> torch.optim.Optimizer:
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+def make_sklearn(spec: CandidateConfig, seed: int):
+    """The scikit-learn regressor a ridge / lasso / hgb candidate names (unfitted)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import Lasso, Ridge
+
+    if spec.kind == "ridge":
+        return Ridge(alpha=spec.alpha)
+    if spec.kind == "lasso":
+        return Lasso(alpha=spec.alpha, max_iter=spec.max_iter, random_state=seed)
+    if spec.kind == "hgb":
+        return HistGradientBoostingRegressor(
+            learning_rate=spec.lr, max_iter=spec.max_iter, max_leaf_nodes=spec.max_leaf_nodes,
+            min_samples_leaf=spec.min_samples_leaf, l2_regularization=spec.weight_decay,
+            early_stopping=False, random_state=seed,
+        )
+    raise ValueError(f"{spec.kind!r} is not a scikit-learn kind")
+
+
+def sklearn_log_price(estimator, X, target: str):
+    """A fitted regressor's predictions ``(n,) float64`` as log prices (clamped like
+    ``log_price``)."""
+    import numpy as np
+
+    out = np.asarray(estimator.predict(X), dtype=np.float64)
+    return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
 
 
 def resolve_device(device: str) -> torch.device:

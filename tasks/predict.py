@@ -7,6 +7,7 @@ chunk size, not the file size. Output is written to a temporary file and renamed
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,9 +20,9 @@ import pyarrow.parquet as pq
 import torch
 from prefect import get_run_logger, task
 
-from tasks.artifacts import ArtifactRef
+from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, PredictConfig
-from tasks.models import Regressor, log_price
+from tasks.models import Regressor, log_price, sklearn_log_price
 from tasks.preprocess import ID, DataError, Preprocessor
 from tasks.select import CHECKPOINT_FORMAT
 from tasks.stage import build_stage, stage_task_options
@@ -31,21 +32,32 @@ HEADER = "Id,SalePrice\n"
 
 
 class FittedModel:
-    """A loaded checkpoint: preprocessor plus the K fold models, averaged in log space."""
+    """A loaded checkpoint: the preprocessor and its components (a single candidate, or a
+    weighted blend), each the average of its fold models in log space."""
 
     def __init__(self, checkpoint: dict[str, Any]):
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise DataError(f"not a {CHECKPOINT_FORMAT} checkpoint")
-        self.spec = CandidateConfig(**checkpoint["model_config"])
+            raise DataError(f"not a {CHECKPOINT_FORMAT} checkpoint "
+                            f"(format={checkpoint.get('format')!r}); rerun the select stage")
         self.target = checkpoint["target"]
         self.preprocessor = Preprocessor.from_dict(checkpoint["preprocessor"])
         self.metrics = checkpoint["metrics"]
-        self.folds = []
-        for fold in checkpoint["folds"]:
-            model = Regressor(self.spec, checkpoint["n_features"])
-            model.load_state_dict(fold["state_dict"])
-            model.eval()
-            self.folds.append((model, fold["y_mean"], fold["y_std"]))
+        self.components: list[tuple[float, CandidateConfig, list[list[Any]]]] = []
+        for comp in checkpoint["components"]:
+            spec = CandidateConfig(**comp["model_config"])
+            folds = [[self._load_member(spec, member, checkpoint["n_features"])
+                      for member in fold["members"]] for fold in comp["folds"]]
+            self.components.append((comp["weight"], spec, folds))
+
+    @staticmethod
+    def _load_member(spec: CandidateConfig, member: dict[str, Any], n_features: int) -> Any:
+        if spec.is_torch:
+            model = Regressor(spec, n_features)
+            model.load_state_dict(member["state_dict"])
+            return model.eval(), member["y_mean"], member["y_std"]
+        # A scikit-learn estimator this pipeline pickled into its own checkpoint (whose
+        # files are hash-checked against their manifest before use).
+        return pickle.loads(member["sklearn"])
 
     @classmethod
     def load(cls, path: str | Path) -> FittedModel:
@@ -53,10 +65,20 @@ class FittedModel:
 
     @torch.no_grad()
     def predict_log_price(self, X: np.ndarray) -> np.ndarray:
-        """``(n, n_features) float32 -> (n,) float64`` mean log price over the fold models."""
+        """``(n, n_features) float32 -> (n,) float64`` log price."""
         X_t = torch.from_numpy(X)
-        preds = [log_price(m(X_t), self.target, mu, sd) for m, mu, sd in self.folds]
-        return torch.stack(preds).mean(0).double().numpy()
+        total = np.zeros(len(X))
+        for weight, spec, folds in self.components:
+            preds = []
+            for members in folds:
+                if spec.is_torch:
+                    member = [log_price(m(X_t), self.target, mu, sd).double().numpy()
+                              for m, mu, sd in members]
+                else:
+                    member = [sklearn_log_price(est, X, self.target) for est in members]
+                preds.append(np.mean(member, axis=0))
+            total += weight * np.mean(preds, axis=0)
+        return total
 
 
 def iter_chunks(path: Path, chunk_size: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:
@@ -84,6 +106,7 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     pre = model.preprocessor
     rows, unseen, extra = 0, Counter(), None
+    out_of_range, imputed = Counter(), Counter()
     try:
         with open(tmp, "w", newline="") as fh:
             fh.write(HEADER)
@@ -98,13 +121,21 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
                     )
                 if extra is None:
                     extra = [c for c in chunk.columns if c not in pre.columns_ and c != ID]
-                X, chunk_unseen = pre.transform(chunk)
-                unseen.update(chunk_unseen)
+                if len(chunk) == 0:  # a header-only file: an output with just its header
+                    continue
+                X, report = pre.transform(chunk)
+                unseen.update(report.unseen)
+                out_of_range.update(report.out_of_range)
+                imputed.update(report.missing)
                 price = np.exp(model.predict_log_price(X))
                 pd.DataFrame({ID: chunk[ID].to_numpy(), "SalePrice": price}).to_csv(
                     fh, header=False, index=False
                 )
                 rows += len(chunk)
+        drift = {"rows": rows, "out_of_training_range": dict(out_of_range),
+                 "imputed_missing": dict(imputed), "unseen_categories": dict(unseen),
+                 "ignored_columns": extra or []}
+        write_json(drift_path(out_path), drift)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -114,7 +145,15 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
     if unseen:
         warn(f"{input_path}: {sum(unseen.values())} value(s) in categories unseen in training, "
              f"encoded as all zeros: {dict(unseen)}")
-    return {"rows": rows, "unseen_categories": dict(unseen), "ignored_columns": extra or []}
+    if out_of_range:
+        warn(f"{input_path}: {sum(out_of_range.values())} numeric value(s) outside the training "
+             f"range, predicted anyway; see {drift_path(out_path).name}")
+    return drift
+
+
+def drift_path(out_path: Path) -> Path:
+    """Where the drift summary of predictions written to ``out_path`` goes (beside them)."""
+    return out_path.with_name(out_path.stem + ".drift.json")
 
 
 def predict(model: ArtifactRef, raw: ArtifactRef, config: PredictConfig, out_dir: Path,

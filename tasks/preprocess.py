@@ -29,7 +29,7 @@ from tasks.stage import build_stage, stage_task_options
 STAGE = "preprocess"
 ID = "Id"
 TARGET = "SalePrice"
-FORMAT = "houseprice-preprocessor/1"
+FORMAT = "houseprice-preprocessor/2"
 
 
 class DataError(ValueError):
@@ -45,13 +45,34 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path} is empty: expected a header and rows") from None
 
 
-def validate_training_frame(df: pd.DataFrame, source: str = "training data") -> None:
-    """Raise DataError unless ``df`` has unique Ids and a positive numeric SalePrice."""
+def validate_training_frame(df: pd.DataFrame, source: str = "training data",
+                            expected: list[str] | None = None) -> None:
+    """Raise DataError unless ``df`` has unique Ids, a positive numeric SalePrice, every
+    ``expected`` feature column, no all-empty column, and no stray text in a numeric column.
+    Messages list the offending columns or rows."""
     missing = [c for c in (ID, TARGET) if c not in df.columns]
     if missing:
         raise DataError(f"{source} lacks column(s) {', '.join(missing)}")
     if len(df) == 0:
         raise DataError(f"{source} has a header but no rows")
+    absent = [c for c in (expected or []) if c not in df.columns]
+    if absent:
+        raise DataError(f"{source} lacks feature column(s) {', '.join(absent)} that the test "
+                        "file has; supply the full Kaggle training file")
+    empty = [c for c in df.columns if df[c].isna().all()]
+    if empty:
+        raise DataError(f"{source}: column(s) {', '.join(empty)} have no values at all; "
+                        "fill them or drop them from both files")
+    for col in df.columns:
+        if col in (ID, TARGET) or pd.api.types.is_numeric_dtype(df[col]):
+            continue
+        values = df[col].dropna().astype("string").str.strip()
+        parsed = pd.to_numeric(values, errors="coerce")
+        # A column that is numbers but for a few entries: stray text, not a category.
+        if parsed.notna().mean() >= 0.9 and parsed.isna().any():
+            pos = parsed.index[parsed.isna()][0]
+            raise DataError(f"{source}: column {col} is numeric but has {values[pos]!r} at "
+                            f"Id={df.loc[pos, ID]}; fix or blank that value")
     if not pd.api.types.is_numeric_dtype(df[TARGET]):
         bad = pd.to_numeric(df[TARGET], errors="coerce").isna() & df[TARGET].notna()
         row = df.loc[bad, ID].iloc[0]
@@ -65,32 +86,95 @@ def validate_training_frame(df: pd.DataFrame, source: str = "training data") -> 
         raise DataError(f"{source}: duplicate Id values {df.loc[dup, ID].head(5).tolist()}")
 
 
+# Quality/condition scales of the Ames data (De Cock's documentation); NA = no such thing.
+QUALITY_SCALE = {"Po": 1, "Fa": 2, "TA": 3, "Gd": 4, "Ex": 5}
+ORDINAL_COLUMNS = ("ExterQual", "ExterCond", "BsmtQual", "BsmtCond", "HeatingQC", "KitchenQual",
+                   "FireplaceQu", "GarageQual", "GarageCond", "PoolQC")
+# Well-known derived features: name -> (weights of the source columns), missing counted as 0.
+DERIVED_SUMS = {
+    "TotalSF": {"TotalBsmtSF": 1.0, "1stFlrSF": 1.0, "2ndFlrSF": 1.0},
+    "TotalBath": {"FullBath": 1.0, "HalfBath": 0.5, "BsmtFullBath": 1.0, "BsmtHalfBath": 0.5},
+    "TotalPorchSF": {"OpenPorchSF": 1.0, "EnclosedPorch": 1.0, "3SsnPorch": 1.0,
+                     "ScreenPorch": 1.0, "WoodDeckSF": 1.0},
+    "HouseAge": {"YrSold": 1.0, "YearBuilt": -1.0},
+    "RemodAge": {"YrSold": 1.0, "YearRemodAdd": -1.0},
+}
+
+
+@dataclass
+class TransformReport:
+    """What ``transform`` saw that a person should know about (counts per column)."""
+
+    unseen: dict[str, int] = field(default_factory=dict)  # categories unseen in training
+    out_of_range: dict[str, int] = field(default_factory=dict)  # numerics outside train range
+    missing: dict[str, int] = field(default_factory=dict)  # numerics imputed
+
+
 @dataclass
 class Preprocessor:
-    """Standardize numerics and one-hot categoricals; ``fit`` learns, ``transform`` applies.
+    """Feature switches, then standardize numerics and one-hot categoricals; ``fit`` learns,
+    ``transform`` applies.
 
     Fitted state (attributes ending in ``_``) round-trips through ``to_dict``/``from_dict``
     as plain JSON, so a saved model never needs pickle.
     """
 
+    log1p_skewed: bool = False
+    skew_threshold: float = 0.75
+    derived: bool = False
+    ordinal: bool = False
+    as_category: tuple[str, ...] = ()
     numeric_: dict[str, tuple[float, float]] = field(default_factory=dict)  # col -> (mean, std)
+    range_: dict[str, tuple[float, float]] = field(default_factory=dict)  # col -> (min, max)
+    log1p_: list[str] = field(default_factory=list)  # numeric columns taken log1p first
     categories_: dict[str, list[str]] = field(default_factory=dict)
     columns_: list[str] = field(default_factory=list)  # raw feature columns, in order
 
+    def _engineer(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Raw feature columns -> the columns that get encoded (a new frame; ``df`` is not
+        changed): derived sums, ordinal scores, numeric codes as text categories."""
+        out = df.drop(columns=[c for c in (ID, TARGET) if c in df.columns])
+        extra: dict[str, Any] = {}
+        if self.derived:
+            for name, parts in DERIVED_SUMS.items():
+                if all(c in out.columns for c in parts):
+                    extra[name] = sum(w * np.nan_to_num(_numeric(df, c)) for c, w in parts.items())
+        if self.ordinal:
+            for col in ORDINAL_COLUMNS:
+                if col in out.columns:
+                    text = out[col].astype("string")
+                    score = text.map(QUALITY_SCALE.get, na_action="ignore")
+                    extra[f"{col}Score"] = (pd.to_numeric(score, errors="coerce")
+                                            .where(text.notna(), 0.0).to_numpy(float))
+        for col in self.as_category:
+            if col in out.columns:
+                values = _numeric(df, col)
+                extra[col] = pd.array([None if np.isnan(v) else f"{v:g}" for v in values],
+                                      dtype="string")
+        if extra:
+            out = out.drop(columns=[c for c in extra if c in out.columns])
+            out = pd.concat([out, pd.DataFrame(extra, index=out.index)], axis=1)
+        return out
+
     def fit(self, frames: Iterable[pd.DataFrame]) -> Preprocessor:
         """Learn statistics from the feature columns of ``frames`` (no Id, no SalePrice)."""
-        features = pd.concat(
-            [f.drop(columns=[c for c in (ID, TARGET) if c in f.columns]) for f in frames],
-            ignore_index=True,
-        )
-        self.columns_ = list(features.columns)
-        self.numeric_, self.categories_ = {}, {}
-        for col in self.columns_:
+        raw = pd.concat(list(frames), ignore_index=True)
+        self.columns_ = [c for c in raw.columns if c not in (ID, TARGET)]
+        features = self._engineer(raw)
+        self.numeric_, self.categories_, self.range_, self.log1p_ = {}, {}, {}, []
+        for col in features.columns:
             values = features[col]
             if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-                std = float(values.std())
+                x = values.to_numpy(dtype=np.float64, na_value=np.nan)
+                lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+                self.range_[col] = (lo, hi)
+                if (self.log1p_skewed and lo >= 0
+                        and abs(float(pd.Series(x).skew())) > self.skew_threshold):
+                    self.log1p_.append(col)
+                    x = np.log1p(x)
+                std = float(pd.Series(x).std())
                 # A constant (or single-valued) column: keep it at 0 rather than divide by 0.
-                self.numeric_[col] = (float(values.mean()), std if std > 0 else 1.0)
+                self.numeric_[col] = (float(np.nanmean(x)), std if std > 0 else 1.0)
             else:
                 self.categories_[col] = sorted(values.dropna().astype(str).unique().tolist())
         return self
@@ -105,22 +189,30 @@ class Preprocessor:
     def missing_columns(self, df: pd.DataFrame) -> list[str]:
         return [c for c in self.columns_ if c not in df.columns]
 
-    def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
-        """Features of ``df`` as ``(n_rows, n_features) float32`` and per-column counts of
-        categories unseen in training (encoded as all zeros)."""
+    def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, TransformReport]:
+        """Features of ``df`` as ``(n_rows, n_features) float32``, and a report of unseen
+        categories (encoded as all zeros), out-of-range and imputed numerics."""
         missing = self.missing_columns(df)
         if missing:
             raise DataError(f"input lacks column(s) {', '.join(missing)}")
+        features = self._engineer(df)
+        report = TransformReport()
         n = len(df)
         out = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
         for j, (col, (mean, std)) in enumerate(self.numeric_.items()):
-            values = _numeric(df, col)
+            values = _numeric(features, col, ids=df.get(ID))
+            lo, hi = self.range_.get(col, (-np.inf, np.inf))
+            if n_out := int(((values < lo) | (values > hi)).sum()):
+                report.out_of_range[col] = n_out
+            if n_nan := int(np.isnan(values).sum()):
+                report.missing[col] = n_nan
+            if col in self.log1p_:
+                values = np.log1p(np.clip(values, 0.0, None))
             out[:, j] = np.nan_to_num((values - mean) / std, nan=0.0)
         offset = len(self.numeric_)
-        unseen: dict[str, int] = {}
         rows = np.arange(n)
         for col, cats in self.categories_.items():
-            raw = df[col]
+            raw = features[col]
             present = raw.notna().to_numpy()
             codes = pd.Categorical(raw.astype("string"), categories=cats).codes.astype(np.int64)
             hit = codes >= 0
@@ -128,15 +220,20 @@ class Preprocessor:
             out[rows[~present], offset + len(cats)] = 1.0
             n_unseen = int((present & ~hit).sum())
             if n_unseen:
-                unseen[col] = n_unseen
+                report.unseen[col] = n_unseen
             offset += len(cats) + 1
-        return out, unseen
+        return out, report
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
+            "options": {"log1p_skewed": self.log1p_skewed, "skew_threshold": self.skew_threshold,
+                        "derived": self.derived, "ordinal": self.ordinal,
+                        "as_category": list(self.as_category)},
             "columns": self.columns_,
-            "numeric": {c: {"mean": m, "std": s} for c, (m, s) in self.numeric_.items()},
+            "numeric": {c: {"mean": m, "std": s, "min": self.range_[c][0],
+                            "max": self.range_[c][1], "log1p": c in self.log1p_}
+                        for c, (m, s) in self.numeric_.items()},
             "categorical": self.categories_,
             "feature_names": self.feature_names_,
         }
@@ -145,36 +242,49 @@ class Preprocessor:
     def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
         if d.get("format") != FORMAT:
             raise DataError(f"not a {FORMAT} preprocessor (format={d.get('format')!r})")
+        opts = d["options"]
         return cls(
+            log1p_skewed=opts["log1p_skewed"], skew_threshold=opts["skew_threshold"],
+            derived=opts["derived"], ordinal=opts["ordinal"],
+            as_category=tuple(opts["as_category"]),
             numeric_={c: (v["mean"], v["std"]) for c, v in d["numeric"].items()},
+            range_={c: (v["min"], v["max"]) for c, v in d["numeric"].items()},
+            log1p_=[c for c, v in d["numeric"].items() if v["log1p"]],
             categories_={c: list(v) for c, v in d["categorical"].items()},
             columns_=list(d["columns"]),
         )
 
     def raw_dtypes(self) -> dict[str, str]:
         """dtypes to read raw files with, so a chunk never guesses a category is a number."""
-        return {c: "string" for c in self.categories_}
+        return {c: "string" for c in self.categories_ if c in self.columns_}
 
 
-def _numeric(df: pd.DataFrame, col: str) -> np.ndarray:
+def _numeric(df: pd.DataFrame, col: str, ids: pd.Series | None = None) -> np.ndarray:
+    """``df[col]`` as float64 (NaN where missing); text that is not a number is an error
+    naming the column and the first bad row (by Id when known)."""
     values = df[col]
+    if ids is None and ID in df.columns:
+        ids = df[ID]
     if pd.api.types.is_numeric_dtype(values):
         return values.to_numpy(dtype=np.float64, na_value=np.nan)
     parsed = pd.to_numeric(values, errors="coerce")
     bad = parsed.isna() & values.notna() & (values.astype("string").str.strip() != "")
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        where = f"Id={df[ID].iloc[pos]}" if ID in df.columns else f"row {pos + 1}"
+        where = f"Id={ids.iloc[pos]}" if ids is not None else f"row {pos + 1}"
         raise DataError(
             f"column {col} must be numeric but has {str(values.iloc[pos])!r} at {where}"
         )
     return parsed.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def fit_preprocessor(train: pd.DataFrame, test: pd.DataFrame | None = None) -> Preprocessor:
-    """Fit on ``train`` (and ``test`` too when given: the book's recipe)."""
+def fit_preprocessor(train: pd.DataFrame, test: pd.DataFrame | None = None,
+                     config: PreprocessConfig | None = None) -> Preprocessor:
+    """Fit on ``train`` (and ``test`` too when given: the book's recipe). Without a config,
+    the book's plain standardize/one-hot."""
     frames = [train] if test is None else [train, test]
-    return Preprocessor().fit(frames)
+    opts = {} if config is None else config.model_dump(exclude={"fit_on"})
+    return Preprocessor(**opts).fit(frames)
 
 
 def load_preprocessor(path: Path) -> Preprocessor:
@@ -184,15 +294,17 @@ def load_preprocessor(path: Path) -> Preprocessor:
 def preprocess(raw: ArtifactRef, config: PreprocessConfig, out_dir: Path) -> dict[str, Any]:
     """Validate the raw training rows, fit the preprocessor, save it as JSON."""
     train = read_csv(raw.file("train.csv"))
-    validate_training_frame(train, "train.csv")
-    test = read_csv(raw.file("test.csv")) if config.fit_on == "train+test" else None
-    pre = fit_preprocessor(train, test)
+    test = read_csv(raw.file("test.csv"))
+    validate_training_frame(train, "train.csv", [c for c in test.columns if c != ID])
+    test = test if config.fit_on == "train+test" else None
+    pre = fit_preprocessor(train, test, config)
     write_json(out_dir / "preprocessor.json", pre.to_dict())
     return {
         "n_rows": len(train),
         "n_numeric": len(pre.numeric_),
         "n_categorical": len(pre.categories_),
         "n_features": len(pre.feature_names_),
+        "n_log1p": len(pre.log1p_),
     }
 
 

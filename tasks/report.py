@@ -52,8 +52,7 @@ def publish_task(model: ArtifactRef, predictions: ArtifactRef,
         copy_atomic(predictions.file("submission.csv"), Path(submission))
     metrics = model.manifest()["metrics"]
     return {
-        "selected": metrics["selected"],
-        "mean_valid_log_rmse": metrics["mean_valid_log_rmse"],
+        **metrics,
         "model_version": model.version,
         "predictions_version": predictions.version,
         "submission": str(predictions.file("submission.csv")),

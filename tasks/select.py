@@ -1,10 +1,19 @@
-"""Stage 5, select model: the candidate with the lowest mean valid log RMSE wins.
+"""Stage 5, select model: the best single candidate or a non-negative blend of candidates,
+whichever has the lower out-of-fold log RMSE.
 
-The final model is the ensemble of the winner's K fold models (predictions averaged in log
+Every candidate was scored on the same folds, and its out-of-fold (OOF) predictions are
+leakage-free. The blend's weights are fitted on those OOF predictions by non-negative least
+squares (stacking). Fitting weights and scoring them on the same rows would flatter the blend,
+so its score is itself cross-fitted: the weights used on fold k's rows are fitted on the other
+folds' rows only. The final weights are then fitted on all rows.
+
+Each component's final model is the ensemble of its K fold models (predictions averaged in log
 space), not a refit on all rows: each fold model was validated as it is, so the ensemble needs
-no untested choice (such as how many epochs suit 25% more rows), costs no extra training, and
-averaging K models lowers variance. The checkpoint is self-describing: weights, model config,
-preprocessor, metrics and lineage back to the raw files' SHA-1.
+no untested choice (such as how many epochs suit 25% more rows) and costs no extra training.
+The checkpoint is self-describing: weights, configs, blend weights, preprocessor, metrics and
+lineage back to the raw files' SHA-1.
+
+Diverged candidates are left out (and listed); if none is healthy the stage fails saying so.
 """
 
 from __future__ import annotations
@@ -14,31 +23,67 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from prefect import task
+from scipy.optimize import nnls
 
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.stage import build_stage, stage_task_options
 
 STAGE = "select"
-CHECKPOINT_FORMAT = "houseprice-checkpoint/1"
+CHECKPOINT_FORMAT = "houseprice-checkpoint/2"
+BLEND = "blend"
 
 
-def leaderboard(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Candidates' summaries sorted best first (pure; ties keep the given order)."""
-    return sorted(metrics, key=lambda m: m["mean_valid_log_rmse"])
+def _score_key(select_on: str) -> str:
+    return f"oof_log_rmse_{select_on}"
 
 
-def fold_table(board: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of fold x candidate valid log RMSE, plus mean and std, the winner marked."""
+def leaderboard(metrics: list[dict[str, Any]], select_on: str = "clean"
+                ) -> list[dict[str, Any]]:
+    """Healthy candidates sorted best first by OOF log RMSE on ``select_on`` rows, then the
+    diverged ones (pure; ties keep the given order)."""
+    key = _score_key(select_on)
+    return sorted(metrics, key=lambda m: (m[key] is None, m[key] or 0.0))
+
+
+def fit_blend(P: np.ndarray, logy: np.ndarray) -> np.ndarray:
+    """Non-negative weights ``(c,)`` minimizing the squared error of ``P (n, c) @ w``."""
+    weights, _ = nnls(P, logy)
+    return weights
+
+
+def cross_fitted_blend(P: np.ndarray, logy: np.ndarray, fold: np.ndarray, use: np.ndarray
+                       ) -> np.ndarray:
+    """Blend predictions ``(n,)`` for every row, with weights fitted on the ``use`` rows of
+    the other folds only (``fold`` ``(n,)`` int: each row's validation fold)."""
+    out = np.full(len(logy), np.nan)
+    for k in np.unique(fold):
+        held = fold == k
+        w = fit_blend(P[use & ~held], logy[use & ~held])
+        out[held] = P[held] @ w
+    return out
+
+
+def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]:
+    """Rows of fold x candidate valid log RMSE, mean ± spread, OOF scores on both row sets and
+    blend weights; the chosen model (a candidate or the blend) marked."""
     rows = []
-    for rank, m in enumerate(board):
-        row: dict[str, Any] = {"candidate": m["candidate"], "selected": "yes" if rank == 0 else ""}
-        for f in m["folds"]:
-            row[f"fold {f['fold'] + 1}"] = round(f["valid_log_rmse"], 5)
-        row["mean"] = round(m["mean_valid_log_rmse"], 5)
-        row["std"] = round(m["std_valid_log_rmse"], 5)
+    for m in board:
+        row: dict[str, Any] = {"candidate": m["candidate"],
+                               "selected": "yes" if m["candidate"] == chosen else ""}
+        for f in m.get("folds", []):
+            v = f["valid_log_rmse"]
+            row[f"fold {f['fold'] + 1}"] = None if v is None else round(v, 5)
+        for key, col in (("mean_valid_log_rmse", "mean"), ("std_valid_log_rmse", "std"),
+                         ("oof_log_rmse_all", "oof all rows"),
+                         ("oof_log_rmse_clean", "oof w/o outliers")):
+            row[col] = None if m.get(key) is None else round(m[key], 5)
+        row["blend weight"] = round(m.get("blend_weight", 0.0), 4)
+        row["status"] = m.get("status", "ok") if m.get("reason") is None else (
+            f"{m['status']}: {m['reason']}")
         rows.append(row)
     return rows
 
@@ -62,31 +107,52 @@ def lineage(ref: ArtifactRef) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, list) else v for k, v in sorted(out.items())}
 
 
-def model_card(best: dict[str, Any], spec: dict[str, Any], board: list[dict[str, Any]],
-               config: dict[str, Any], lin: dict[str, Any]) -> str:
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
+               board: list[dict[str, Any]], config: dict[str, Any], lin: dict[str, Any]) -> str:
+    """The markdown model card: what was chosen, its scores, every candidate, the lineage."""
+    k = config["n_splits"]
+    if chosen["candidate"] == BLEND:
+        title = "blend of " + ", ".join(f"{c['candidate']} ({c['weight']:.3f})"
+                                        for c in components)
+        how = (f"Final model: a non-negative blend (weights fitted on out-of-fold predictions) "
+               f"of the components below, each the ensemble of its {k} fold models.")
+    else:
+        title = chosen["candidate"]
+        how = f"Final model: the ensemble of its {k} fold models, averaged in log space."
     lines = [
-        f"# Selected model: {best['candidate']}",
+        f"# Selected model: {title}",
         "",
-        f"**{config['n_splits']}-fold mean valid log RMSE: {best['mean_valid_log_rmse']:.4f}** "
-        f"(± {best['std_valid_log_rmse']:.4f} std over folds; "
-        f"mean train log RMSE {best['mean_train_log_rmse']:.4f}).",
+        f"**{k}-fold out-of-fold log RMSE: {_fmt(chosen['oof_log_rmse_clean'])} on the "
+        f"{chosen['n_rows_clean']} rows without the outliers, "
+        f"{_fmt(chosen['oof_log_rmse_all'])} on all {chosen['n_rows_all']} rows** "
+        f"(chosen on: {config['select_on']}). Per fold: mean valid log RMSE "
+        f"{_fmt(chosen['mean_valid_log_rmse'])} ± {_fmt(chosen['std_valid_log_rmse'])}.",
         "",
-        f"Final model: the ensemble of its {config['n_splits']} fold models, predictions "
-        "averaged in log space.",
+        how,
         "",
         "## Configuration",
         "",
-        "| field | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in spec.items()],
-        *[f"| train.{k} | {v} |" for k, v in config.items()],
+    ]
+    for c in components:
+        lines += [f"### {c['candidate']} (weight {c['weight']:.3f})", "", "| field | value |",
+                  "|---|---|", *[f"| {f} | {v} |" for f, v in c["model_config"].items()], ""]
+    lines += [
+        "| train setting | value |", "|---|---|",
+        *[f"| {f} | {v} |" for f, v in config.items()],
         "",
         "## Candidates (best first)",
         "",
-        "| candidate | mean valid log RMSE | std |",
-        "|---|---|---|",
-        *[f"| {m['candidate']} | {m['mean_valid_log_rmse']:.4f} | {m['std_valid_log_rmse']:.4f} |"
-          for m in board],
+        "| candidate | mean ± std valid log RMSE | OOF all rows | OOF w/o outliers "
+        "| blend weight | status |",
+        "|---|---|---|---|---|---|",
+        *[f"| {m['candidate']} | {_fmt(m['mean_valid_log_rmse'])} ± "
+          f"{_fmt(m['std_valid_log_rmse'])} | {_fmt(m['oof_log_rmse_all'])} | "
+          f"{_fmt(m['oof_log_rmse_clean'])} | {m.get('blend_weight', 0.0):.3f} | "
+          f"{m['status']}{': ' + m['reason'] if m.get('reason') else ''} |" for m in board],
         "",
         "## Lineage",
         "",
@@ -97,51 +163,112 @@ def model_card(best: dict[str, Any], spec: dict[str, Any], board: list[dict[str,
     return "\n".join(lines) + "\n"
 
 
+def _rmse(pred: np.ndarray, logy: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((pred - logy) ** 2)))
+
+
+def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on: str
+                  ) -> dict[str, Any]:
+    """The blend as a leaderboard entry: cross-fitted OOF scores, per-fold scores, and the
+    final weights (fitted on all selection rows)."""
+    logy, fold = oof["log_price"].to_numpy(), oof["fold"].to_numpy()
+    clean = ~oof["outlier"].to_numpy(bool)
+    use = clean if select_on == "clean" else np.ones(len(oof), bool)
+    pred = cross_fitted_blend(P, logy, fold, use)
+    per_fold = [_rmse(pred[fold == k], logy[fold == k]) for k in np.unique(fold)]
+    weights = fit_blend(P[use], logy[use])
+    return {
+        "candidate": BLEND, "kind": BLEND, "status": "ok", "reason": None,
+        "mean_valid_log_rmse": float(np.mean(per_fold)),
+        "std_valid_log_rmse": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
+        "oof_log_rmse_all": _rmse(pred, logy), "oof_log_rmse_clean": _rmse(pred[clean],
+                                                                          logy[clean]),
+        "n_rows_all": len(oof), "n_rows_clean": int(clean.sum()),
+        "folds": [{"fold": int(k), "valid_log_rmse": v}
+                  for k, v in zip(np.unique(fold), per_fold, strict=True)],
+        "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
+    }
+
+
 def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                  config: TrainConfig, out_dir: Path) -> dict[str, Any]:
-    """Pick the best candidate and write ``model.pt``, ``leaderboard.json``, ``model_card.md``."""
+    """Pick the best candidate or blend; write ``model.pt``, ``leaderboard.json``,
+    ``model_card.md``."""
     metrics = [json.loads(ref.file("metrics.json").read_text()) for ref in trained]
     for m in metrics:
         m.pop("curves", None)
-    board = leaderboard(metrics)
-    if not np.isfinite(board[0]["mean_valid_log_rmse"]):
-        raise ValueError("no candidate has a finite validation score")
-    best = board[0]
-    winner = trained[[m["candidate"] for m in metrics].index(best["candidate"])]
-    spec = next(c for c in candidates if c.name == best["candidate"])
-    tensorized = ArtifactRef(root=winner.root, **winner.manifest()["upstream"]["data"])
+    refs = {m["candidate"]: ref for m, ref in zip(metrics, trained, strict=True)}
+    specs = {c.name: c for c in candidates}
+    healthy = [m for m in metrics if m["status"] == "ok"]
+    if not healthy:
+        raise ValueError("no healthy candidate to select from: " + "; ".join(
+            f"{m['candidate']} {m['status']} ({m['reason']})" for m in metrics))
+    key = _score_key(config.select_on)
+    names = [m["candidate"] for m in healthy]
+    frames = [pd.read_parquet(refs[n].file("oof.parquet")) for n in names]
+    oof = frames[0].drop(columns="pred_log_price")
+    P = np.column_stack([f["pred_log_price"].to_numpy() for f in frames])
+    for f in frames[1:]:
+        if not f["Id"].equals(oof["Id"]):  # same rows and folds, or blending is meaningless
+            raise ValueError("candidates were trained on different rows; rerun the train stage")
+    board = leaderboard(metrics, config.select_on)
+    chosen = board[0]
+    if len(healthy) > 1:
+        blend = blend_metrics(P, names, oof, config.select_on)
+        for m in metrics:
+            m["blend_weight"] = blend["weights"].get(m["candidate"], 0.0)
+        if blend[key] < chosen[key]:
+            chosen = blend
+        board = leaderboard([*metrics, blend], config.select_on)
+    weights = chosen["weights"] if chosen["candidate"] == BLEND else {chosen["candidate"]: 1.0}
+    components = [
+        {"candidate": n, "weight": w, "model_config": specs[n].model_dump(mode="json"),
+         "folds": torch.load(refs[n].file("models.pt"), weights_only=True)["folds"]}
+        for n, w in weights.items() if w > 0
+    ]
+    first = refs[components[0]["candidate"]]
+    tensorized = ArtifactRef(root=first.root, **first.manifest()["upstream"]["data"])
     preprocessor_ref = ArtifactRef(
-        root=winner.root, **tensorized.manifest()["upstream"]["preprocessor"]
+        root=first.root, **tensorized.manifest()["upstream"]["preprocessor"]
     )
     preprocessor = json.loads(preprocessor_ref.file("preprocessor.json").read_text())
-    folds = torch.load(winner.file("models.pt"), weights_only=True)["folds"]
-    lin = lineage(winner)
+    lin = lineage(first)
     lin["train"] = sorted(r.version for r in trained)
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
-            "model_config": spec.model_dump(mode="json"),
             "target": config.target,
             "n_features": len(preprocessor["feature_names"]),
-            "folds": folds,  # [{state_dict, y_mean, y_std}] - averaged at predict time
+            # [{candidate, weight, model_config, folds: [{members: [...]}]}]: fold members
+            # are averaged in log space, then components weighted, at predict time.
+            "components": components,
             "preprocessor": preprocessor,
-            "metrics": best,
+            "metrics": chosen,
             "lineage": lin,
         },
         out_dir / "model.pt",
     )
-    write_json(out_dir / "leaderboard.json", {"leaderboard": board, "table": fold_table(board)})
+    write_json(out_dir / "leaderboard.json",
+               {"leaderboard": board, "table": fold_table(board, chosen["candidate"])})
+    card_components = [{k: c[k] for k in ("candidate", "weight", "model_config")}
+                       for c in components]
     (out_dir / "model_card.md").write_text(
-        model_card(best, spec.model_dump(mode="json"), board, config.version_params(), lin)
+        model_card(chosen, card_components, board, config.version_params(), lin)
     )
-    return {"selected": best["candidate"], "mean_valid_log_rmse": best["mean_valid_log_rmse"],
-            "std_valid_log_rmse": best["std_valid_log_rmse"], "train_version": winner.version}
+    return {"selected": chosen["candidate"],
+            "components": {c["candidate"]: c["weight"] for c in components},
+            "mean_valid_log_rmse": chosen["mean_valid_log_rmse"],
+            "std_valid_log_rmse": chosen["std_valid_log_rmse"],
+            "oof_log_rmse_all": chosen["oof_log_rmse_all"],
+            "oof_log_rmse_clean": chosen["oof_log_rmse_clean"],
+            "select_on": config.select_on,
+            "diverged": [m["candidate"] for m in metrics if m["status"] != "ok"]}
 
 
 @task(**stage_task_options(STAGE))
 def select_task(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                 config: TrainConfig, root: str) -> ArtifactRef:
-    """Choose the lowest mean valid log RMSE and save a self-describing checkpoint."""
+    """Choose the best candidate or blend by OOF log RMSE; save a self-describing checkpoint."""
     inputs = {"trained": trained, "candidates": candidates, "config": config}
     return build_stage(STAGE, root, inputs,
                        lambda out: select_model(trained, candidates, config, out))

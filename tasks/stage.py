@@ -31,8 +31,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
     "preprocess": ("preprocess.py",),
     "tensorize": ("tensorize.py", "preprocess.py"),
-    "train": ("train.py", "models.py"),
-    "select": ("select.py", "models.py"),
+    "train": ("train.py", "engine.py", "models.py"),
+    "select": ("select.py",),
     "predict": ("predict.py", "preprocess.py", "models.py"),
 }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
@@ -63,11 +64,24 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path) -> dic
     validate_training_frame(train, "train.csv")
     pre = load_preprocessor(preprocessor.file("preprocessor.json"))
     X, _ = pre.transform(train)
+    outliers = outlier_ids(train)
     write_matrix(
         out_dir / "train.parquet", train[ID].to_numpy(), X, train[TARGET].to_numpy(float),
-        pre.feature_names_, {"preprocessor_version": preprocessor.version},
+        pre.feature_names_,
+        {"preprocessor_version": preprocessor.version, "outlier_ids": outliers},
     )
-    return {"n_rows": int(X.shape[0]), "n_features": int(X.shape[1])}
+    return {"n_rows": int(X.shape[0]), "n_features": int(X.shape[1]),
+            "n_outliers": len(outliers)}
+
+
+def outlier_ids(train: pd.DataFrame) -> list[int]:
+    """Ids of the very large partial sales De Cock's documentation of the Ames data flags
+    (GrLivArea > 4000 and SalePrice < 300000): two rows of the Kaggle training file."""
+    if "GrLivArea" not in train.columns:
+        return []
+    area = pd.to_numeric(train["GrLivArea"], errors="coerce")
+    flagged = (area > 4000) & (train[TARGET] < 300_000)
+    return sorted(int(i) for i in train.loc[flagged, ID])
 
 
 @task(**stage_task_options(STAGE))

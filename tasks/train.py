@@ -7,6 +7,8 @@ out-of-fold predictions, the split, and a PNG of the curves.
 
 from __future__ import annotations
 
+import pickle
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
-from torch import nn
 
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, TrainConfig
-from tasks.models import Regressor, log_price, log_rmse, make_optimizer, resolve_device
+from tasks.engine import train_stacked
+from tasks.models import make_sklearn, resolve_device, sklearn_log_price
 from tasks.stage import build_stage, stage_task_options
 from tasks.tensorize import read_matrix
 
@@ -55,146 +57,211 @@ def make_folds(n_rows: int, n_splits: int, seed: int, scheme: str
 
 
 @dataclass
-class FoldResult:
-    state_dict: dict[str, torch.Tensor]
-    y_mean: float  # target scaling fitted on this fold's training rows
-    y_std: float
-    train_log_rmse: float
-    valid_log_rmse: float
-    curves: dict[str, list[float]]  # per epoch: train_log_rmse, valid_log_rmse
-    valid_pred_log_price: np.ndarray  # (n_valid,) float64
+class CVResult:
+    """One candidate's K-fold cross-validation."""
+
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    members: list[list[dict[str, Any]]]  # per fold: its models (seeds), as saved
+    train_log_rmse: list[float]  # per fold, on the rows it was fitted on
+    valid_log_rmse: list[float]  # per fold, on all its validation rows
+    oof_log_price: np.ndarray  # (n_rows,) float64 out-of-fold prediction, NaN if in no fold
+    curves: list[dict[str, list[float]]] | None  # per fold, per epoch (torch kinds only)
+    diverged: str | None = None
 
 
-def _target_stats(y: torch.Tensor, target: str) -> tuple[float, float]:
-    """Standardize log prices with the fold's own training rows; the raw target is used
-    unscaled, as in the book."""
-    if target == "raw":
-        return 0.0, 1.0
-    logy = torch.log(y)
-    return float(logy.mean()), float(logy.std())
+def fit_rows(folds: list[tuple[np.ndarray, np.ndarray]], excluded: np.ndarray
+             ) -> list[np.ndarray]:
+    """Each fold's training rows without the ``excluded`` ``(n,) bool`` rows."""
+    return [tr[~excluded[tr]] for tr, _ in folds]
 
 
-def train_fold(X_train: torch.Tensor, y_train: torch.Tensor,
-               X_valid: torch.Tensor, y_valid: torch.Tensor,
-               spec: CandidateConfig, target: str, seed: int) -> FoldResult:
-    """Train one model on one fold. ``X_*`` are ``(n, n_features) float32`` on the training
-    device, ``y_*`` ``(n,) float32`` prices."""
-    device = X_train.device
-    init_gen = torch.Generator().manual_seed(seed)  # CPU: the same weights on every device
-    gen = torch.Generator(device=device).manual_seed(seed)  # batches and dropout masks
-    model = Regressor(spec, X_train.shape[1], generator=init_gen, dropout_generator=gen)
-    model = model.to(device)
-    optimizer = make_optimizer(spec, model.parameters())
-    loss_fn = nn.MSELoss()
-    y_mean, y_std = _target_stats(y_train, target)
-    y_fit = (torch.log(y_train) - y_mean) / y_std if target == "log" else y_train
+def _rmse(pred: np.ndarray, logy: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((pred - logy) ** 2)))
 
-    def evaluate(X: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
-        model.eval()
-        with torch.no_grad():
-            pred = log_price(model(X), target, y_mean, y_std)
-        model.train()
-        return log_rmse(pred, y), pred
 
-    curves: dict[str, list[float]] = {"train_log_rmse": [], "valid_log_rmse": []}
-    n = X_train.shape[0]
-    model.train()
-    for _epoch in range(spec.epochs):
-        # Minibatches indexed from tensors already in memory: no DataLoader overhead.
-        order = torch.randperm(n, generator=gen, device=device)
-        for start in range(0, n, spec.batch_size):
-            idx = order[start:start + spec.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(X_train[idx]), y_fit[idx])
-            loss.backward()
-            optimizer.step()
-        curves["train_log_rmse"].append(evaluate(X_train, y_train)[0])
-        curves["valid_log_rmse"].append(evaluate(X_valid, y_valid)[0])
-    valid_rmse, valid_pred = evaluate(X_valid, y_valid)
-    return FoldResult(
-        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        y_mean=y_mean, y_std=y_std,
-        train_log_rmse=curves["train_log_rmse"][-1], valid_log_rmse=valid_rmse,
-        curves=curves, valid_pred_log_price=valid_pred.double().cpu().numpy(),
+def _cv_torch(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
+              folds: list[tuple[np.ndarray, np.ndarray]], fitted: list[np.ndarray],
+              on_epoch: Callable[[int], None]) -> CVResult:
+    """All K folds x S seeds of a torch candidate, trained together by the batched engine."""
+    device = resolve_device(config.device)
+    K, S, n = len(folds), spec.seeds, len(X)
+    train_mask = torch.zeros(K * S, n, dtype=torch.bool)
+    valid_mask = torch.zeros(K * S, n, dtype=torch.bool)
+    for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
+        train_mask[k * S:(k + 1) * S, tr] = True
+        valid_mask[k * S:(k + 1) * S, va] = True
+    seeds = [config.seed * 1000 + k + 7919 * s for k in range(K) for s in range(S)]
+    res = train_stacked(
+        torch.tensor(X, dtype=torch.float32, device=device),
+        torch.tensor(y, dtype=torch.float32, device=device),
+        train_mask.to(device), valid_mask.to(device), spec, config.target, seeds,
+        on_epoch=lambda e, _: on_epoch(e),
+    )
+    # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
+    pred = res.pred_log_price.view(K, S, n).mean(1).numpy()
+    logy = np.log(y)
+    oof = np.full(n, np.nan)
+    for k, (_, va) in enumerate(folds):
+        oof[va] = pred[k, va]
+    members = [[{"state_dict": res.state_dicts[k * S + s], "y_mean": res.y_mean[k * S + s],
+                 "y_std": res.y_std[k * S + s]} for s in range(S)] for k in range(K)]
+    curves = [{name: c[k * S:(k + 1) * S].mean(0).tolist() for name, c in res.curves.items()}
+              for k in range(K)]
+    return CVResult(
+        folds=folds, members=members,
+        train_log_rmse=[_rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
+        valid_log_rmse=[_rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
+        oof_log_price=oof, curves=curves, diverged=res.diverged,
     )
 
 
+def _cv_sklearn(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
+                folds: list[tuple[np.ndarray, np.ndarray]], fitted: list[np.ndarray],
+                on_fold: Callable[[int], None]) -> CVResult:
+    """A scikit-learn candidate, fold by fold, on the same folds and target."""
+    logy = np.log(y)
+    target = logy if config.target == "log" else y
+    oof = np.full(len(X), np.nan)
+    members, train_rmse, valid_rmse = [], [], []
+    for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
+        est = make_sklearn(spec, seed=config.seed * 1000 + k).fit(X[tr], target[tr])
+        p_tr = sklearn_log_price(est, X[tr], config.target)
+        p_va = sklearn_log_price(est, X[va], config.target)
+        oof[va] = p_va
+        members.append([{"sklearn": pickle.dumps(est)}])
+        train_rmse.append(_rmse(p_tr, logy[tr]))
+        valid_rmse.append(_rmse(p_va, logy[va]))
+        on_fold(k)
+    return CVResult(folds=folds, members=members, train_log_rmse=train_rmse,
+                    valid_log_rmse=valid_rmse, oof_log_price=oof, curves=None)
+
+
 def cross_validate(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
-                   on_fold: Callable[[int, FoldResult], None] = lambda k, r: None,
-                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[FoldResult]]:
-    """Train ``spec`` on each of the K folds of ``X (n, d) float32``, ``y (n,) prices``."""
-    device = resolve_device(config.device)
-    X_all = torch.tensor(X, dtype=torch.float32, device=device)
-    y_all = torch.tensor(y, dtype=torch.float32, device=device)
+                   excluded: np.ndarray | None = None,
+                   on_progress: Callable[[float], None] = lambda f: None) -> CVResult:
+    """K-fold cross-validate ``spec`` on ``X (n, d) float32``, ``y (n,) prices``.
+
+    ``excluded`` ``(n,) bool`` rows are left out of fitting but still validated and predicted
+    out of fold. ``on_progress`` gets the finished fraction (per epoch or per fold).
+    """
+    excluded = np.zeros(len(X), bool) if excluded is None else excluded
     folds = make_folds(len(X), config.n_splits, config.seed, config.fold_scheme)
-    results = []
-    for k, (tr, va) in enumerate(folds):
-        tr_t, va_t = torch.as_tensor(tr, device=device), torch.as_tensor(va, device=device)
-        result = train_fold(X_all[tr_t], y_all[tr_t], X_all[va_t], y_all[va_t],
-                            spec, config.target, seed=config.seed * 1000 + k)
-        on_fold(k, result)
-        results.append(result)
-    return folds, results
+    fitted = fit_rows(folds, excluded)
+    if spec.is_torch:
+        return _cv_torch(X, y, spec, config, folds, fitted,
+                         lambda e: on_progress((e + 1) / spec.epochs))
+    return _cv_sklearn(X, y, spec, config, folds, fitted,
+                       lambda k: on_progress((k + 1) / len(folds)))
 
 
-def plot_curves(results: list[FoldResult], title: str, path: Path) -> None:
-    """The book's learning-curve plot: train and valid log RMSE per epoch, one line a fold."""
+# Matplotlib is not thread-safe (its font-config parsing with pyparsing fails at random when
+# two candidates' threads plot at once: "ParseException ... in parse action"), so one plot
+# at a time per process.
+_PLOT_LOCK = threading.Lock()
+
+
+def plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -> None:
+    """The book's learning-curve plot (train and valid log RMSE per epoch, one line a fold),
+    and beside it the mean gradient norm per epoch (vanishing or exploding gradients)."""
+    with _PLOT_LOCK:
+        _plot_curves(curves, title, path)
+
+
+def _plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for k, r in enumerate(results):
-        epochs = np.arange(1, len(r.curves["train_log_rmse"]) + 1)
-        ax.plot(epochs, r.curves["train_log_rmse"], color="C0", alpha=0.6,
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for k, c in enumerate(curves):
+        epochs = np.arange(1, len(c["train_log_rmse"]) + 1)
+        ax.plot(epochs, c["train_log_rmse"], color="C0", alpha=0.6,
                 label="train" if k == 0 else None)
-        ax.plot(epochs, r.curves["valid_log_rmse"], color="C1", alpha=0.6, linestyle="--",
+        ax.plot(epochs, c["valid_log_rmse"], color="C1", alpha=0.6, linestyle="--",
                 label="valid" if k == 0 else None)
+        gx.plot(epochs, c["grad_norm"], color="C2", alpha=0.6)
     ax.set(xlabel="epoch", ylabel="log RMSE", yscale="log", title=title)
-    ax.grid(True, alpha=0.3)
+    gx.set(xlabel="epoch", ylabel="gradient norm (mean per step)", yscale="log",
+           title="gradient norm, one line a fold")
+    for a in (ax, gx):
+        a.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, out_dir: Path,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Cross-validate ``candidate`` on the tensorized training rows; write the train artifact."""
-    m = read_matrix(data.file("train.parquet"))
+def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
+                      outliers: np.ndarray) -> dict[str, Any]:
+    """The candidate's summary: per-fold scores, mean and spread, and the out-of-fold log
+    RMSE on all rows and on the rows without the ``outliers`` ``(n,) bool``."""
+    valid = np.array(cv.valid_log_rmse)
+    scored = ~np.isnan(cv.oof_log_price)
+    ok = cv.diverged is None and bool(np.isfinite(valid).all())
 
-    def on_fold(k: int, r: FoldResult) -> None:
-        log(f"{candidate.name}: fold {k + 1}/{config.n_splits} train log RMSE "
-            f"{r.train_log_rmse:.4f}, valid log RMSE {r.valid_log_rmse:.4f}")
+    def oof(rows: np.ndarray) -> float | None:
+        return _rmse(cv.oof_log_price[rows], logy[rows]) if ok else None
 
-    folds, results = cross_validate(m.X, m.y, candidate, config, on_fold)
-    valid = np.array([r.valid_log_rmse for r in results])
-    torch.save(
-        {"folds": [{"state_dict": r.state_dict, "y_mean": r.y_mean, "y_std": r.y_std}
-                   for r in results]},
-        out_dir / "models.pt",
-    )
-    oof = pd.concat([
-        pd.DataFrame({"Id": m.ids[va], "fold": k, "pred_log_price": r.valid_pred_log_price})
-        for k, ((_, va), r) in enumerate(zip(folds, results, strict=True))
-    ]).sort_values("Id")
-    oof.to_parquet(out_dir / "oof.parquet", index=False)
-    write_json(out_dir / "folds.json", {"valid_ids": [m.ids[va].tolist() for _, va in folds]})
-    metrics = {
-        "candidate": candidate.name,
-        "mean_valid_log_rmse": float(valid.mean()),
-        "std_valid_log_rmse": float(valid.std(ddof=1)) if len(valid) > 1 else 0.0,
-        "mean_train_log_rmse": float(np.mean([r.train_log_rmse for r in results])),
+    return {
+        "candidate": spec.name,
+        "kind": spec.kind,
+        "status": "ok" if ok else "diverged",
+        "reason": None if ok else (cv.diverged or "non-finite validation score"),
+        "mean_valid_log_rmse": float(valid.mean()) if ok else None,
+        "std_valid_log_rmse": float(valid.std(ddof=1)) if ok and len(valid) > 1 else
+        (0.0 if ok else None),
+        "mean_train_log_rmse": float(np.mean(cv.train_log_rmse)) if ok else None,
+        "oof_log_rmse_all": oof(scored),
+        "oof_log_rmse_clean": oof(scored & ~outliers),
+        "n_rows_all": int(scored.sum()),
+        "n_rows_clean": int((scored & ~outliers).sum()),
         "folds": [
-            {"fold": k, "train_log_rmse": r.train_log_rmse, "valid_log_rmse": r.valid_log_rmse}
-            for k, r in enumerate(results)
+            {"fold": k, "train_log_rmse": tr if ok else None, "valid_log_rmse": va if ok else None}
+            for k, (tr, va) in enumerate(zip(cv.train_log_rmse, cv.valid_log_rmse, strict=True))
         ],
     }
-    write_json(out_dir / "metrics.json", {**metrics, "curves": [r.curves for r in results]})
-    plot_curves(results, f"{candidate.name}: {valid.mean():.4f} mean valid log RMSE",
-                out_dir / "learning_curves.png")
-    return metrics
+
+
+def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, out_dir: Path,
+          log: Callable[[str], None] = print,
+          progress: Callable[[float], None] = lambda f: None) -> dict[str, Any]:
+    """Cross-validate ``candidate`` on the tensorized training rows; write the train artifact:
+    ``models.pt`` (fold models), ``metrics.json`` (scores, curves), ``oof.parquet``,
+    ``folds.json`` and, for torch candidates, ``learning_curves.png``."""
+    m = read_matrix(data.file("train.parquet"))
+    outliers = np.isin(m.ids, m.meta.get("outlier_ids", []))
+    excluded = outliers if config.exclude_outliers else np.zeros(len(m.ids), bool)
+    cv = cross_validate(m.X, m.y, candidate, config, excluded, progress)
+    metrics = candidate_metrics(candidate, cv, np.log(m.y), outliers)
+    for f in metrics["folds"]:
+        log(f"{candidate.name}: fold {f['fold'] + 1}/{config.n_splits} "
+            f"train log RMSE {f['train_log_rmse']}, valid log RMSE {f['valid_log_rmse']}"
+            if metrics["status"] != "ok" else
+            f"{candidate.name}: fold {f['fold'] + 1}/{config.n_splits} train log RMSE "
+            f"{f['train_log_rmse']:.4f}, valid log RMSE {f['valid_log_rmse']:.4f}")
+    if metrics["status"] != "ok":
+        log(f"{candidate.name}: diverged: {metrics['reason']}")
+    torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members]},
+               out_dir / "models.pt")
+    rows = [(k, va) for k, (_, va) in enumerate(cv.folds)]
+    pd.DataFrame({
+        "Id": np.concatenate([m.ids[va] for _, va in rows]),
+        "fold": np.concatenate([np.full(len(va), k) for k, va in rows]),
+        "pred_log_price": np.concatenate([cv.oof_log_price[va] for _, va in rows]),
+        "outlier": np.concatenate([outliers[va] for _, va in rows]),
+        "log_price": np.concatenate([np.log(m.y[va]) for _, va in rows]),
+    }).sort_values("Id").to_parquet(out_dir / "oof.parquet", index=False)
+    write_json(out_dir / "folds.json", {"valid_ids": [m.ids[va].tolist() for _, va in cv.folds],
+                                        "excluded_from_fit": m.ids[excluded].tolist()})
+    write_json(out_dir / "metrics.json", {**metrics, "curves": cv.curves})
+    if cv.curves is not None:
+        score = metrics["mean_valid_log_rmse"]
+        plot_curves(cv.curves, f"{candidate.name}: " + (
+            f"{score:.4f} mean valid log RMSE" if score is not None else "diverged"),
+            out_dir / "learning_curves.png")
+    return {k: metrics[k] for k in ("candidate", "status", "mean_valid_log_rmse",
+                                    "oof_log_rmse_all", "oof_log_rmse_clean")}
 
 
 @task(**stage_task_options(STAGE))

@@ -114,10 +114,25 @@ def small_config(root: Path, url: str, cache: Path, epochs: int = 8, **overrides
     """A quick PipelineConfig on the real data: default candidates, few epochs."""
     from tasks.config import PipelineConfig
 
+    overrides.setdefault("candidates", TEST_CANDIDATES)
+    overrides.setdefault("search", TEST_SEARCH)
     cfg = PipelineConfig(
         artifacts_dir=str(root), data={"url": url, "cache_dir": str(cache)}, **overrides
     )
     return cfg.with_epochs(epochs)
+
+
+# Every kind of candidate, small enough for tests: torch linear and MLP (2 seeds averaged),
+# lasso, a few boosting rounds, and a declared ridge search.
+TEST_CANDIDATES = (
+    {"name": "linear", "kind": "linear", "hidden": [], "lr": 0.01, "weight_decay": 1e-3},
+    {"name": "mlp", "hidden": [32], "dropout": 0.1, "weight_decay": 1e-2, "seeds": 2},
+    {"name": "lasso", "kind": "lasso", "hidden": [], "alpha": 5e-4, "max_iter": 2000},
+    {"name": "hgb", "kind": "hgb", "hidden": [], "lr": 0.1, "max_iter": 20},
+)
+TEST_SEARCH = (
+    {"base": {"name": "ridge", "kind": "ridge", "hidden": []}, "grid": {"alpha": [3.0, 30.0]}},
+)
 
 
 @pytest.fixture(scope="session")

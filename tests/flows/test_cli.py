@@ -147,11 +147,13 @@ def test_book_config_reproduces_the_books_recipe(prefect_api, data_server, tmp_p
     assert "selected book-linear" in last_line(proc.stdout)
     (pre,) = [p for p in (arts / "preprocess").iterdir() if p.is_dir()]
     manifest = json.loads((pre / "manifest.json").read_text())
-    assert manifest["parameters"]["config"] == {"fit_on": "train+test"}
+    assert manifest["parameters"]["config"] == {
+        "fit_on": "train+test", "log1p_skewed": False, "derived": False, "ordinal": False,
+        "as_category": [], "skew_threshold": 0.75}
     stats = json.loads((pre / "preprocessor.json").read_text())["numeric"]["LotArea"]
     both = pd.concat([pd.read_csv(data_server.url + name)["LotArea"]
                       for name in ("kaggle_house_pred_train.csv", "kaggle_house_pred_test.csv")])
     assert stats["mean"] == pytest.approx(both.mean())  # statistics over train+test
     (sel,) = [p for p in (arts / "select").iterdir() if p.is_dir()]
     card = (sel / "model_card.md").read_text()
-    assert "| train.fold_scheme | contiguous |" in card and "| train.target | raw |" in card
+    assert "| fold_scheme | contiguous |" in card and "| target | raw |" in card

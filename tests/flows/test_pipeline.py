@@ -52,7 +52,7 @@ def test_cold_run_completes_every_stage_and_writes_a_submission(first_run, real_
     assert state.is_completed(), state.message
     for stage in STAGES:
         assert states[stage] and set(states[stage]) == {"Completed"}, (stage, states)
-    assert len(states["train"]) == len(cfg.candidates)
+    assert len(states["train"]) == len(cfg.all_candidates())
     result = state.result()
     sub = pd.read_csv(cfg.submission)
     assert list(sub.columns) == ["Id", "SalePrice"] and len(sub) == 1459
@@ -88,11 +88,19 @@ def test_identical_rerun_executes_no_stage(first_run):
 
 def test_changed_training_parameter_reruns_only_train_select_predict(first_run):
     cfg, _, _ = first_run
-    _, states = run(cfg.with_epochs(cfg.candidates[0].epochs + 1))
+    _, states = run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}))
     for stage in ["download", "preprocess", "tensorize"]:
         assert set(states[stage]) == {"Cached"}, (stage, states)
     for stage in ["train", "select", "predict"]:
         assert set(states[stage]) == {"Completed"}, (stage, states)
+
+
+def test_changed_epochs_retrain_only_the_torch_candidates(first_run):
+    cfg, _, _ = first_run
+    _, states = run(cfg.with_epochs(cfg.candidates[0].epochs + 1))
+    n_torch = sum(c.is_torch for c in cfg.all_candidates())
+    assert sorted(states["train"]) == (["Cached"] * (len(cfg.all_candidates()) - n_torch)
+                                       + ["Completed"] * n_torch)
 
 
 def test_deleted_artifact_is_rebuilt_not_served_from_cache(first_run):
@@ -143,7 +151,7 @@ def test_added_candidate_trains_alone(first_run):
     more = cfg.model_copy(update={"candidates": (*cfg.candidates, extra)})
     state, states = run(more)
     assert state.is_completed()
-    assert sorted(states["train"]) == ["Cached"] * len(cfg.candidates) + ["Completed"]
+    assert sorted(states["train"]) == ["Cached"] * len(cfg.all_candidates()) + ["Completed"]
     assert set(states["tensorize"]) == {"Cached"}
 
 

@@ -52,14 +52,15 @@ def test_fit_on_training_rows_only_by_default(frames):
 def test_transform_standardizes_imputes_and_one_hots(frames):
     train, test = frames
     pre = fit_preprocessor(train)
-    X, unseen = pre.transform(train)
+    X, report = pre.transform(train)
     assert X.dtype == np.float32 and X.shape == (4, 4)
     np.testing.assert_allclose(X[:, 0], [-1.0, 0.0, 0.0, 1.0])  # NaN -> 0 after scaling
     np.testing.assert_array_equal(X[:, 1:], [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
-    assert unseen == {}
-    Xt, unseen = pre.transform(test)
+    assert report.unseen == {} and report.missing == {"Area": 1}
+    Xt, report = pre.transform(test)
     np.testing.assert_array_equal(Xt[0, 1:], [0, 0, 0])  # unseen 'FV' -> all zeros
-    assert unseen == {"Zone": 1}
+    assert report.unseen == {"Zone": 1}
+    assert report.out_of_range == {"Area": 1}  # 1000 > the training maximum 300
 
 
 def test_roundtrip_through_json_dict(frames):
@@ -91,11 +92,46 @@ def test_missing_column_is_listed(frames):
         (lambda df: df.assign(SalePrice=[1.0, -5.0, 2.0, 3.0]), r"positive; bad rows Id=\[2\]"),
         (lambda df: df.assign(Id=[1, 1, 2, 3]), r"duplicate Id values \[1\]"),
         (lambda df: df.assign(SalePrice=["1", "x", "2", "3"]), "not numeric.*Id=2"),
+        (lambda df: df.drop(columns=["Zone"]), "lacks feature column.*Zone"),
+        (lambda df: df.assign(Zone=pd.array([None] * 4, dtype="str")), "Zone have no values"),
+        (lambda df: pd.concat([df] * 3, ignore_index=True).assign(
+            Id=range(12), Area=["1", "2", "3", "4", "5", "6", "7", "8", "9", "ten", "11", "12"]),
+         r"column Area is numeric but has 'ten' at Id=9"),
     ],
 )
 def test_training_frame_validation(frames, change, message):
     with pytest.raises(DataError, match=message):
-        validate_training_frame(change(frames[0]))
+        validate_training_frame(change(frames[0]), expected=["Area", "Zone"])
+
+
+def test_feature_switches_log_derive_ordinal_and_recode():
+    rng = np.random.default_rng(0)
+    n = 200
+    train = pd.DataFrame({
+        "Id": range(n), "LotArea": rng.lognormal(9, 1, n), "YrSold": 2008,
+        "YearBuilt": rng.integers(1900, 2008, n), "YearRemodAdd": 2000,
+        "TotalBsmtSF": 500.0, "1stFlrSF": 800.0, "2ndFlrSF": rng.choice([0.0, 400.0], n),
+        "ExterQual": rng.choice(["TA", "Gd", "Ex"], n),
+        "MSSubClass": rng.choice([20, 60], n), "SalePrice": 1e5,
+    })
+    plain = fit_preprocessor(train)
+    from tasks.config import PreprocessConfig
+
+    pre = fit_preprocessor(train, config=PreprocessConfig())
+    assert "LotArea" in pre.log1p_ and "LotArea" not in plain.log1p_
+    assert {"TotalSF", "HouseAge", "RemodAge", "ExterQualScore"} <= set(pre.numeric_)
+    assert pre.categories_["MSSubClass"] == ["20", "60"]  # a code, not a quantity
+    X, _ = pre.transform(train)
+    names = pre.feature_names_
+    total = X[:, names.index("TotalSF")] * pre.numeric_["TotalSF"][1] + pre.numeric_["TotalSF"][0]
+    np.testing.assert_allclose(total, 1300 + train["2ndFlrSF"], rtol=1e-5)
+    score = dict(zip(train["ExterQual"], X[:, names.index("ExterQualScore")], strict=False))
+    assert score["TA"] < score["Gd"] < score["Ex"]
+    # Switched off: the book's plain columns only.
+    assert set(plain.numeric_) == {"LotArea", "YrSold", "YearBuilt", "YearRemodAdd",
+                                   "TotalBsmtSF", "1stFlrSF", "2ndFlrSF", "MSSubClass"}
+    again = Preprocessor.from_dict(pre.to_dict())
+    np.testing.assert_array_equal(again.transform(train)[0], X)
 
 
 def test_real_training_file(real_data):

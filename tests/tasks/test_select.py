@@ -2,28 +2,89 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 from tasks.artifacts import ArtifactRef
-from tasks.select import CHECKPOINT_FORMAT, fold_table, leaderboard
+from tasks.config import CandidateConfig, TrainConfig
+from tasks.select import (
+    CHECKPOINT_FORMAT,
+    cross_fitted_blend,
+    fit_blend,
+    fold_table,
+    leaderboard,
+    select_model,
+)
 
 
-def _m(name, scores):
+def _m(name, scores, oof=None, status="ok"):
     import numpy as np
 
-    return {"candidate": name, "mean_valid_log_rmse": float(np.mean(scores)),
-            "std_valid_log_rmse": float(np.std(scores, ddof=1)), "mean_train_log_rmse": 0.1,
-            "folds": [{"fold": k, "valid_log_rmse": s, "train_log_rmse": 0.1}
-                      for k, s in enumerate(scores)]}
+    ok = status == "ok"
+    return {"candidate": name, "status": status, "reason": None if ok else "nan at epoch 3",
+            "mean_valid_log_rmse": float(np.mean(scores)) if ok else None,
+            "std_valid_log_rmse": float(np.std(scores, ddof=1)) if ok else None,
+            "oof_log_rmse_all": oof if ok else None, "oof_log_rmse_clean": oof if ok else None,
+            "folds": [{"fold": k, "valid_log_rmse": s if ok else None} for k, s in
+                      enumerate(scores)]}
 
 
-def test_leaderboard_picks_lowest_mean_and_table_marks_it():
-    board = leaderboard([_m("a", [0.2, 0.2]), _m("b", [0.1, 0.14]), _m("c", [0.25, 0.1])])
-    assert [m["candidate"] for m in board] == ["b", "c", "a"]
-    table = fold_table(board)
-    assert table[0] == {"candidate": "b", "selected": "yes", "fold 1": 0.1, "fold 2": 0.14,
-                        "mean": 0.12, "std": round(board[0]["std_valid_log_rmse"], 5)}
-    assert [r["selected"] for r in table] == ["yes", "", ""]
+def test_leaderboard_ranks_by_oof_score_and_puts_diverged_last():
+    board = leaderboard([_m("a", [0.2, 0.2], 0.2), _m("d", [0.0, 0.0], status="diverged"),
+                         _m("b", [0.1, 0.14], 0.12), _m("c", [0.25, 0.1], 0.17)])
+    assert [m["candidate"] for m in board] == ["b", "c", "a", "d"]
+    table = fold_table(board, chosen="b")
+    assert table[0]["selected"] == "yes" and table[0]["fold 2"] == 0.14
+    assert table[0]["mean"] == 0.12 and table[0]["oof all rows"] == 0.12
+    assert [r["selected"] for r in table] == ["yes", "", "", ""]
+    assert table[3]["status"] == "diverged: nan at epoch 3" and table[3]["mean"] is None
+
+
+def test_blend_weights_are_non_negative_and_its_score_is_cross_fitted():
+    rng = np.random.default_rng(0)
+    n = 400
+    logy = 12 + rng.normal(0, 0.4, n)
+    good_a = logy + rng.normal(0, 0.1, n)
+    good_b = logy + rng.normal(0, 0.1, n)  # independent errors: averaging helps
+    doubled = 2 * good_a - logy  # good_a's error twice: 2*a - doubled would be exact
+    P = np.column_stack([good_a, good_b, doubled])
+    assert np.linalg.lstsq(P, logy, rcond=None)[0][2] < -0.5  # what a free fit would do
+    w = fit_blend(P, logy)
+    assert (w >= 0).all() and w[2] == pytest.approx(0, abs=1e-6)
+    assert w[0] == pytest.approx(0.5, abs=0.1) and w[1] == pytest.approx(0.5, abs=0.1)
+    fold = np.arange(n) % 4
+    crossed = cross_fitted_blend(P, logy, fold, np.ones(n, bool))
+    rmse = lambda p: np.sqrt(np.mean((p - logy) ** 2))  # noqa: E731
+    assert rmse(crossed) < min(rmse(good_a), rmse(good_b))
+    assert rmse(crossed) >= rmse(P @ w)  # honest: no better than in-sample weights
+
+
+def _fake_train(root, name, pred, logy, outlier, kind="ridge", status="ok"):
+    ref = ArtifactRef(root=str(root), stage="train", version=f"{name:0<16}"[:16])
+    ref.path.mkdir(parents=True)
+    n = len(logy)
+    pd.DataFrame({"Id": np.arange(n), "fold": np.arange(n) % 3, "pred_log_price": pred,
+                  "outlier": outlier, "log_price": logy}).to_parquet(ref.file("oof.parquet"))
+    ok = status == "ok"
+    rm = float(np.sqrt(np.mean((pred - logy) ** 2)))
+    (ref.path / "metrics.json").write_text(json.dumps({
+        "candidate": name, "kind": kind, "status": status,
+        "reason": None if ok else "loss became nan", "mean_valid_log_rmse": rm if ok else None,
+        "std_valid_log_rmse": 0.0 if ok else None, "mean_train_log_rmse": rm,
+        "oof_log_rmse_all": rm if ok else None, "oof_log_rmse_clean": rm if ok else None,
+        "n_rows_all": n, "n_rows_clean": n, "folds": []}))
+    return ref
+
+
+def test_no_healthy_candidate_fails_with_the_reasons(tmp_path):
+    logy = np.full(30, 12.0)
+    refs = [_fake_train(tmp_path, n, logy, logy, np.zeros(30, bool), status="diverged")
+            for n in ("a", "b")]
+    specs = [CandidateConfig(name=n, kind="ridge") for n in ("a", "b")]
+    with pytest.raises(ValueError, match=r"no healthy candidate.*a diverged \(loss became nan\)"):
+        select_model(refs, specs, TrainConfig(n_splits=3), tmp_path / "out")
 
 
 def test_checkpoint_is_self_describing(trained):
@@ -31,16 +92,21 @@ def test_checkpoint_is_self_describing(trained):
     ref = ArtifactRef(root=cfg.artifacts_dir, stage="select", version=result["model_version"])
     ckpt = torch.load(ref.file("model.pt"), weights_only=True)
     assert ckpt["format"] == CHECKPOINT_FORMAT
-    assert ckpt["model_config"]["name"] == result["selected"]
-    assert len(ckpt["folds"]) == cfg.train.n_splits
+    assert {c["candidate"]: c["weight"] for c in ckpt["components"]} == result["components"]
+    assert sum(c["weight"] for c in ckpt["components"]) == pytest.approx(1.0, abs=0.1)
+    for comp in ckpt["components"]:
+        assert comp["model_config"]["name"] == comp["candidate"]
+        assert len(comp["folds"]) == cfg.train.n_splits
     assert ckpt["metrics"]["mean_valid_log_rmse"] == result["mean_valid_log_rmse"]
     assert len(ckpt["preprocessor"]["feature_names"]) == ckpt["n_features"]
     lineage = ckpt["lineage"]
     assert lineage["raw_sha1"]["train"] == "585e9cc93e70b39160e7921475f9bcd7d31219ce"
     assert set(lineage) >= {"download", "preprocess", "tensorize", "train"}
-    assert len(lineage["train"]) == len(cfg.candidates)
+    assert len(lineage["train"]) == len(cfg.all_candidates())
     board = json.loads(ref.file("leaderboard.json").read_text())["leaderboard"]
     assert board[0]["candidate"] == result["selected"]
-    assert board[0]["mean_valid_log_rmse"] == min(m["mean_valid_log_rmse"] for m in board)
+    key = "oof_log_rmse_clean"
+    assert board[0][key] == min(m[key] for m in board if m[key] is not None)
     card = ref.file("model_card.md").read_text()
     assert result["selected"] in card and "585e9cc93e70b39160e7921475f9bcd7d31219ce" in card
+    assert "OOF w/o outliers" in card and "1458 rows without the outliers" in card

@@ -42,7 +42,12 @@ def test_where_and_how_do_not_change_the_version():
         ({"candidates": [{"name": "m", "activation": "gelu"}]}, "candidates.0.activation"),
         ({"candidates": [{"name": "m", "dropout": 1.0}]}, "candidates.0.dropout"),
         ({"candidates": [{"name": "m"}, {"name": "m"}]}, "candidates"),
-        ({"candidates": []}, "candidates"),
+        ({"candidates": [], "search": []}, "at least one candidate"),
+        ({"search": [{"base": {"name": "r", "kind": "ridge"}, "grid": {"alpha": [0]}}]},
+         "search value for alpha is invalid"),
+        ({"search": [{"base": {"name": "r", "kind": "ridge"}, "grid": {"depth": [1]}}]},
+         "search.0.grid"),
+        ({"candidates": [{"name": "mlp-00"}]}, "candidate names must be unique"),
         ({"trian": {}}, "trian"),
     ],
 )
@@ -51,7 +56,8 @@ def test_invalid_config_names_the_field(update, field):
 
     with pytest.raises(ValidationError) as err:
         PipelineConfig.model_validate(update)
-    assert ".".join(str(p) for p in err.value.errors()[0]["loc"]) == field
+    first = err.value.errors()[0]
+    assert ".".join(str(p) for p in first["loc"]) == field or field in first["msg"]
 
 
 def test_failing_as_names_the_stage():

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.models import Regressor, SeededDropout, log_price, log_rmse
-from tasks.train import cross_validate, make_folds, train_fold
+from tasks.train import candidate_metrics, cross_validate, make_folds
 
 
 def test_shuffled_folds_partition_rows_and_are_seeded():
@@ -72,31 +74,75 @@ def test_training_learns_and_records_curves(activation):
     X, y = _synthetic()
     spec = CandidateConfig(name="m", hidden=(16,), activation=activation, dropout=0.1,
                            lr=0.01, epochs=30)
-    X_t, y_t = torch.tensor(X), torch.tensor(y, dtype=torch.float32)
-    r = train_fold(X_t[:240], y_t[:240], X_t[240:], y_t[240:], spec, "log", seed=0)
-    baseline = float(np.std(np.log(y[240:])))  # predicting the mean log price
-    assert r.valid_log_rmse < 0.5 * baseline
-    assert len(r.curves["train_log_rmse"]) == 30
-    assert r.curves["train_log_rmse"][-1] < r.curves["train_log_rmse"][0]
-    assert r.valid_pred_log_price.shape == (60,)
+    cv = cross_validate(X, y, spec, TrainConfig(n_splits=5))
+    baseline = float(np.std(np.log(y)))  # predicting the mean log price
+    assert max(cv.valid_log_rmse) < 0.5 * baseline
+    for c in cv.curves:
+        assert len(c["train_log_rmse"]) == len(c["grad_norm"]) == 30
+        assert c["train_log_rmse"][-1] < c["train_log_rmse"][0]
+    assert not np.isnan(cv.oof_log_price).any() and cv.diverged is None
 
 
 def test_cross_validation_is_deterministic_for_a_seed():
     X, y = _synthetic()
-    spec = CandidateConfig(name="m", hidden=(8,), dropout=0.2, epochs=5)
+    spec = CandidateConfig(name="m", hidden=(8,), dropout=0.2, epochs=5, seeds=2)
     cfg = TrainConfig(n_splits=3, seed=4)
-    _, a = cross_validate(X, y, spec, cfg)
-    _, b = cross_validate(X, y, spec, cfg)
-    assert [r.valid_log_rmse for r in a] == [r.valid_log_rmse for r in b]
-    _, c = cross_validate(X, y, spec, TrainConfig(n_splits=3, seed=5))
-    assert [r.valid_log_rmse for r in a] != [r.valid_log_rmse for r in c]
+    a = cross_validate(X, y, spec, cfg)
+    b = cross_validate(X, y, spec, cfg)
+    assert a.valid_log_rmse == b.valid_log_rmse
+    np.testing.assert_array_equal(a.oof_log_price, b.oof_log_price)
+    c = cross_validate(X, y, spec, TrainConfig(n_splits=3, seed=5))
+    assert a.valid_log_rmse != c.valid_log_rmse
+    assert all(len(members) == 2 for members in a.members)  # 2 seeds per fold
 
 
 def test_book_raw_target_with_sgd_and_linear_model():
     X, y = _synthetic()
     spec = CandidateConfig(name="lin", kind="linear", hidden=(), optimizer="sgd", lr=1e-3,
                            epochs=3)
-    _, results = cross_validate(X, y, spec, TrainConfig(n_splits=2, target="raw",
-                                                        fold_scheme="contiguous"))
-    assert all(np.isfinite(r.valid_log_rmse) for r in results)
-    assert results[0].y_mean == 0.0 and results[0].y_std == 1.0
+    cv = cross_validate(X, y, spec, TrainConfig(n_splits=2, target="raw",
+                                                fold_scheme="contiguous"))
+    assert all(np.isfinite(v) for v in cv.valid_log_rmse)
+    assert cv.members[0][0]["y_mean"] == 0.0 and cv.members[0][0]["y_std"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["ridge", "lasso", "hgb"])
+def test_sklearn_candidates_use_the_same_folds_and_metric(kind):
+    X, y = _synthetic()
+    spec = CandidateConfig(name="s", kind=kind, hidden=(), alpha=1e-3, lr=0.1, max_iter=50)
+    cv = cross_validate(X, y, spec, TrainConfig(n_splits=4, seed=1))
+    torch_cv = cross_validate(X, y, CandidateConfig(name="m", kind="linear", hidden=(),
+                                                    epochs=2), TrainConfig(n_splits=4, seed=1))
+    assert [v.tolist() for _, v in cv.folds] == [v.tolist() for _, v in torch_cv.folds]
+    assert max(cv.valid_log_rmse) < 0.5 * float(np.std(np.log(y)))
+    est = pickle.loads(cv.members[0][0]["sklearn"])
+    va = cv.folds[0][1]
+    np.testing.assert_allclose(est.predict(X[va]), cv.oof_log_price[va])
+
+
+def test_excluded_rows_are_not_fitted_but_are_scored():
+    X, y = _synthetic()
+    y = y.copy()
+    y[:3] = 1.0  # wild rows: fitting them would drag every fold
+    excluded = np.zeros(len(y), bool)
+    excluded[:3] = True
+    spec = CandidateConfig(name="r", kind="ridge", hidden=(), alpha=1.0)
+    cfg = TrainConfig(n_splits=3)
+    kept = cross_validate(X, y, spec, cfg, excluded)
+    used = cross_validate(X, y, spec, cfg)
+    assert not np.isnan(kept.oof_log_price[:3]).any()  # still predicted out of fold
+    clean = ~excluded
+    err = lambda cv: np.sqrt(np.mean((cv.oof_log_price[clean] - np.log(y[clean])) ** 2))  # noqa: E731
+    assert err(kept) < err(used)
+
+
+def test_candidate_metrics_report_both_row_sets():
+    X, y = _synthetic()
+    outliers = np.zeros(len(y), bool)
+    outliers[[5, 9]] = True
+    spec = CandidateConfig(name="r", kind="ridge", hidden=())
+    cv = cross_validate(X, y, spec, TrainConfig(n_splits=3))
+    m = candidate_metrics(spec, cv, np.log(y), outliers)
+    assert (m["n_rows_all"], m["n_rows_clean"]) == (300, 298)
+    assert m["status"] == "ok" and m["oof_log_rmse_all"] != m["oof_log_rmse_clean"]
+    assert m["mean_valid_log_rmse"] == pytest.approx(np.mean(cv.valid_log_rmse))

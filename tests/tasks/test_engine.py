@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import CandidateConfig
+from tasks.engine import StackedOptimizer, train_stacked
+from tasks.models import Regressor
+
+
+def _data(n=120, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    y = torch.exp(12 + X @ (0.3 * torch.randn(d, generator=g)) + 0.05 * torch.randn(n, generator=g))
+    return X, y
+
+
+def _masks(n, parts):
+    """Models whose training rows differ in number (uneven last batches) and validation."""
+    train = torch.zeros(len(parts), n, dtype=torch.bool)
+    valid = torch.zeros(len(parts), n, dtype=torch.bool)
+    for m, (lo, hi) in enumerate(parts):
+        valid[m, lo:hi] = True
+        train[m] = ~valid[m]
+    return train, valid
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stacked_training_equals_training_each_model_alone(optimizer):
+    X, y = _data()
+    spec = CandidateConfig(name="m", hidden=(8, 4), dropout=0.2, optimizer=optimizer,
+                           lr=0.01, weight_decay=1e-3, epochs=4, batch_size=16)
+    train, valid = _masks(len(X), [(0, 30), (30, 61), (61, 120)])  # 90, 89 and 61 rows
+    seeds = [11, 12, 13]
+    stacked = train_stacked(X, y, train, valid, spec, "log", seeds)
+    for m, seed in enumerate(seeds):
+        alone = train_stacked(X, y, train[m:m + 1], valid[m:m + 1], spec, "log", [seed])
+        for key, value in alone.state_dicts[0].items():
+            torch.testing.assert_close(stacked.state_dicts[m][key], value, rtol=1e-4, atol=1e-5)
+        for name, curve in alone.curves.items():
+            np.testing.assert_allclose(stacked.curves[name][m], curve[0], rtol=1e-4)
+        assert stacked.y_mean[m] == pytest.approx(alone.y_mean[0])
+
+
+def test_stacked_adam_matches_torch_adam_including_skipped_steps():
+    torch.manual_seed(0)
+    spec = CandidateConfig(name="m", kind="linear", hidden=(), lr=0.1, weight_decay=0.01)
+    stacked = torch.randn(3, 4, 2)
+    lone = [torch.nn.Parameter(stacked[m].clone()) for m in range(3)]
+    opts = [torch.optim.Adam([p], lr=0.1, weight_decay=0.01) for p in lone]
+    param = stacked.clone().requires_grad_()
+    ours = StackedOptimizer([param], spec, 3)
+    for step in range(5):
+        grad = torch.randn(3, 4, 2)
+        active = torch.tensor([True, step % 2 == 0, True])
+        param.grad = grad.clone()
+        ours.step(None if bool(active.all()) else active)
+        for m in range(3):
+            if active[m]:
+                lone[m].grad = grad[m].clone()
+                opts[m].step()
+    for m in range(3):
+        torch.testing.assert_close(param.detach()[m], lone[m].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_diverging_candidate_stops_with_the_reason():
+    X, y = _data()
+    spec = CandidateConfig(name="m", kind="linear", hidden=(), optimizer="sgd", lr=1e6,
+                           epochs=50)
+    train, valid = _masks(len(X), [(0, 60), (60, 120)])
+    res = train_stacked(X, y, train, valid, spec, "raw", [0, 1])
+    assert res.diverged is not None and "non-finite" in res.diverged
+    assert res.epochs_run < 50
+
+
+def test_gradient_norm_is_recorded_and_clipping_bounds_each_step():
+    X, y = _data()
+    spec = CandidateConfig(name="m", hidden=(16,), optimizer="sgd", lr=1.0, epochs=1,
+                           batch_size=1000, clip_grad_norm=1e-3)  # one step in all
+    train, valid = _masks(len(X), [(0, 60)])
+    res = train_stacked(X, y, train, valid, spec, "log", [7])
+    start = Regressor(spec, X.shape[1], generator=torch.Generator().manual_seed(7))
+    moved = torch.sqrt(sum(((res.state_dicts[0][k] - v) ** 2).sum()
+                           for k, v in start.state_dict().items()))
+    assert float(res.curves["grad_norm"][0, 0]) > 1e-2  # recorded before clipping
+    assert float(moved) == pytest.approx(1e-3, rel=1e-3)  # lr x clipped norm
+    unclipped = train_stacked(X, y, train, valid, spec.model_copy(update={"clip_grad_norm": None}),
+                              "log", [7])
+    assert float(unclipped.curves["grad_norm"][0, 0]) == float(res.curves["grad_norm"][0, 0])
