@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.config import CandidateConfig
-from tasks.models import ACTIVATIONS, Regressor
+from tasks.models import Regressor
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -75,47 +75,63 @@ def _state_dicts(spec: CandidateConfig, n_features: int, weights: list[torch.Ten
 
 class StackedOptimizer:
     """Adam or SGD (PyTorch's update rules, L2 weight decay added to the gradient) over
-    parameters whose first dimension indexes independent models."""
+    parameters whose first dimension indexes independent models.
+
+    While every model has taken the same number of steps, the update is PyTorch's multi-tensor
+    (``_foreach``) form with scalar bias corrections; once a model has skipped a step, each
+    model's own step count is used."""
 
     def __init__(self, params: list[torch.Tensor], spec: CandidateConfig, n_models: int):
         self.params, self.spec = params, spec
-        self.step_count = torch.zeros(n_models, dtype=torch.float64)
+        self.t = 0  # the common step count, while all models have stepped together
+        self.step_count: torch.Tensor | None = None  # (M,) float64 once they differ
         if spec.optimizer == "adam":
             self.exp_avg = [torch.zeros_like(p) for p in params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in params]
 
+    @staticmethod
+    def _per_model(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return v.view((-1,) + (1,) * (p.dim() - 1))  # broadcast (M,) over p
+
     @torch.no_grad()
-    def step(self, active: torch.Tensor | None) -> None:
-        """One update of every model, or only of ``active`` ``(M,) bool`` ones."""
-        spec = self.spec
-        grads = [p.grad if spec.weight_decay == 0 else p.grad.add(p, alpha=spec.weight_decay)
-                 for p in self.params]
-        shape = lambda p: (-1,) + (1,) * (p.dim() - 1)  # noqa: E731 - broadcast (M,) over p
+    def step(self, grads: list[torch.Tensor], active: torch.Tensor | None = None) -> None:
+        """One update of every model with ``grads`` (one per parameter), or only of the
+        ``active`` ``(M,) bool`` ones."""
+        spec, params = self.spec, self.params
+        if spec.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=spec.weight_decay)
         if spec.optimizer == "sgd":
-            for p, g in zip(self.params, grads, strict=True):
-                if active is not None:
-                    g = g * active.view(shape(p))
-                p.sub_(g, alpha=spec.lr)
+            if active is not None:
+                grads = [g * self._per_model(active, p) for g, p in zip(grads, params,
+                                                                        strict=True)]
+            torch._foreach_add_(params, grads, alpha=-spec.lr)
             return
         b1, b2 = ADAM_BETAS
-        self.step_count += 1 if active is None else active.cpu().double()
-        t = self.step_count.to(self.params[0].device)
+        if active is None and self.step_count is None:
+            self.t += 1
+            bc1, bc2_sqrt = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
+            torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)
+            torch._foreach_mul_(self.exp_avg_sq, b2)
+            torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(self.exp_avg_sq)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, ADAM_EPS)
+            torch._foreach_addcdiv_(params, self.exp_avg, denom, value=-spec.lr / bc1)
+            return
+        if self.step_count is None:
+            self.step_count = torch.full((len(active),), float(self.t), dtype=torch.float64)
+        if active is None:
+            active = torch.ones(len(self.step_count), dtype=torch.bool, device=params[0].device)
+        self.step_count += active.cpu().double()
+        t = self.step_count.clamp(min=1).to(params[0].device)
         bc1 = (1 - b1 ** t).float()
         bc2_sqrt = (1 - b2 ** t).sqrt().float()
-        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-            if active is None:
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                upd = m / (v.sqrt() / bc2_sqrt.view(shape(p)) + ADAM_EPS)
-                p.sub_(upd * (spec.lr / bc1).view(shape(p)))
-            else:
-                a = active.view(shape(p))
-                m.copy_(torch.where(a, m.lerp(g, 1 - b1), m))
-                v.copy_(torch.where(a, v * b2 + (1 - b2) * g * g, v))
-                safe_bc1 = torch.where(active, bc1, torch.ones_like(bc1))
-                safe_bc2 = torch.where(active, bc2_sqrt, torch.ones_like(bc2_sqrt))
-                upd = m / (v.sqrt() / safe_bc2.view(shape(p)) + ADAM_EPS)
-                p.sub_(torch.where(a, upd * (spec.lr / safe_bc1).view(shape(p)), 0.0))
+        for p, g, m, v in zip(params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
+            a = self._per_model(active, p)
+            m.copy_(torch.where(a, m.lerp(g, 1 - b1), m))
+            v.copy_(torch.where(a, v * b2 + (1 - b2) * g * g, v))
+            upd = m / (v.sqrt() / self._per_model(bc2_sqrt, p) + ADAM_EPS)
+            p.sub_(torch.where(a, upd * self._per_model(spec.lr / bc1, p), 0.0))
 
 
 def _rand(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device,
@@ -132,22 +148,92 @@ def _rand(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.dev
     return out
 
 
-def _forward(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-             spec: CandidateConfig, gens: list[torch.Generator] | None,
-             counts: list[int] | None = None) -> torch.Tensor:
-    """``X`` ``(M, B, d)`` or shared ``(n, d)`` -> ``(M, B)`` outputs; dropout when
-    generators are given (training), drawn for each model's ``counts`` live rows."""
+def _activation(z: torch.Tensor, name: str) -> torch.Tensor:
+    return torch.relu(z) if name == "relu" else torch.tanh(z) if name == "tanh" else \
+        torch.sigmoid(z)
+
+
+def _activation_grad(a: torch.Tensor, name: str) -> torch.Tensor:
+    """d act / d z, from the activation's output ``a``."""
+    if name == "relu":
+        return (a > 0).to(a.dtype)
+    return 1 - a * a if name == "tanh" else a * (1 - a)
+
+
+def predict_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                    spec: CandidateConfig) -> torch.Tensor:
+    """Shared ``X (n, d)`` -> ``(M, n)`` outputs of every model (eval mode: no dropout)."""
     h = X
-    last = len(weights) - 1
-    act = ACTIVATIONS[spec.activation]() if spec.kind == "mlp" else None
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
-        if i < last:
-            h = act(h)
-            if gens is not None and spec.dropout > 0:
-                keep = _rand(tuple(h.shape), gens, h.device, counts) >= spec.dropout
-                h = h * keep / (1.0 - spec.dropout)
+        h = torch.matmul(h, w) + b
+        if i < len(weights) - 1:
+            h = _activation(h, spec.activation)
     return h.squeeze(-1)
+
+
+def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+                     weights: list[torch.Tensor], biases: list[torch.Tensor],
+                     spec: CandidateConfig, gens: list[torch.Generator],
+                     counts: list[int] | None) -> list[torch.Tensor]:
+    """One training step's gradients, written out rather than taped (autograd's bookkeeping
+    costs as much as the arithmetic at these sizes).
+
+    ``X (M, B, d)``, targets ``y (M, B)``; the loss is the sum over models of each model's
+    mean squared error over its live rows (``weight (M, B)``: 1/count on live rows, or None
+    when all B are live). Returns the gradients of weights then biases; dropout masks are
+    drawn for each model's ``counts`` live rows from its own generator.
+    """
+    last = len(weights) - 1
+    inputs, outputs, masks = [], [], []
+    h = X
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        inputs.append(h)
+        h = torch.baddbmm(b, h, w)
+        if i < last:
+            h = _activation(h, spec.activation)
+            outputs.append(h)
+            mask = None
+            if spec.dropout > 0:  # inverted dropout, as nn.Dropout
+                mask = (_rand(tuple(h.shape), gens, h.device, counts) >= spec.dropout)
+                mask = mask.to(h.dtype).div_(1.0 - spec.dropout)
+                h = h * mask
+            masks.append(mask)
+    diff = h.squeeze(-1) - y  # (M, B)
+    g = (diff.mul_(2.0 / y.shape[1]) if weight is None else diff.mul_(weight).mul_(2.0))
+    g = g.unsqueeze(-1)  # d loss / d output, (M, B, 1)
+    grad_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    grad_b: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    for i in range(last, -1, -1):
+        # (g^T X)^T rather than X^T g: the same numbers, a faster memory layout.
+        grad_w[i] = torch.bmm(g.transpose(1, 2), inputs[i]).transpose(1, 2)
+        grad_b[i] = g.sum(1, keepdim=True)
+        if i > 0:
+            g = torch.bmm(g, weights[i].transpose(1, 2))
+            if masks[i - 1] is not None:
+                g = g * masks[i - 1]
+            g = g * _activation_grad(outputs[i - 1], spec.activation)
+    return grad_w + grad_b
+
+
+def _batch_plans(sizes: list[int], batch: int, device: torch.device
+                 ) -> list[tuple[int, int, torch.Tensor | None, torch.Tensor | None, list[int]]]:
+    """Per batch position of an epoch: ``(lo, hi, weight, active, counts)``. A model with
+    ``sizes[m]`` rows has ``counts[m]`` live rows in it; ``weight`` ``(M, B)`` is 1/count on
+    live rows (None when every model's batch is full), ``active`` ``(M,) bool`` marks models
+    with any row (None when all have). The same every epoch, so computed once."""
+    width = max(sizes)
+    plans = []
+    for lo in range(0, width, batch):
+        hi = min(lo + batch, width)
+        counts = [max(0, min(hi, s) - lo) for s in sizes]
+        if all(c == hi - lo for c in counts):
+            plans.append((lo, hi, None, None, counts))
+            continue
+        live = torch.arange(hi - lo)[None, :] < torch.tensor(counts)[:, None]
+        weight = (live / torch.tensor(counts).clamp(min=1)[:, None]).to(device)
+        active = None if all(counts) else torch.tensor(counts, device=device) > 0
+        plans.append((lo, hi, weight, active, counts))
+    return plans
 
 
 def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
@@ -167,7 +253,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     device = X.device
     M, (n, d) = len(seeds), X.shape
     weights, biases = _init_stack(spec, d, seeds)
-    params = [t.to(device).requires_grad_() for t in weights + biases]
+    params = [t.to(device) for t in weights + biases]
     weights, biases = params[:len(weights)], params[len(weights):]
     opt = StackedOptimizer(params, spec, M)
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -187,12 +273,11 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     n_train = train_mask.sum(1)
     width = int(n_train.max())
     rows = torch.where(train_mask, torch.arange(n, device=device), n).sort(1).values[:, :width]
-    sizes = n_train.tolist()
     rows = rows.clamp(max=n - 1)
-    batch = spec.batch_size
-    n_batches = math.ceil(width / batch)
-    uneven = bool((n_train != width).any()) or width % batch != 0
-    own_batches = torch.tensor([max(1, math.ceil(s / batch)) for s in sizes], device=device)
+    sizes = n_train.tolist()
+    plans = _batch_plans(sizes, spec.batch_size, device)
+    own_batches = torch.tensor([sum(c[m] > 0 for *_, c in plans) for m in range(M)],
+                               device=device).clamp(min=1)
 
     def to_log_price(out: torch.Tensor) -> torch.Tensor:
         if target == "log":
@@ -201,7 +286,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
 
     def score() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            pred = to_log_price(_forward(X, weights, biases, spec, None))
+            pred = to_log_price(predict_stacked(X, weights, biases, spec))
             err = (pred - logy) ** 2
             tr = ((err * train_mask).sum(1) / train_mask.sum(1)).sqrt()
             va = ((err * valid_mask).sum(1) / valid_mask.sum(1).clamp(min=1)).sqrt()
@@ -212,36 +297,28 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     diverged = None
     epoch = 0
     for epoch in range(spec.epochs):
-        # Minibatches indexed from tensors already in memory: no DataLoader.
-        # Each model draws keys for its own rows only: the same order as training alone.
-        keys = torch.full((M, width), 2.0, device=device)
-        for m, g in enumerate(gens):
-            keys[m, :sizes[m]] = torch.rand(sizes[m], generator=g, device=device)
-        order = keys.argsort(1)
+        # Minibatches indexed from tensors already in memory: no DataLoader. Each model
+        # draws its own permutation (the same order as training alone); a batch gathers its
+        # rows for all models at once.
+        order = torch.stack([
+            torch.cat([torch.randperm(size, generator=g, device=device),
+                       torch.arange(size, width, device=device)])  # padding stays last
+            for g, size in zip(gens, sizes, strict=True)])
+        idx = rows.gather(1, order)  # (M, width) each model's rows in this epoch's order
+        y_epoch = y_fit.gather(1, idx)
         grad_sum = torch.zeros(M, device=device)
-        for b in range(n_batches):
-            pos = order[:, b * batch:(b + 1) * batch]  # (M, B) positions into `rows`
-            idx = rows.gather(1, pos)
-            live = (torch.arange(b * batch, b * batch + pos.shape[1], device=device)[None, :]
-                    < n_train[:, None]) if uneven else None
-            for p in params:
-                p.grad = None
-            counts = None if live is None else [
-                max(0, min(pos.shape[1], size - b * batch)) for size in sizes]
-            out = _forward(X[idx], weights, biases, spec, gens, counts)  # (M, B)
-            sq = (out - y_fit.gather(1, idx)) ** 2
-            # Each model's own mean loss over its live rows; their sum keeps gradients apart.
-            loss_m = sq.mean(1) if live is None else (sq * live).sum(1) / live.sum(1).clamp(min=1)
-            loss_m.sum().backward()
-            with torch.no_grad():
-                norm = torch.sqrt(sum((p.grad.reshape(M, -1) ** 2).sum(1) for p in params))
-                grad_sum += norm if live is None else norm * live.any(1)
-                if spec.clip_grad_norm is not None:
-                    scale = (spec.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-                    for p in params:
-                        p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)))
-            active = None if live is None or bool(live.any(1).all()) else live.any(1)
-            opt.step(active)
+        for lo, hi, weight, active, counts in plans:
+            X_batch = X.index_select(0, idx[:, lo:hi].reshape(-1)).view(M, hi - lo, d)
+            # Forward and backward; the sum of each model's own mean loss keeps their
+            # gradients apart.
+            grads = forward_backward(X_batch, y_epoch[:, lo:hi], weight, weights, biases,
+                                     spec, gens, None if weight is None else counts)
+            norm = torch.linalg.vector_norm(torch.cat([g.reshape(M, -1) for g in grads], 1), dim=1)
+            grad_sum += norm if active is None else norm * active
+            if spec.clip_grad_norm is not None:
+                scale = (spec.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+                grads = [g * scale.view((-1,) + (1,) * (g.dim() - 1)) for g in grads]
+            opt.step(grads, active)
         tr, va, _ = score()
         curves["train_log_rmse"][:, epoch] = tr.double().cpu()
         curves["valid_log_rmse"][:, epoch] = va.double().cpu()

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 
 from tasks.artifacts import ArtifactRef, write_json
@@ -140,17 +142,18 @@ class Preprocessor:
                 if all(c in out.columns for c in parts):
                     extra[name] = sum(w * np.nan_to_num(_numeric(df, c)) for c, w in parts.items())
         if self.ordinal:
+            scale = list(QUALITY_SCALE)
             for col in ORDINAL_COLUMNS:
                 if col in out.columns:
-                    text = out[col].astype("string")
-                    score = text.map(QUALITY_SCALE.get, na_action="ignore")
-                    extra[f"{col}Score"] = (pd.to_numeric(score, errors="coerce")
-                                            .where(text.notna(), 0.0).to_numpy(float))
+                    codes = category_codes(out[col], scale).astype(np.float64) + 1.0
+                    codes[codes == 0] = np.nan  # an unknown grade: imputed like a missing one
+                    codes[out[col].isna().to_numpy()] = 0.0  # NA: there is none
+                    extra[f"{col}Score"] = codes
         for col in self.as_category:
             if col in out.columns:
-                values = _numeric(df, col)
-                extra[col] = pd.array([None if np.isnan(v) else f"{v:g}" for v in values],
-                                      dtype="string")
+                # Codes, not quantities: 60 and 60.0 (a float column) must be the same text.
+                values = pd.Series(_numeric(df, col), index=out.index)
+                extra[col] = values.round().astype("Int64").astype("string")
         if extra:
             out = out.drop(columns=[c for c in extra if c in out.columns])
             out = pd.concat([out, pd.DataFrame(extra, index=out.index)], axis=1)
@@ -198,7 +201,8 @@ class Preprocessor:
         features = self._engineer(df)
         report = TransformReport()
         n = len(df)
-        out = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
+        # Feature-major while filling (each feature a contiguous row), transposed at the end.
+        out = np.zeros((len(self.feature_names_), n), dtype=np.float32)
         for j, (col, (mean, std)) in enumerate(self.numeric_.items()):
             values = _numeric(features, col, ids=df.get(ID))
             lo, hi = self.range_.get(col, (-np.inf, np.inf))
@@ -208,21 +212,21 @@ class Preprocessor:
                 report.missing[col] = n_nan
             if col in self.log1p_:
                 values = np.log1p(np.clip(values, 0.0, None))
-            out[:, j] = np.nan_to_num((values - mean) / std, nan=0.0)
+            out[j] = np.nan_to_num((values - mean) / std, nan=0.0)
         offset = len(self.numeric_)
         rows = np.arange(n)
         for col, cats in self.categories_.items():
             raw = features[col]
             present = raw.notna().to_numpy()
-            codes = pd.Categorical(raw.astype("string"), categories=cats).codes.astype(np.int64)
+            codes = category_codes(raw, cats)
             hit = codes >= 0
-            out[rows[hit], offset + codes[hit]] = 1.0
-            out[rows[~present], offset + len(cats)] = 1.0
+            out[offset + codes[hit], rows[hit]] = 1.0
+            out[offset + len(cats), rows[~present]] = 1.0
             n_unseen = int((present & ~hit).sum())
             if n_unseen:
                 report.unseen[col] = n_unseen
             offset += len(cats) + 1
-        return out, report
+        return np.ascontiguousarray(out.T), report
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -257,6 +261,14 @@ class Preprocessor:
     def raw_dtypes(self) -> dict[str, str]:
         """dtypes to read raw files with, so a chunk never guesses a category is a number."""
         return {c: "string" for c in self.categories_ if c in self.columns_}
+
+
+def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
+    """``(n,) int64`` position of each value's text in ``categories``; -1 for missing or
+    unseen values (a vectorized lookup in Arrow, not a Python loop)."""
+    arr = pa.array(values.astype("string[pyarrow]"), type=pa.string())  # no copy if Arrow
+    codes = pc.index_in(arr, value_set=pa.array(categories, type=pa.string()))
+    return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _numeric(df: pd.DataFrame, col: str, ids: pd.Series | None = None) -> np.ndarray:

@@ -43,6 +43,40 @@ def test_stacked_training_equals_training_each_model_alone(optimizer):
         assert stacked.y_mean[m] == pytest.approx(alone.y_mean[0])
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_written_out_backward_equals_autograd_training(activation, optimizer):
+    """The engine's loop (explicit gradients, stacked optimizer) against the textbook loop:
+    nn.Module, autograd, torch.optim, the same batches and dropout draws."""
+    X, y = _data(n=100)
+    spec = CandidateConfig(name="m", hidden=(8, 6), activation=activation, dropout=0.25,
+                           optimizer=optimizer, lr=0.01, weight_decay=1e-2, epochs=3,
+                           batch_size=20)
+    train, valid = _masks(len(X), [(0, 20)])  # 80 training rows: 4 full batches
+    res = train_stacked(X, y, train, valid, spec, "log", [5])
+
+    rows = torch.arange(20, 100)
+    logy = torch.log(y[rows])
+    y_fit = (logy - logy.mean()) / logy.std()
+    gen = torch.Generator().manual_seed(5)
+    model = Regressor(spec, X.shape[1], generator=torch.Generator().manual_seed(5),
+                      dropout_generator=gen)
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(
+        model.parameters(), lr=0.01, weight_decay=1e-2)
+    model.train()
+    for _ in range(3):
+        order = rows[torch.randperm(80, generator=gen)]
+        for lo in range(0, 80, 20):
+            batch = order[lo:lo + 20]
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X[batch]),
+                                                y_fit[batch - 20])
+            loss.backward()
+            opt.step()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(res.state_dicts[0][key], value, rtol=1e-4, atol=1e-5)
+
+
 def test_stacked_adam_matches_torch_adam_including_skipped_steps():
     torch.manual_seed(0)
     spec = CandidateConfig(name="m", kind="linear", hidden=(), lr=0.1, weight_decay=0.01)
@@ -54,8 +88,7 @@ def test_stacked_adam_matches_torch_adam_including_skipped_steps():
     for step in range(5):
         grad = torch.randn(3, 4, 2)
         active = torch.tensor([True, step % 2 == 0, True])
-        param.grad = grad.clone()
-        ours.step(None if bool(active.all()) else active)
+        ours.step([grad.clone()], None if bool(active.all()) else active)
         for m in range(3):
             if active[m]:
                 lone[m].grad = grad[m].clone()
