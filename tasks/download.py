@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import time
@@ -73,6 +74,8 @@ def _describe(exc: BaseException) -> str:
         return f"connection failed ({exc.reason})"
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"body cut off after {len(exc.partial)} bytes"
     return one_line(exc)
 
 
@@ -116,7 +119,8 @@ def fetch(
                 raise DownloadError(
                     f"could not read {location}: {_describe(exc)}; check --data-url"
                 ) from None
-            except (OSError, ConnectionError) as exc:
+            except (OSError, ConnectionError, http.client.HTTPException) as exc:
+                # HTTPException: e.g. IncompleteRead, a body cut off mid-way.
                 if attempt == retries:
                     raise DownloadError(
                         f"could not download {location} after {retries + 1} attempts: "

@@ -122,6 +122,15 @@ def small_config(root: Path, url: str, cache: Path, epochs: int = 8, **overrides
     return cfg.with_epochs(epochs)
 
 
+def write_config(path: Path, **overrides) -> Path:
+    """A JSON config for ``houseprice run --config``: the small test candidates."""
+    import json
+
+    data = {"candidates": list(TEST_CANDIDATES), "search": list(TEST_SEARCH), **overrides}
+    path.write_text(json.dumps(data))
+    return path
+
+
 # Every kind of candidate, small enough for tests: torch linear and MLP (2 seeds averaged),
 # lasso, a few boosting rounds, and a declared ridge search.
 TEST_CANDIDATES = (

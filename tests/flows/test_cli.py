@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tasks.artifacts import resolve
-from tests.conftest import free_port
+from tests.conftest import free_port, write_config
 
 
 def houseprice(*args, env_extra=None, api=None):
@@ -114,7 +114,8 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
            "HOUSEPRICE_ARTIFACTS": str(tmp_path / "arts"),
            "HOUSEPRICE_DATA_DIR": str(tmp_path / "cache")}
     sub = tmp_path / "sub" / "submission.csv"
-    proc = houseprice("run", "--epochs", "3", "--folds", "3", "--seed", "1",
+    proc = houseprice("run", "--config", str(write_config(tmp_path / "c.json")),
+                      "--epochs", "3", "--folds", "3", "--seed", "1",
                       "--submission", str(sub), env_extra=env, api=prefect_api)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = last_line(proc.stdout)
@@ -157,3 +158,27 @@ def test_book_config_reproduces_the_books_recipe(prefect_api, data_server, tmp_p
     (sel,) = [p for p in (arts / "select").iterdir() if p.is_dir()]
     card = (sel / "model_card.md").read_text()
     assert "| fold_scheme | contiguous |" in card and "| target | raw |" in card
+
+
+def test_two_runs_at_once_on_one_root_both_succeed_consistently(prefect_api, data_server,
+                                                                 tmp_path):
+    """Two schedules firing together: same config, same artifact root and cache."""
+    config = write_config(tmp_path / "c.json")
+    arts = tmp_path / "arts"
+    args = ["run", "--config", str(config), "--epochs", "3", "--folds", "3",
+            "--data-url", data_server.url, "--data-dir", str(tmp_path / "cache"),
+            "--artifacts", str(arts)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    versions = [last_line(out).split("model ")[1].split(")")[0] for out, _ in outs]
+    assert versions[0] == versions[1]  # the same model version, built once or twice
+    for stage in ("download", "preprocess", "tensorize", "select", "predict"):
+        built = [d for d in (arts / stage).iterdir() if d.is_dir()]
+        assert len(built) == 1, (stage, built)  # one version each, no leftovers
+        assert not [d for d in (arts / stage).iterdir() if d.name.startswith(".")]
+        resolve(arts, stage, built[0].name)  # intact: every file matches its manifest

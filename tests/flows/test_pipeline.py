@@ -3,6 +3,7 @@ what runs, what comes back Cached, and what the dashboard gets."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -13,6 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import house_price_pipeline
+from tasks.config import CandidateConfig
 from tasks.report import METRICS_KEY, MODEL_CARD_KEY
 from tests.conftest import small_config
 
@@ -144,8 +146,6 @@ def test_flow_parameters_are_an_editable_pydantic_schema():
 
 
 def test_added_candidate_trains_alone(first_run):
-    from tasks.config import CandidateConfig
-
     cfg, _, _ = first_run
     extra = CandidateConfig(name="mlp-small", hidden=(16,), epochs=cfg.candidates[0].epochs)
     more = cfg.model_copy(update={"candidates": (*cfg.candidates, extra)})
@@ -166,3 +166,57 @@ def test_copied_artifact_root_serves_its_own_files(first_run, tmp_path):
     assert result["submission"].startswith(str(moved))
     assert result["model_version"] == state.result()["model_version"]
     assert {p: p.stat().st_mtime_ns for p in moved.rglob("model.pt")} == stamps  # reused
+
+
+DIVERGING = {"name": "too-hot", "kind": "linear", "hidden": [], "optimizer": "sgd",
+             "lr": 1e6, "epochs": 5}
+
+
+def test_diverged_candidate_is_marked_and_selection_goes_on(first_run):
+    cfg, _, _ = first_run
+    more = cfg.model_copy(update={"candidates": (*cfg.candidates,
+                                                 CandidateConfig(**DIVERGING))})
+    state, _ = run(more)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["diverged"] == ["too-hot"] and "too-hot" not in result["components"]
+    board = json.loads((Path(cfg.artifacts_dir) / "select" / result["model_version"]
+                        / "leaderboard.json").read_text())
+    (row,) = [r for r in board["table"] if r["candidate"] == "too-hot"]
+    assert row["status"].startswith("diverged: loss or gradient became non-finite")
+    assert row["mean"] is None and row["selected"] == ""
+
+
+def test_run_fails_naming_the_reason_when_no_candidate_is_healthy(first_run):
+    cfg, _, _ = first_run
+    only_bad = cfg.model_copy(update={"candidates": (CandidateConfig(**DIVERGING),),
+                                      "search": ()})
+    state, states = run(only_bad)
+    assert state.is_failed()
+    assert "stage 'select' failed: no healthy candidate to select from: too-hot diverged" \
+        in state.message
+    assert len(states["train"]) == 1 and "predict" not in states
+
+
+def test_bad_training_rows_stop_the_run_before_any_training(real_data, serve_dir, prefect_api,
+                                                            tmp_path):
+    import hashlib
+
+    src = tmp_path / "src"
+    src.mkdir()
+    train = pd.read_csv(real_data / "kaggle_house_pred_train.csv")
+    train.loc[10, "Id"] = train.loc[11, "Id"]  # a duplicated Id
+    train.to_csv(src / "kaggle_house_pred_train.csv", index=False)
+    shutil.copy(real_data / "kaggle_house_pred_test.csv", src)
+    files = {role: {"name": f"kaggle_house_pred_{role}.csv",
+                    "sha1": hashlib.sha1((src / f"kaggle_house_pred_{role}.csv").read_bytes())
+                    .hexdigest()} for role in ("train", "test")}
+    server = serve_dir(src)
+    cfg = small_config(tmp_path / "artifacts", server.url, tmp_path / "cache")
+    cfg = cfg.model_copy(update={"data": type(cfg.data).model_validate(
+        {**cfg.data.model_dump(), "files": files})})
+    state, states = run(cfg)
+    assert state.is_failed()
+    assert (f"stage 'preprocess' failed: train.csv: duplicate Id values [{train.loc[11, 'Id']}]"
+            in state.message)
+    assert "train" not in states and not (tmp_path / "artifacts" / "train").exists()

@@ -103,6 +103,14 @@ class _Flaky:
                     if mode == "stall":
                         time.sleep(1.5)
                         return
+                    if mode == "cut":  # promise the whole body, send half, hang up
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body[: len(body) // 2])
+                        self.wfile.flush()
+                        self.connection.shutdown(2)
+                        return
                     self.send_error(500, "boom")
                     return
                 self.send_response(200)
@@ -122,19 +130,34 @@ class _Flaky:
         self.httpd.server_close()
 
 
-@pytest.mark.parametrize("mode", ["500", "stall"])
+@pytest.mark.parametrize("mode", ["500", "stall", "cut"])
 def test_transient_failures_are_retried_with_backoff(real_data, tmp_path, mode):
     server = _Flaky((real_data / TRAIN.name).read_bytes(), failures=2, mode=mode)
     logs = []
     try:
-        path = fetch(TRAIN, server.url, tmp_path, timeout_s=0.5, retries=2, backoff_s=0.01,
+        path = fetch(TRAIN, server.url, tmp_path, timeout_s=0.5, retries=2, backoff_s=0.1,
                      log=logs.append)
     finally:
         server.close()
     assert sha1_file(path) == TRAIN.sha1
     assert server.state["n"] == 3
     assert len(logs) == 2 and all("retry in" in line for line in logs)
-    assert ("HTTP 500" if mode == "500" else "timed out") in logs[0]
+    assert {"500": "HTTP 500", "stall": "timed out", "cut": "cut off"}[mode] in logs[0]
+    delays = [float(line.split("retry in ")[1].rstrip("s")) for line in logs]
+    assert delays[1] == 2 * delays[0]  # exponential backoff
+
+
+def test_body_cut_off_every_time_ends_in_one_line_and_caches_nothing(real_data, tmp_path):
+    server = _Flaky((real_data / TRAIN.name).read_bytes(), failures=99, mode="cut")
+    try:
+        with pytest.raises(DownloadError) as err:
+            fetch(TRAIN, server.url, tmp_path, retries=1, backoff_s=0)
+    finally:
+        server.close()
+    msg = str(err.value)
+    assert msg.startswith(f"could not download {server.url}{TRAIN.name} after 2 attempts")
+    assert "cut off" in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_persistent_500_ends_in_one_line_naming_url(real_data, tmp_path):

@@ -62,3 +62,50 @@ def test_header_only_input_gives_header_only_output(model, real_data, tmp_path):
     stats = predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv")
     assert stats["rows"] == 0
     assert (tmp_path / "out.csv").read_text() == "Id,SalePrice\n"
+
+
+def test_far_out_of_range_numerics_are_predicted_and_counted_in_drift_summary(
+        model, real_data, tmp_path):
+    import json
+
+    from tasks.predict import drift_path
+
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(50)
+    raw.loc[:4, "GrLivArea"] = 1_000_000  # far beyond any training house
+    raw.loc[5:6, "LotArea"] = None  # missing: imputed as in training
+    raw.to_csv(tmp_path / "in.csv", index=False)
+    warnings = []
+    predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv", warn=warnings.append)
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert len(out) == 50 and out["SalePrice"].notna().all() and (out["SalePrice"] > 0).all()
+    drift = json.loads(drift_path(tmp_path / "out.csv").read_text())
+    assert drift["rows"] == 50
+    assert drift["out_of_training_range"]["GrLivArea"] == 5
+    assert drift["imputed_missing"]["LotArea"] >= 2
+    assert any("outside the training range" in w for w in warnings)
+
+
+def test_missing_numeric_is_imputed_with_the_training_mean(model, real_data):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv",
+                      dtype=model.preprocessor.raw_dtypes()).head(3)
+    pre = model.preprocessor
+    X, report = pre.transform(raw.assign(LotArea=float("nan")))
+    j = pre.feature_names_.index("LotArea")
+    assert (X[:, j] == 0.0).all() and report.missing["LotArea"] == 3  # 0 = the mean
+
+
+def test_text_in_a_numeric_column_names_column_and_first_bad_row(model, real_data, tmp_path):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(30)
+    raw["LotArea"] = raw["LotArea"].astype(str)
+    raw.loc[7, "LotArea"] = "big"
+    raw.to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(DataError, match=rf"column LotArea .*'big' at Id={raw.loc[7, 'Id']}"):
+        predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_empty_parquet_input_gives_header_only_output(model, real_data, tmp_path):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(0)
+    raw.to_parquet(tmp_path / "in.parquet")
+    stats = predict_file(model, tmp_path / "in.parquet", tmp_path / "out.csv")
+    assert stats["rows"] == 0 and (tmp_path / "out.csv").read_text() == "Id,SalePrice\n"

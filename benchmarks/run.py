@@ -1,0 +1,94 @@
+"""Wall time of a whole ``houseprice run``: cold (empty artifact root and cache), then warm
+(the same run again: every stage Cached), and Prefect's per-task overhead.
+
+Each run is a fresh ``houseprice run`` process (so the ~10 s start of Prefect's ephemeral API
+is in both numbers, as a user sees it). The overhead per task is measured separately: a flow
+of 50 no-op tasks on the same ephemeral API, divided by 50.
+
+    python benchmarks/run.py [--config FILE] [--data DIR]
+
+Prints one JSON line with ``cold_s``, ``warm_s``, ``warm_over_cold``, ``tasks``,
+``overhead_per_task_s``, ``selected`` and the OOF scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "kaggle_house"
+
+OVERHEAD = """
+import time
+from prefect import flow, task
+
+@task
+def noop(i):
+    return i
+
+@flow
+def many(n):
+    return [noop(i) for i in range(n)]
+
+many(2)  # start the API and warm up
+t = time.perf_counter()
+many(50)
+print("per-task", (time.perf_counter() - t) / 50)
+"""
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}: {proc.stderr.strip().splitlines()[-1]}")
+    return wall, proc.stdout, proc.stdout + proc.stderr
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("--data", default=str(DATA))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": f"{tmp}/prefect",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--data-url", args.data,
+               "--artifacts", f"{tmp}/artifacts", "--data-dir", f"{tmp}/cache"]
+        if args.config:
+            cmd += ["--config", args.config]
+        cold, out, _ = timed(cmd, env)
+        print(f"cold run: {cold:.1f} s", flush=True)
+        warm, _, warm_out = timed(cmd, env)
+        cached = len(re.findall(r"Finished in state Cached", warm_out))
+        tasks = len(re.findall(r"Task run '[^']+' - Finished in state", warm_out))
+        print(f"warm run: {warm:.1f} s ({cached} of {tasks} task runs Cached)", flush=True)
+        _, over_out, _ = timed([sys.executable, "-c", OVERHEAD], env)
+        per_task = float(re.search(r"per-task ([0-9.e-]+)", over_out).group(1))
+    summary = out.strip().splitlines()[-1]
+    scores = {
+        "oof_log_rmse_clean": float(re.search(r"([0-9.]+) without the outliers", summary)[1]),
+        "oof_log_rmse_all": float(re.search(r"([0-9.]+) on all rows", summary)[1]),
+    }
+    print(summary)
+    print(json.dumps({
+        "cold_s": round(cold, 1), "warm_s": round(warm, 1),
+        "warm_over_cold": round(warm / cold, 3), "tasks": tasks, "cached": cached,
+        "overhead_per_task_s": round(per_task, 4),
+        "selected": re.search(r"selected (\S+)", summary)[1], **scores,
+        "cpus": os.cpu_count(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
