@@ -1,4 +1,4 @@
-"""``houseprice``: run the pipeline, or batch-predict with a selected model.
+"""``houseprice``: run, serve (on a schedule) or retry the pipeline; batch-predict with a model.
 
 Failures end with a non-zero exit and one line on stderr saying what went wrong, where, and
 what to do (``--traceback`` shows the full trace).
@@ -18,30 +18,68 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+STAGE_NAMES = ("download", "preprocess", "tensorize", "train", "select", "predict")
+
+
+def _config_flags() -> argparse.ArgumentParser:
+    """The flags that build a PipelineConfig (shared by ``run`` and ``serve``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON config (PipelineConfig)")
+    p.add_argument("--data-url", metavar="URL|DIR",
+                   help="base URL, file:// URL or directory with the raw CSVs "
+                        "(env HOUSEPRICE_DATA_URL)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="download cache (env HOUSEPRICE_DATA_DIR; default data/cache)")
+    p.add_argument("--artifacts", metavar="DIR",
+                   help="artifact root (env HOUSEPRICE_ARTIFACTS; default artifacts/)")
+    p.add_argument("--submission", metavar="FILE", help="also copy the Kaggle CSV here")
+    p.add_argument("--folds", type=int, metavar="K", help="number of CV folds (default 5)")
+    p.add_argument("--epochs", type=int, metavar="N", help="epochs for every torch candidate")
+    p.add_argument("--seed", type=int, help="seed for folds, init, dropout and batches")
+    p.add_argument("--fit-on", choices=["train", "train+test"],
+                   help="rows the preprocessor is fitted on ('train+test' = the book)")
+    p.add_argument("--fold-scheme", choices=["shuffled", "contiguous"],
+                   help="'contiguous' = the book's unshuffled folds")
+    p.add_argument("--target", choices=["log", "raw"], help="'raw' = the book's raw price")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def _runner_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
+                   help="where candidates train: Prefect's thread pool (default) or Dask")
+    p.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                   help="Dask scheduler to use (default: a local cluster of 2 workers); "
+                        "every worker must see the artifact root at the same path")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="houseprice", description=__doc__.splitlines()[0])
     p.add_argument("--traceback", action="store_true", help="show the full trace on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the whole pipeline (download ... predict)")
-    run.add_argument("--config", metavar="FILE", help="TOML or JSON config (PipelineConfig)")
-    run.add_argument("--data-url", metavar="URL|DIR",
-                     help="base URL, file:// URL or directory with the raw CSVs "
-                          "(env HOUSEPRICE_DATA_URL)")
-    run.add_argument("--data-dir", metavar="DIR",
-                     help="download cache (env HOUSEPRICE_DATA_DIR; default data/cache)")
-    run.add_argument("--artifacts", metavar="DIR",
-                     help="artifact root (env HOUSEPRICE_ARTIFACTS; default artifacts/)")
-    run.add_argument("--submission", metavar="FILE", help="also copy the Kaggle CSV here")
-    run.add_argument("--folds", type=int, metavar="K", help="number of CV folds (default 5)")
-    run.add_argument("--epochs", type=int, metavar="N", help="epochs for every candidate")
-    run.add_argument("--seed", type=int, help="seed for folds, init, dropout and batches")
-    run.add_argument("--fit-on", choices=["train", "train+test"],
-                     help="rows the preprocessor is fitted on ('train+test' = the book)")
-    run.add_argument("--fold-scheme", choices=["shuffled", "contiguous"],
-                     help="'contiguous' = the book's unshuffled folds")
-    run.add_argument("--target", choices=["log", "raw"], help="'raw' = the book's raw price")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    run = sub.add_parser("run", parents=[_config_flags()],
+                         help="run the whole pipeline (download ... predict)")
+    run.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, metavar="STAGE",
+                     help="recompute this stage and all after it (refreshing their cache): "
+                          + ", ".join(STAGE_NAMES))
+    _runner_flags(run)
+
+    serve = sub.add_parser(
+        "serve", parents=[_config_flags()],
+        help="serve the pipeline as a (scheduled) deployment; needs a Prefect server")
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", metavar="EXPR", help="cron schedule, e.g. '0 3 * * *'")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every N seconds")
+    serve.add_argument("--name", default="scheduled", help="deployment name")
+    _runner_flags(serve)
+
+    rerun = sub.add_parser(
+        "rerun", help="retry a failed flow run (Prefect's retry): stages that completed come "
+                      "back Cached")
+    rerun.add_argument("flow_run_id", metavar="FLOW_RUN_ID")
+    rerun.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                       help="how long to wait for a deployment's run to finish (0: don't)")
 
     pred = sub.add_parser("predict", help="batch-predict a CSV or Parquet file")
     pred.add_argument("input", metavar="INPUT", help="raw rows shaped like the Kaggle test file")
@@ -92,14 +130,104 @@ def _check_api(url: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     config = build_config(args)  # validated before anything starts
-    from flows.pipeline import house_price_pipeline
+    from flows.pipeline import with_task_runner
 
     where = os.environ.get("PREFECT_API_URL")
     if where:
         _check_api(where)
     where = where or "an ephemeral local Prefect API"
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}", flush=True)
-    result = house_price_pipeline(config)
+    flow = with_task_runner(args.task_runner, args.dask_address)
+    result = flow(config, from_stage=args.from_stage)
+    _summary(config, result)
+    return 0
+
+
+NEEDS_SERVER = ("start one with 'prefect server start' and set "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise RuntimeError("scheduling needs a Prefect server (Prefect cannot schedule on its "
+                           f"ephemeral API) and PREFECT_API_URL is not set: {NEEDS_SERVER}")
+    _check_api(url)
+    from flows.pipeline import with_task_runner
+
+    flow = with_task_runner(args.task_runner, args.dask_address)
+    print(f"houseprice: serving deployment house-price/{args.name} on {url}"
+          + (f", cron '{args.cron}'" if args.cron else "")
+          + (f", every {args.interval:g} s" if args.interval else ""), flush=True)
+    flow.serve(name=args.name, cron=args.cron, interval=args.interval,
+               parameters={"config": config.model_dump(mode="json")})
+    return 0
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    """Prefect's retry of a finished, unsuccessful flow run: a deployment's run is set to
+    AwaitingRetry for its runner or worker to pick up; a run started by ``houseprice run``
+    (no deployment) is executed again here, under the same flow run id."""
+    import time
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import AwaitingRetry
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise RuntimeError("rerun needs the Prefect server that holds the run, and "
+                           f"PREFECT_API_URL is not set: {NEEDS_SERVER}")
+    _check_api(url)
+    try:
+        run_id = uuid.UUID(args.flow_run_id)
+    except ValueError:
+        raise ValueError(f"{args.flow_run_id!r} is not a flow run id (a UUID, as shown in "
+                         "the dashboard)") from None
+    with get_client(sync_client=True) as client:
+        try:
+            flow_run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            raise LookupError(f"no flow run {run_id} on {url}") from None
+        state = flow_run.state
+        if state is not None and state.is_completed():
+            print(f"houseprice: flow run {run_id} already completed; nothing to retry")
+            return 0
+        if state is not None and not state.is_final():
+            raise RuntimeError(f"flow run {run_id} is {state.name}, not finished; "
+                               "retry it once it has failed")
+        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+        if flow_run.deployment_id is None:
+            from prefect.flow_engine import run_flow
+
+            from flows.pipeline import house_price_pipeline
+
+            print(f"houseprice: retrying flow run {run_id} here", flush=True)
+            flow_run = client.read_flow_run(run_id)
+            params = house_price_pipeline.validate_parameters(flow_run.parameters)
+            result = run_flow(house_price_pipeline, flow_run=flow_run, parameters=params)
+            print(f"houseprice: flow run {run_id} completed: selected {result['selected']}")
+            return 0
+        print(f"houseprice: flow run {run_id} set to AwaitingRetry for its deployment's "
+              "runner", flush=True)
+        deadline = time.monotonic() + args.timeout
+        while args.timeout > 0:
+            state = client.read_flow_run(run_id).state
+            if state.is_final() and state.name != "AwaitingRetry":
+                if state.is_completed():
+                    print(f"houseprice: flow run {run_id} completed")
+                    return 0
+                raise RuntimeError(f"flow run {run_id} ended {state.name}: {state.message}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {run_id} is still {state.name} after "
+                                   f"{args.timeout:g} s; is its deployment served?")
+            time.sleep(1.0)
+    return 0
+
+
+def _summary(config, result: dict[str, Any]) -> None:
     parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
     print(
         f"houseprice: selected {result['selected']}"
@@ -112,7 +240,6 @@ def _run(args: argparse.Namespace) -> int:
         + (f"; copied to {config.submission}" if config.submission else ""),
         flush=True,
     )
-    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -144,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     # race the fresh SQLite database); a user who wants it sets the variable to true.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        return _run(args) if args.command == "run" else _predict(args)
+        commands = {"run": _run, "serve": _serve, "rerun": _rerun, "predict": _predict}
+        return commands[args.command](args)
     except ValidationError as exc:
         print(f"houseprice: error: {_config_error(exc)}", file=sys.stderr)
         return EXIT_USAGE

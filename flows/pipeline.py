@@ -1,11 +1,11 @@
 """The house-price pipeline: six cached stages, wired in order. No data code here.
 
-Deployment entrypoint: ``flows/pipeline.py:house_price_pipeline``.
+Deployment entrypoint: ``flows/pipeline.py:house_price_pipeline`` (see ``prefect.yaml``).
 """
 
-from __future__ import annotations
-
-from typing import Any
+# No ``from __future__ import annotations``: Prefect builds the parameter model from these
+# annotations when a runner loads this file by path, and string annotations do not resolve.
+from typing import Any, Literal
 
 from prefect import flow
 
@@ -15,29 +15,57 @@ from tasks.predict import predict_task
 from tasks.preprocess import preprocess_task
 from tasks.report import publish_task
 from tasks.select import select_task
-from tasks.stage import run_stage, submit_stage
+from tasks.stage import STAGES, run_stage, submit_stage
 from tasks.tensorize import tensorize_task
 from tasks.train import train_task
 
+Stage = Literal["download", "preprocess", "tensorize", "train", "select", "predict"]
+
 
 @flow(name="house-price", log_prints=True)
-def house_price_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
-    """Download, preprocess, tensorize, K-fold train the candidates, select, predict."""
+def house_price_pipeline(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008
+    from_stage: Stage | None = None,
+) -> dict[str, Any]:
+    """Download, preprocess, tensorize, K-fold train the candidates, select, predict.
+
+    ``from_stage`` recomputes that stage and every stage after it on purpose (their cache
+    entries are refreshed); the stages before it come back Cached as usual.
+    """
     root = config.artifacts_dir
-    raw = run_stage(download_task, root, data=config.data)
-    preprocessor = run_stage(preprocess_task, root, raw=raw, config=config.preprocess)
-    data = run_stage(tensorize_task, root, raw=raw, preprocessor=preprocessor)
+    force = {s: from_stage is not None and STAGES.index(s) >= STAGES.index(from_stage)
+             for s in STAGES}
+    raw = run_stage(download_task, root, force=force["download"], data=config.data)
+    preprocessor = run_stage(preprocess_task, root, force=force["preprocess"], raw=raw,
+                             config=config.preprocess)
+    data = run_stage(tensorize_task, root, force=force["tensorize"], raw=raw,
+                     preprocessor=preprocessor)
     # One task per candidate, submitted together: they train in parallel on the task
-    # runner, and a failed candidate reruns alone.
+    # runner (threads, or Dask workers), and a failed candidate reruns alone.
     futures = [
-        submit_stage(train_task, root, data=data, candidate=candidate, config=config.train)
+        submit_stage(train_task, root, force=force["train"], data=data, candidate=candidate,
+                     config=config.train)
         for candidate in config.all_candidates()
     ]
     trained = [f.result() for f in futures]
-    model = run_stage(select_task, root, trained=trained,
+    model = run_stage(select_task, root, force=force["select"], trained=trained,
                       candidates=list(config.all_candidates()), config=config.train)
-    predictions = run_stage(predict_task, root, model=model, raw=raw, config=config.predict)
-    return publish_task(model, predictions, config.submission)
+    predictions = run_stage(predict_task, root, force=force["predict"], model=model, raw=raw,
+                            config=config.predict)
+    return publish_task(model, predictions, trained, config.submission)
+
+
+def with_task_runner(kind: str = "threads", address: str | None = None):
+    """The pipeline flow on the chosen task runner: Prefect's default thread pool, or Dask
+    (a local cluster of ``LocalCluster`` workers, or the scheduler at ``address``)."""
+    if kind == "threads":
+        return house_price_pipeline
+    from prefect_dask import DaskTaskRunner
+
+    runner = (DaskTaskRunner(address=address) if address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": None}))
+    return house_price_pipeline.with_options(task_runner=runner)
 
 
 if __name__ == "__main__":

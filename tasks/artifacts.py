@@ -129,6 +129,7 @@ def build(
     parameters: dict[str, Any],
     upstream: dict[str, Any],
     code_version: str,
+    force: bool = False,
 ) -> ArtifactRef:
     """Build ``<root>/<stage>/<version>`` by calling ``write(tmp_dir)`` unless it is complete.
 
@@ -136,7 +137,7 @@ def build(
     removes the temporary directory and leaves existing versions untouched.
     """
     ref = ArtifactRef(root=str(Path(root).resolve()), stage=stage, version=version)
-    if is_complete(ref):
+    if is_complete(ref) and not force:
         return ref
     stage_dir = ref.path.parent
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -161,16 +162,18 @@ def build(
             "metrics": metrics,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _publish(tmp, ref.path)
+        _publish(tmp, ref.path, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return require(ref)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` into place; a damaged old version is moved aside first."""
+def _publish(tmp: Path, final: Path, replace: bool = False) -> None:
+    """Move a finished ``tmp`` into place; a damaged old version (or, with ``replace``, any
+    old version) is moved aside first, so a good one is never lost before its successor is
+    complete."""
     if final.exists():
-        if not verify(final):
+        if not replace and not verify(final):
             return  # another process finished the same version first: keep theirs
         trash = final.parent / f"{_TMP_PREFIX}{final.name}-0-damaged-{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(FileNotFoundError):

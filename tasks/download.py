@@ -155,9 +155,8 @@ def download(data: DataConfig, out_dir: Path, log=print) -> dict[str, object]:
 
 
 @task(**stage_task_options(STAGE))
-def download_task(data: DataConfig, root: str) -> ArtifactRef:
+def download_task(data: DataConfig, root: str, force: bool = False) -> ArtifactRef:
     """Fetch the train/test CSVs (SHA-1 verified) into a download artifact."""
     logger = get_run_logger()
-    return build_stage(
-        STAGE, root, {"data": data}, lambda out: download(data, out, log=logger.warning)
-    )
+    return build_stage(STAGE, root, {"data": data},
+                       lambda out: download(data, out, log=logger.warning), force=force)

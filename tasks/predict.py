@@ -166,8 +166,9 @@ def predict(model: ArtifactRef, raw: ArtifactRef, config: PredictConfig, out_dir
 
 @task(**stage_task_options(STAGE))
 def predict_task(model: ArtifactRef, raw: ArtifactRef, config: PredictConfig,
-                 root: str) -> ArtifactRef:
+                 root: str, force: bool = False) -> ArtifactRef:
     """Batch-predict the Kaggle test file with the selected model."""
     logger = get_run_logger()
     return build_stage(STAGE, root, {"model": model, "raw": raw, "config": config},
-                       lambda out: predict(model, raw, config, out, warn=logger.warning))
+                       lambda out: predict(model, raw, config, out, warn=logger.warning),
+                       force=force)

@@ -321,9 +321,10 @@ def preprocess(raw: ArtifactRef, config: PreprocessConfig, out_dir: Path) -> dic
 
 
 @task(**stage_task_options(STAGE))
-def preprocess_task(raw: ArtifactRef, config: PreprocessConfig, root: str) -> ArtifactRef:
+def preprocess_task(raw: ArtifactRef, config: PreprocessConfig, root: str,
+                    force: bool = False) -> ArtifactRef:
     """Fit the standardize/one-hot preprocessor on the raw training rows."""
     ref = build_stage(STAGE, root, {"raw": raw, "config": config},
-                      lambda out: preprocess(raw, config, out))
+                      lambda out: preprocess(raw, config, out), force=force)
     get_run_logger().info("preprocess %s: %s", ref.version, ref.manifest()["metrics"])
     return ref

@@ -3,6 +3,7 @@ submission copy). Not cached: every run, cached or not, shows its results."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -18,6 +19,24 @@ from tasks.artifacts import ArtifactRef, require, set_latest
 
 METRICS_KEY = "house-price-metrics"
 MODEL_CARD_KEY = "house-price-model-card"
+CURVES_KEY = "house-price-learning-curves"
+
+
+def curves_markdown(trained: list[ArtifactRef]) -> str:
+    """Each torch candidate's learning-curve PNG embedded as a data URI: Prefect's UI renders
+    markdown images, and a data URI needs no file server the browser could reach."""
+    parts = ["# Learning curves", "",
+             "Train (solid) and valid (dashed) log RMSE per epoch, one line per fold; right: "
+             "the mean gradient norm per epoch.", ""]
+    for ref in trained:
+        png = ref.path / "learning_curves.png"
+        if not png.is_file():
+            continue  # scikit-learn candidates have no epochs
+        name = json.loads(ref.file("metrics.json").read_text())["candidate"]
+        data = base64.b64encode(png.read_bytes()).decode()
+        parts += [f"## {name}", "", f"![{name} learning curves](data:image/png;base64,{data})",
+                  "", f"`{png}`", ""]
+    return "\n".join(parts)
 
 
 def copy_atomic(src: Path, dest: Path) -> None:
@@ -32,7 +51,7 @@ def copy_atomic(src: Path, dest: Path) -> None:
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(model: ArtifactRef, predictions: ArtifactRef,
+def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[ArtifactRef],
                  submission: str | None) -> dict[str, Any]:
     """Mark these versions LATEST, create the dashboard artifacts, copy the submission."""
     require(model)
@@ -47,6 +66,10 @@ def publish_task(model: ArtifactRef, predictions: ArtifactRef,
     create_markdown_artifact(
         key=MODEL_CARD_KEY, markdown=model.file("model_card.md").read_text(),
         description="The selected model",
+    )
+    create_markdown_artifact(
+        key=CURVES_KEY, markdown=curves_markdown(trained),
+        description="Learning curves of the torch candidates (PNG, as in the book)",
     )
     if submission:
         copy_atomic(predictions.file("submission.csv"), Path(submission))

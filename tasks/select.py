@@ -267,8 +267,9 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
 
 @task(**stage_task_options(STAGE))
 def select_task(trained: list[ArtifactRef], candidates: list[CandidateConfig],
-                config: TrainConfig, root: str) -> ArtifactRef:
+                config: TrainConfig, root: str, force: bool = False) -> ArtifactRef:
     """Choose the best candidate or blend by OOF log RMSE; save a self-describing checkpoint."""
     inputs = {"trained": trained, "candidates": candidates, "config": config}
     return build_stage(STAGE, root, inputs,
-                       lambda out: select_model(trained, candidates, config, out))
+                       lambda out: select_model(trained, candidates, config, out),
+                       force=force)

@@ -36,8 +36,10 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "predict": ("predict.py", "preprocess.py", "models.py"),
 }
 
+STAGES = ("download", "preprocess", "tensorize", "train", "select", "predict")
+
 # Inputs that say where things run, not what is computed.
-_UNVERSIONED_INPUTS = frozenset({"root"})
+_UNVERSIONED_INPUTS = frozenset({"root", "force"})
 
 
 class StageError(RuntimeError):
@@ -133,13 +135,16 @@ def _for_call(task: Task, root: str, inputs: dict[str, Any], force: bool) -> Tas
 
 
 def run_stage(task: Task, root: str, *, force: bool = False, **inputs: Any) -> ArtifactRef:
-    """Call a stage task (cached on its version) and return its artifact reference."""
-    return _for_call(task, root, inputs, force)(root=root, **inputs)
+    """Call a stage task (cached on its version) and return its artifact reference;
+    ``force`` recomputes it (and replaces the artifact only once the new one is complete)."""
+    extra = {"force": True} if force else {}
+    return _for_call(task, root, inputs, force)(root=root, **inputs, **extra)
 
 
 def submit_stage(task: Task, root: str, *, force: bool = False, **inputs: Any):
     """Submit a stage task to the flow's task runner; returns a future of its reference."""
-    return _for_call(task, root, inputs, force).submit(root=root, **inputs)
+    extra = {"force": True} if force else {}
+    return _for_call(task, root, inputs, force).submit(root=root, **inputs, **extra)
 
 
 def stage_task_options(stage: str) -> dict[str, Any]:
@@ -173,8 +178,9 @@ class failing_as:  # noqa: N801 - used like a function: ``with failing_as("train
         raise StageError(f"stage '{self.stage}' failed: {one_line(exc)}") from exc
 
 
-def build_stage(stage: str, root: str, inputs: dict[str, Any], write) -> ArtifactRef:
-    """Build (or reuse, if intact) the artifact of ``stage`` on ``inputs``.
+def build_stage(stage: str, root: str, inputs: dict[str, Any], write,
+                force: bool = False) -> ArtifactRef:
+    """Build (or reuse, if intact and not ``force``) the artifact of ``stage`` on ``inputs``.
 
     ``write(out_dir)`` fills a temporary directory and returns manifest metrics; errors come
     out as a StageError naming the stage.
@@ -184,4 +190,5 @@ def build_stage(stage: str, root: str, inputs: dict[str, Any], write) -> Artifac
         return artifacts.build(
             root, stage, stage_version(stage, inputs), write,
             parameters=params, upstream=upstream, code_version=code_version(stage),
+            force=force,
         )

@@ -85,7 +85,8 @@ def outlier_ids(train: pd.DataFrame) -> list[int]:
 
 
 @task(**stage_task_options(STAGE))
-def tensorize_task(raw: ArtifactRef, preprocessor: ArtifactRef, root: str) -> ArtifactRef:
+def tensorize_task(raw: ArtifactRef, preprocessor: ArtifactRef, root: str,
+                   force: bool = False) -> ArtifactRef:
     """Write the float32 training matrix, target and Ids to Parquet."""
     return build_stage(STAGE, root, {"raw": raw, "preprocessor": preprocessor},
-                       lambda out: tensorize(raw, preprocessor, out))
+                       lambda out: tensorize(raw, preprocessor, out), force=force)

@@ -8,6 +8,7 @@ out-of-fold predictions, the split, and a PNG of the curves.
 from __future__ import annotations
 
 import pickle
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.engine import train_stacked
 from tasks.models import make_sklearn, resolve_device, sklearn_log_price
-from tasks.stage import build_stage, stage_task_options
+from tasks.stage import StageError, build_stage, stage_task_options
 from tasks.tensorize import read_matrix
 
 STAGE = "train"
@@ -173,7 +175,7 @@ def _plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, gx) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
     for k, c in enumerate(curves):
         epochs = np.arange(1, len(c["train_log_rmse"]) + 1)
         ax.plot(epochs, c["train_log_rmse"], color="C0", alpha=0.6,
@@ -266,8 +268,34 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
 
 @task(**stage_task_options(STAGE))
 def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig,
-               root: str) -> ArtifactRef:
-    """K-fold train one candidate; log one line per finished fold."""
+               root: str, force: bool = False) -> ArtifactRef:
+    """K-fold train one candidate: a progress artifact while it trains, one log line per
+    finished fold."""
     logger = get_run_logger()
-    return build_stage(STAGE, root, {"data": data, "candidate": candidate, "config": config},
-                       lambda out: train(data, candidate, config, out, log=logger.info))
+    if not Path(root).is_dir():
+        # On a Dask worker of another machine: the artifact root must be shared storage.
+        raise StageError(f"stage 'train' failed: artifact root {root} is not visible on "
+                         f"{socket.gethostname()}; put it on storage every worker mounts")
+    progress = _Progress(candidate.name)
+    ref = build_stage(STAGE, root, {"data": data, "candidate": candidate, "config": config},
+                      lambda out: train(data, candidate, config, out, log=logger.info,
+                                        progress=progress.update), force=force)
+    progress.update(1.0)
+    return ref
+
+
+class _Progress:
+    """A dashboard progress artifact for one candidate, updated at most every 5%."""
+
+    def __init__(self, name: str):
+        self.last = 0.0
+        self.id = create_progress_artifact(
+            progress=0.0, key=f"train-progress-{name}"[:64].rstrip("-"),
+            description=f"K-fold training of {name}: percent of epochs (or folds) done",
+        )
+
+    def update(self, fraction: float) -> None:
+        percent = round(100 * fraction, 1)
+        if percent - self.last >= 5 or (percent >= 100 > self.last):
+            self.last = percent
+            update_progress_artifact(self.id, percent)

@@ -103,6 +103,50 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(scope="session")
+def prefect_server(session_tmp):
+    """A real ``prefect server start`` on a free loopback port, with its own PREFECT_HOME
+    (bounded wait for health; stopped at the end). Yields its API URL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(session_tmp / "server-home"),
+           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(session_tmp / "prefect-server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+            pytest.fail("prefect server did not start: "
+                        + (session_tmp / "prefect-server.log").read_text()[-2000:])
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_tmp() -> Path:
     """The session's temporary home (Prefect home, caches, artifacts), removed at the end."""

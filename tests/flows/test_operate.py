@@ -1,0 +1,161 @@
+"""Operating the pipeline against a real ``prefect server``: a served, scheduled deployment,
+a run triggered on it, Prefect's retry of a failed run, and the dashboard's artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tasks.report import CURVES_KEY, METRICS_KEY, MODEL_CARD_KEY
+from tests.conftest import write_config
+
+DEPLOYMENT = "house-price/ci-schedule"
+
+
+def houseprice(args, api, **kw):
+    env = {**os.environ, "PREFECT_API_URL": api}
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, data_server, tmp_path_factory):
+    """``houseprice serve --cron`` in a subprocess; yields (api url, config dict)."""
+    tmp = tmp_path_factory.mktemp("served")
+    config = write_config(tmp / "config.json", artifacts_dir=str(tmp / "artifacts"),
+                          data={"url": data_server.url, "cache_dir": str(tmp / "cache")},
+                          train={"n_splits": 3})
+    proc = houseprice(["serve", "--cron", "0 3 * * *", "--name", "ci-schedule",
+                       "--config", str(config), "--epochs", "3"], prefect_server)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        deadline = time.monotonic() + 90
+        while True:
+            with get_client(sync_client=True) as client:
+                try:
+                    client.read_deployment_by_name(DEPLOYMENT)
+                    break
+                except Exception:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        out = proc.stdout.read() if proc.poll() is not None else ""
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        pytest.fail(f"serve did not register the deployment: {out[-2000:]}")
+            time.sleep(0.5)
+        yield prefect_server, json.loads(config.read_text())
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _task_states(client, flow_run_id, since=None) -> dict[str, list[str]]:
+    runs = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        if since is None or r.created >= since:
+            out.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+    return out
+
+
+def test_serve_registers_the_cron_schedule_and_a_triggered_run_completes(served):
+    from prefect.deployments import run_deployment
+
+    api, _ = served
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+        assert deployment.parameter_openapi_schema["properties"]["config"]  # editable
+        started = time.monotonic()
+        flow_run = run_deployment(DEPLOYMENT, timeout=300, poll_interval=1)
+        elapsed = time.monotonic() - started
+        assert flow_run.state.is_completed(), flow_run.state.message
+        print(f"scheduled deployment run, trigger to Completed: {elapsed:.1f} s")
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+        by_key = {a.key: a for a in artifacts if a.key}
+        assert {METRICS_KEY, MODEL_CARD_KEY, CURVES_KEY} <= set(by_key)
+        assert by_key[METRICS_KEY].type == "table"
+        assert "# Selected model:" in by_key[MODEL_CARD_KEY].data
+        assert "data:image/png;base64," in by_key[CURVES_KEY].data
+        progress = [a for a in artifacts if a.type == "progress"]
+        assert progress and all(float(a.data) == 100.0 for a in progress)
+        logs = client.read_logs(log_filter=None)
+        fold_lines = [log.message for log in logs if log.flow_run_id == flow_run.id
+                      and ": fold " in log.message and "valid log RMSE" in log.message]
+        assert len(fold_lines) >= 3  # one line per finished fold
+
+
+def test_failed_run_retried_with_houseprice_rerun_skips_completed_stages(served, tmp_path):
+    from prefect.deployments import run_deployment
+
+    api, config = served
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    blocker = root / "train"
+    blocker.write_text("a file where the train stage keeps its versions")  # the fault
+    params = {"config": {**config, "artifacts_dir": str(root)}}
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        failed = run_deployment(DEPLOYMENT, parameters=params, timeout=300, poll_interval=1)
+        assert failed.state.is_failed()
+        assert "stage 'train' failed" in failed.state.message
+        blocker.unlink()  # the fault is fixed
+        retried_at = client.read_flow_run(failed.id).state.timestamp
+        proc = houseprice(["rerun", str(failed.id), "--timeout", "300"], api)
+        out, _ = proc.communicate(timeout=360)
+        assert proc.returncode == 0, out[-2000:]
+        assert f"flow run {failed.id} completed" in out
+        run = client.read_flow_run(failed.id)
+        assert run.state.is_completed() and run.run_count == 2
+        states = _task_states(client, failed.id, since=retried_at)
+        for stage in ("download", "preprocess", "tensorize"):
+            assert states[stage] == ["Cached"], (stage, states)
+        for stage in ("train", "select", "predict"):
+            assert set(states[stage]) == {"Completed"}, (stage, states)
+
+
+def test_rerun_of_unknown_or_bad_id_is_one_clear_line(prefect_server):
+    proc = houseprice(["rerun", str(uuid.uuid4())], prefect_server)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "no flow run" in out.strip().splitlines()[-1]
+    proc = houseprice(["rerun", "not-an-id"], prefect_server)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "is not a flow run id" in out.strip().splitlines()[-1]
+
+
+def test_serve_without_a_server_says_how_to_start_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--cron", "0 3 * * *"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "needs a Prefect server" in line and "prefect server start" in line
+
+
+def test_prefect_yaml_deploys_the_same_flow():
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    assert dep["entrypoint"] == "flows/pipeline.py:house_price_pipeline"
+    assert dep["work_pool"]["name"] and dep["schedules"][0]["cron"]
+    from flows.pipeline import house_price_pipeline  # the entrypoint resolves
+
+    assert house_price_pipeline.name == "house-price"
