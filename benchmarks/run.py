@@ -17,14 +17,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "kaggle_house"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, cli_env, timed  # noqa: E402
 
 OVERHEAD = """
 import time
@@ -45,26 +43,15 @@ print("per-task", (time.perf_counter() - t) / 50)
 """
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}: {proc.stderr.strip().splitlines()[-1]}")
-    return wall, proc.stdout, proc.stdout + proc.stderr
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": f"{tmp}/prefect",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_API_URL", None)
-        cmd = [sys.executable, "-m", "flows.cli", "run", "--data-url", args.data,
-               "--artifacts", f"{tmp}/artifacts", "--data-dir", f"{tmp}/cache"]
+        env = cli_env(Path(tmp) / "prefect")
+        cmd = ["run", "--data-url", args.data, "--artifacts", f"{tmp}/artifacts",
+               "--data-dir", f"{tmp}/cache"]
         if args.config:
             cmd += ["--config", args.config]
         cold, out, _ = timed(cmd, env)
@@ -73,7 +60,7 @@ def main() -> None:
         cached = len(re.findall(r"Finished in state Cached", warm_out))
         tasks = len(re.findall(r"Task run '[^']+' - Finished in state", warm_out))
         print(f"warm run: {warm:.1f} s ({cached} of {tasks} task runs Cached)", flush=True)
-        _, over_out, _ = timed([sys.executable, "-c", OVERHEAD], env)
+        _, over_out, _ = timed(["-c", OVERHEAD], env)
         per_task = float(re.search(r"per-task ([0-9.e-]+)", over_out).group(1))
     summary = out.strip().splitlines()[-1]
     scores = {

@@ -271,11 +271,11 @@ def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfi
                root: str, force: bool = False) -> ArtifactRef:
     """K-fold train one candidate: a progress artifact while it trains, one log line per
     finished fold."""
-    logger = get_run_logger()
     if not Path(root).is_dir():
         # On a Dask worker of another machine: the artifact root must be shared storage.
         raise StageError(f"stage 'train' failed: artifact root {root} is not visible on "
                          f"{socket.gethostname()}; put it on storage every worker mounts")
+    logger = get_run_logger()
     progress = _Progress(candidate.name)
     ref = build_stage(STAGE, root, {"data": data, "candidate": candidate, "config": config},
                       lambda out: train(data, candidate, config, out, log=logger.info,

@@ -146,3 +146,16 @@ def test_candidate_metrics_report_both_row_sets():
     assert (m["n_rows_all"], m["n_rows_clean"]) == (300, 298)
     assert m["status"] == "ok" and m["oof_log_rmse_all"] != m["oof_log_rmse_clean"]
     assert m["mean_valid_log_rmse"] == pytest.approx(np.mean(cv.valid_log_rmse))
+
+
+def test_worker_that_cannot_see_the_artifact_root_fails_clearly(tmp_path):
+    from tasks.artifacts import ArtifactRef
+    from tasks.stage import StageError
+    from tasks.train import train_task
+
+    missing = tmp_path / "not-mounted-here"
+    data = ArtifactRef(root=str(missing), stage="tensorize", version="0" * 16)
+    spec = CandidateConfig(name="r", kind="ridge", hidden=())
+    with pytest.raises(StageError, match=r"artifact root .*not-mounted-here is not visible on "
+                                         r".*; put it on storage every worker mounts"):
+        train_task.fn(data, spec, TrainConfig(), root=str(missing))

@@ -1,0 +1,33 @@
+"""Helpers shared by the benchmarks: paths and timing a ``houseprice`` child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "kaggle_house"
+
+
+def cli_env(prefect_home: Path) -> dict[str, str]:
+    """Environment for a ``houseprice`` child: its own ephemeral Prefect API and home."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(prefect_home),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def timed(args: list[str], env: dict[str, str]) -> tuple[float, str, str]:
+    """Run ``python -m flows.cli *args`` (or ``python -c`` when args[0] == '-c'); return
+    (wall seconds, stdout, stdout+stderr). Exits with the child's last line on failure."""
+    cmd = [sys.executable, *(args if args[0] == "-c" else ["-m", "flows.cli", *args])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        sys.exit(f"failed: {' '.join(args[:2])}...: {tail[-1] if tail else proc.returncode}")
+    return wall, proc.stdout, proc.stdout + proc.stderr
