@@ -28,6 +28,7 @@ def timed(args: list[str], env: dict[str, str]) -> tuple[float, str, str]:
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()
-        sys.exit(f"failed: {' '.join(args[:2])}...: {tail[-1] if tail else proc.returncode}")
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        errors = [line for line in lines if line.startswith("houseprice: error")] or lines[-5:]
+        sys.exit(f"failed ({proc.returncode}): {' '.join(args)}: " + " | ".join(errors))
     return wall, proc.stdout, proc.stdout + proc.stderr

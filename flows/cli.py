@@ -7,6 +7,7 @@ what to do (``--traceback`` shows the full trace).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -266,10 +267,23 @@ def _config_error(exc: ValidationError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        # The ephemeral API logs "Stopping temporary server" at exit, after our last line;
+        # keep the summary or the one-line error last.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     # The ephemeral API's telemetry call fails noisily on machines without internet (and can
     # race the fresh SQLite database); a user who wants it sets the variable to true.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect creates its home without parents; a missing parent makes the ephemeral API
+    # fail to start and the run time out with an obscure message.
+    if os.environ.get("PREFECT_HOME"):
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     try:
         commands = {"run": _run, "serve": _serve, "rerun": _rerun, "predict": _predict}
         return commands[args.command](args)

@@ -81,7 +81,7 @@ def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]
                          ("oof_log_rmse_all", "oof all rows"),
                          ("oof_log_rmse_clean", "oof w/o outliers")):
             row[col] = None if m.get(key) is None else round(m[key], 5)
-        row["blend weight"] = round(m.get("blend_weight", 0.0), 4)
+        row["blend weight"] = round(m["blend_weight"], 4) if "blend_weight" in m else None
         row["status"] = m.get("status", "ok") if m.get("reason") is None else (
             f"{m['status']}: {m['reason']}")
         rows.append(row)
@@ -151,7 +151,7 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
         "|---|---|---|---|---|---|",
         *[f"| {m['candidate']} | {_fmt(m['mean_valid_log_rmse'])} ± "
           f"{_fmt(m['std_valid_log_rmse'])} | {_fmt(m['oof_log_rmse_all'])} | "
-          f"{_fmt(m['oof_log_rmse_clean'])} | {m.get('blend_weight', 0.0):.3f} | "
+          f"{_fmt(m['oof_log_rmse_clean'])} | {_fmt(m.get('blend_weight'))} | "
           f"{m['status']}{': ' + m['reason'] if m.get('reason') else ''} |" for m in board],
         "",
         "## Lineage",

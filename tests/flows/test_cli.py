@@ -42,8 +42,9 @@ def test_bad_config_file_value_names_the_field(tmp_path):
     assert "candidates.0.activation" in last_line(proc.stderr)
 
 
-def test_hash_mismatch_fails_run_with_one_line_and_empty_cache(
-        prefect_api, real_data, serve_dir, tmp_path):
+def test_hash_mismatch_fails_run_with_one_line_and_empty_cache(real_data, serve_dir, tmp_path):
+    """Also: no PREFECT_API_URL, and a PREFECT_HOME whose parents do not exist yet (Prefect's
+    ephemeral API would fail to start there without the CLI creating them)."""
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     for f in real_data.glob("*.csv"):
@@ -52,8 +53,9 @@ def test_hash_mismatch_fails_run_with_one_line_and_empty_cache(
     train.write_bytes(train.read_bytes().replace(b"208500", b"208501", 1))
     server = serve_dir(mirror)
     cache = tmp_path / "cache"
+    home = tmp_path / "no" / "such" / "prefect-home"
     proc = houseprice("run", "--data-url", server.url, "--data-dir", str(cache),
-                      "--artifacts", str(tmp_path / "a"), api=prefect_api)
+                      "--artifacts", str(tmp_path / "a"), env_extra={"PREFECT_HOME": str(home)})
     assert proc.returncode == 1
     line = last_line(proc.stderr)
     assert line.startswith("houseprice: error: stage 'download' failed: ")
