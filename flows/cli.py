@@ -139,9 +139,23 @@ def _run(args: argparse.Namespace) -> int:
     where = where or "an ephemeral local Prefect API"
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}", flush=True)
     flow = with_task_runner(args.task_runner, args.dask_address)
-    result = flow(config, from_stage=args.from_stage)
-    _summary(config, result)
+    state = flow(config, from_stage=args.from_stage, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException) or not state.is_completed():
+        from tasks.stage import one_line
+
+        run_id = state.state_details.flow_run_id
+        hint = (f"; fix the cause, then retry flow run {run_id} with 'houseprice rerun {run_id}'"
+                if os.environ.get("PREFECT_API_URL") else "")
+        if isinstance(outcome, BaseException):
+            raise RunFailed(f"{one_line(outcome)}{hint}") from outcome
+        raise RunFailed(f"flow run {run_id} ended {state.name}: {state.message}{hint}")
+    _summary(config, outcome)
     return 0
+
+
+class RunFailed(RuntimeError):
+    """The flow run did not complete; the message says why (and how to retry it)."""
 
 
 NEEDS_SERVER = ("start one with 'prefect server start' and set "

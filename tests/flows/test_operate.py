@@ -159,3 +159,32 @@ def test_prefect_yaml_deploys_the_same_flow():
     from flows.pipeline import house_price_pipeline  # the entrypoint resolves
 
     assert house_price_pipeline.name == "house-price"
+
+
+def test_failed_cli_run_says_how_to_retry_and_rerun_completes_it_in_place(
+        prefect_server, data_server, tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    (root / "train").write_text("a file where the train stage keeps its versions")
+    config = write_config(tmp_path / "c.json", train={"n_splits": 3})
+    args = ["run", "--config", str(config), "--epochs", "3", "--artifacts", str(root),
+            "--data-url", data_server.url, "--data-dir", str(tmp_path / "cache")]
+    proc = houseprice(args, prefect_server)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    line = [x for x in out.splitlines() if x.startswith("houseprice: error")][-1]
+    assert "stage 'train' failed" in line and "houseprice rerun " in line
+    run_id = line.rsplit("houseprice rerun ", 1)[1].rstrip("'")
+    (root / "train").unlink()  # fixed
+    proc = houseprice(["rerun", run_id], prefect_server)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert f"flow run {run_id} completed" in out
+    with temporary_settings({PREFECT_API_URL: prefect_server}), \
+            get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(run_id))
+        assert run.state.is_completed() and run.run_count == 2
+        states = _task_states(client, run.id, attempt=2)
+    for stage in ("download", "preprocess", "tensorize"):
+        assert states[stage] == ["Cached"], (stage, states)
+    assert set(states["train"]) == {"Completed"} and states["predict"] == ["Completed"]
