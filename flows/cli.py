@@ -15,11 +15,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tasks.config import STAGES
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-STAGE_NAMES = ("download", "preprocess", "tensorize", "train", "select", "predict")
 
 
 def _config_flags() -> argparse.ArgumentParser:
@@ -61,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[_config_flags()],
                          help="run the whole pipeline (download ... predict)")
-    run.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, metavar="STAGE",
+    run.add_argument("--from", dest="from_stage", choices=STAGES, metavar="STAGE",
                      help="recompute this stage and all after it (refreshing their cache): "
-                          + ", ".join(STAGE_NAMES))
+                          + ", ".join(STAGES))
     _runner_flags(run)
 
     serve = sub.add_parser(
@@ -230,7 +229,7 @@ def _rerun(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         while args.timeout > 0:
             state = client.read_flow_run(run_id).state
-            if state.is_final() and state.name != "AwaitingRetry":
+            if state.is_final():
                 if state.is_completed():
                     print(f"houseprice: flow run {run_id} completed")
                     return 0

@@ -5,21 +5,19 @@ Deployment entrypoint: ``flows/pipeline.py:house_price_pipeline`` (see ``prefect
 
 # No ``from __future__ import annotations``: Prefect builds the parameter model from these
 # annotations when a runner loads this file by path, and string annotations do not resolve.
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow
 
-from tasks.config import PipelineConfig
+from tasks.config import STAGES, PipelineConfig, Stage
 from tasks.download import download_task
 from tasks.predict import predict_task
 from tasks.preprocess import preprocess_task
 from tasks.report import publish_task
 from tasks.select import select_task
-from tasks.stage import STAGES, run_stage, submit_stage
+from tasks.stage import run_stage, submit_stage
 from tasks.tensorize import tensorize_task
 from tasks.train import train_task
-
-Stage = Literal["download", "preprocess", "tensorize", "train", "select", "predict"]
 
 
 @flow(name="house-price", log_prints=True)

@@ -13,7 +13,7 @@ import os
 import random
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,10 @@ from pydantic import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REGISTRY_PATH = PROJECT_ROOT / "data" / "registry.json"
+
+# The pipeline's stages, in order (the flow's ``from_stage`` parameter and ``--from``).
+Stage = Literal["download", "preprocess", "tensorize", "train", "select", "predict"]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.config import CandidateConfig
-from tasks.models import Regressor
+from tasks.models import Regressor, log_price
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -73,6 +73,11 @@ def _state_dicts(spec: CandidateConfig, n_features: int, weights: list[torch.Ten
     return out
 
 
+def _per_model(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``v`` ``(M,)`` shaped to broadcast over ``p`` ``(M, ...)``: one value per model."""
+    return v.view((-1,) + (1,) * (p.dim() - 1))
+
+
 class StackedOptimizer:
     """Adam or SGD (PyTorch's update rules, L2 weight decay added to the gradient) over
     parameters whose first dimension indexes independent models.
@@ -81,17 +86,13 @@ class StackedOptimizer:
     (``_foreach``) form with scalar bias corrections; once a model has skipped a step, each
     model's own step count is used."""
 
-    def __init__(self, params: list[torch.Tensor], spec: CandidateConfig, n_models: int):
+    def __init__(self, params: list[torch.Tensor], spec: CandidateConfig):
         self.params, self.spec = params, spec
         self.t = 0  # the common step count, while all models have stepped together
         self.step_count: torch.Tensor | None = None  # (M,) float64 once they differ
         if spec.optimizer == "adam":
             self.exp_avg = [torch.zeros_like(p) for p in params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-
-    @staticmethod
-    def _per_model(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return v.view((-1,) + (1,) * (p.dim() - 1))  # broadcast (M,) over p
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], active: torch.Tensor | None = None) -> None:
@@ -102,7 +103,7 @@ class StackedOptimizer:
             grads = torch._foreach_add(grads, params, alpha=spec.weight_decay)
         if spec.optimizer == "sgd":
             if active is not None:
-                grads = [g * self._per_model(active, p) for g, p in zip(grads, params,
+                grads = [g * _per_model(active, p) for g, p in zip(grads, params,
                                                                         strict=True)]
             torch._foreach_add_(params, grads, alpha=-spec.lr)
             return
@@ -127,11 +128,11 @@ class StackedOptimizer:
         bc1 = (1 - b1 ** t).float()
         bc2_sqrt = (1 - b2 ** t).sqrt().float()
         for p, g, m, v in zip(params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-            a = self._per_model(active, p)
+            a = _per_model(active, p)
             m.copy_(torch.where(a, m.lerp(g, 1 - b1), m))
             v.copy_(torch.where(a, v * b2 + (1 - b2) * g * g, v))
-            upd = m / (v.sqrt() / self._per_model(bc2_sqrt, p) + ADAM_EPS)
-            p.sub_(torch.where(a, upd * self._per_model(spec.lr / bc1, p), 0.0))
+            upd = m / (v.sqrt() / _per_model(bc2_sqrt, p) + ADAM_EPS)
+            p.sub_(torch.where(a, upd * _per_model(spec.lr / bc1, p), 0.0))
 
 
 def _rand(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device,
@@ -239,7 +240,7 @@ def _batch_plans(sizes: list[int], batch: int, device: torch.device
 def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                   valid_mask: torch.Tensor, spec: CandidateConfig, target: str,
                   seeds: list[int],
-                  on_epoch: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+                  on_epoch: Callable[[int], None] | None = None,
                   ) -> EngineResult:
     """Train M models of ``spec`` at once.
 
@@ -255,7 +256,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     weights, biases = _init_stack(spec, d, seeds)
     params = [t.to(device) for t in weights + biases]
     weights, biases = params[:len(weights)], params[len(weights):]
-    opt = StackedOptimizer(params, spec, M)
+    opt = StackedOptimizer(params, spec)
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     # Per-model target scaling from its own training rows (log target standardized).
@@ -271,6 +272,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
 
     # Each model's training rows, padded to the longest; padding sorts last in every shuffle.
     n_train = train_mask.sum(1)
+    n_valid = valid_mask.sum(1).clamp(min=1)
     width = int(n_train.max())
     rows = torch.where(train_mask, torch.arange(n, device=device), n).sort(1).values[:, :width]
     rows = rows.clamp(max=n - 1)
@@ -279,17 +281,12 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     own_batches = torch.tensor([sum(c[m] > 0 for *_, c in plans) for m in range(M)],
                                device=device).clamp(min=1)
 
-    def to_log_price(out: torch.Tensor) -> torch.Tensor:
-        if target == "log":
-            return (out * y_std + y_mean).clamp(min=0.0)
-        return torch.log(out.clamp(min=1.0))
-
     def score() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            pred = to_log_price(predict_stacked(X, weights, biases, spec))
+            pred = log_price(predict_stacked(X, weights, biases, spec), target, y_mean, y_std)
             err = (pred - logy) ** 2
-            tr = ((err * train_mask).sum(1) / train_mask.sum(1)).sqrt()
-            va = ((err * valid_mask).sum(1) / valid_mask.sum(1).clamp(min=1)).sqrt()
+            tr = ((err * train_mask).sum(1) / n_train).sqrt()
+            va = ((err * valid_mask).sum(1) / n_valid).sqrt()
         return tr, va, pred
 
     curves = {k: torch.zeros(M, spec.epochs, dtype=torch.float64)
@@ -317,14 +314,14 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             grad_sum += norm if active is None else norm * active
             if spec.clip_grad_norm is not None:
                 scale = (spec.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-                grads = [g * scale.view((-1,) + (1,) * (g.dim() - 1)) for g in grads]
+                grads = [g * _per_model(scale, g) for g in grads]
             opt.step(grads, active)
         tr, va, _ = score()
         curves["train_log_rmse"][:, epoch] = tr.double().cpu()
         curves["valid_log_rmse"][:, epoch] = va.double().cpu()
         curves["grad_norm"][:, epoch] = (grad_sum / own_batches).double().cpu()
         if on_epoch is not None:
-            on_epoch(epoch, {k: v[:, epoch] for k, v in curves.items()})
+            on_epoch(epoch)
         bad = ~torch.isfinite(curves["grad_norm"][:, epoch]) | ~torch.isfinite(
             curves["train_log_rmse"][:, epoch])
         if bad.any():

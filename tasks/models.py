@@ -79,6 +79,13 @@ def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> Non
             raise ValueError(f"unknown init scheme {scheme!r}")
 
 
+def rmse(pred_log_price, log_price_true) -> float:
+    """The same metric on NumPy arrays of log prices ``(n,)``."""
+    import numpy as np
+
+    return float(np.sqrt(np.mean((pred_log_price - log_price_true) ** 2)))
+
+
 def make_sklearn(spec: CandidateConfig, seed: int):
     """The scikit-learn regressor a ridge / lasso / hgb candidate names (unfitted)."""
     from sklearn.ensemble import HistGradientBoostingRegressor
@@ -114,8 +121,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def log_price(output: torch.Tensor, target: str, y_mean: float, y_std: float) -> torch.Tensor:
-    """Model output -> log(price), with the book's clamp of predicted prices to >= 1."""
+def log_price(output: torch.Tensor, target: str, y_mean: float | torch.Tensor,
+              y_std: float | torch.Tensor) -> torch.Tensor:
+    """Model output -> log(price), with the book's clamp of predicted prices to >= 1.
+    ``y_mean``/``y_std`` may be per-model ``(M, 1)`` tensors for stacked outputs ``(M, n)``."""
     if target == "log":
         return (output * y_std + y_mean).clamp(min=0.0)
     return torch.log(output.clamp(min=1.0))

@@ -30,6 +30,7 @@ from scipy.optimize import nnls
 
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, TrainConfig
+from tasks.models import rmse
 from tasks.stage import build_stage, stage_task_options
 
 STAGE = "select"
@@ -163,10 +164,6 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def _rmse(pred: np.ndarray, logy: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((pred - logy) ** 2)))
-
-
 def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on: str
                   ) -> dict[str, Any]:
     """The blend as a leaderboard entry: cross-fitted OOF scores, per-fold scores, and the
@@ -175,13 +172,13 @@ def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on:
     clean = ~oof["outlier"].to_numpy(bool)
     use = clean if select_on == "clean" else np.ones(len(oof), bool)
     pred = cross_fitted_blend(P, logy, fold, use)
-    per_fold = [_rmse(pred[fold == k], logy[fold == k]) for k in np.unique(fold)]
+    per_fold = [rmse(pred[fold == k], logy[fold == k]) for k in np.unique(fold)]
     weights = fit_blend(P[use], logy[use])
     return {
         "candidate": BLEND, "kind": BLEND, "status": "ok", "reason": None,
         "mean_valid_log_rmse": float(np.mean(per_fold)),
         "std_valid_log_rmse": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
-        "oof_log_rmse_all": _rmse(pred, logy), "oof_log_rmse_clean": _rmse(pred[clean],
+        "oof_log_rmse_all": rmse(pred, logy), "oof_log_rmse_clean": rmse(pred[clean],
                                                                           logy[clean]),
         "n_rows_all": len(oof), "n_rows_clean": int(clean.sum()),
         "folds": [{"fold": int(k), "valid_log_rmse": v}

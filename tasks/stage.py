@@ -32,11 +32,9 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "preprocess": ("preprocess.py",),
     "tensorize": ("tensorize.py", "preprocess.py"),
     "train": ("train.py", "engine.py", "models.py"),
-    "select": ("select.py",),
+    "select": ("select.py", "models.py"),
     "predict": ("predict.py", "preprocess.py", "models.py"),
 }
-
-STAGES = ("download", "preprocess", "tensorize", "train", "select", "predict")
 
 # Inputs that say where things run, not what is computed.
 _UNVERSIONED_INPUTS = frozenset({"root", "force"})

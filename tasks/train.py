@@ -24,7 +24,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.engine import train_stacked
-from tasks.models import make_sklearn, resolve_device, sklearn_log_price
+from tasks.models import make_sklearn, resolve_device, rmse, sklearn_log_price
 from tasks.stage import StageError, build_stage, stage_task_options
 from tasks.tensorize import read_matrix
 
@@ -77,10 +77,6 @@ def fit_rows(folds: list[tuple[np.ndarray, np.ndarray]], excluded: np.ndarray
     return [tr[~excluded[tr]] for tr, _ in folds]
 
 
-def _rmse(pred: np.ndarray, logy: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((pred - logy) ** 2)))
-
-
 def _cv_torch(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
               folds: list[tuple[np.ndarray, np.ndarray]], fitted: list[np.ndarray],
               on_epoch: Callable[[int], None]) -> CVResult:
@@ -97,7 +93,7 @@ def _cv_torch(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: Train
         torch.tensor(X, dtype=torch.float32, device=device),
         torch.tensor(y, dtype=torch.float32, device=device),
         train_mask.to(device), valid_mask.to(device), spec, config.target, seeds,
-        on_epoch=lambda e, _: on_epoch(e),
+        on_epoch=on_epoch,
     )
     # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
     pred = res.pred_log_price.view(K, S, n).mean(1).numpy()
@@ -111,8 +107,8 @@ def _cv_torch(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: Train
               for k in range(K)]
     return CVResult(
         folds=folds, members=members,
-        train_log_rmse=[_rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
-        valid_log_rmse=[_rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
+        train_log_rmse=[rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
+        valid_log_rmse=[rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
         oof_log_price=oof, curves=curves, diverged=res.diverged,
     )
 
@@ -131,8 +127,8 @@ def _cv_sklearn(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: Tra
         p_va = sklearn_log_price(est, X[va], config.target)
         oof[va] = p_va
         members.append([{"sklearn": pickle.dumps(est)}])
-        train_rmse.append(_rmse(p_tr, logy[tr]))
-        valid_rmse.append(_rmse(p_va, logy[va]))
+        train_rmse.append(rmse(p_tr, logy[tr]))
+        valid_rmse.append(rmse(p_va, logy[va]))
         on_fold(k)
     return CVResult(folds=folds, members=members, train_log_rmse=train_rmse,
                     valid_log_rmse=valid_rmse, oof_log_price=oof, curves=None)
@@ -203,7 +199,7 @@ def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
     ok = cv.diverged is None and bool(np.isfinite(valid).all())
 
     def oof(rows: np.ndarray) -> float | None:
-        return _rmse(cv.oof_log_price[rows], logy[rows]) if ok else None
+        return rmse(cv.oof_log_price[rows], logy[rows]) if ok else None
 
     return {
         "candidate": spec.name,
@@ -236,13 +232,11 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     excluded = outliers if config.exclude_outliers else np.zeros(len(m.ids), bool)
     cv = cross_validate(m.X, m.y, candidate, config, excluded, progress)
     metrics = candidate_metrics(candidate, cv, np.log(m.y), outliers)
-    for f in metrics["folds"]:
-        log(f"{candidate.name}: fold {f['fold'] + 1}/{config.n_splits} "
-            f"train log RMSE {f['train_log_rmse']}, valid log RMSE {f['valid_log_rmse']}"
-            if metrics["status"] != "ok" else
-            f"{candidate.name}: fold {f['fold'] + 1}/{config.n_splits} train log RMSE "
-            f"{f['train_log_rmse']:.4f}, valid log RMSE {f['valid_log_rmse']:.4f}")
-    if metrics["status"] != "ok":
+    if metrics["status"] == "ok":
+        for f in metrics["folds"]:
+            log(f"{candidate.name}: fold {f['fold'] + 1}/{config.n_splits} train log RMSE "
+                f"{f['train_log_rmse']:.4f}, valid log RMSE {f['valid_log_rmse']:.4f}")
+    else:
         log(f"{candidate.name}: diverged: {metrics['reason']}")
     torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members]},
                out_dir / "models.pt")

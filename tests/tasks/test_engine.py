@@ -84,7 +84,7 @@ def test_stacked_adam_matches_torch_adam_including_skipped_steps():
     lone = [torch.nn.Parameter(stacked[m].clone()) for m in range(3)]
     opts = [torch.optim.Adam([p], lr=0.1, weight_decay=0.01) for p in lone]
     param = stacked.clone().requires_grad_()
-    ours = StackedOptimizer([param], spec, 3)
+    ours = StackedOptimizer([param], spec)
     for step in range(5):
         grad = torch.randn(3, 4, 2)
         active = torch.tensor([True, step % 2 == 0, True])
