@@ -28,7 +28,7 @@ from torch.utils import data as tud
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.config import CandidateConfig, TrainConfig  # noqa: E402
+from tasks.config import TrainConfig, candidate  # noqa: E402
 from tasks.preprocess import fit_preprocessor, read_csv  # noqa: E402
 from tasks.train import cross_validate  # noqa: E402
 
@@ -121,7 +121,7 @@ def main() -> None:
         print(f"reference run {r + 1}: {ref_times[-1]:.2f} s, mean valid log RMSE "
               f"{ref_scores[-1]:.4f}", flush=True)
 
-    spec = CandidateConfig(name="book-linear", kind="linear", hidden=(), optimizer="adam",
+    spec = candidate(name="book-linear", kind="linear", optimizer="adam",
                            lr=LR, weight_decay=WD, batch_size=BATCH, epochs=EPOCHS)
     eng_times, eng_scores = [], []
     for r in range(args.repeat):

@@ -111,8 +111,31 @@ def build_config(args: argparse.Namespace):
     put("train", "target", args.target)
     put("train", "device", args.device)
     put("preprocess", "fit_on", args.fit_on)
-    config = PipelineConfig.model_validate(data)
-    return config.with_epochs(args.epochs) if args.epochs is not None else config
+    try:
+        config = PipelineConfig.model_validate(data)
+        return config.with_epochs(args.epochs) if args.epochs is not None else config
+    except ValidationError as exc:
+        raise ConfigError(_config_error(exc, data)) from None
+
+
+class ConfigError(ValueError):
+    """The run's configuration is invalid (exit 2); the message names the field."""
+
+
+def _where(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
+    """A pydantic error location, a listed candidate named by its name rather than
+    ``candidates.0``, and the union's kind tag left out (the message names the kind)."""
+    from tasks.kinds import KINDS
+
+    parts = list(loc)
+    if len(parts) >= 2 and parts[0] == "candidates" and isinstance(parts[1], int):
+        listed = data.get("candidates") or []
+        entry = listed[parts[1]] if parts[1] < len(listed) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name:
+            rest = parts[3:] if len(parts) > 2 and parts[2] in KINDS else parts[2:]
+            return f"candidate '{name}'" + "".join(f".{p}" for p in rest)
+    return ".".join(str(p) for p in parts) or "config"
 
 
 def _check_api(url: str) -> None:
@@ -272,9 +295,9 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_error(exc: ValidationError) -> str:
+def _config_error(exc: ValidationError, data: dict[str, Any] | None = None) -> str:
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "config"
+    field = _where(tuple(err["loc"]), data or {})
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"invalid configuration: {field}: {err['msg']}{more}; fix it in --config or the flags"
 
@@ -300,6 +323,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         commands = {"run": _run, "serve": _serve, "rerun": _rerun, "predict": _predict}
         return commands[args.command](args)
+    except ConfigError as exc:
+        print(f"houseprice: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ValidationError as exc:
         print(f"houseprice: error: {_config_error(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.config import STAGES, PipelineConfig, Stage
+from tasks.config import STAGES, PipelineConfig, Stage, run_name
 from tasks.download import download_task
 from tasks.predict import predict_task
 from tasks.preprocess import preprocess_task
@@ -20,7 +20,20 @@ from tasks.tensorize import tensorize_task
 from tasks.train import train_task
 
 
-@flow(name="house-price", log_prints=True)
+def _flow_run_name() -> str:
+    """``data <version> · config <hash>``: a list of runs reads as what each one computed."""
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    try:
+        config = config if isinstance(config, PipelineConfig) else (
+            PipelineConfig.model_validate(config or {}))
+    except ValueError:  # an invalid config fails the run with its own message, below
+        return "invalid config"
+    return run_name(config)
+
+
+@flow(name="house-price", log_prints=True, flow_run_name=_flow_run_name)
 def house_price_pipeline(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008
     from_stage: Stage | None = None,
@@ -47,7 +60,8 @@ def house_price_pipeline(
     ]
     trained = [f.result() for f in futures]
     model = run_stage(select_task, root, force=force["select"], trained=trained,
-                      candidates=list(config.all_candidates()), config=config.train)
+                      candidates=list(config.all_candidates()), config=config.train,
+                      select=config.select)
     predictions = run_stage(predict_task, root, force=force["predict"], model=model, raw=raw,
                             config=config.predict)
     return publish_task(model, predictions, trained, config.submission)

@@ -1,28 +1,28 @@
 """One typed, frozen config tree for the whole pipeline.
 
-Each stage receives only its own part. Fields listed in a model's ``_unversioned`` say *where*
-or *how* something runs (paths, URLs, timeouts, device), not *what* it computes, so they are
-left out of artifact versions and cache keys.
+Each stage receives only its own part, and a stage's version holds only the fields it reads.
+Fields listed in a model's ``_unversioned`` say *where* or *how* something runs (paths, URLs,
+timeouts, device), not *what* it computes, so they are left out of artifact versions and cache
+keys. Candidates are a discriminated union on ``kind`` (``tasks/kinds``): each kind has only
+its own fields.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import random
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from tasks.frozen import Frozen as _Frozen
+from tasks.kinds import KINDS, Candidate, CandidateConfig, candidate, check_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REGISTRY_PATH = PROJECT_ROOT / "data" / "registry.json"
@@ -30,18 +30,6 @@ REGISTRY_PATH = PROJECT_ROOT / "data" / "registry.json"
 # The pipeline's stages, in order (the flow's ``from_stage`` parameter and ``--from``).
 Stage = Literal["download", "preprocess", "tensorize", "train", "select", "predict"]
 STAGES: tuple[str, ...] = get_args(Stage)
-
-Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    _unversioned: ClassVar[frozenset[str]] = frozenset()
-
-    def version_params(self) -> dict[str, Any]:
-        """The fields that determine what a stage computes, as plain JSON."""
-        return self.model_dump(mode="json", exclude=set(self._unversioned))
-
 
 class RemoteFile(_Frozen):
     name: str
@@ -105,52 +93,6 @@ class PreprocessConfig(_Frozen):
     )
 
 
-TORCH_KINDS = ("linear", "mlp")
-SKLEARN_KINDS = ("ridge", "lasso", "hgb")
-
-
-class CandidateConfig(_Frozen):
-    """One candidate model and how it is optimized.
-
-    Torch kinds (``linear``, ``mlp``) use the network and optimizer fields; ``ridge`` and
-    ``lasso`` use ``alpha``; ``hgb`` (scikit-learn's HistGradientBoostingRegressor) uses
-    ``lr`` as its learning rate, ``max_iter`` trees, ``max_leaf_nodes``, ``min_samples_leaf``
-    and ``weight_decay`` as its L2 regularization.
-    """
-
-    name: Name
-    kind: Literal["linear", "mlp", "ridge", "lasso", "hgb"] = "mlp"
-    hidden: tuple[Annotated[int, Field(gt=0)], ...] = (256,)
-    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    init: Literal["default", "xavier", "normal"] = "default"
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: Annotated[float, Field(gt=0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    epochs: Annotated[int, Field(gt=0, le=100_000)] = 100
-    batch_size: Annotated[int, Field(gt=0)] = 64
-    seeds: Annotated[int, Field(ge=1, le=32)] = Field(
-        1, description="torch: train this many seeds per fold and average them (one candidate)"
-    )
-    clip_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="torch: clip each step's gradient norm to this value"
-    )
-    alpha: Annotated[float, Field(gt=0)] = 1.0
-    max_iter: Annotated[int, Field(gt=0, le=100_000)] = 500
-    max_leaf_nodes: Annotated[int, Field(ge=2)] = 15
-    min_samples_leaf: Annotated[int, Field(ge=1)] = 20
-
-    @property
-    def is_torch(self) -> bool:
-        return self.kind in TORCH_KINDS
-
-    @model_validator(mode="after")
-    def _mlp_needs_layers(self) -> CandidateConfig:
-        if self.kind == "mlp" and not self.hidden:
-            raise ValueError("an mlp candidate needs at least one hidden layer size")
-        return self
-
-
 class TrainConfig(_Frozen):
     """K-fold cross-validation settings shared by all candidates."""
 
@@ -169,7 +111,13 @@ class TrainConfig(_Frozen):
         True, description="leave De Cock's two huge partial sales (GrLivArea > 4000, "
         "SalePrice < 300000) out of fitting; they are still predicted and scored",
     )
-    select_on: Literal["clean", "all"] = Field(
+
+
+class SelectConfig(_Frozen):
+    """How the model is chosen from the trained candidates (read by select only, so changing
+    it retrains nothing)."""
+
+    on: Literal["clean", "all"] = Field(
         "clean", description="rows the out-of-fold log RMSE that picks the model is taken on: "
         "'clean' leaves out those two outliers, 'all' uses every row",
     )
@@ -186,21 +134,20 @@ def default_candidates() -> tuple[CandidateConfig, ...]:
     beside it: lasso and histogram gradient boosting. Ridge and the MLPs come from
     ``default_search``."""
     return (
-        CandidateConfig(
-            name="linear", kind="linear", hidden=(), lr=0.01, weight_decay=1e-3, epochs=100
-        ),
-        CandidateConfig(name="lasso", kind="lasso", hidden=(), alpha=5e-4, max_iter=5000),
-        CandidateConfig(name="hgb", kind="hgb", hidden=(), lr=0.05, max_iter=500,
-                        max_leaf_nodes=15, min_samples_leaf=10),
+        candidate(name="linear", kind="linear", lr=0.01, weight_decay=1e-3, epochs=100),
+        candidate(name="lasso", kind="lasso", alpha=5e-4, max_iter=5000),
+        candidate(name="hgb", kind="hgb", learning_rate=0.05, max_iter=500, max_leaf_nodes=15,
+                  min_samples_leaf=10),
     )
 
 
 class SearchSpace(_Frozen):
     """A declared search space turned into candidates: every combination of ``grid``
     (``mode='grid'``) or ``n_samples`` seeded random combinations (``mode='random'``), each
-    applied to ``base``; candidate ``i`` is named ``{base.name}-{i:02d}``."""
+    applied to ``base``; candidate ``i`` is named ``{base.name}-{i:02d}``. The grid may name
+    only fields of the base candidate's kind."""
 
-    base: CandidateConfig
+    base: Candidate
     grid: dict[str, tuple[Any, ...]]
     mode: Literal["grid", "random"] = "grid"
     n_samples: Annotated[int, Field(ge=1, le=1000)] = 8
@@ -208,10 +155,11 @@ class SearchSpace(_Frozen):
 
     @field_validator("grid")
     @classmethod
-    def _known_fields(cls, value: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
-        unknown = sorted(set(value) - set(CandidateConfig.model_fields) | ({"name"} & set(value)))
-        if unknown:
-            raise ValueError(f"cannot search over {', '.join(unknown)}: not a candidate field")
+    def _some_values(cls, value: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+        fixed = sorted({"name", "kind"} & set(value))
+        if fixed:
+            raise ValueError(f"cannot search over {', '.join(fixed)}: declare one search "
+                             "space per kind")
         empty = sorted(k for k, v in value.items() if not v)
         if empty:
             raise ValueError(f"no values to search for {', '.join(empty)}")
@@ -219,6 +167,7 @@ class SearchSpace(_Frozen):
 
     @model_validator(mode="after")
     def _valid_candidates(self) -> SearchSpace:
+        check_fields(self.base.kind, sorted(self.grid), f"search over '{self.base.name}'")
         try:
             self.candidates()
         except ValidationError as exc:
@@ -235,7 +184,7 @@ class SearchSpace(_Frozen):
             combos = rng.sample(combos, min(self.n_samples, len(combos)))
         base = self.base.model_dump()
         return tuple(
-            CandidateConfig.model_validate(
+            type(self.base).model_validate(
                 {**base, **dict(zip(keys, combo, strict=True)), "name": f"{self.base.name}-{i:02d}"}
             )
             for i, combo in enumerate(combos)
@@ -246,11 +195,11 @@ def default_search() -> tuple[SearchSpace, ...]:
     """A small grid, sized so a default run takes a couple of minutes on 2 CPU cores: ridge's
     penalty, and MLPs over weight decay and activation (3 seeds averaged per fold)."""
     return (
-        SearchSpace(base=CandidateConfig(name="ridge", kind="ridge", hidden=()),
+        SearchSpace(base=candidate(name="ridge", kind="ridge"),
                     grid={"alpha": (3.0, 10.0, 30.0)}),
         SearchSpace(
-            base=CandidateConfig(name="mlp", hidden=(256,), dropout=0.3, lr=1e-3,
-                                 batch_size=128, epochs=100, seeds=3),
+            base=candidate(name="mlp", kind="mlp", hidden=(256,), dropout=0.3, lr=1e-3,
+                           batch_size=128, epochs=100, seeds=3),
             grid={"weight_decay": (3e-3, 1e-2), "activation": ("relu", "tanh")},
         ),
     )
@@ -266,9 +215,22 @@ class PipelineConfig(_Frozen):
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    candidates: tuple[CandidateConfig, ...] = Field(default_factory=default_candidates)
+    candidates: tuple[Candidate, ...] = Field(default_factory=default_candidates)
     search: tuple[SearchSpace, ...] = Field(default_factory=default_search)
+    select: SelectConfig = Field(default_factory=SelectConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        """Fields that moved between sections get an error saying where they went."""
+        if isinstance(data, dict) and isinstance(data.get("train"), dict) and (
+                "select_on" in data["train"]):
+            raise PydanticCustomError(
+                "moved_field", "train.select_on moved to select.on (it is read only by "
+                "select; changing it no longer retrains): write [select] on = \"{v}\"",
+                {"v": str(data["train"]["select_on"])})
+        return data
 
     @field_validator("candidates")
     @classmethod
@@ -289,14 +251,28 @@ class PipelineConfig(_Frozen):
         return self.candidates + tuple(c for s in self.search for c in s.candidates())
 
     def with_epochs(self, epochs: int) -> PipelineConfig:
-        """A copy with every torch candidate (listed or searched) trained ``epochs`` epochs."""
+        """A copy with every epoch-trained candidate (listed or searched) trained ``epochs``
+        epochs."""
         data = self.model_dump()
         for cand in [*data["candidates"], *(s["base"] for s in data["search"])]:
-            if cand["kind"] in TORCH_KINDS:
+            if "epochs" in KINDS[cand["kind"]].model_fields:
                 cand["epochs"] = epochs
         for space in data["search"]:
             space["grid"].pop("epochs", None)
         return PipelineConfig.model_validate(data)
+
+
+def short_hash(value: Any) -> str:
+    """8 hex digits naming ``value`` (plain JSON) by content."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def run_name(config: PipelineConfig) -> str:
+    """A flow run's name that reads well in a list of runs: the data's version (the hash of
+    its files' sorted (name, SHA-1) pairs) and the config's short hash (what is computed)."""
+    data = short_hash(sorted((f.name, f.sha1) for f in config.data.files.values()))
+    return f"data {data} · config {short_hash(config.version_params())}"
 
 
 def _check_unique(names: list[str]) -> None:

@@ -18,11 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from tasks.config import CandidateConfig
 from tasks.models import Regressor, log_price
+
+if TYPE_CHECKING:
+    from tasks.kinds.torch_net import TorchCandidate
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -41,7 +44,7 @@ class EngineResult:
     diverged: str | None  # why training stopped early, or None
 
 
-def _init_stack(spec: CandidateConfig, n_features: int, seeds: list[int]
+def _init_stack(spec: TorchCandidate, n_features: int, seeds: list[int]
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Stacked ``(M, in, out)`` weights and ``(M, 1, out)`` biases, model ``m`` initialized
     exactly as a lone ``Regressor`` seeded with ``seeds[m]`` would be."""
@@ -58,7 +61,7 @@ def _init_stack(spec: CandidateConfig, n_features: int, seeds: list[int]
     return weights, biases
 
 
-def _state_dicts(spec: CandidateConfig, n_features: int, weights: list[torch.Tensor],
+def _state_dicts(spec: TorchCandidate, n_features: int, weights: list[torch.Tensor],
                  biases: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Unstack into one ``Regressor`` state dict per model (what predict loads)."""
     out = []
@@ -86,7 +89,7 @@ class StackedOptimizer:
     (``_foreach``) form with scalar bias corrections; once a model has skipped a step, each
     model's own step count is used."""
 
-    def __init__(self, params: list[torch.Tensor], spec: CandidateConfig):
+    def __init__(self, params: list[torch.Tensor], spec: TorchCandidate):
         self.params, self.spec = params, spec
         self.t = 0  # the common step count, while all models have stepped together
         self.step_count: torch.Tensor | None = None  # (M,) float64 once they differ
@@ -162,7 +165,7 @@ def _activation_grad(a: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def predict_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                    spec: CandidateConfig) -> torch.Tensor:
+                    spec: TorchCandidate) -> torch.Tensor:
     """Shared ``X (n, d)`` -> ``(M, n)`` outputs of every model (eval mode: no dropout)."""
     h = X
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
@@ -174,7 +177,7 @@ def predict_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[t
 
 def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
                      weights: list[torch.Tensor], biases: list[torch.Tensor],
-                     spec: CandidateConfig, gens: list[torch.Generator],
+                     spec: TorchCandidate, gens: list[torch.Generator],
                      counts: list[int] | None) -> list[torch.Tensor]:
     """One training step's gradients, written out rather than taped (autograd's bookkeeping
     costs as much as the arithmetic at these sizes).
@@ -238,7 +241,7 @@ def _batch_plans(sizes: list[int], batch: int, device: torch.device
 
 
 def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
-                  valid_mask: torch.Tensor, spec: CandidateConfig, target: str,
+                  valid_mask: torch.Tensor, spec: TorchCandidate, target: str,
                   seeds: list[int],
                   on_epoch: Callable[[int], None] | None = None,
                   ) -> EngineResult:

@@ -8,11 +8,13 @@ so seeding that one would not make a run reproducible.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from tasks.config import CandidateConfig
+if TYPE_CHECKING:
+    from tasks.kinds.torch_net import TorchCandidate
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
@@ -35,7 +37,7 @@ class SeededDropout(nn.Module):
 class Regressor(nn.Module):
     """``(n, n_features) float32 -> (n,) float32``: linear, or an MLP with dropout."""
 
-    def __init__(self, spec: CandidateConfig, n_features: int,
+    def __init__(self, spec: TorchCandidate, n_features: int,
                  generator: torch.Generator | None = None,
                  dropout_generator: torch.Generator | None = None):
         """``generator`` (a CPU generator) draws the initial weights, so they are the same on
@@ -43,12 +45,11 @@ class Regressor(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         width = n_features
-        if spec.kind == "mlp":
-            for size in spec.hidden:
-                layers += [nn.Linear(width, size), ACTIVATIONS[spec.activation]()]
-                if spec.dropout > 0:
-                    layers.append(SeededDropout(spec.dropout, dropout_generator or generator))
-                width = size
+        for size in spec.hidden:  # none for the linear kind
+            layers += [nn.Linear(width, size), ACTIVATIONS[spec.activation]()]
+            if spec.dropout > 0:
+                layers.append(SeededDropout(spec.dropout, dropout_generator or generator))
+            width = size
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
         if generator is not None:
@@ -77,40 +78,6 @@ def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> Non
             b.zero_()
         else:
             raise ValueError(f"unknown init scheme {scheme!r}")
-
-
-def rmse(pred_log_price, log_price_true) -> float:
-    """The same metric on NumPy arrays of log prices ``(n,)``."""
-    import numpy as np
-
-    return float(np.sqrt(np.mean((pred_log_price - log_price_true) ** 2)))
-
-
-def make_sklearn(spec: CandidateConfig, seed: int):
-    """The scikit-learn regressor a ridge / lasso / hgb candidate names (unfitted)."""
-    from sklearn.ensemble import HistGradientBoostingRegressor
-    from sklearn.linear_model import Lasso, Ridge
-
-    if spec.kind == "ridge":
-        return Ridge(alpha=spec.alpha)
-    if spec.kind == "lasso":
-        return Lasso(alpha=spec.alpha, max_iter=spec.max_iter, random_state=seed)
-    if spec.kind == "hgb":
-        return HistGradientBoostingRegressor(
-            learning_rate=spec.lr, max_iter=spec.max_iter, max_leaf_nodes=spec.max_leaf_nodes,
-            min_samples_leaf=spec.min_samples_leaf, l2_regularization=spec.weight_decay,
-            early_stopping=False, random_state=seed,
-        )
-    raise ValueError(f"{spec.kind!r} is not a scikit-learn kind")
-
-
-def sklearn_log_price(estimator, X, target: str):
-    """A fitted regressor's predictions ``(n,) float64`` as log prices (clamped like
-    ``log_price``)."""
-    import numpy as np
-
-    out = np.asarray(estimator.predict(X), dtype=np.float64)
-    return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -7,7 +7,6 @@ chunk size, not the file size. Output is written to a temporary file and renamed
 from __future__ import annotations
 
 import os
-import pickle
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,10 +18,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from prefect import get_run_logger, task
+from pydantic import ValidationError
 
 from tasks.artifacts import ArtifactRef, write_json
-from tasks.config import CandidateConfig, PredictConfig
-from tasks.models import Regressor, log_price, sklearn_log_price
+from tasks.config import PredictConfig
+from tasks.kinds import CandidateConfig, Member, candidate
 from tasks.preprocess import ID, DataError, Preprocessor
 from tasks.select import CHECKPOINT_FORMAT
 from tasks.stage import build_stage, stage_task_options
@@ -33,51 +33,39 @@ HEADER = "Id,SalePrice\n"
 
 class FittedModel:
     """A loaded checkpoint: the preprocessor and its components (a single candidate, or a
-    weighted blend), each the average of its fold models in log space."""
+    weighted blend), each the average of its fold models in log space. Each component's kind
+    loads its own members."""
 
-    def __init__(self, checkpoint: dict[str, Any]):
+    def __init__(self, checkpoint: dict[str, Any], source: str = "the checkpoint"):
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise DataError(f"not a {CHECKPOINT_FORMAT} checkpoint "
-                            f"(format={checkpoint.get('format')!r}); rerun the select stage")
+            raise DataError(f"{source} is a {checkpoint.get('format') or 'pre-format'} "
+                            f"checkpoint, this code reads {CHECKPOINT_FORMAT}; rerun select "
+                            "to rebuild it ('houseprice run --from select')")
         self.target = checkpoint["target"]
         self.preprocessor = Preprocessor.from_dict(checkpoint["preprocessor"])
         self.metrics = checkpoint["metrics"]
-        self.components: list[tuple[float, CandidateConfig, list[list[Any]]]] = []
+        self.components: list[tuple[float, CandidateConfig, list[list[Member]]]] = []
         for comp in checkpoint["components"]:
-            spec = CandidateConfig(**comp["model_config"])
-            folds = [[self._load_member(spec, member, checkpoint["n_features"])
-                      for member in fold["members"]] for fold in comp["folds"]]
+            try:
+                spec = candidate(**comp["model_config"])
+            except ValidationError as exc:
+                raise DataError(f"{source}: component {comp.get('candidate')!r} has a config "
+                                f"this code cannot read ({exc.errors()[0]['msg']}); rerun "
+                                "select ('houseprice run --from select')") from None
+            folds = [[spec.load_member(m, checkpoint["n_features"], self.target)
+                      for m in fold["members"]] for fold in comp["folds"]]
             self.components.append((comp["weight"], spec, folds))
-
-    @staticmethod
-    def _load_member(spec: CandidateConfig, member: dict[str, Any], n_features: int) -> Any:
-        if spec.is_torch:
-            model = Regressor(spec, n_features)
-            model.load_state_dict(member["state_dict"])
-            return model.eval(), member["y_mean"], member["y_std"]
-        # A scikit-learn estimator this pipeline pickled into its own checkpoint (whose
-        # files are hash-checked against their manifest before use).
-        return pickle.loads(member["sklearn"])
 
     @classmethod
     def load(cls, path: str | Path) -> FittedModel:
-        return cls(torch.load(path, map_location="cpu", weights_only=True))
+        return cls(torch.load(path, map_location="cpu", weights_only=True), str(path))
 
-    @torch.no_grad()
     def predict_log_price(self, X: np.ndarray) -> np.ndarray:
         """``(n, n_features) float32 -> (n,) float64`` log price."""
-        X_t = torch.from_numpy(X)
         total = np.zeros(len(X))
-        for weight, spec, folds in self.components:
-            preds = []
-            for members in folds:
-                if spec.is_torch:
-                    member = [log_price(m(X_t), self.target, mu, sd).double().numpy()
-                              for m, mu, sd in members]
-                else:
-                    member = [sklearn_log_price(est, X, self.target) for est in members]
-                preds.append(np.mean(member, axis=0))
-            total += weight * np.mean(preds, axis=0)
+        for weight, _, folds in self.components:
+            per_fold = [np.mean([m.log_price(X) for m in members], axis=0) for members in folds]
+            total += weight * np.mean(per_fold, axis=0)
         return total
 
 

@@ -50,7 +50,7 @@ def copy_atomic(src: Path, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-@task(name="publish", cache_policy=NO_CACHE)
+@task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
 def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[ArtifactRef],
                  submission: str | None) -> dict[str, Any]:
     """Mark these versions LATEST, create the dashboard artifacts, copy the submission."""

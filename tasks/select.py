@@ -29,12 +29,14 @@ from prefect import task
 from scipy.optimize import nnls
 
 from tasks.artifacts import ArtifactRef, write_json
-from tasks.config import CandidateConfig, TrainConfig
-from tasks.models import rmse
+from tasks.config import CandidateConfig, SelectConfig, TrainConfig
+from tasks.kinds.base import rmse
 from tasks.stage import build_stage, stage_task_options
 
 STAGE = "select"
-CHECKPOINT_FORMAT = "houseprice-checkpoint/2"
+# /3: candidates are kinds (each component's model_config holds only its kind's fields, and
+# its members are loaded by the kind); /2 checkpoints held the old flat config.
+CHECKPOINT_FORMAT = "houseprice-checkpoint/3"
 BLEND = "blend"
 
 
@@ -69,19 +71,20 @@ def cross_fitted_blend(P: np.ndarray, logy: np.ndarray, fold: np.ndarray, use: n
 
 
 def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]:
-    """Rows of fold x candidate valid log RMSE, mean ± spread, OOF scores on both row sets and
-    blend weights; the chosen model (a candidate or the blend) marked."""
+    """Rows of the metrics table, columns in reading order: candidate, selected, OOF scores
+    (all rows, then without the outliers), mean and spread over folds, each fold's valid log
+    RMSE, blend weight, status; the chosen model (a candidate or the blend) marked."""
     rows = []
     for m in board:
         row: dict[str, Any] = {"candidate": m["candidate"],
                                "selected": "yes" if m["candidate"] == chosen else ""}
+        for key, col in (("oof_log_rmse_all", "oof all rows"),
+                         ("oof_log_rmse_clean", "oof w/o outliers"),
+                         ("mean_valid_log_rmse", "mean"), ("std_valid_log_rmse", "std")):
+            row[col] = None if m.get(key) is None else round(m[key], 5)
         for f in m.get("folds", []):
             v = f["valid_log_rmse"]
             row[f"fold {f['fold'] + 1}"] = None if v is None else round(v, 5)
-        for key, col in (("mean_valid_log_rmse", "mean"), ("std_valid_log_rmse", "std"),
-                         ("oof_log_rmse_all", "oof all rows"),
-                         ("oof_log_rmse_clean", "oof w/o outliers")):
-            row[col] = None if m.get(key) is None else round(m[key], 5)
         row["blend weight"] = round(m["blend_weight"], 4) if "blend_weight" in m else None
         row["status"] = m.get("status", "ok") if m.get("reason") is None else (
             f"{m['status']}: {m['reason']}")
@@ -130,7 +133,7 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
         f"**{k}-fold out-of-fold log RMSE: {_fmt(chosen['oof_log_rmse_clean'])} on the "
         f"{chosen['n_rows_clean']} rows without the outliers, "
         f"{_fmt(chosen['oof_log_rmse_all'])} on all {chosen['n_rows_all']} rows** "
-        f"(chosen on: {config['select_on']}). Per fold: mean valid log RMSE "
+        f"(chosen on: {config['select.on']}). Per fold: mean valid log RMSE "
         f"{_fmt(chosen['mean_valid_log_rmse'])} ± {_fmt(chosen['std_valid_log_rmse'])}.",
         "",
         how,
@@ -188,9 +191,9 @@ def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on:
 
 
 def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
-                 config: TrainConfig, out_dir: Path) -> dict[str, Any]:
-    """Pick the best candidate or blend; write ``model.pt``, ``leaderboard.json``,
-    ``model_card.md``."""
+                 config: TrainConfig, select: SelectConfig, out_dir: Path) -> dict[str, Any]:
+    """Pick the best candidate or blend by OOF log RMSE on ``select.on`` rows; write
+    ``model.pt``, ``leaderboard.json``, ``model_card.md``."""
     metrics = [json.loads(ref.file("metrics.json").read_text()) for ref in trained]
     for m in metrics:
         m.pop("curves", None)
@@ -200,7 +203,7 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
     if not healthy:
         raise ValueError("no healthy candidate to select from: " + "; ".join(
             f"{m['candidate']} {m['status']} ({m['reason']})" for m in metrics))
-    key = _score_key(config.select_on)
+    key = _score_key(select.on)
     names = [m["candidate"] for m in healthy]
     frames = [pd.read_parquet(refs[n].file("oof.parquet")) for n in names]
     oof = frames[0].drop(columns="pred_log_price")
@@ -208,15 +211,15 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
     for f in frames[1:]:
         if not f["Id"].equals(oof["Id"]):  # same rows and folds, or blending is meaningless
             raise ValueError("candidates were trained on different rows; rerun the train stage")
-    board = leaderboard(metrics, config.select_on)
+    board = leaderboard(metrics, select.on)
     chosen = board[0]
     if len(healthy) > 1:
-        blend = blend_metrics(P, names, oof, config.select_on)
+        blend = blend_metrics(P, names, oof, select.on)
         for m in metrics:
             m["blend_weight"] = blend["weights"].get(m["candidate"], 0.0)
         if blend[key] < chosen[key]:
             chosen = blend
-        board = leaderboard([*metrics, blend], config.select_on)
+        board = leaderboard([*metrics, blend], select.on)
     weights = chosen["weights"] if chosen["candidate"] == BLEND else {chosen["candidate"]: 1.0}
     components = [
         {"candidate": n, "weight": w, "model_config": specs[n].model_dump(mode="json"),
@@ -250,7 +253,8 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
     card_components = [{k: c[k] for k in ("candidate", "weight", "model_config")}
                        for c in components]
     (out_dir / "model_card.md").write_text(
-        model_card(chosen, card_components, board, config.version_params(), lin)
+        model_card(chosen, card_components, board,
+                   {**config.version_params(), "select.on": select.on}, lin)
     )
     return {"selected": chosen["candidate"],
             "components": {c["candidate"]: c["weight"] for c in components},
@@ -258,15 +262,16 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             "std_valid_log_rmse": chosen["std_valid_log_rmse"],
             "oof_log_rmse_all": chosen["oof_log_rmse_all"],
             "oof_log_rmse_clean": chosen["oof_log_rmse_clean"],
-            "select_on": config.select_on,
+            "select_on": select.on,
             "diverged": [m["candidate"] for m in metrics if m["status"] != "ok"]}
 
 
 @task(**stage_task_options(STAGE))
 def select_task(trained: list[ArtifactRef], candidates: list[CandidateConfig],
-                config: TrainConfig, root: str, force: bool = False) -> ArtifactRef:
+                config: TrainConfig, select: SelectConfig, root: str,
+                force: bool = False) -> ArtifactRef:
     """Choose the best candidate or blend by OOF log RMSE; save a self-describing checkpoint."""
-    inputs = {"trained": trained, "candidates": candidates, "config": config}
+    inputs = {"trained": trained, "candidates": candidates, "config": config, "select": select}
     return build_stage(STAGE, root, inputs,
-                       lambda out: select_model(trained, candidates, config, out),
+                       lambda out: select_model(trained, candidates, config, select, out),
                        force=force)

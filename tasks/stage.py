@@ -21,19 +21,22 @@ from prefect.filesystems import LocalFileSystem
 
 from tasks import artifacts
 from tasks.artifacts import ArtifactRef, is_complete
-from tasks.config import _Frozen
+from tasks.frozen import Frozen
+from tasks.kinds import CandidateConfig, code_files
 
 TASKS_DIR = Path(__file__).resolve().parent
 
 # The source files whose text defines each stage's computation. The download stage's output
-# is fixed by the files' SHA-1 hashes alone, so its code is deliberately not part of it.
+# is fixed by the files' SHA-1 hashes alone, so its code is deliberately not part of it. A
+# train version also holds its candidate's kind's own files (``code_files``), so editing one
+# kind's module retrains that kind only.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
     "preprocess": ("preprocess.py",),
     "tensorize": ("tensorize.py", "preprocess.py"),
-    "train": ("train.py", "engine.py", "models.py"),
-    "select": ("select.py", "models.py"),
-    "predict": ("predict.py", "preprocess.py", "models.py"),
+    "train": ("train.py", "kinds/__init__.py"),
+    "select": ("select.py", "kinds/__init__.py", *code_files()),
+    "predict": ("predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),
 }
 
 # Inputs that say where things run, not what is computed.
@@ -45,18 +48,25 @@ class StageError(RuntimeError):
 
 
 @functools.cache
-def code_version(stage: str) -> str:
+def code_version(stage: str, extra: tuple[str, ...] = ()) -> str:
+    """Hash of the source files that define ``stage`` (and the ``extra`` ones)."""
     digest = hashlib.sha256()
-    for name in STAGE_CODE[stage]:
+    for name in (*STAGE_CODE[stage], *extra):
         digest.update(name.encode())
         digest.update((TASKS_DIR / name).read_bytes())
     return digest.hexdigest()[:12]
 
 
+def _stage_code(stage: str, inputs: dict[str, Any]) -> str:
+    cand = inputs.get("candidate")
+    extra = tuple(cand.code_files) if isinstance(cand, CandidateConfig) else ()
+    return code_version(stage, extra)
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, ArtifactRef):
         return {"stage": value.stage, "version": value.version}
-    if isinstance(value, _Frozen):
+    if isinstance(value, Frozen):
         return value.version_params()
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in value.items()}
@@ -85,7 +95,8 @@ def stage_version(stage: str, inputs: dict[str, Any]) -> str:
     """The content-derived version of ``stage`` run on ``inputs`` (16 hex digits)."""
     params, upstream = versioned_inputs(inputs)
     blob = json.dumps(
-        {"stage": stage, "code": code_version(stage), "params": params, "upstream": upstream},
+        {"stage": stage, "code": _stage_code(stage, inputs), "params": params,
+         "upstream": upstream},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -128,8 +139,15 @@ def _for_call(task: Task, root: str, inputs: dict[str, Any], force: bool) -> Tas
     ref = ArtifactRef(root=str(Path(root).resolve()), stage=task.name,
                       version=stage_version(task.name, inputs))
     return task.with_options(
-        result_storage=results_storage(root), refresh_cache=force or not is_complete(ref)
+        result_storage=results_storage(root), refresh_cache=force or not is_complete(ref),
+        task_run_name=task_run_name(task.name, inputs),
     )
+
+
+def task_run_name(stage: str, inputs: dict[str, Any]) -> str:
+    """What the dashboard lists a stage's task run as: ``train[lasso]``, ``select``."""
+    cand = inputs.get("candidate")
+    return f"{stage}[{cand.name}]" if isinstance(cand, CandidateConfig) else stage
 
 
 def run_stage(task: Task, root: str, *, force: bool = False, **inputs: Any) -> ArtifactRef:
@@ -149,6 +167,7 @@ def stage_task_options(stage: str) -> dict[str, Any]:
     """Keyword arguments for ``@task`` shared by all stage tasks."""
     return {
         "name": stage,
+        "task_run_name": stage,  # no random suffix; run_stage adds the candidate's name
         "cache_policy": StageVersionPolicy(stage),
         "persist_result": True,
         "result_serializer": "json",
@@ -187,6 +206,6 @@ def build_stage(stage: str, root: str, inputs: dict[str, Any], write,
         params, upstream = versioned_inputs(inputs)
         return artifacts.build(
             root, stage, stage_version(stage, inputs), write,
-            parameters=params, upstream=upstream, code_version=code_version(stage),
+            parameters=params, upstream=upstream, code_version=_stage_code(stage, inputs),
             force=force,
         )

@@ -1,17 +1,17 @@
 """Stage 4, train: K-fold cross-validation of one candidate model.
 
 One Prefect task per candidate, so candidates run in parallel on the task runner and a failed
-candidate reruns alone. The artifact holds the K fold models, per-epoch learning curves,
-out-of-fold predictions, the split, and a PNG of the curves.
+candidate reruns alone. How a candidate is cross-validated is its kind's business
+(``tasks/kinds``); this stage cuts the folds, scores the result and writes the artifact: the K
+fold models, per-epoch learning curves, out-of-fold predictions, the split, and a PNG of the
+curves.
 """
 
 from __future__ import annotations
 
-import pickle
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, TrainConfig
-from tasks.engine import train_stacked
-from tasks.models import make_sklearn, resolve_device, rmse, sklearn_log_price
+from tasks.kinds.base import CVResult, rmse
 from tasks.stage import StageError, build_stage, stage_task_options
 from tasks.tensorize import read_matrix
 
@@ -58,80 +57,10 @@ def make_folds(n_rows: int, n_splits: int, seed: int, scheme: str
     return folds
 
 
-@dataclass
-class CVResult:
-    """One candidate's K-fold cross-validation."""
-
-    folds: list[tuple[np.ndarray, np.ndarray]]
-    members: list[list[dict[str, Any]]]  # per fold: its models (seeds), as saved
-    train_log_rmse: list[float]  # per fold, on the rows it was fitted on
-    valid_log_rmse: list[float]  # per fold, on all its validation rows
-    oof_log_price: np.ndarray  # (n_rows,) float64 out-of-fold prediction, NaN if in no fold
-    curves: list[dict[str, list[float]]] | None  # per fold, per epoch (torch kinds only)
-    diverged: str | None = None
-
-
 def fit_rows(folds: list[tuple[np.ndarray, np.ndarray]], excluded: np.ndarray
              ) -> list[np.ndarray]:
     """Each fold's training rows without the ``excluded`` ``(n,) bool`` rows."""
     return [tr[~excluded[tr]] for tr, _ in folds]
-
-
-def _cv_torch(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
-              folds: list[tuple[np.ndarray, np.ndarray]], fitted: list[np.ndarray],
-              on_epoch: Callable[[int], None]) -> CVResult:
-    """All K folds x S seeds of a torch candidate, trained together by the batched engine."""
-    device = resolve_device(config.device)
-    K, S, n = len(folds), spec.seeds, len(X)
-    train_mask = torch.zeros(K * S, n, dtype=torch.bool)
-    valid_mask = torch.zeros(K * S, n, dtype=torch.bool)
-    for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
-        train_mask[k * S:(k + 1) * S, tr] = True
-        valid_mask[k * S:(k + 1) * S, va] = True
-    seeds = [config.seed * 1000 + k + 7919 * s for k in range(K) for s in range(S)]
-    res = train_stacked(
-        torch.tensor(X, dtype=torch.float32, device=device),
-        torch.tensor(y, dtype=torch.float32, device=device),
-        train_mask.to(device), valid_mask.to(device), spec, config.target, seeds,
-        on_epoch=on_epoch,
-    )
-    # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
-    pred = res.pred_log_price.view(K, S, n).mean(1).numpy()
-    logy = np.log(y)
-    oof = np.full(n, np.nan)
-    for k, (_, va) in enumerate(folds):
-        oof[va] = pred[k, va]
-    members = [[{"state_dict": res.state_dicts[k * S + s], "y_mean": res.y_mean[k * S + s],
-                 "y_std": res.y_std[k * S + s]} for s in range(S)] for k in range(K)]
-    curves = [{name: c[k * S:(k + 1) * S].mean(0).tolist() for name, c in res.curves.items()}
-              for k in range(K)]
-    return CVResult(
-        folds=folds, members=members,
-        train_log_rmse=[rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
-        valid_log_rmse=[rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
-        oof_log_price=oof, curves=curves, diverged=res.diverged,
-    )
-
-
-def _cv_sklearn(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
-                folds: list[tuple[np.ndarray, np.ndarray]], fitted: list[np.ndarray],
-                on_fold: Callable[[int], None]) -> CVResult:
-    """A scikit-learn candidate, fold by fold, on the same folds and target."""
-    logy = np.log(y)
-    target = logy if config.target == "log" else y
-    oof = np.full(len(X), np.nan)
-    members, train_rmse, valid_rmse = [], [], []
-    for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
-        est = make_sklearn(spec, seed=config.seed * 1000 + k).fit(X[tr], target[tr])
-        p_tr = sklearn_log_price(est, X[tr], config.target)
-        p_va = sklearn_log_price(est, X[va], config.target)
-        oof[va] = p_va
-        members.append([{"sklearn": pickle.dumps(est)}])
-        train_rmse.append(rmse(p_tr, logy[tr]))
-        valid_rmse.append(rmse(p_va, logy[va]))
-        on_fold(k)
-    return CVResult(folds=folds, members=members, train_log_rmse=train_rmse,
-                    valid_log_rmse=valid_rmse, oof_log_price=oof, curves=None)
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
@@ -144,12 +73,7 @@ def cross_validate(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: 
     """
     excluded = np.zeros(len(X), bool) if excluded is None else excluded
     folds = make_folds(len(X), config.n_splits, config.seed, config.fold_scheme)
-    fitted = fit_rows(folds, excluded)
-    if spec.is_torch:
-        return _cv_torch(X, y, spec, config, folds, fitted,
-                         lambda e: on_progress((e + 1) / spec.epochs))
-    return _cv_sklearn(X, y, spec, config, folds, fitted,
-                       lambda k: on_progress((k + 1) / len(folds)))
+    return spec.cross_validate(X, y, config, folds, fit_rows(folds, excluded), on_progress)
 
 
 # Matplotlib is not thread-safe (its font-config parsing with pyparsing fails at random when

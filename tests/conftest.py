@@ -178,13 +178,14 @@ def write_config(path: Path, **overrides) -> Path:
 # Every kind of candidate, small enough for tests: torch linear and MLP (2 seeds averaged),
 # lasso, a few boosting rounds, and a declared ridge search.
 TEST_CANDIDATES = (
-    {"name": "linear", "kind": "linear", "hidden": [], "lr": 0.01, "weight_decay": 1e-3},
-    {"name": "mlp", "hidden": [32], "dropout": 0.1, "weight_decay": 1e-2, "seeds": 2},
-    {"name": "lasso", "kind": "lasso", "hidden": [], "alpha": 5e-4, "max_iter": 2000},
-    {"name": "hgb", "kind": "hgb", "hidden": [], "lr": 0.1, "max_iter": 20},
+    {"name": "linear", "kind": "linear", "lr": 0.01, "weight_decay": 1e-3},
+    {"name": "mlp", "kind": "mlp", "hidden": [32], "dropout": 0.1, "weight_decay": 1e-2,
+     "seeds": 2},
+    {"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
+    {"name": "hgb", "kind": "hgb", "learning_rate": 0.1, "max_iter": 20},
 )
 TEST_SEARCH = (
-    {"base": {"name": "ridge", "kind": "ridge", "hidden": []}, "grid": {"alpha": [3.0, 30.0]}},
+    {"base": {"name": "ridge", "kind": "ridge"}, "grid": {"alpha": [3.0, 30.0]}},
 )
 
 

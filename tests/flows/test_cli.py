@@ -36,10 +36,27 @@ def test_invalid_config_is_rejected_before_running(tmp_path):
 
 
 def test_bad_config_file_value_names_the_field(tmp_path):
-    (tmp_path / "c.toml").write_text('[[candidates]]\nname = "m"\nactivation = "gelu"\n')
+    (tmp_path / "c.toml").write_text(
+        '[[candidates]]\nname = "m"\nkind = "mlp"\nactivation = "gelu"\n')
     proc = houseprice("run", "--config", str(tmp_path / "c.toml"))
     assert proc.returncode == 2
-    assert "candidates.0.activation" in last_line(proc.stderr)
+    assert "candidate 'm'.activation: " in last_line(proc.stderr)
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('kind = "hgb"\nhidden = [8]\n', ["candidate 'boost'", "'hidden'", "kind hgb"]),
+    ('kind = "hgb"\nlr = 0.1\n', ["candidate 'boost'", "'lr'", "'learning_rate'"]),
+    ('hidden = [8]\n', ["candidate 'boost' has no kind"]),
+])
+def test_a_field_of_another_kind_exits_2_naming_candidate_field_and_kind(tmp_path, body, words):
+    (tmp_path / "c.toml").write_text('[[candidates]]\nname = "boost"\n' + body)
+    proc = houseprice("run", "--config", str(tmp_path / "c.toml"), "--artifacts",
+                      str(tmp_path / "a"))
+    assert proc.returncode == 2, proc.stderr
+    line = last_line(proc.stderr)
+    assert line.startswith("houseprice: error: invalid configuration: ")
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "a").exists()
 
 
 def test_hash_mismatch_fails_run_with_one_line_and_empty_cache(real_data, serve_dir, tmp_path):

@@ -72,7 +72,7 @@ def _task_states(client, flow_run_id, attempt: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for r in runs:
         if r.flow_run_run_count == attempt:
-            out.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+            out.setdefault(r.name.split("[")[0], []).append(r.state.name)
     return out
 
 

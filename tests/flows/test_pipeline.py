@@ -14,7 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import house_price_pipeline
-from tasks.config import CandidateConfig
+from tasks.config import candidate
 from tasks.report import METRICS_KEY, MODEL_CARD_KEY
 from tests.conftest import small_config
 
@@ -31,7 +31,7 @@ def stage_states(state) -> dict[str, list[str]]:
         runs = client.read_task_runs(flow_run_filter=_filter(state))
     out = defaultdict(list)
     for run in runs:
-        out[run.name.rsplit("-", 1)[0]].append(run.state.name)
+        out[run.name.split("[")[0]].append(run.state.name)
     return dict(out)
 
 
@@ -100,7 +100,7 @@ def test_changed_training_parameter_reruns_only_train_select_predict(first_run):
 def test_changed_epochs_retrain_only_the_torch_candidates(first_run):
     cfg, _, _ = first_run
     _, states = run(cfg.with_epochs(cfg.candidates[0].epochs + 1))
-    n_torch = sum(c.is_torch for c in cfg.all_candidates())
+    n_torch = sum(c.epochs_field for c in cfg.all_candidates())
     assert sorted(states["train"]) == (["Cached"] * (len(cfg.all_candidates()) - n_torch)
                                        + ["Completed"] * n_torch)
 
@@ -141,14 +141,17 @@ def test_flow_parameters_are_an_editable_pydantic_schema():
     assert list(schema["properties"]) == ["config", "from_stage"]
     assert schema["properties"]["from_stage"]["anyOf"][0]["enum"][3] == "train"
     defs = schema["definitions"]
-    assert defs["CandidateConfig"]["properties"]["activation"]["enum"] == [
+    assert defs["MLPConfig"]["properties"]["activation"]["enum"] == [
         "relu", "sigmoid", "tanh"]
+    assert "activation" not in defs["LassoConfig"]["properties"]
+    union = schema["definitions"]["PipelineConfig"]["properties"]["candidates"]["items"]
+    assert union["discriminator"]["propertyName"] == "kind"
     assert defs["TrainConfig"]["properties"]["n_splits"]["minimum"] == 2
 
 
 def test_added_candidate_trains_alone(first_run):
     cfg, _, _ = first_run
-    extra = CandidateConfig(name="mlp-small", hidden=(16,), epochs=cfg.candidates[0].epochs)
+    extra = candidate(name="mlp-small", kind="mlp", hidden=(16,), epochs=cfg.candidates[0].epochs)
     more = cfg.model_copy(update={"candidates": (*cfg.candidates, extra)})
     state, states = run(more)
     assert state.is_completed()
@@ -169,14 +172,14 @@ def test_copied_artifact_root_serves_its_own_files(first_run, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in moved.rglob("model.pt")} == stamps  # reused
 
 
-DIVERGING = {"name": "too-hot", "kind": "linear", "hidden": [], "optimizer": "sgd",
+DIVERGING = {"name": "too-hot", "kind": "linear", "optimizer": "sgd",
              "lr": 1e6, "epochs": 5}
 
 
 def test_diverged_candidate_is_marked_and_selection_goes_on(first_run):
     cfg, _, _ = first_run
     more = cfg.model_copy(update={"candidates": (*cfg.candidates,
-                                                 CandidateConfig(**DIVERGING))})
+                                                 candidate(**DIVERGING))})
     state, _ = run(more)
     assert state.is_completed(), state.message
     result = state.result()
@@ -190,7 +193,7 @@ def test_diverged_candidate_is_marked_and_selection_goes_on(first_run):
 
 def test_run_fails_naming_the_reason_when_no_candidate_is_healthy(first_run):
     cfg, _, _ = first_run
-    only_bad = cfg.model_copy(update={"candidates": (CandidateConfig(**DIVERGING),),
+    only_bad = cfg.model_copy(update={"candidates": (candidate(**DIVERGING),),
                                       "search": ()})
     state, states = run(only_bad)
     assert state.is_failed()
@@ -266,3 +269,16 @@ def test_two_local_dask_workers_give_the_same_model_and_scores(first_run, tmp_pa
         assert weight == pytest.approx(theirs["components"][name], abs=1e-4)
     for key in ("oof_log_rmse_all", "oof_log_rmse_clean", "mean_valid_log_rmse"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+
+
+def test_dashboard_names_say_what_each_run_is(first_run):
+    """Read back from the Prefect API: task runs named after what they do, no suffixes."""
+    from tasks.config import run_name
+
+    cfg, state, _ = first_run
+    with get_client(sync_client=True) as client:
+        names = {r.name for r in client.read_task_runs(flow_run_filter=_filter(state))}
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    train = {f"train[{c.name}]" for c in cfg.all_candidates()}
+    assert names == {"download", "preprocess", "tensorize", "select", "predict", "publish"} | train
+    assert flow_run.name == run_name(cfg) and flow_run.name.startswith("data ")

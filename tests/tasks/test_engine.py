@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import CandidateConfig
+from tasks.config import candidate
 from tasks.engine import StackedOptimizer, train_stacked
 from tasks.models import Regressor
 
@@ -29,7 +29,7 @@ def _masks(n, parts):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_stacked_training_equals_training_each_model_alone(optimizer):
     X, y = _data()
-    spec = CandidateConfig(name="m", hidden=(8, 4), dropout=0.2, optimizer=optimizer,
+    spec = candidate(name="m", kind="mlp", hidden=(8, 4), dropout=0.2, optimizer=optimizer,
                            lr=0.01, weight_decay=1e-3, epochs=4, batch_size=16)
     train, valid = _masks(len(X), [(0, 30), (30, 61), (61, 120)])  # 90, 89 and 61 rows
     seeds = [11, 12, 13]
@@ -49,7 +49,7 @@ def test_written_out_backward_equals_autograd_training(activation, optimizer):
     """The engine's loop (explicit gradients, stacked optimizer) against the textbook loop:
     nn.Module, autograd, torch.optim, the same batches and dropout draws."""
     X, y = _data(n=100)
-    spec = CandidateConfig(name="m", hidden=(8, 6), activation=activation, dropout=0.25,
+    spec = candidate(name="m", kind="mlp", hidden=(8, 6), activation=activation, dropout=0.25,
                            optimizer=optimizer, lr=0.01, weight_decay=1e-2, epochs=3,
                            batch_size=20)
     train, valid = _masks(len(X), [(0, 20)])  # 80 training rows: 4 full batches
@@ -79,7 +79,7 @@ def test_written_out_backward_equals_autograd_training(activation, optimizer):
 
 def test_stacked_adam_matches_torch_adam_including_skipped_steps():
     torch.manual_seed(0)
-    spec = CandidateConfig(name="m", kind="linear", hidden=(), lr=0.1, weight_decay=0.01)
+    spec = candidate(name="m", kind="linear", lr=0.1, weight_decay=0.01)
     stacked = torch.randn(3, 4, 2)
     lone = [torch.nn.Parameter(stacked[m].clone()) for m in range(3)]
     opts = [torch.optim.Adam([p], lr=0.1, weight_decay=0.01) for p in lone]
@@ -99,7 +99,7 @@ def test_stacked_adam_matches_torch_adam_including_skipped_steps():
 
 def test_diverging_candidate_stops_with_the_reason():
     X, y = _data()
-    spec = CandidateConfig(name="m", kind="linear", hidden=(), optimizer="sgd", lr=1e6,
+    spec = candidate(name="m", kind="linear", optimizer="sgd", lr=1e6,
                            epochs=50)
     train, valid = _masks(len(X), [(0, 60), (60, 120)])
     res = train_stacked(X, y, train, valid, spec, "raw", [0, 1])
@@ -109,7 +109,7 @@ def test_diverging_candidate_stops_with_the_reason():
 
 def test_gradient_norm_is_recorded_and_clipping_bounds_each_step():
     X, y = _data()
-    spec = CandidateConfig(name="m", hidden=(16,), optimizer="sgd", lr=1.0, epochs=1,
+    spec = candidate(name="m", kind="mlp", hidden=(16,), optimizer="sgd", lr=1.0, epochs=1,
                            batch_size=1000, clip_grad_norm=1e-3)  # one step in all
     train, valid = _masks(len(X), [(0, 60)])
     res = train_stacked(X, y, train, valid, spec, "log", [7])

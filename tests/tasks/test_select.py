@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tasks.artifacts import ArtifactRef
-from tasks.config import CandidateConfig, TrainConfig
+from tasks.config import SelectConfig, TrainConfig, candidate
+from tasks.kinds import KINDS
 from tasks.select import (
     CHECKPOINT_FORMAT,
     cross_fitted_blend,
@@ -37,6 +38,8 @@ def test_leaderboard_ranks_by_oof_score_and_puts_diverged_last():
     assert [m["candidate"] for m in board] == ["b", "c", "a", "d"]
     table = fold_table(board, chosen="b")
     assert table[0]["selected"] == "yes" and table[0]["fold 2"] == 0.14
+    assert list(table[0]) == ["candidate", "selected", "oof all rows", "oof w/o outliers",
+                              "mean", "std", "fold 1", "fold 2", "blend weight", "status"]
     assert table[0]["mean"] == 0.12 and table[0]["oof all rows"] == 0.12
     assert [r["selected"] for r in table] == ["yes", "", "", ""]
     assert table[3]["status"] == "diverged: nan at epoch 3" and table[3]["mean"] is None
@@ -82,9 +85,9 @@ def test_no_healthy_candidate_fails_with_the_reasons(tmp_path):
     logy = np.full(30, 12.0)
     refs = [_fake_train(tmp_path, n, logy, logy, np.zeros(30, bool), status="diverged")
             for n in ("a", "b")]
-    specs = [CandidateConfig(name=n, kind="ridge") for n in ("a", "b")]
+    specs = [candidate(name=n, kind="ridge") for n in ("a", "b")]
     with pytest.raises(ValueError, match=r"no healthy candidate.*a diverged \(loss became nan\)"):
-        select_model(refs, specs, TrainConfig(n_splits=3), tmp_path / "out")
+        select_model(refs, specs, TrainConfig(n_splits=3), SelectConfig(), tmp_path / "out")
 
 
 def test_checkpoint_is_self_describing(trained):
@@ -96,6 +99,8 @@ def test_checkpoint_is_self_describing(trained):
     assert sum(c["weight"] for c in ckpt["components"]) == pytest.approx(1.0, abs=0.1)
     for comp in ckpt["components"]:
         assert comp["model_config"]["name"] == comp["candidate"]
+        # only the component's own kind's fields
+        assert set(comp["model_config"]) == set(KINDS[comp["model_config"]["kind"]].model_fields)
         assert len(comp["folds"]) == cfg.train.n_splits
     assert ckpt["metrics"]["mean_valid_log_rmse"] == result["mean_valid_log_rmse"]
     assert len(ckpt["preprocessor"]["feature_names"]) == ckpt["n_features"]
@@ -110,3 +115,32 @@ def test_checkpoint_is_self_describing(trained):
     card = ref.file("model_card.md").read_text()
     assert result["selected"] in card and "585e9cc93e70b39160e7921475f9bcd7d31219ce" in card
     assert "OOF w/o outliers" in card and "1458 rows without the outliers" in card
+
+
+def test_model_card_shows_only_each_components_own_fields():
+    from tasks.select import model_card
+
+    lasso = candidate(name="lasso", kind="lasso", alpha=5e-4)
+    mlp = candidate(name="mlp", kind="mlp", hidden=(8,))
+    chosen = {"candidate": "blend", "oof_log_rmse_all": 0.12, "oof_log_rmse_clean": 0.11,
+              "n_rows_all": 10, "n_rows_clean": 9, "mean_valid_log_rmse": 0.12,
+              "std_valid_log_rmse": 0.01}
+    comps = [{"candidate": c.name, "weight": 0.5, "model_config": c.model_dump(mode="json")}
+             for c in (lasso, mlp)]
+    card = model_card(chosen, comps, [], {"n_splits": 5, "select.on": "clean"}, {})
+    lasso_part, mlp_part = card.split("### mlp")
+    lasso_part = lasso_part.split("### lasso")[1]
+    assert "| alpha | 0.0005 |" in lasso_part and "| max_iter |" in lasso_part
+    assert not any(f"| {f} |" in lasso_part for f in ("optimizer", "lr", "epochs", "hidden"))
+    assert "| optimizer | adam |" in mlp_part and "| alpha |" not in mlp_part
+
+
+def test_an_old_checkpoint_is_refused_in_one_line(tmp_path):
+    from tasks.predict import DataError, FittedModel
+
+    path = tmp_path / "model.pt"
+    torch.save({"format": "houseprice-checkpoint/2", "components": []}, path)
+    with pytest.raises(DataError) as err:
+        FittedModel.load(path)
+    msg = str(err.value)
+    assert "houseprice-checkpoint/2" in msg and "rerun select" in msg and "\n" not in msg

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.artifacts import ArtifactRef
-from tasks.config import CandidateConfig, DataConfig, PipelineConfig, TrainConfig
+from tasks.config import DataConfig, PipelineConfig, TrainConfig, candidate
 from tasks.stage import StageError, failing_as, stage_version
 
 
@@ -12,17 +12,17 @@ def ref(version):
 
 
 def test_version_is_content_derived():
-    cand = CandidateConfig(name="m")
+    cand = candidate(name="m", kind="mlp")
     base = {"data": ref("x"), "candidate": cand, "config": TrainConfig()}
     assert stage_version("train", base) == stage_version("train", dict(base))
     assert stage_version("train", {**base, "data": ref("y")}) != stage_version("train", base)
-    changed = {**base, "candidate": CandidateConfig(name="m", lr=0.5)}
+    changed = {**base, "candidate": candidate(name="m", kind="mlp", lr=0.5)}
     assert stage_version("train", changed) != stage_version("train", base)
     assert stage_version("select", base) != stage_version("train", base)
 
 
 def test_where_and_how_do_not_change_the_version():
-    cand = CandidateConfig(name="m")
+    cand = candidate(name="m", kind="mlp")
     a = {"data": ArtifactRef(root="/a", stage="t", version="x"), "candidate": cand,
          "config": TrainConfig(device="cpu"), "root": "/a"}
     b = {"data": ArtifactRef(root="/b", stage="t", version="x"), "candidate": cand,
@@ -37,17 +37,23 @@ def test_where_and_how_do_not_change_the_version():
     ("update", "field"),
     [
         ({"train": {"n_splits": 1}}, "train.n_splits"),
-        ({"candidates": [{"name": "m", "lr": 0}]}, "candidates.0.lr"),
-        ({"candidates": [{"name": "m", "epochs": 0}]}, "candidates.0.epochs"),
-        ({"candidates": [{"name": "m", "activation": "gelu"}]}, "candidates.0.activation"),
-        ({"candidates": [{"name": "m", "dropout": 1.0}]}, "candidates.0.dropout"),
-        ({"candidates": [{"name": "m"}, {"name": "m"}]}, "candidates"),
+        ({"candidates": [{"name": "m", "kind": "mlp", "lr": 0}]}, "candidates.0.mlp.lr"),
+        ({"candidates": [{"name": "m", "kind": "linear", "epochs": 0}]},
+         "candidates.0.linear.epochs"),
+        ({"candidates": [{"name": "m", "kind": "mlp", "activation": "gelu"}]},
+         "candidates.0.mlp.activation"),
+        ({"candidates": [{"name": "m", "kind": "mlp", "dropout": 1.0}]},
+         "candidates.0.mlp.dropout"),
+        ({"candidates": [{"name": "m", "kind": "mlp", "hidden": []}]},
+         "needs at least one hidden layer"),
+        ({"candidates": [{"name": "m", "kind": "ridge"}, {"name": "m", "kind": "lasso"}]},
+         "candidates"),
         ({"candidates": [], "search": []}, "at least one candidate"),
         ({"search": [{"base": {"name": "r", "kind": "ridge"}, "grid": {"alpha": [0]}}]},
          "search value for alpha is invalid"),
         ({"search": [{"base": {"name": "r", "kind": "ridge"}, "grid": {"depth": [1]}}]},
-         "search.0.grid"),
-        ({"candidates": [{"name": "mlp-00"}]}, "candidate names must be unique"),
+         "field 'depth' does not belong to kind ridge"),
+        ({"candidates": [{"name": "mlp-00", "kind": "mlp"}]}, "candidate names must be unique"),
         ({"trian": {}}, "trian"),
     ],
 )

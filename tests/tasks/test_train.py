@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import CandidateConfig, TrainConfig
+from tasks.config import TrainConfig, candidate
 from tasks.models import Regressor, SeededDropout, log_price, log_rmse
 from tasks.train import candidate_metrics, cross_validate, make_folds
 
@@ -54,7 +54,7 @@ def test_seeded_dropout_is_reproducible_and_off_in_eval():
 
 @pytest.mark.parametrize("init", ["default", "xavier", "normal"])
 def test_init_schemes_are_seeded(init):
-    spec = CandidateConfig(name="m", hidden=(8,), init=init)
+    spec = candidate(name="m", kind="mlp", hidden=(8,), init=init)
     a = Regressor(spec, 5, torch.Generator().manual_seed(3))
     b = Regressor(spec, 5, torch.Generator().manual_seed(3))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
@@ -72,7 +72,7 @@ def _synthetic(n=300, d=6, seed=0):
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
 def test_training_learns_and_records_curves(activation):
     X, y = _synthetic()
-    spec = CandidateConfig(name="m", hidden=(16,), activation=activation, dropout=0.1,
+    spec = candidate(name="m", kind="mlp", hidden=(16,), activation=activation, dropout=0.1,
                            lr=0.01, epochs=30)
     cv = cross_validate(X, y, spec, TrainConfig(n_splits=5))
     baseline = float(np.std(np.log(y)))  # predicting the mean log price
@@ -85,7 +85,7 @@ def test_training_learns_and_records_curves(activation):
 
 def test_cross_validation_is_deterministic_for_a_seed():
     X, y = _synthetic()
-    spec = CandidateConfig(name="m", hidden=(8,), dropout=0.2, epochs=5, seeds=2)
+    spec = candidate(name="m", kind="mlp", hidden=(8,), dropout=0.2, epochs=5, seeds=2)
     cfg = TrainConfig(n_splits=3, seed=4)
     a = cross_validate(X, y, spec, cfg)
     b = cross_validate(X, y, spec, cfg)
@@ -98,7 +98,7 @@ def test_cross_validation_is_deterministic_for_a_seed():
 
 def test_book_raw_target_with_sgd_and_linear_model():
     X, y = _synthetic()
-    spec = CandidateConfig(name="lin", kind="linear", hidden=(), optimizer="sgd", lr=1e-3,
+    spec = candidate(name="lin", kind="linear", optimizer="sgd", lr=1e-3,
                            epochs=3)
     cv = cross_validate(X, y, spec, TrainConfig(n_splits=2, target="raw",
                                                 fold_scheme="contiguous"))
@@ -109,9 +109,10 @@ def test_book_raw_target_with_sgd_and_linear_model():
 @pytest.mark.parametrize("kind", ["ridge", "lasso", "hgb"])
 def test_sklearn_candidates_use_the_same_folds_and_metric(kind):
     X, y = _synthetic()
-    spec = CandidateConfig(name="s", kind=kind, hidden=(), alpha=1e-3, lr=0.1, max_iter=50)
+    own = {"hgb": {"learning_rate": 0.1}}.get(kind, {"alpha": 1e-3})
+    spec = candidate(name="s", kind=kind, **own, **({} if kind == "ridge" else {"max_iter": 50}))
     cv = cross_validate(X, y, spec, TrainConfig(n_splits=4, seed=1))
-    torch_cv = cross_validate(X, y, CandidateConfig(name="m", kind="linear", hidden=(),
+    torch_cv = cross_validate(X, y, candidate(name="m", kind="linear",
                                                     epochs=2), TrainConfig(n_splits=4, seed=1))
     assert [v.tolist() for _, v in cv.folds] == [v.tolist() for _, v in torch_cv.folds]
     assert max(cv.valid_log_rmse) < 0.5 * float(np.std(np.log(y)))
@@ -126,7 +127,7 @@ def test_excluded_rows_are_not_fitted_but_are_scored():
     y[:3] = 1.0  # wild rows: fitting them would drag every fold
     excluded = np.zeros(len(y), bool)
     excluded[:3] = True
-    spec = CandidateConfig(name="r", kind="ridge", hidden=(), alpha=1.0)
+    spec = candidate(name="r", kind="ridge", alpha=1.0)
     cfg = TrainConfig(n_splits=3)
     kept = cross_validate(X, y, spec, cfg, excluded)
     used = cross_validate(X, y, spec, cfg)
@@ -140,7 +141,7 @@ def test_candidate_metrics_report_both_row_sets():
     X, y = _synthetic()
     outliers = np.zeros(len(y), bool)
     outliers[[5, 9]] = True
-    spec = CandidateConfig(name="r", kind="ridge", hidden=())
+    spec = candidate(name="r", kind="ridge")
     cv = cross_validate(X, y, spec, TrainConfig(n_splits=3))
     m = candidate_metrics(spec, cv, np.log(y), outliers)
     assert (m["n_rows_all"], m["n_rows_clean"]) == (300, 298)
@@ -155,7 +156,7 @@ def test_worker_that_cannot_see_the_artifact_root_fails_clearly(tmp_path):
 
     missing = tmp_path / "not-mounted-here"
     data = ArtifactRef(root=str(missing), stage="tensorize", version="0" * 16)
-    spec = CandidateConfig(name="r", kind="ridge", hidden=())
+    spec = candidate(name="r", kind="ridge")
     with pytest.raises(StageError, match=r"artifact root .*not-mounted-here is not visible on "
                                          r".*; put it on storage every worker mounts"):
         train_task.fn(data, spec, TrainConfig(), root=str(missing))

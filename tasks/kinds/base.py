@@ -1,0 +1,131 @@
+"""The contract every model kind implements, and what its cross-validation returns.
+
+A kind is its config class: the pydantic model with only its own fields (and ``kind`` as the
+tag of the discriminated union), plus two methods, in the spirit of scikit-learn's estimator
+contract:
+
+- ``cross_validate(X, y, train, folds, fitted, on_progress) -> CVResult``: fit one model per
+  fold (on that fold's ``fitted`` rows), predict its validation rows; the fitted members come
+  back as plain dicts of tensors/bytes that ``torch.save`` can store in the checkpoint.
+- ``load_member(member, n_features) -> Member``: a saved member back as something with
+  ``log_price(X)``.
+
+``code_files`` names the source files (under ``tasks/``) whose text defines what the kind
+computes: they are part of its candidates' train version, so editing one kind's module retrains
+only that kind. ``renamed`` maps a field of the old flat candidate config to this kind's own
+name for it, so an old config gets an error that says where the value went.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+
+from tasks.frozen import Frozen, Name
+
+if TYPE_CHECKING:
+    from tasks.config import TrainConfig
+
+Folds = list[tuple[np.ndarray, np.ndarray]]  # per fold: (train_idx, valid_idx) int64
+
+
+def rmse(pred_log_price: np.ndarray, log_price_true: np.ndarray) -> float:
+    """The book's log RMSE on NumPy arrays of log prices ``(n,)``."""
+    return float(np.sqrt(np.mean((pred_log_price - log_price_true) ** 2)))
+
+
+@dataclass
+class CVResult:
+    """One candidate's K-fold cross-validation."""
+
+    folds: Folds
+    members: list[list[dict[str, Any]]]  # per fold: its models (seeds), as saved
+    train_log_rmse: list[float]  # per fold, on the rows it was fitted on
+    valid_log_rmse: list[float]  # per fold, on all its validation rows
+    oof_log_price: np.ndarray  # (n_rows,) float64 out-of-fold prediction, NaN if in no fold
+    curves: list[dict[str, list[float]]] | None  # per fold, per epoch (epoch-trained kinds)
+    diverged: str | None = None
+
+
+class Member(Protocol):
+    """One fitted fold model, loaded for prediction."""
+
+    def log_price(self, X: np.ndarray) -> np.ndarray:
+        """``(n, n_features) float32 -> (n,) float64`` predicted log price."""
+        ...
+
+
+class CandidateConfig(Frozen):
+    """One candidate model: its name, its kind (the union's tag) and the kind's own fields."""
+
+    name: Name
+    kind: str
+    code_files: ClassVar[tuple[str, ...]] = ()
+    renamed: ClassVar[dict[str, str]] = {}
+
+    def cross_validate(self, X: np.ndarray, y: np.ndarray, train: TrainConfig, folds: Folds,
+                       fitted: list[np.ndarray],
+                       on_progress: Callable[[float], None]) -> CVResult:
+        """K-fold cross-validate on ``X (n, d) float32`` and prices ``y (n,)``."""
+        raise NotImplementedError
+
+    def load_member(self, member: dict[str, Any], n_features: int, target: str) -> Member:
+        """A member saved by ``cross_validate`` back as a predictor."""
+        raise NotImplementedError
+
+    @property
+    def epochs_field(self) -> bool:
+        """Whether ``--epochs`` applies to this kind."""
+        return "epochs" in type(self).model_fields
+
+
+def sklearn_log_price(estimator: Any, X: np.ndarray, target: str) -> np.ndarray:
+    """A fitted regressor's predictions ``(n,) float64`` as log prices (a log target clamped
+    at 0, a raw one at a price of 1, as the book clamps)."""
+    out = np.asarray(estimator.predict(X), dtype=np.float64)
+    return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
+
+
+@dataclass
+class SklearnMember:
+    estimator: Any
+    target: str
+
+    def log_price(self, X: np.ndarray) -> np.ndarray:
+        return sklearn_log_price(self.estimator, X, self.target)
+
+
+class SklearnCandidate(CandidateConfig):
+    """A kind backed by a scikit-learn regressor: cross-validated fold by fold on the same
+    folds and target as every other kind; each fold's fitted estimator is pickled into the
+    checkpoint (whose files are hash-checked against their manifest before use)."""
+
+    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py",)
+
+    def make_estimator(self, seed: int) -> Any:
+        """The unfitted scikit-learn regressor this config names."""
+        raise NotImplementedError
+
+    def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
+        logy = np.log(y)
+        target = logy if train.target == "log" else y
+        oof = np.full(len(X), np.nan)
+        members, train_rmse, valid_rmse = [], [], []
+        for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
+            est = self.make_estimator(seed=train.seed * 1000 + k).fit(X[tr], target[tr])
+            p_tr = sklearn_log_price(est, X[tr], train.target)
+            p_va = sklearn_log_price(est, X[va], train.target)
+            oof[va] = p_va
+            members.append([{"sklearn": pickle.dumps(est)}])
+            train_rmse.append(rmse(p_tr, logy[tr]))
+            valid_rmse.append(rmse(p_va, logy[va]))
+            on_progress((k + 1) / len(folds))
+        return CVResult(folds=folds, members=members, train_log_rmse=train_rmse,
+                        valid_log_rmse=valid_rmse, oof_log_price=oof, curves=None)
+
+    def load_member(self, member, n_features, target) -> Member:
+        return SklearnMember(pickle.loads(member["sklearn"]), target)

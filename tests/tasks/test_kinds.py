@@ -1,0 +1,126 @@
+"""The kinds registry: one config class per kind, with only its own fields."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from tasks.artifacts import ArtifactRef
+from tasks.config import PipelineConfig, TrainConfig, candidate, load_config_file
+from tasks.kinds import KINDS
+from tasks.stage import stage_version
+
+# A minimal valid candidate of every kind, and a field that belongs to another kind.
+MINIMAL = {
+    "linear": ({"epochs": 3}, "hidden"),
+    "mlp": ({"hidden": [4], "epochs": 3}, "alpha"),
+    "ridge": ({"alpha": 1.0}, "optimizer"),
+    "lasso": ({"alpha": 1e-3}, "dropout"),
+    "hgb": ({"max_iter": 5}, "alpha"),
+}
+
+
+def test_every_registered_kind_is_covered_here():
+    assert set(MINIMAL) == set(KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(MINIMAL))
+def test_a_foreign_field_is_rejected_naming_candidate_field_and_kind(kind):
+    fields, foreign = MINIMAL[kind]
+    with pytest.raises(ValidationError) as err:
+        PipelineConfig.model_validate(
+            {"candidates": [{"name": "c-1", "kind": kind, **fields, foreign: 1}]})
+    msg = err.value.errors()[0]["msg"]
+    assert "candidate 'c-1'" in msg and f"'{foreign}'" in msg and f"kind {kind}" in msg
+
+
+@pytest.mark.parametrize("kind", sorted(MINIMAL))
+def test_a_candidate_holds_only_its_own_fields(kind):
+    spec = candidate(name="c", kind=kind, **MINIMAL[kind][0])
+    assert set(spec.version_params()) == set(KINDS[kind].model_fields)
+    if kind in ("ridge", "lasso", "hgb"):
+        assert not {"optimizer", "lr", "epochs", "activation"} & set(spec.version_params())
+
+
+def test_changing_a_field_of_one_kind_leaves_other_kinds_versions_alone():
+    data = ArtifactRef(root="/a", stage="tensorize", version="x")
+
+    def versions(cfg: PipelineConfig) -> dict[str, str]:
+        return {c.name: stage_version("train", {"data": data, "candidate": c,
+                                                 "config": cfg.train})
+                for c in cfg.all_candidates()}
+
+    base = PipelineConfig()
+    mlp_changed = PipelineConfig(search=(), candidates=(
+        *base.candidates, *[c.model_copy(update={"lr": 0.5}) if c.kind == "mlp" else c
+                            for s in base.search for c in s.candidates()]))
+    before, after = versions(base), versions(mlp_changed)
+    for name in before:
+        same = before[name] == after[name]
+        assert same != name.startswith("mlp"), name
+    # select.on is read by select only: changing it retrains nothing.
+    assert versions(PipelineConfig(select={"on": "all"})) == before
+
+
+def test_a_kind_version_holds_its_own_code_only():
+    assert "kinds/hgb.py" not in KINDS["lasso"].code_files
+    assert "engine.py" in KINDS["mlp"].code_files and "engine.py" not in KINDS["hgb"].code_files
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        ({"name": "old-mlp", "hidden": [512]}, ["'old-mlp' has no kind", "mlp"]),
+        ({"name": "old-hgb", "kind": "hgb", "lr": 0.05}, ["'lr'", "'learning_rate'"]),
+        ({"name": "old-hgb", "kind": "hgb", "weight_decay": 1.0}, ["'l2_regularization'"]),
+        ({"name": "old-lasso", "kind": "lasso", "hidden": []}, ["'hidden'", "kind lasso"]),
+        ({"name": "x", "kind": "svm"}, ["unknown kind 'svm'", "lasso"]),
+    ],
+)
+def test_old_flat_candidates_get_an_error_saying_what_moved(entry, words):
+    with pytest.raises(ValidationError) as err:
+        PipelineConfig.model_validate({"candidates": [entry]})
+    msg = err.value.errors()[0]["msg"]
+    assert all(w in msg for w in words), msg
+
+
+def test_moved_select_on_is_named(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"train": {"select_on": "all"}}))
+    with pytest.raises(ValidationError, match="train.select_on moved to select.on"):
+        PipelineConfig.model_validate(load_config_file(path))
+
+
+def test_a_search_grid_is_checked_against_its_base_kind():
+    with pytest.raises(ValidationError, match="field 'hidden' does not belong to kind ridge"):
+        PipelineConfig.model_validate({"search": [
+            {"base": {"name": "r", "kind": "ridge"}, "grid": {"hidden": [[8]]}}]})
+    space = PipelineConfig.model_validate({"search": [
+        {"base": {"name": "h", "kind": "hgb"}, "grid": {"learning_rate": [0.1, 0.2]}}]}).search[0]
+    assert [c.learning_rate for c in space.candidates()] == [0.1, 0.2]
+    assert all(type(c) is KINDS["hgb"] for c in space.candidates())
+
+
+@pytest.mark.parametrize("kind", sorted(MINIMAL))
+def test_every_kind_round_trips_through_train_checkpoint_and_predict(kind, tmp_path):
+    """cross_validate -> the saved members (through torch.save's safe loader) -> load_member
+    -> the same out-of-fold predictions."""
+    import torch
+
+    from tasks.train import cross_validate
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 5)).astype(np.float32)
+    y = np.exp(11 + X @ rng.normal(scale=0.2, size=5) + rng.normal(scale=0.05, size=120))
+    spec = candidate(name="c", kind=kind, **MINIMAL[kind][0])
+    cv = cross_validate(X, y, spec, TrainConfig(n_splits=3, seed=2))
+    torch.save({"folds": cv.members}, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)["folds"]
+    back = candidate(**json.loads(json.dumps(spec.model_dump(mode="json"))))
+    for k, (_, va) in enumerate(cv.folds):
+        members = [back.load_member(m, X.shape[1], "log") for m in saved[k]]
+        pred = np.mean([m.log_price(X[va]) for m in members], axis=0)
+        np.testing.assert_allclose(pred, cv.oof_log_price[va], rtol=1e-5, atol=1e-5)
