@@ -1,4 +1,5 @@
-"""``houseprice``: run, serve (on a schedule) or retry the pipeline; batch-predict with a model.
+"""``houseprice``: run, serve (on a schedule) or retry the pipeline; batch-predict with a model;
+list, promote and roll back production models; score an inbox; write a monthly feed.
 
 Failures end with a non-zero exit and one line on stderr saying what went wrong, where, and
 what to do (``--traceback`` shows the full trace).
@@ -28,6 +29,14 @@ def _config_flags() -> argparse.ArgumentParser:
     p.add_argument("--data-url", metavar="URL|DIR",
                    help="base URL, file:// URL or directory with the raw CSVs "
                         "(env HOUSEPRICE_DATA_URL)")
+    p.add_argument("--train", metavar="SOURCE",
+                   help="training rows: a CSV/Parquet file, a directory or a glob of them "
+                        "(http(s)://, file:// or a path); default: the Kaggle training file")
+    p.add_argument("--test", metavar="SOURCE",
+                   help="rows to predict, as --train; default: the Kaggle test file")
+    p.add_argument("--on-duplicate", choices=["error", "last"],
+                   help="the same Id in two training files: an error (default) or the later "
+                        "file wins (corrections)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="download cache (env HOUSEPRICE_DATA_DIR; default data/cache)")
     p.add_argument("--artifacts", metavar="DIR",
@@ -72,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     when.add_argument("--cron", metavar="EXPR", help="cron schedule, e.g. '0 3 * * *'")
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run every N seconds")
     serve.add_argument("--name", default="scheduled", help="deployment name")
+    serve.add_argument("--flow", choices=["train", "score", "both"], default="train",
+                       help="serve the training pipeline (house-price), the scoring flow "
+                            "(house-price-score, needs --inbox) or both")
+    serve.add_argument("--inbox", metavar="SOURCE", help="files the scoring flow scores")
+    serve.add_argument("--drift-threshold", type=float, metavar="SHARE",
+                       help="share of drifted rows that raises houseprice.drift.detected")
     _runner_flags(serve)
 
     rerun = sub.add_parser(
@@ -84,10 +99,39 @@ def _parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="batch-predict a CSV or Parquet file")
     pred.add_argument("input", metavar="INPUT", help="raw rows shaped like the Kaggle test file")
     pred.add_argument("--out", required=True, metavar="FILE", help="where to write Id,SalePrice")
-    pred.add_argument("--model", default="latest", metavar="VERSION",
-                      help="select-stage version (default: the latest run's)")
+    pred.add_argument("--model", default="production", metavar="VERSION",
+                      help="select-stage version, 'production' (default) or 'latest'")
     pred.add_argument("--artifacts", metavar="DIR", help="artifact root (env HOUSEPRICE_ARTIFACTS)")
     pred.add_argument("--chunk-size", type=int, default=50_000, metavar="ROWS")
+
+    score = sub.add_parser("score", help="run the scoring flow once: score every file of an "
+                                         "inbox with the production model")
+    score.add_argument("inbox", metavar="SOURCE", help="a file, directory, glob or URL")
+    score.add_argument("--model", default="production", metavar="VERSION",
+                       help="select-stage version, 'production' (default) or 'latest'")
+    score.add_argument("--artifacts", metavar="DIR", help="artifact root")
+    score.add_argument("--drift-threshold", type=float, metavar="SHARE",
+                       help="share of drifted rows that raises houseprice.drift.detected "
+                            "(default 0.05)")
+
+    models = sub.add_parser("models", help="list the selected models (production marked)")
+    models.add_argument("--artifacts", metavar="DIR", help="artifact root")
+
+    promote = sub.add_parser("promote", help="make a model version production by hand")
+    promote.add_argument("version", metavar="VERSION", help="a select version (see 'models')")
+    promote.add_argument("--artifacts", metavar="DIR", help="artifact root")
+
+    rollback = sub.add_parser("rollback", help="make the previous production model "
+                                               "production again")
+    rollback.add_argument("--artifacts", metavar="DIR", help="artifact root")
+
+    feed = sub.add_parser("make-feed", help="write the Kaggle training rows as monthly files "
+                                            "(YYYY-MM.csv), to try the living-data loop")
+    feed.add_argument("out_dir", metavar="OUT_DIR")
+    feed.add_argument("--until", metavar="YYYY-MM", help="last month to write")
+    feed.add_argument("--since", metavar="YYYY-MM", help="first month to write")
+    feed.add_argument("--data-url", metavar="URL|DIR", help="where the Kaggle pair is")
+    feed.add_argument("--data-dir", metavar="DIR", help="download cache")
     return p
 
 
@@ -102,6 +146,9 @@ def build_config(args: argparse.Namespace):
             (data.setdefault(section, {}) if section else data)[key] = value
 
     put("data", "url", args.data_url)
+    put("data", "train", args.train)
+    put("data", "test", args.test)
+    put("data", "on_duplicate", args.on_duplicate)
     put("data", "cache_dir", args.data_dir)
     put(None, "artifacts_dir", args.artifacts)
     put(None, "submission", args.submission)
@@ -190,15 +237,63 @@ def _serve(args: argparse.Namespace) -> int:
     if not url:
         raise RuntimeError("scheduling needs a Prefect server (Prefect cannot schedule on its "
                            f"ephemeral API) and PREFECT_API_URL is not set: {NEEDS_SERVER}")
+    if args.flow in ("score", "both") and not args.inbox:
+        raise ValueError("serving the scoring flow needs --inbox SOURCE (the files to score)")
     _check_api(url)
-    from flows.pipeline import with_task_runner
+    from prefect import serve
 
-    flow = with_task_runner(args.task_runner, args.dask_address)
-    print(f"houseprice: serving deployment house-price/{args.name} on {url}"
+    from flows.pipeline import with_task_runner
+    from flows.score import house_price_score
+
+    when = {"cron": args.cron, "interval": args.interval}
+    deployments = []
+    if args.flow in ("train", "both"):
+        flow = with_task_runner(args.task_runner, args.dask_address)
+        deployments.append(flow.to_deployment(
+            name=args.name, parameters={"config": config.model_dump(mode="json")}, **when))
+    if args.flow in ("score", "both"):
+        score = _score_config(args.inbox, config.artifacts_dir, "production",
+                              args.drift_threshold, config.data.cache_dir)
+        deployments.append(house_price_score.to_deployment(
+            name=args.name, parameters={"config": score.model_dump(mode="json")}, **when))
+    names = [f"{d.flow_name}/{d.name}" for d in deployments]
+    print(f"houseprice: serving deployment(s) {', '.join(names)} on {url}"
           + (f", cron '{args.cron}'" if args.cron else "")
           + (f", every {args.interval:g} s" if args.interval else ""), flush=True)
-    flow.serve(name=args.name, cron=args.cron, interval=args.interval,
-               parameters={"config": config.model_dump(mode="json")})
+    serve(*deployments, print_starting_message=False)
+    return 0
+
+
+def _score_config(inbox: str, artifacts: str | None, model: str, threshold: float | None,
+                  cache_dir: str | None = None):
+    from tasks.config import ScoreConfig, default_artifacts_dir
+
+    fields: dict[str, Any] = {"inbox": inbox, "model": model,
+                              "artifacts_dir": artifacts or default_artifacts_dir()}
+    if threshold is not None:
+        fields["drift_threshold"] = threshold
+    if cache_dir:
+        fields["cache_dir"] = cache_dir
+    try:
+        return ScoreConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(_config_error(exc)) from None
+
+
+def _score(args: argparse.Namespace) -> int:
+    config = _score_config(args.inbox, args.artifacts, args.model, args.drift_threshold)
+    from flows.score import house_price_score
+
+    state = house_price_score(config, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        from tasks.stage import one_line
+
+        raise RunFailed(one_line(outcome)) from outcome
+    drifting = outcome["drifting"]
+    print(f"houseprice: scored {len(outcome['scored'])} file(s) with model {outcome['model']}"
+          + (f"; drift over the threshold in {', '.join(drifting)}" if drifting else "")
+          + "; predictions: " + ", ".join(outcome["predictions"].values()), flush=True)
     return 0
 
 
@@ -266,17 +361,81 @@ def _rerun(args: argparse.Namespace) -> int:
 
 def _summary(config, result: dict[str, Any]) -> None:
     parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
+    promotion = result["promotion"]
+    if promotion["basis"] == "same model":
+        verdict = promotion["reason"]
+    elif promotion["promote"]:
+        verdict = f"promoted to production ({promotion['reason']})"
+    else:
+        verdict = (f"not promoted, production stays {promotion['production']} "
+                   f"({promotion['reason']})")
     print(
         f"houseprice: selected {result['selected']}"
         + (f" [{parts}]" if result["selected"] == "blend" else "")
         + f" ({config.train.n_splits}-fold mean valid log RMSE "
         f"{result['mean_valid_log_rmse']:.4f}; out-of-fold log RMSE "
         f"{result['oof_log_rmse_clean']:.4f} without the outliers, "
-        f"{result['oof_log_rmse_all']:.4f} on all rows; model {result['model_version']}); "
-        f"predictions: {result['submission']}"
+        f"{result['oof_log_rmse_all']:.4f} on all rows; model {result['model_version']}, "
+        f"data {result.get('data_version')}); {verdict}; predictions: {result['submission']}"
         + (f"; copied to {config.submission}" if config.submission else ""),
         flush=True,
     )
+
+
+def _models(args: argparse.Namespace) -> int:
+    from tasks.config import default_artifacts_dir
+
+    root = args.artifacts or default_artifacts_dir()
+    from tasks.promote import list_models
+
+    rows = list_models(root)
+    if not rows:
+        print(f"houseprice: no models under {root}; run 'houseprice run' first")
+        return 0
+    print(f"{'':2}{'version':<17} {'created':<20} {'data':<17} {'rows':>5} "
+          f"{'OOF all':>8} {'OOF w/o':>8}  selected")
+    for r in rows:
+        fmt = (lambda v: "—" if v is None else f"{v:.4f}")  # noqa: E731
+        print(f"{'*' if r['production'] else ' ':2}{r['version']:<17} {r['created']:<20} "
+              f"{str(r['data_version']):<17} {str(r['n_rows'] or '—'):>5} "
+              f"{fmt(r['oof_log_rmse_all']):>8} {fmt(r['oof_log_rmse_clean']):>8}  "
+              f"{r['selected']}")
+    print("(* production)")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from tasks.config import default_artifacts_dir
+    from tasks.promote import promote_by_hand
+
+    entry = promote_by_hand(args.artifacts or default_artifacts_dir(), args.version)
+    print(f"houseprice: {entry['model']} is production ({entry['reason']})")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from tasks.config import default_artifacts_dir
+    from tasks.promote import rollback
+
+    entry = rollback(args.artifacts or default_artifacts_dir())
+    print(f"houseprice: {entry['model']} is production again ({entry['reason']})")
+    return 0
+
+
+def _make_feed(args: argparse.Namespace) -> int:
+    from tasks.config import DataConfig
+    from tasks.download import fetch
+    from tasks.feed import make_feed
+
+    data = DataConfig(**{k: v for k, v in (("url", args.data_url), ("cache_dir", args.data_dir))
+                         if v})
+    train = fetch(data.files["train"], data.url, Path(data.cache_dir), timeout_s=data.timeout_s,
+                  retries=data.retries, backoff_s=data.backoff_s)
+    written = make_feed(train, Path(args.out_dir), until=args.until, since=args.since)
+    first, last = min(written), max(written)
+    print(f"houseprice: wrote {len(written)} monthly file(s) {first} .. {last} "
+          f"({sum(written.values())} rows) to {args.out_dir}")
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -321,7 +480,9 @@ def _main(argv: list[str] | None) -> int:
     if os.environ.get("PREFECT_HOME"):
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     try:
-        commands = {"run": _run, "serve": _serve, "rerun": _rerun, "predict": _predict}
+        commands = {"run": _run, "serve": _serve, "rerun": _rerun, "predict": _predict,
+                    "score": _score, "models": _models, "promote": _promote,
+                    "rollback": _rollback, "make-feed": _make_feed}
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"houseprice: error: {exc}", file=sys.stderr)

@@ -10,10 +10,11 @@ from typing import Any
 from prefect import flow
 
 from tasks.config import STAGES, PipelineConfig, Stage, run_name
-from tasks.download import download_task
+from tasks.download import download_task, fetch_task
 from tasks.predict import predict_task
 from tasks.preprocess import preprocess_task
-from tasks.report import publish_task
+from tasks.promote import promote_task
+from tasks.report import name_run, publish_task
 from tasks.select import select_task
 from tasks.stage import run_stage, submit_stage
 from tasks.tensorize import tensorize_task
@@ -38,7 +39,8 @@ def house_price_pipeline(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008
     from_stage: Stage | None = None,
 ) -> dict[str, Any]:
-    """Download, preprocess, tensorize, K-fold train the candidates, select, predict.
+    """Download, preprocess, tensorize, K-fold train the candidates, select, predict, then
+    promote the model if it beats production on rows neither was fitted on.
 
     ``from_stage`` recomputes that stage and every stage after it on purpose (their cache
     entries are refreshed); the stages before it come back Cached as usual.
@@ -46,7 +48,10 @@ def house_price_pipeline(
     root = config.artifacts_dir
     force = {s: from_stage is not None and STAGES.index(s) >= STAGES.index(from_stage)
              for s in STAGES}
-    raw = run_stage(download_task, root, force=force["download"], data=config.data)
+    snapshot = fetch_task(config.data, root, force=force["download"])
+    name_run(config, snapshot.data_version)
+    raw = run_stage(download_task, root, force=force["download"], snapshot=snapshot,
+                    on_duplicate=config.data.on_duplicate)
     preprocessor = run_stage(preprocess_task, root, force=force["preprocess"], raw=raw,
                              config=config.preprocess)
     data = run_stage(tensorize_task, root, force=force["tensorize"], raw=raw,
@@ -64,7 +69,8 @@ def house_price_pipeline(
                       select=config.select)
     predictions = run_stage(predict_task, root, force=force["predict"], model=model, raw=raw,
                             config=config.predict)
-    return publish_task(model, predictions, trained, config.submission)
+    promotion = promote_task(model, predictions, raw, config.promote)
+    return publish_task(model, predictions, trained, config.submission, promotion)
 
 
 def with_task_runner(kind: str = "threads", address: str | None = None):

@@ -211,8 +211,15 @@ def set_latest(ref: ArtifactRef) -> None:
 
 
 def resolve(root: str | Path, stage: str, version: str | None = None) -> ArtifactRef:
-    """The ref for ``version`` of ``stage`` (LATEST when None), checked to be intact."""
+    """The ref for ``version`` of ``stage`` (LATEST when None; ``production``: the production
+    model, for select), checked to be intact."""
     root = Path(root).resolve()
+    if version == "production":
+        current = read_production(root)
+        if current is None:
+            raise ArtifactError(f"no production model under {root}: run 'houseprice run' "
+                                "(its first healthy model is promoted) or pass --model VERSION")
+        version = current["model"]
     if version in (None, "latest"):
         pointer = latest_pointer(root, stage)
         if not pointer.is_file():
@@ -222,3 +229,65 @@ def resolve(root: str | Path, stage: str, version: str | None = None) -> Artifac
             )
         version = pointer.read_text().strip()
     return require(ArtifactRef(root=str(root), stage=stage, version=version))
+
+
+# The production model: one pointer file per artifact root (``production/CURRENT``, replaced
+# atomically), an append-only history of every decision (``production/history.jsonl``), and a
+# lock that serializes whoever reads-compares-writes them (gates of concurrent runs, the
+# ``promote`` and ``rollback`` commands).
+PRODUCTION = "production"
+
+
+def production_dir(root: str | Path) -> Path:
+    return Path(root) / PRODUCTION
+
+
+def read_production(root: str | Path) -> dict[str, Any] | None:
+    """The production pointer (model version, predictions version, data version, when), or
+    None before the first promotion."""
+    path = production_dir(root) / "CURRENT"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"unreadable production pointer {path}: {exc}; restore it with "
+                            "'houseprice promote VERSION'") from None
+
+
+@contextlib.contextmanager
+def production_lock(root: str | Path):
+    """An exclusive lock on the root's production pointer and history (blocks until free)."""
+    import fcntl
+
+    folder = production_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_history(root: str | Path) -> list[dict[str, Any]]:
+    path = production_dir(root) / "history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record(root: str | Path, entry: dict[str, Any], promote: bool) -> None:
+    """Append ``entry`` to the history and, if ``promote``, make its model production (the
+    pointer is replaced atomically, after the history line is written). Hold the lock."""
+    entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **entry,
+             "promoted": promote}
+    folder = production_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "history.jsonl", "a") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if promote:
+        write_json(folder / "CURRENT", {k: entry.get(k) for k in (
+            "model", "predictions", "data_version", "time", "reason")})

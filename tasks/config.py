@@ -55,12 +55,36 @@ def default_artifacts_dir() -> str:
     return os.environ.get("HOUSEPRICE_ARTIFACTS") or str(PROJECT_ROOT / "artifacts")
 
 
+Sha1 = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]
+
+
+def data_version(files) -> str:
+    """The version of a set of data files: the hash of their sorted (name, SHA-1) list, so
+    the same bytes give the same version and anything new a new one."""
+    return short_hash(sorted([str(n), str(h)] for n, h in files))[:16]
+
+
 class DataConfig(_Frozen):
-    """Where the raw CSVs come from. Only the files' hashes define the data."""
+    """Where the raw rows come from. Only the files' hashes define the data (the download
+    stage's version is taken from what the sources hold when it runs)."""
 
-    _unversioned = frozenset({"url", "cache_dir", "timeout_s", "retries", "backoff_s"})
+    _unversioned = frozenset({"url", "cache_dir", "timeout_s", "retries", "backoff_s", "train",
+                              "test", "sha1", "files"})
 
-    url: str = Field(default_factory=_default_data_url, description="base URL, file:// or dir")
+    url: str = Field(default_factory=_default_data_url,
+                     description="base URL, file:// or dir of the Kaggle pair (the default)")
+    train: str | None = Field(
+        None, description="training rows: a CSV/Parquet file, a directory or a glob of them "
+        "(http(s)://, file:// or a path), concatenated in name order; default: the Kaggle "
+        "training file under url")
+    test: str | None = Field(
+        None, description="rows to predict, as train; default: the Kaggle test file under url")
+    sha1: dict[str, Sha1] = Field(
+        default_factory=dict, description="optional pinned SHA-1 per file name of train/test "
+        "sources, verified at download")
+    on_duplicate: Literal["error", "last"] = Field(
+        "error", description="the same Id in two training files: an error, or the later file "
+        "(in name order) wins, for corrections")
     cache_dir: str = Field(default_factory=_default_data_dir)
     files: dict[Literal["train", "test"], RemoteFile] = Field(default_factory=_registry_files)
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
@@ -123,9 +147,38 @@ class SelectConfig(_Frozen):
     )
 
 
+class PromoteConfig(_Frozen):
+    """When a run's model replaces the production model (the gate is not cached)."""
+
+    min_improvement: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="log RMSE the challenger must gain over production, on rows "
+        "neither was fitted on, to be promoted")
+
+
 class PredictConfig(_Frozen):
     _unversioned = frozenset({"chunk_size"})
 
+    chunk_size: Annotated[int, Field(gt=0)] = 50_000
+
+
+class ScoreConfig(_Frozen):
+    """The scoring flow: every file in an inbox, predicted by a model (production by
+    default). Each (model version, file) is its own cached artifact."""
+
+    _unversioned = frozenset({"artifacts_dir", "inbox", "model", "cache_dir", "timeout_s",
+                              "retries", "backoff_s", "chunk_size", "drift_threshold"})
+
+    artifacts_dir: str = Field(default_factory=default_artifacts_dir)
+    inbox: str = Field(description="files to score: a CSV/Parquet file, a directory or a glob "
+                       "(http(s)://, file:// or a path)")
+    model: str = Field("production", description="select version, 'production' or 'latest'")
+    drift_threshold: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.05, description="share of a file's rows with an out-of-range numeric or an unseen "
+        "category above which a houseprice.drift.detected event is emitted")
+    cache_dir: str = Field(default_factory=_default_data_dir)
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
     chunk_size: Annotated[int, Field(gt=0)] = 50_000
 
 
@@ -219,6 +272,7 @@ class PipelineConfig(_Frozen):
     search: tuple[SearchSpace, ...] = Field(default_factory=default_search)
     select: SelectConfig = Field(default_factory=SelectConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -268,11 +322,15 @@ def short_hash(value: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def run_name(config: PipelineConfig) -> str:
-    """A flow run's name that reads well in a list of runs: the data's version (the hash of
-    its files' sorted (name, SHA-1) pairs) and the config's short hash (what is computed)."""
-    data = short_hash(sorted((f.name, f.sha1) for f in config.data.files.values()))
-    return f"data {data} · config {short_hash(config.version_params())}"
+def run_name(config: PipelineConfig, data: str | None = None) -> str:
+    """A flow run's name that reads well in a list of runs: the training data's version and
+    the config's short hash (what is computed). Before the sources are listed, the data
+    version is known only for the pinned Kaggle default; else the source is shown."""
+    if data is None and config.data.train is None:
+        pinned = config.data.files["train"]
+        data = data_version([(pinned.name, pinned.sha1)])[:8]
+    shown = data[:8] if data else Path(config.data.train.rstrip("/")).name[:24]
+    return f"data {shown} · config {short_hash(config.version_params())}"
 
 
 def _check_unique(names: list[str]) -> None:

@@ -1,9 +1,19 @@
-"""Stage 1, download: fetch the raw CSVs into a verified cache, then into a versioned artifact."""
+"""Stage 1, download: fetch the sources' files into a cache (only what changed), then merge
+them into a versioned artifact.
+
+Two tasks: ``fetch`` lists the sources and brings changed files into the cache every run (it
+cannot know what changed without asking), and returns a small snapshot, each file's name and
+SHA-1; ``download`` is cached on that snapshot, so an unchanged source comes back Cached and
+so does every stage after it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import time
@@ -12,12 +22,19 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
+import pyarrow.parquet as pq
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import ArtifactRef
-from tasks.config import DataConfig, RemoteFile
-from tasks.stage import build_stage, one_line, stage_task_options
+from tasks.artifacts import ArtifactRef, read_production, write_json
+from tasks.config import DataConfig, RemoteFile, data_version
+from tasks.frozen import Frozen
+from tasks.preprocess import ID, DataError
+from tasks.sources import Located, SourceError, list_source
+from tasks.stage import build_stage, failing_as, one_line, stage_task_options
 
 STAGE = "download"
 
@@ -51,20 +68,41 @@ def _source(base: str, name: str) -> tuple[str, Path | None]:
     return str(path), path
 
 
-def _fetch_once(location: str, local: Path | None, dest: Path, timeout_s: float) -> None:
+_NOT_MODIFIED = "not-modified"
+
+
+def _fetch_once(location: str, local: Path | None, dest: Path, timeout_s: float,
+                validators: dict[str, str] | None = None) -> dict[str, str] | str:
+    """Copy or download ``location`` to ``dest``; return the source's validators (ETag,
+    Last-Modified) or ``_NOT_MODIFIED`` when a conditional request says it has not changed."""
     if local is not None:
         if not local.is_file():
             raise FileNotFoundError(f"no such file {local}")
         shutil.copyfile(local, dest)
-        return
-    with urllib.request.urlopen(location, timeout=timeout_s) as resp, open(dest, "wb") as out:
+        return {}
+    headers = {}
+    if validators and validators.get("etag"):
+        headers["If-None-Match"] = validators["etag"]
+    if validators and validators.get("last_modified"):
+        headers["If-Modified-Since"] = validators["last_modified"]
+    request = urllib.request.Request(location, headers=headers)
+    try:
+        resp = urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 304:
+            return _NOT_MODIFIED
+        raise
+    with resp, open(dest, "wb") as out:
         expected = resp.headers.get("Content-Length")
         received = 0
         while block := resp.read(1 << 16):
             out.write(block)
             received += len(block)
+        got = {"etag": resp.headers.get("ETag") or "",
+               "last_modified": resp.headers.get("Last-Modified") or ""}
     if expected is not None and received != int(expected):
         raise ConnectionError(f"body cut off after {received} of {expected} bytes")
+    return got
 
 
 def _describe(exc: BaseException) -> str:
@@ -79,84 +117,343 @@ def _describe(exc: BaseException) -> str:
     return one_line(exc)
 
 
-def fetch(
-    file: RemoteFile,
-    base_url: str,
-    cache_dir: Path,
-    *,
-    timeout_s: float = 30.0,
-    retries: int = 3,
-    backoff_s: float = 1.0,
-    log=print,
-) -> Path:
+def _with_retries(attempt_once, location: str, retries: int, backoff_s: float, log):
+    """``attempt_once()`` with exponential backoff on transient failures; a 4xx (other than
+    408/429) or a missing local file fails at once. Errors are one-line DownloadErrors."""
+    for attempt in range(retries + 1):
+        try:
+            return attempt_once()
+        except urllib.error.HTTPError as exc:
+            # A 4xx other than 408/429 will not get better by asking again.
+            if 400 <= exc.code < 500 and exc.code not in (408, 429) or attempt == retries:
+                raise DownloadError(
+                    f"could not download {location}: {_describe(exc)}; check the source URL"
+                ) from None
+            cause = exc
+        except FileNotFoundError as exc:
+            raise DownloadError(
+                f"could not read {location}: {_describe(exc)}; check the source path"
+            ) from None
+        except (OSError, ConnectionError, http.client.HTTPException) as exc:
+            # HTTPException: e.g. IncompleteRead, a body cut off mid-way.
+            if attempt == retries:
+                raise DownloadError(
+                    f"could not download {location} after {retries + 1} attempts: "
+                    f"{_describe(exc)}; check the network or use a mirror"
+                ) from None
+            cause = exc
+        delay = backoff_s * 2**attempt
+        log(f"fetching {location} failed ({_describe(cause)}); retry in {delay:.1f}s")
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _meta_path(cache_path: Path) -> Path:
+    return cache_path.with_name(f".{cache_path.name}.meta.json")
+
+
+def fetch_file(located: Located, cache_path: Path, *, sha1: str | None = None,
+               timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 1.0,
+               force: bool = False, log=print) -> str:
+    """Bring ``located`` into ``cache_path`` unless the cached copy is known current; return
+    its SHA-1. Known current: a pinned ``sha1`` the cached bytes match; an unchanged size and
+    mtime of a local source; or an HTTP source answering 304 to a conditional request
+    (ETag / Last-Modified). A hash mismatch with the pin is not retried and caches nothing.
+    """
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_file = _meta_path(cache_path)
+    meta: dict | None = None
+    if cache_path.is_file() and meta_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            meta = json.loads(meta_file.read_text())
+        if meta is not None and meta.get("cache_stat") != _stat(cache_path):
+            meta = None  # the cached copy changed since we wrote it
+    if not force and cache_path.is_file():
+        if sha1 is not None:
+            if (meta or {}).get("sha1") == sha1 or sha1_file(cache_path) == sha1:
+                return sha1
+            log(f"cached {cache_path} does not match its SHA-1; fetching it again")
+            meta = None
+        elif meta is not None and located.local is not None and (
+                meta.get("source_stat") == _stat(located.local)):
+            return meta["sha1"]
+    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    validators = (meta or {}).get("validators") if located.local is None and not force else None
+    try:
+        got = _with_retries(
+            lambda: _fetch_once(located.location, located.local, tmp, timeout_s, validators),
+            located.location, retries, backoff_s, log)
+        if got == _NOT_MODIFIED and meta is not None:
+            return meta["sha1"]
+        if got == _NOT_MODIFIED:  # no cached copy to fall back on: ask unconditionally
+            got = _with_retries(
+                lambda: _fetch_once(located.location, located.local, tmp, timeout_s),
+                located.location, retries, backoff_s, log)
+        actual = sha1_file(tmp)
+        if sha1 is not None and actual != sha1:
+            raise DownloadError(
+                f"{located.name} from {located.location} has SHA-1 {actual}, expected {sha1}; "
+                "the source serves different bytes: check the source or its pinned SHA-1"
+            )
+        source_stat = _stat(located.local) if located.local is not None else None
+        os.replace(tmp, cache_path)
+        write_json(meta_file, {"sha1": actual, "location": located.location,
+                               "validators": got if isinstance(got, dict) else {},
+                               "source_stat": source_stat, "cache_stat": _stat(cache_path)})
+    finally:
+        tmp.unlink(missing_ok=True)
+    return actual
+
+
+def fetch(file: RemoteFile, base_url: str, cache_dir: Path, *, timeout_s: float = 30.0,
+          retries: int = 3, backoff_s: float = 1.0, log=print) -> Path:
     """Return ``cache_dir/file.name`` with a verified SHA-1, fetching it only if needed.
 
     Transient failures are retried with exponential backoff; a hash mismatch is not (the
     source serves the wrong bytes) and leaves nothing in the cache.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / file.name
-    if target.is_file():
-        if sha1_file(target) == file.sha1:
-            return target
-        log(f"cached {target} does not match its SHA-1; fetching it again")
-        target.unlink()
     location, local = _source(base_url, file.name)
-    tmp = cache_dir / f".{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
-    try:
-        for attempt in range(retries + 1):
-            try:
-                _fetch_once(location, local, tmp, timeout_s)
-                break
-            except urllib.error.HTTPError as exc:
-                # A 4xx other than 408/429 will not get better by asking again.
-                if 400 <= exc.code < 500 and exc.code not in (408, 429) or attempt == retries:
-                    raise DownloadError(
-                        f"could not download {location}: {_describe(exc)}; check --data-url"
-                    ) from None
-                cause = exc
-            except FileNotFoundError as exc:
-                raise DownloadError(
-                    f"could not read {location}: {_describe(exc)}; check --data-url"
-                ) from None
-            except (OSError, ConnectionError, http.client.HTTPException) as exc:
-                # HTTPException: e.g. IncompleteRead, a body cut off mid-way.
-                if attempt == retries:
-                    raise DownloadError(
-                        f"could not download {location} after {retries + 1} attempts: "
-                        f"{_describe(exc)}; check the network or use a mirror (--data-url)"
-                    ) from None
-                cause = exc
-            delay = backoff_s * 2**attempt
-            log(f"fetching {location} failed ({_describe(cause)}); retry in {delay:.1f}s")
-            time.sleep(delay)
-        actual = sha1_file(tmp)
-        if actual != file.sha1:
-            raise DownloadError(
-                f"{file.name} from {location} has SHA-1 {actual}, expected {file.sha1}; "
-                "the source serves different bytes: check --data-url"
-            )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    target = Path(cache_dir) / file.name
+    fetch_file(Located(file.name, location, local), target, sha1=file.sha1,
+               timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, log=log)
     return target
 
 
-def download(data: DataConfig, out_dir: Path, log=print) -> dict[str, object]:
-    """Fetch every registry file (verified) into ``out_dir``; return their SHA-1s."""
+class SourceFile(Frozen):
+    """One fetched file: its name and SHA-1 define it; ``path`` is where this machine's cache
+    holds it."""
+
+    _unversioned = frozenset({"path"})
+
+    name: str
+    sha1: str
+    path: str
+
+
+class Snapshot(Frozen):
+    """What the sources hold now, in name order: the download stage's only input (besides
+    ``on_duplicate``), so the same bytes give the same version and anything new a new one."""
+
+    train: tuple[SourceFile, ...]
+    test: tuple[SourceFile, ...]
+
+    @property
+    def data_version(self) -> str:
+        """The training data's version: the hash of its sorted (name, SHA-1) list."""
+        return data_version((f.name, f.sha1) for f in self.train)
+
+
+def _role_sources(data: DataConfig, role: str) -> tuple[str, list[Located], dict[str, str]]:
+    """(source text, its files, pinned SHA-1 by name) of ``role``: the configured source,
+    or the registry's Kaggle file under ``data.url`` (pinned by the registry)."""
+    source = getattr(data, role)
+    if source is None:
+        file = data.files[role]
+        location, local = _source(data.url, file.name)
+        return location, [Located(file.name, location, local)], {file.name: file.sha1}
+    try:
+        return source, list_source(source, data.timeout_s), dict(data.sha1)
+    except SourceError as exc:
+        raise DownloadError(str(exc)) from None
+
+
+def fetch_source(source: str, files: list[Located], folder: Path, memo: Path,
+                 pins: dict[str, str], data: DataConfig, force: bool = False,
+                 log=print) -> tuple[SourceFile, ...]:
+    """Bring every file of ``source`` into ``folder`` (only what changed); log files added or
+    removed since the last listing (remembered in ``memo``)."""
+    _log_listing_change(memo, source, [f.name for f in files], log)
+    return tuple(
+        SourceFile(name=f.name, path=str(folder / f.name), sha1=fetch_file(
+            f, folder / f.name, sha1=pins.get(f.name), timeout_s=data.timeout_s,
+            retries=data.retries, backoff_s=data.backoff_s, force=force, log=log))
+        for f in files
+    )
+
+
+def source_folder(cache: Path, source: str) -> tuple[Path, Path]:
+    """(folder for its files, memo of its last listing) of a source in the cache: each
+    source its own folder, so two sources with a file of the same name do not evict each
+    other."""
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    return cache / "sources" / key, cache / f".listing-{key}.json"
+
+
+def take_snapshot(data: DataConfig, force: bool = False, log=print) -> Snapshot:
+    """List every source and bring each file into the cache (only what changed); the
+    snapshot of what they hold now."""
     cache = Path(data.cache_dir)
-    for role, file in data.files.items():
-        cached = fetch(
-            file, data.url, cache,
-            timeout_s=data.timeout_s, retries=data.retries, backoff_s=data.backoff_s, log=log,
-        )
-        shutil.copyfile(cached, out_dir / f"{role}.csv")
-    return {"sha1": {role: f.sha1 for role, f in data.files.items()}, "source": data.url}
+    out: dict[str, tuple[SourceFile, ...]] = {}
+    for role in ("train", "test"):
+        source, files, pins = _role_sources(data, role)
+        folder, memo = source_folder(cache, source)
+        if getattr(data, role) is None:
+            folder = cache  # the registry's files keep their plain cache path
+        out[role] = fetch_source(source, files, folder, memo, pins, data, force, log)
+    return Snapshot(train=out["train"], test=out["test"])
+
+
+def _log_listing_change(memo: Path, source: str, names: list[str], log) -> None:
+    try:
+        before = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        before = None
+    if before is not None:
+        gone = sorted(set(before) - set(names))
+        new = sorted(set(names) - set(before))
+        if gone:
+            log(f"{len(gone)} file(s) removed from {source} since the last run: "
+                f"{', '.join(gone[:10])}; the data version changes")
+        if new:
+            log(f"{len(new)} new file(s) in {source}: {', '.join(new[:10])}")
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    write_json(memo, names)
+
+
+def _read_rows(path: Path, name: str) -> pd.DataFrame:
+    """One source file as a frame, or a one-line DataError naming it: empty, not CSV or
+    Parquet, or a row with more or fewer fields than the header (a file cut off mid-row)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{name} is empty: expected a header line and rows")
+    if name.lower().endswith((".parquet", ".pq")):
+        try:
+            return pq.read_table(path).to_pandas()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
+            raise DataError(f"{name} is not a readable Parquet file ({one_line(exc)})") from None
+    head = path.open("rb").read(4096)
+    if b"\x00" in head or head.startswith(b"PAR1"):
+        raise DataError(f"{name} is not a CSV file (binary content); export it as CSV")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DataError(
+                        f"{name} line {reader.line_num} has {len(row)} fields, the header "
+                        f"has {len(header)}: the file is cut off or malformed; fix or "
+                        "re-export it")
+        return pd.read_csv(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{name} is not a UTF-8 CSV file; export it as CSV") from None
+    except (pd.errors.ParserError, csv.Error) as exc:
+        raise DataError(f"{name} is not a valid CSV file ({one_line(exc)})") from None
+
+
+def _check_alike(frames: list[tuple[str, pd.DataFrame]]) -> None:
+    """Every file must have the first file's columns, and no text where another file has
+    numbers (a numeric column turned text)."""
+    first_name, first = frames[0]
+    for name, df in frames[1:]:
+        missing = [c for c in first.columns if c not in df.columns]
+        extra = [c for c in df.columns if c not in first.columns]
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing[:5])}"] if missing else []) + (
+                [f"extra {', '.join(extra[:5])}"] if extra else [])
+            raise DataError(f"{name} has other columns than {first_name} ({'; '.join(parts)}); "
+                            "every file of a source needs the same columns")
+    numeric = {c for _, df in frames for c in df.columns
+               if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()}
+    for name, df in frames:
+        for col in sorted(numeric & set(df.columns)):
+            if pd.api.types.is_numeric_dtype(df[col]):
+                continue
+            values = df[col].dropna().astype("string").str.strip()
+            bad = values[pd.to_numeric(values, errors="coerce").isna() & (values != "")]
+            if len(bad):
+                raise DataError(f"{name}: column {col} is numeric in the other files but has "
+                                f"{bad.iloc[0]!r} (row {bad.index[0] + 1}); fix that value")
+
+
+def _drop_duplicates(frames: list[tuple[str, pd.DataFrame]], on_duplicate: str,
+                     log) -> list[tuple[str, pd.DataFrame]]:
+    """The same Id in two files is an error naming both, unless ``on_duplicate='last'``:
+    then the later file's row wins (corrections)."""
+    seen: dict[Any, str] = {}  # Id -> the last file (in name order) that has it
+    for name, df in frames:
+        if ID not in df.columns:
+            raise DataError(f"{name} has no {ID} column")
+        ids = df[ID].tolist()
+        clash = [i for i in dict.fromkeys(ids) if i in seen]
+        if clash and on_duplicate == "error":
+            other = seen[clash[0]]
+            shared = sum(seen[i] == other for i in clash)
+            raise DataError(
+                f"{ID} {clash[0]} is in both {other} and {name} ({shared} shared Id(s)); "
+                "remove the repeats, or set data.on_duplicate = \"last\" to let the later "
+                "file win (corrections)")
+        seen.update(dict.fromkeys(ids, name))
+    out = []
+    for name, df in frames:
+        keep = df[ID].map(seen).to_numpy() == name
+        if not keep.all():
+            log(f"{int((~keep).sum())} row(s) of {name} replaced by a later file's row "
+                "with the same Id")
+        out.append((name, df[keep]))
+    return out
+
+
+def merge(files: tuple[SourceFile, ...], on_duplicate: str, dest: Path, log=print) -> int:
+    """Every file's rows, in name order, checked alike, into ``dest`` (CSV); a single CSV is
+    copied byte for byte (bump ``stage.STAGE_FORMATS['download']`` when this changes what it
+    writes). Returns the number of rows."""
+    frames = [(f.name, _read_rows(Path(f.path), f.name)) for f in files]
+    _check_alike(frames)
+    frames = _drop_duplicates(frames, on_duplicate, log)
+    if len(files) == 1 and files[0].name.lower().endswith(".csv"):
+        shutil.copyfile(files[0].path, dest)
+        return len(frames[0][1])
+    merged = pd.concat([df for _, df in frames], ignore_index=True)
+    merged.to_csv(dest, index=False)
+    return len(merged)
+
+
+def download(snapshot: Snapshot, on_duplicate: str, out_dir: Path, log=print
+             ) -> dict[str, object]:
+    """The snapshot's files, merged per role into ``train.csv`` and ``test.csv``; returns
+    the data version, each file's SHA-1 and the row counts."""
+    for role in ("train", "test"):
+        for f in getattr(snapshot, role):
+            if sha1_file(Path(f.path)) != f.sha1:  # changed in the cache since the snapshot
+                raise DownloadError(f"cached {f.path} changed after it was fetched; run again")
+    rows = {role: merge(getattr(snapshot, role), on_duplicate, out_dir / f"{role}.csv", log)
+            for role in ("train", "test")}
+    return {
+        "data_version": snapshot.data_version,
+        "files": {role: {f.name: f.sha1 for f in getattr(snapshot, role)}
+                  for role in ("train", "test")},
+        "rows": rows,
+    }
+
+
+@task(name="fetch", task_run_name="fetch", cache_policy=NO_CACHE)
+def fetch_task(data: DataConfig, root: str, force: bool = False) -> Snapshot:
+    """List the sources and fetch what changed (the first half of the download stage)."""
+    logger = get_run_logger()
+    with failing_as(STAGE):
+        snapshot = take_snapshot(data, force=force, log=logger.warning)
+    production = read_production(root)
+    if production is not None and production.get("data_version") == snapshot.data_version:
+        logger.info(f"no new data: the training files are those of the production model "
+                    f"{production['model']} (data {snapshot.data_version})")
+    else:
+        logger.info(f"data {snapshot.data_version}: {len(snapshot.train)} training file(s), "
+                    f"{len(snapshot.test)} file(s) to predict")
+    return snapshot
 
 
 @task(**stage_task_options(STAGE))
-def download_task(data: DataConfig, root: str, force: bool = False) -> ArtifactRef:
-    """Fetch the train/test CSVs (SHA-1 verified) into a download artifact."""
+def download_task(snapshot: Snapshot, on_duplicate: str, root: str,
+                  force: bool = False) -> ArtifactRef:
+    """Merge the snapshot's files (checked alike, duplicates resolved) into a download
+    artifact: ``train.csv``, ``test.csv``."""
     logger = get_run_logger()
-    return build_stage(STAGE, root, {"data": data},
-                       lambda out: download(data, out, log=logger.warning), force=force)
+    inputs = {"snapshot": snapshot, "on_duplicate": on_duplicate}
+    return build_stage(STAGE, root, inputs,
+                       lambda out: download(snapshot, on_duplicate, out, log=logger.warning),
+                       force=force)

@@ -93,7 +93,7 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     pre = model.preprocessor
-    rows, unseen, extra = 0, Counter(), None
+    rows, drifted, unseen, extra = 0, 0, Counter(), None
     out_of_range, imputed = Counter(), Counter()
     try:
         with open(tmp, "w", newline="") as fh:
@@ -114,13 +114,16 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
                 X, report = pre.transform(chunk)
                 unseen.update(report.unseen)
                 out_of_range.update(report.out_of_range)
+                drifted += report.rows_drifted
                 imputed.update(report.missing)
                 price = np.exp(model.predict_log_price(X))
                 pd.DataFrame({ID: chunk[ID].to_numpy(), "SalePrice": price}).to_csv(
                     fh, header=False, index=False
                 )
                 rows += len(chunk)
-        drift = {"rows": rows, "out_of_training_range": dict(out_of_range),
+        drift = {"rows": rows, "rows_drifted": drifted,
+                 "share_drifted": drifted / rows if rows else 0.0,
+                 "out_of_training_range": dict(out_of_range),
                  "imputed_missing": dict(imputed), "unseen_categories": dict(unseen),
                  "ignored_columns": extra or []}
         write_json(drift_path(out_path), drift)

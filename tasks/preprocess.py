@@ -34,6 +34,11 @@ TARGET = "SalePrice"
 FORMAT = "houseprice-preprocessor/2"
 
 
+# The sale date moves forward by itself: new listings are sold after every training row, so
+# being out of its training range is not drift (still counted per column in the report).
+TIME_COLUMNS = frozenset({"YrSold", "MoSold"})
+
+
 class DataError(ValueError):
     """Input rows that cannot be used, with what is wrong and where."""
 
@@ -110,6 +115,8 @@ class TransformReport:
     unseen: dict[str, int] = field(default_factory=dict)  # categories unseen in training
     out_of_range: dict[str, int] = field(default_factory=dict)  # numerics outside train range
     missing: dict[str, int] = field(default_factory=dict)  # numerics imputed
+    rows_drifted: int = 0  # rows with an out-of-range numeric (but the sale date) or unseen
+    # category
 
 
 @dataclass
@@ -203,10 +210,14 @@ class Preprocessor:
         n = len(df)
         # Feature-major while filling (each feature a contiguous row), transposed at the end.
         out = np.zeros((len(self.feature_names_), n), dtype=np.float32)
+        drifted = np.zeros(n, dtype=bool)  # rows with any out-of-range or unseen value
         for j, (col, (mean, std)) in enumerate(self.numeric_.items()):
             values = _numeric(features, col, ids=df.get(ID))
             lo, hi = self.range_.get(col, (-np.inf, np.inf))
-            if n_out := int(((values < lo) | (values > hi)).sum()):
+            outside = (values < lo) | (values > hi)
+            if col not in TIME_COLUMNS:
+                drifted |= outside
+            if n_out := int(outside.sum()):
                 report.out_of_range[col] = n_out
             if n_nan := int(np.isnan(values).sum()):
                 report.missing[col] = n_nan
@@ -225,7 +236,9 @@ class Preprocessor:
             n_unseen = int((present & ~hit).sum())
             if n_unseen:
                 report.unseen[col] = n_unseen
+                drifted |= present & ~hit
             offset += len(cats) + 1
+        report.rows_drifted = int(drifted.sum())
         return np.ascontiguousarray(out.T), report
 
     def to_dict(self) -> dict[str, Any]:

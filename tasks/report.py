@@ -15,7 +15,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import ArtifactRef, require, set_latest
+from tasks.artifacts import ArtifactRef, require
 
 METRICS_KEY = "house-price-metrics"
 MODEL_CARD_KEY = "house-price-model-card"
@@ -50,14 +50,27 @@ def copy_atomic(src: Path, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def name_run(config, data_version: str) -> None:
+    """Rename the running flow run after its data version, known once the sources are
+    listed (a run of a changing source starts with the source's name)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    from tasks.config import run_name
+
+    if flow_run.id is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=run_name(config, data_version))
+
+
 @task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
 def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[ArtifactRef],
-                 submission: str | None) -> dict[str, Any]:
-    """Mark these versions LATEST, create the dashboard artifacts, copy the submission."""
+                 submission: str | None, promotion: dict[str, Any]) -> dict[str, Any]:
+    """Create the dashboard artifacts, copy the submission; the result says what the
+    promotion gate decided."""
     require(model)
     require(predictions)
-    set_latest(model)
-    set_latest(predictions)
     board = json.loads(model.file("leaderboard.json").read_text())
     create_table_artifact(
         key=METRICS_KEY, table=board["table"],
@@ -79,4 +92,5 @@ def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[Art
         "model_version": model.version,
         "predictions_version": predictions.version,
         "submission": str(predictions.file("submission.csv")),
+        "promotion": promotion,
     }

@@ -104,7 +104,8 @@ def lineage(ref: ArtifactRef) -> dict[str, Any]:
         if cur.version not in versions:
             versions.append(cur.version)
         if cur.stage == "download":
-            out["raw_sha1"] = manifest["metrics"]["sha1"]
+            out["raw_files"] = manifest["metrics"]["files"]
+            out["data_version"] = manifest["metrics"]["data_version"]
         for up in manifest["upstream"].values():
             for item in up if isinstance(up, list) else [up]:
                 todo.append(ArtifactRef(root=ref.root, **item))
@@ -160,9 +161,11 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
         "",
         "## Lineage",
         "",
-        *[f"- raw `{role}.csv` SHA-1 `{sha}`" for role, sha in lin.get("raw_sha1", {}).items()],
+        f"- data version `{lin.get('data_version')}` (the training files' sorted (name, SHA-1))",
+        *[f"- raw {role} file `{name}` SHA-1 `{sha}`"
+          for role, files in lin.get("raw_files", {}).items() for name, sha in files.items()],
         *[f"- {stage}: {', '.join(f'`{v}`' for v in versions)}"
-          for stage, versions in lin.items() if stage != "raw_sha1"],
+          for stage, versions in lin.items() if stage not in ("raw_files", "data_version")],
     ]
     return "\n".join(lines) + "\n"
 
@@ -187,6 +190,7 @@ def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on:
         "folds": [{"fold": int(k), "valid_log_rmse": v}
                   for k, v in zip(np.unique(fold), per_fold, strict=True)],
         "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
+        "oof_pred": pred,
     }
 
 
@@ -221,6 +225,13 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             chosen = blend
         board = leaderboard([*metrics, blend], select.on)
     weights = chosen["weights"] if chosen["candidate"] == BLEND else {chosen["candidate"]: 1.0}
+    # The chosen model's out-of-fold prediction of every row: what the promotion gate
+    # compares with the production model on rows neither was fitted on.
+    chosen_oof = (chosen.pop("oof_pred") if chosen["candidate"] == BLEND
+                  else P[:, names.index(chosen["candidate"])])
+    for m in board:
+        m.pop("oof_pred", None)
+    oof.assign(pred_log_price=chosen_oof).to_parquet(out_dir / "oof.parquet", index=False)
     components = [
         {"candidate": n, "weight": w, "model_config": specs[n].model_dump(mode="json"),
          "folds": torch.load(refs[n].file("models.pt"), weights_only=True)["folds"]}
@@ -256,7 +267,8 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
         model_card(chosen, card_components, board,
                    {**config.version_params(), "select.on": select.on}, lin)
     )
-    return {"selected": chosen["candidate"],
+    return {"selected": chosen["candidate"], "data_version": lin["data_version"],
+            "n_rows": len(oof),
             "components": {c["candidate"]: c["weight"] for c in components},
             "mean_valid_log_rmse": chosen["mean_valid_log_rmse"],
             "std_valid_log_rmse": chosen["std_valid_log_rmse"],

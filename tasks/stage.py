@@ -37,10 +37,16 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "train": ("train.py", "kinds/__init__.py"),
     "select": ("select.py", "kinds/__init__.py", *code_files()),
     "predict": ("predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),
+    "score": ("score.py", "predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),
 }
 
+# Stages whose code is deliberately out of their version carry a format number instead:
+# bump it when the stage would write other bytes for the same inputs (download: how several
+# files are merged into one).
+STAGE_FORMATS: dict[str, int] = {"download": 1}
+
 # Inputs that say where things run, not what is computed.
-_UNVERSIONED_INPUTS = frozenset({"root", "force"})
+_UNVERSIONED_INPUTS = frozenset({"root", "force", "chunk_size", "threshold"})
 
 
 class StageError(RuntimeError):
@@ -50,7 +56,7 @@ class StageError(RuntimeError):
 @functools.cache
 def code_version(stage: str, extra: tuple[str, ...] = ()) -> str:
     """Hash of the source files that define ``stage`` (and the ``extra`` ones)."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"format {STAGE_FORMATS.get(stage, 0)}".encode())
     for name in (*STAGE_CODE[stage], *extra):
         digest.update(name.encode())
         digest.update((TASKS_DIR / name).read_bytes())
@@ -145,9 +151,10 @@ def _for_call(task: Task, root: str, inputs: dict[str, Any], force: bool) -> Tas
 
 
 def task_run_name(stage: str, inputs: dict[str, Any]) -> str:
-    """What the dashboard lists a stage's task run as: ``train[lasso]``, ``select``."""
-    cand = inputs.get("candidate")
-    return f"{stage}[{cand.name}]" if isinstance(cand, CandidateConfig) else stage
+    """What the dashboard lists a stage's task run as: ``train[lasso]``, ``score[a.csv]``,
+    ``select``."""
+    item = inputs.get("candidate") or inputs.get("file")
+    return f"{stage}[{item.name}]" if isinstance(item, Frozen) else stage
 
 
 def run_stage(task: Task, root: str, *, force: bool = False, **inputs: Any) -> ArtifactRef:

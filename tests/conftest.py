@@ -42,12 +42,18 @@ class DataServer:
 
     def __init__(self, directory: Path):
         self.requests: Counter[str] = Counter()
-        counter = self.requests
+        self.bodies: Counter[str] = Counter()  # requests answered 200 with the file's body
+        counter, bodies = self.requests, self.bodies
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
                 counter[self.path.lstrip("/")] += 1
                 super().do_GET()
+
+            def send_response(self, code, message=None):
+                if code == 200:
+                    bodies[self.path.lstrip("/")] += 1
+                super().send_response(code, message)
 
             def log_message(self, *args):
                 pass

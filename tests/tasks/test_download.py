@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from tasks.config import DataConfig, RemoteFile
-from tasks.download import DownloadError, download, fetch, sha1_file
+from tasks.download import DownloadError, download, fetch, sha1_file, take_snapshot
 from tests.conftest import free_port
 
 TRAIN = RemoteFile(name="kaggle_house_pred_train.csv",
@@ -17,7 +17,9 @@ def test_fetches_over_http_and_verifies(data_server, tmp_path):
     path = fetch(TRAIN, data_server.url, tmp_path / "cache", backoff_s=0)
     assert sha1_file(path) == TRAIN.sha1
     assert path.parent == tmp_path / "cache"
-    assert [p.name for p in path.parent.iterdir()] == [TRAIN.name]  # no temp files left
+    # no temp files left; beside the file only its hidden validators record
+    assert sorted(p.name for p in path.parent.iterdir()) == [f".{TRAIN.name}.meta.json",
+                                                            TRAIN.name]
 
 
 def test_verified_cached_file_is_not_fetched_again(data_server, tmp_path):
@@ -79,9 +81,12 @@ def test_download_copies_both_files(real_data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cfg = DataConfig(url=str(real_data), cache_dir=str(tmp_path / "cache"))
-    metrics = download(cfg, out)
+    snapshot = take_snapshot(cfg)
+    metrics = download(snapshot, "error", out)
     assert sorted(p.name for p in out.iterdir()) == ["test.csv", "train.csv"]
-    assert metrics["sha1"]["train"] == TRAIN.sha1
+    assert metrics["files"]["train"] == {TRAIN.name: TRAIN.sha1}
+    assert (out / "train.csv").read_bytes() == (real_data / TRAIN.name).read_bytes()
+    assert metrics["rows"] == {"train": 1460, "test": 1459}
     shutil.rmtree(out)
 
 

@@ -105,7 +105,9 @@ def test_checkpoint_is_self_describing(trained):
     assert ckpt["metrics"]["mean_valid_log_rmse"] == result["mean_valid_log_rmse"]
     assert len(ckpt["preprocessor"]["feature_names"]) == ckpt["n_features"]
     lineage = ckpt["lineage"]
-    assert lineage["raw_sha1"]["train"] == "585e9cc93e70b39160e7921475f9bcd7d31219ce"
+    assert lineage["raw_files"]["train"] == {
+        "kaggle_house_pred_train.csv": "585e9cc93e70b39160e7921475f9bcd7d31219ce"}
+    assert lineage["data_version"] == ckpt["metrics"].get("data_version", lineage["data_version"])
     assert set(lineage) >= {"download", "preprocess", "tensorize", "train"}
     assert len(lineage["train"]) == len(cfg.all_candidates())
     board = json.loads(ref.file("leaderboard.json").read_text())["leaderboard"]
