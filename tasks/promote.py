@@ -184,7 +184,8 @@ def promote_by_hand(root: str, version: str, reason: str = "promoted by hand") -
         known = [r["version"] for r in list_models(root)]
         close = [v for v in known if v.startswith(version)]
         hint = (f"did you mean {', '.join(close[:3])}?" if close else
-                f"known: {', '.join(known[-5:])}" if known else "no models yet")
+                f"known: {', '.join(known[-5:])}" if known else
+                "no models yet: run 'houseprice run' first")
         raise ArtifactError(f"no intact model {version} under {root} ({hint}); see "
                             "'houseprice models'") from None
     FittedModel.load(ref.file("model.pt"))  # refuses an unreadable or old-format checkpoint
@@ -204,7 +205,8 @@ def rollback(root: str) -> dict:
     with production_lock(root):
         current = read_production(root)
         if current is None:
-            raise ArtifactError(f"no production model under {root}: nothing to roll back")
+            raise ArtifactError(f"no production model under {root}: nothing to roll back; "
+                                "run 'houseprice run' first")
         earlier = [e for e in read_history(root) if e.get("promoted")
                    and e["model"] != current["model"]]
         if not earlier:

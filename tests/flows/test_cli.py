@@ -121,11 +121,34 @@ def test_predict_missing_column_is_one_clear_line(trained, real_data, tmp_path):
     assert not (tmp_path / "o.csv").exists()
 
 
-@pytest.mark.parametrize("args", [["predict", "nowhere.csv", "--out", "x.csv"]])
-def test_predict_without_any_run_says_what_to_do(args, tmp_path):
+@pytest.mark.parametrize(("args", "words"), [
+    (["predict", "nowhere.csv", "--out", "x.csv"], "no production model under"),
+    (["predict", "nowhere.csv", "--out", "x.csv", "--model", "latest"],
+     "run 'houseprice run' first"),
+    (["rollback"], "nothing to roll back"),
+    (["promote", "f6b3c2ad"], "no intact model f6b3c2ad"),
+])
+def test_model_commands_without_any_run_say_what_to_do(args, words, tmp_path):
     proc = houseprice(*args, "--artifacts", str(tmp_path / "empty"))
     assert proc.returncode == 1
-    assert "run 'houseprice run' first" in last_line(proc.stderr)
+    assert words in last_line(proc.stderr) and "run" in last_line(proc.stderr)
+
+
+def test_models_lists_versions_with_production_marked(trained, tmp_path):
+    cfg, result = trained
+    proc = houseprice("models", "--artifacts", cfg.artifacts_dir)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [line for line in proc.stdout.splitlines() if result["model_version"] in line]
+    assert row.startswith("*") and f"{result['oof_log_rmse_all']:.4f}" in row
+
+
+def test_make_feed_writes_monthly_files(real_data, tmp_path):
+    proc = houseprice("make-feed", str(tmp_path / "feed"), "--until", "2006-03",
+                      "--data-url", str(real_data), "--data-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "feed").iterdir()) == [
+        "2006-01.csv", "2006-02.csv", "2006-03.csv"]
+    assert "3 monthly file(s) 2006-01 .. 2006-03 (44 rows)" in proc.stdout
 
 
 def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_path):

@@ -149,16 +149,22 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     assert "needs a Prefect server" in line and "prefect server start" in line
 
 
-def test_prefect_yaml_deploys_the_same_flow():
+def test_prefect_yaml_deploys_both_flows():
     import yaml
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
-    (dep,) = spec["deployments"]
-    assert dep["entrypoint"] == "flows/pipeline.py:house_price_pipeline"
-    assert dep["work_pool"]["name"] and dep["schedules"][0]["cron"]
-    from flows.pipeline import house_price_pipeline  # the entrypoint resolves
+    train, score = spec["deployments"]
+    assert train["entrypoint"] == "flows/pipeline.py:house_price_pipeline"
+    assert score["entrypoint"] == "flows/score.py:house_price_score"
+    for dep in (train, score):
+        assert dep["work_pool"]["name"] and dep["schedules"][0]["cron"]
+    from flows.pipeline import house_price_pipeline  # the entrypoints resolve
+    from flows.score import house_price_score
+    from tasks.config import ScoreConfig
 
     assert house_price_pipeline.name == "house-price"
+    assert house_price_score.name == "house-price-score"
+    assert ScoreConfig.model_validate(score["parameters"]["config"]).model == "production"
 
 
 def test_failed_cli_run_says_how_to_retry_and_rerun_completes_it_in_place(

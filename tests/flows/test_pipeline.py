@@ -280,5 +280,6 @@ def test_dashboard_names_say_what_each_run_is(first_run):
         names = {r.name for r in client.read_task_runs(flow_run_filter=_filter(state))}
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
     train = {f"train[{c.name}]" for c in cfg.all_candidates()}
-    assert names == {"download", "preprocess", "tensorize", "select", "predict", "publish"} | train
+    assert names == {"fetch", "download", "preprocess", "tensorize", "select", "predict",
+                     "promote", "publish"} | train
     assert flow_run.name == run_name(cfg) and flow_run.name.startswith("data ")
