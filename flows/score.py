@@ -14,7 +14,19 @@ from tasks.score import drift_task, inbox_task, score_task
 from tasks.stage import StageError, one_line, submit_stage
 
 
-@flow(name="house-price-score", log_prints=True)
+def _flow_run_name() -> str:
+    """``inbox <name> · model <version or production>``: what a run in the list scored."""
+    from pathlib import Path
+
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    config = config.model_dump() if isinstance(config, ScoreConfig) else (config or {})
+    inbox = Path(str(config.get("inbox", "?")).rstrip("/")).name or "?"
+    return f"inbox {inbox} · model {config.get('model', 'production')}"
+
+
+@flow(name="house-price-score", log_prints=True, flow_run_name=_flow_run_name)
 def house_price_score(config: ScoreConfig) -> dict[str, Any]:
     """Score each inbox file with the production model (Cached when already scored), report
     drift; a file that cannot be scored fails alone, after the others are scored."""

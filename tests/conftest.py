@@ -145,12 +145,20 @@ def prefect_server(session_tmp):
                         + (session_tmp / "prefect-server.log").read_text()[-2000:])
         time.sleep(0.5)
     yield url
+    stop(proc)
+    log.close()
+
+
+def stop(proc) -> None:
+    """Stop a subprocess started in its own session: SIGTERM, then SIGKILL after 20 s."""
+    import signal
+    import subprocess
+
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

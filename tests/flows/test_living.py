@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from tasks.artifacts import ArtifactError, read_history, read_production
 from tasks.feed import make_feed
 from tasks.promote import promote_by_hand, rollback
-from tests.conftest import TRAIN_CSV
+from tests.conftest import TRAIN_CSV, stop
 
 # Quick linear candidates: the loop, not the accuracy, is under test here.
 FAST = {"candidates": [{"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
@@ -241,6 +240,7 @@ def test_scoring_deployment_scores_caches_and_raises_drift_events(replay, prefec
 
         first = score_once()
         assert first["score"] == ["Completed"]
+        assert _latest_run("house-price-score").name == "inbox inbox · model production"
         assert score_once()["score"] == ["Cached"]  # same file, same model
         # ... and listings far out of its range: drift.
         drifting = listings.iloc[100:160].copy()
@@ -265,10 +265,6 @@ def test_scoring_deployment_scores_caches_and_raises_drift_events(replay, prefec
         assert event.payload["share"] > 0.3 and event.payload["rows"] == 60
     finally:
         settings.__exit__(None, None, None)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         log.close()
     shutil.rmtree(inbox)
