@@ -16,9 +16,9 @@ from tasks.preprocess import preprocess_task
 from tasks.promote import promote_task
 from tasks.report import name_run, publish_task
 from tasks.select import select_task
-from tasks.stage import run_stage, submit_stage
+from tasks.stage import run_stage
 from tasks.tensorize import tensorize_task
-from tasks.train import train_task
+from tasks.train import train_all
 
 
 def _flow_run_name() -> str:
@@ -56,14 +56,11 @@ def house_price_pipeline(
                              config=config.preprocess)
     data = run_stage(tensorize_task, root, force=force["tensorize"], raw=raw,
                      preprocessor=preprocessor)
-    # One task per candidate, submitted together: they train in parallel on the task
-    # runner (threads, or Dask workers), and a failed candidate reruns alone.
-    futures = [
-        submit_stage(train_task, root, force=force["train"], data=data, candidate=candidate,
-                     config=config.train)
-        for candidate in config.all_candidates()
-    ]
-    trained = [f.result() for f in futures]
+    # One task per group of torch candidates of one shape (trained as one stacked model) and
+    # per other candidate, submitted together: they train in parallel on the task runner
+    # (threads, or Dask workers), and a failed group reruns alone.
+    trained = train_all(root, force=force["train"], data=data,
+                        candidates=list(config.all_candidates()), config=config.train)
     model = run_stage(select_task, root, force=force["select"], trained=trained,
                       candidates=list(config.all_candidates()), config=config.train,
                       select=config.select)

@@ -9,6 +9,8 @@ curves.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 import threading
 from collections.abc import Callable
@@ -20,11 +22,21 @@ import pandas as pd
 import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 
-from tasks.artifacts import ArtifactRef, write_json
+from tasks.artifacts import ArtifactRef, is_complete, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.kinds.base import CVResult, rmse
-from tasks.stage import StageError, build_stage, stage_task_options
+from tasks.stage import (
+    StageError,
+    build_stage,
+    failing_as,
+    results_storage,
+    stage_task_options,
+    stage_version,
+    submit_stage,
+)
 from tasks.tensorize import read_matrix
 
 STAGE = "train"
@@ -151,10 +163,24 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     """Cross-validate ``candidate`` on the tensorized training rows; write the train artifact:
     ``models.pt`` (fold models), ``metrics.json`` (scores, curves), ``oof.parquet``,
     ``folds.json`` and, for torch candidates, ``learning_curves.png``."""
+    m, outliers, excluded = _rows(data, config)
+    cv = cross_validate(m.X, m.y, candidate, config, excluded, progress)
+    return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log)
+
+
+def _rows(data: ArtifactRef, config: TrainConfig):
+    """The tensorized rows, which are outliers, and which are left out of fitting."""
     m = read_matrix(data.file("train.parquet"))
     outliers = np.isin(m.ids, m.meta.get("outlier_ids", []))
     excluded = outliers if config.exclude_outliers else np.zeros(len(m.ids), bool)
-    cv = cross_validate(m.X, m.y, candidate, config, excluded, progress)
+    return m, outliers, excluded
+
+
+def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: CandidateConfig,
+                   config: TrainConfig, cv: CVResult, out_dir: Path,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A candidate's train artifact from its cross-validation: ``models.pt``, ``metrics.json``,
+    ``oof.parquet``, ``folds.json`` and, for epoch-trained kinds, ``learning_curves.png``."""
     metrics = candidate_metrics(candidate, cv, np.log(m.y), outliers)
     if metrics["status"] == "ok":
         for f in metrics["folds"]:
@@ -184,15 +210,19 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
                                     "oof_log_rmse_all", "oof_log_rmse_clean")}
 
 
+def _check_root(root: str) -> None:
+    if not Path(root).is_dir():
+        # On a Dask worker of another machine: the artifact root must be shared storage.
+        raise StageError(f"stage 'train' failed: artifact root {root} is not visible on "
+                         f"{socket.gethostname()}; put it on storage every worker mounts")
+
+
 @task(**stage_task_options(STAGE))
 def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig,
                root: str, force: bool = False) -> ArtifactRef:
     """K-fold train one candidate: a progress artifact while it trains, one log line per
     finished fold."""
-    if not Path(root).is_dir():
-        # On a Dask worker of another machine: the artifact root must be shared storage.
-        raise StageError(f"stage 'train' failed: artifact root {root} is not visible on "
-                         f"{socket.gethostname()}; put it on storage every worker mounts")
+    _check_root(root)
     logger = get_run_logger()
     progress = _Progress(candidate.name)
     ref = build_stage(STAGE, root, {"data": data, "candidate": candidate, "config": config},
@@ -200,6 +230,110 @@ def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfi
                                         progress=progress.update), force=force)
     progress.update(1.0)
     return ref
+
+
+def plan_groups(candidates: list[CandidateConfig]) -> list[list[CandidateConfig]]:
+    """Candidates that can train as one stack (same ``group_key``: torch kinds of one shape)
+    grouped, in first-seen order; every other candidate alone."""
+    groups: dict[Any, list[CandidateConfig]] = {}
+    for c in candidates:
+        key = ("group", c.group_key()) if hasattr(c, "group_key") else ("alone", c.name)
+        groups.setdefault(key, []).append(c)
+    return list(groups.values())
+
+
+def member_ref(root: str, data: ArtifactRef, candidate: CandidateConfig,
+               config: TrainConfig) -> ArtifactRef:
+    """Where ``candidate``'s train artifact is (whether or not it exists yet)."""
+    return ArtifactRef(root=str(Path(root).resolve()), stage=STAGE, version=stage_version(
+        STAGE, {"data": data, "candidate": candidate, "config": config}))
+
+
+def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: TrainConfig,
+                root: str, force: bool = False, log: Callable[[str], None] = print,
+                progress: Callable[[float], None] = lambda f: None) -> list[ArtifactRef]:
+    """Train the candidates of one group whose artifacts are missing (all with ``force``)
+    as one stacked model, then write each one's own artifact; returns every candidate's
+    reference. A cached candidate is not retrained when another joins its group."""
+    from tasks.kinds.torch_net import cross_validate_group
+
+    refs = [member_ref(root, data, c, config) for c in candidates]
+    todo = [c for c, r in zip(candidates, refs, strict=True) if force or not is_complete(r)]
+    if todo:
+        m, outliers, excluded = _rows(data, config)
+        folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme)
+        cvs = cross_validate_group(todo, m.X, m.y, config, folds, fit_rows(folds, excluded),
+                                   progress)
+        for c, cv in zip(todo, cvs, strict=True):
+            build_stage(STAGE, root, {"data": data, "candidate": c, "config": config},
+                        lambda out, c=c, cv=cv: write_artifact(m, outliers, excluded, c, config,
+                                                               cv, out, log), force=force)
+    return refs
+
+
+class GroupVersionPolicy(CachePolicy):
+    """The cache key of a group's task: its members' train versions (each holding its own
+    kind's fields and code), and the artifact root."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        versions = [member_ref(inputs["root"], inputs["data"], c, inputs["config"]).version
+                    for c in inputs["candidates"]]
+        root = hashlib.sha256(str(Path(inputs["root"]).resolve()).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
+        return f"houseprice-train-group-{digest}-{root}"
+
+
+@task(name=STAGE, cache_policy=GroupVersionPolicy(), persist_result=True,
+      result_serializer="json")
+def train_group_task(data: ArtifactRef, candidates: list[CandidateConfig],
+                     config: TrainConfig, root: str, force: bool = False) -> list[ArtifactRef]:
+    """K-fold train a group of candidates of one shape as one stacked model: a progress
+    artifact per candidate, one log line per finished fold of each."""
+    _check_root(root)
+    logger = get_run_logger()
+    bars = [_Progress(c.name) for c in candidates]
+
+    def progress(fraction: float) -> None:
+        for bar in bars:
+            bar.update(fraction)
+
+    with failing_as(STAGE):
+        refs = train_group(data, candidates, config, root, force, logger.info, progress)
+    progress(1.0)
+    return refs
+
+
+def submit_train(root: str, *, force: bool, data: ArtifactRef,
+                 candidates: list[CandidateConfig], config: TrainConfig):
+    """Submit one group's training (or one candidate's, alone) to the task runner; a future
+    of its references (a list for a group)."""
+    if len(candidates) == 1:
+        return submit_stage(train_task, root, force=force, data=data, candidate=candidates[0],
+                            config=config)
+    refs = [member_ref(root, data, c, config) for c in candidates]
+    names = ", ".join(c.name for c in candidates)
+    task = train_group_task.with_options(
+        result_storage=results_storage(root),
+        refresh_cache=force or not all(is_complete(r) for r in refs),
+        task_run_name=f"train[{names if len(names) <= 60 else names[:57] + '...'}]",
+    )
+    return task.submit(data=data, candidates=candidates, config=config, root=root,
+                       **({"force": True} if force else {}))
+
+
+def train_all(root: str, *, force: bool, data: ArtifactRef,
+              candidates: list[CandidateConfig], config: TrainConfig) -> list[ArtifactRef]:
+    """Every candidate trained (groups of one shape stacked, in parallel on the task
+    runner); their references in the candidates' order."""
+    futures = [submit_train(root, force=force, data=data, candidates=group, config=config)
+               for group in plan_groups(candidates)]
+    refs: list[ArtifactRef] = []
+    for future in futures:
+        result = future.result()
+        refs.extend(result if isinstance(result, list) else [result])
+    order = {member_ref(root, data, c, config).version: i for i, c in enumerate(candidates)}
+    return sorted(refs, key=lambda r: order[r.version])
 
 
 class _Progress:

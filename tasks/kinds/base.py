@@ -19,6 +19,7 @@ name for it, so an old config gets an error that says where the value went.
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -99,6 +100,13 @@ class SklearnMember:
         return sklearn_log_price(self.estimator, X, self.target)
 
 
+# scikit-learn is imported on first use (config validation need not pay for it), but two
+# threads importing different sklearn submodules at once can see a partly initialized
+# ``sklearn.base`` ("cannot import name 'clone' ... circular import"): candidates train in
+# parallel threads, so first imports and unpickling go through this lock.
+_SKLEARN_IMPORT = threading.Lock()
+
+
 class SklearnCandidate(CandidateConfig):
     """A kind backed by a scikit-learn regressor: cross-validated fold by fold on the same
     folds and target as every other kind; each fold's fitted estimator is pickled into the
@@ -116,7 +124,9 @@ class SklearnCandidate(CandidateConfig):
         oof = np.full(len(X), np.nan)
         members, train_rmse, valid_rmse = [], [], []
         for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
-            est = self.make_estimator(seed=train.seed * 1000 + k).fit(X[tr], target[tr])
+            with _SKLEARN_IMPORT:
+                est = self.make_estimator(seed=train.seed * 1000 + k)
+            est.fit(X[tr], target[tr])
             p_tr = sklearn_log_price(est, X[tr], train.target)
             p_va = sklearn_log_price(est, X[va], train.target)
             oof[va] = p_va
@@ -128,4 +138,6 @@ class SklearnCandidate(CandidateConfig):
                         valid_log_rmse=valid_rmse, oof_log_price=oof, curves=None)
 
     def load_member(self, member, n_features, target) -> Member:
-        return SklearnMember(pickle.loads(member["sklearn"]), target)
+        with _SKLEARN_IMPORT:
+            estimator = pickle.loads(member["sklearn"])
+        return SklearnMember(estimator, target)

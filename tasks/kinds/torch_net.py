@@ -35,41 +35,11 @@ class TorchCandidate(CandidateConfig):
         None, description="clip each step's gradient norm to this value")
 
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
-        import torch
+        return cross_validate_group([self], X, y, train, folds, fitted, on_progress)[0]
 
-        from tasks.engine import train_stacked
-        from tasks.models import resolve_device
-
-        device = resolve_device(train.device)
-        K, S, n = len(folds), self.seeds, len(X)
-        train_mask = torch.zeros(K * S, n, dtype=torch.bool)
-        valid_mask = torch.zeros(K * S, n, dtype=torch.bool)
-        for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
-            train_mask[k * S:(k + 1) * S, tr] = True
-            valid_mask[k * S:(k + 1) * S, va] = True
-        seeds = [train.seed * 1000 + k + 7919 * s for k in range(K) for s in range(S)]
-        res = train_stacked(
-            torch.tensor(X, dtype=torch.float32, device=device),
-            torch.tensor(y, dtype=torch.float32, device=device),
-            train_mask.to(device), valid_mask.to(device), self, train.target, seeds,
-            on_epoch=lambda e: on_progress((e + 1) / self.epochs),
-        )
-        # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
-        pred = res.pred_log_price.view(K, S, n).mean(1).numpy()
-        logy = np.log(y)
-        oof = np.full(n, np.nan)
-        for k, (_, va) in enumerate(folds):
-            oof[va] = pred[k, va]
-        members = [[{"state_dict": res.state_dicts[k * S + s], "y_mean": res.y_mean[k * S + s],
-                     "y_std": res.y_std[k * S + s]} for s in range(S)] for k in range(K)]
-        curves = [{name: c[k * S:(k + 1) * S].mean(0).tolist() for name, c in res.curves.items()}
-                  for k in range(K)]
-        return CVResult(
-            folds=folds, members=members,
-            train_log_rmse=[rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
-            valid_log_rmse=[rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
-            oof_log_price=oof, curves=curves, diverged=res.diverged,
-        )
+    def group_key(self) -> tuple:
+        """Candidates with equal keys train as one stack (what the engine's models share)."""
+        return (self.hidden, self.activation, self.batch_size, self.epochs, self.optimizer)
 
     def load_member(self, member, n_features, target) -> Member:
         from tasks.models import Regressor
@@ -77,6 +47,64 @@ class TorchCandidate(CandidateConfig):
         model = Regressor(self, n_features)
         model.load_state_dict(member["state_dict"])
         return TorchMember(model.eval(), member["y_mean"], member["y_std"], target)
+
+
+def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted,
+                         on_progress) -> list[CVResult]:
+    """Every candidate of ``specs`` (one ``group_key``), K folds x its seeds each, trained as
+    one stacked model; each candidate's result is exactly what training it alone gives (the
+    same seeds, batch order and dropout draws)."""
+    import torch
+
+    from tasks.engine import train_stacked
+    from tasks.models import resolve_device
+
+    device = resolve_device(train.device)
+    K, n = len(folds), len(X)
+    models, seeds, groups = [], [], []  # per stacked model: its spec, seed, candidate
+    for c, spec in enumerate(specs):
+        for k in range(K):
+            for s in range(spec.seeds):
+                models.append((c, k, s))
+                seeds.append(train.seed * 1000 + k + 7919 * s)
+                groups.append(c)
+    train_mask = torch.zeros(len(models), n, dtype=torch.bool)
+    valid_mask = torch.zeros(len(models), n, dtype=torch.bool)
+    for m, (_, k, _) in enumerate(models):
+        train_mask[m, fitted[k]] = True
+        valid_mask[m, folds[k][1]] = True
+    res = train_stacked(
+        torch.tensor(X, dtype=torch.float32, device=device),
+        torch.tensor(y, dtype=torch.float32, device=device),
+        train_mask.to(device), valid_mask.to(device), [specs[c] for c, _, _ in models],
+        train.target, seeds, on_epoch=lambda e: on_progress((e + 1) / specs[0].epochs),
+        groups=groups,
+    )
+    logy = np.log(y)
+    out, first = [], 0
+    for c, spec in enumerate(specs):
+        S = spec.seeds
+        sl = slice(first, first + K * S)
+        first += K * S
+        # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
+        pred = res.pred_log_price[sl].view(K, S, n).mean(1).numpy()
+        oof = np.full(n, np.nan)
+        for k, (_, va) in enumerate(folds):
+            oof[va] = pred[k, va]
+        base = sl.start
+        members = [[{"state_dict": res.state_dicts[base + k * S + s],
+                     "y_mean": res.y_mean[base + k * S + s],
+                     "y_std": res.y_std[base + k * S + s]} for s in range(S)]
+                   for k in range(K)]
+        curves = [{name: cv[base + k * S: base + (k + 1) * S].mean(0).tolist()
+                   for name, cv in res.curves.items()} for k in range(K)]
+        out.append(CVResult(
+            folds=folds, members=members,
+            train_log_rmse=[rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
+            valid_log_rmse=[rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
+            oof_log_price=oof, curves=curves, diverged=res.diverged.get(c),
+        ))
+    return out
 
 
 @dataclass

@@ -283,3 +283,29 @@ def test_dashboard_names_say_what_each_run_is(first_run):
     assert names == {"fetch", "download", "preprocess", "tensorize", "select", "predict",
                      "promote", "publish"} | train
     assert flow_run.name == run_name(cfg) and flow_run.name.startswith("data ")
+
+
+def test_candidates_of_one_shape_train_as_one_group_and_a_newcomer_alone(first_run):
+    """Two MLPs of one shape train in one task (stacked); a third joining the group later
+    is trained alone: the cached two keep their artifacts (not retrained)."""
+    cfg, _, _ = first_run
+    shape = {"kind": "mlp", "hidden": (16,), "epochs": 4, "batch_size": 64}
+    pair = (candidate(name="g-1", lr=1e-3, **shape), candidate(name="g-2", lr=3e-3, **shape))
+    grouped = cfg.model_copy(update={"candidates": (*cfg.candidates, *pair)})
+    state, states = run(grouped)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        names = {r.name for r in client.read_task_runs(flow_run_filter=_filter(state))}
+    assert "train[g-1, g-2]" in names
+    root = Path(cfg.artifacts_dir) / "train"
+    made = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/manifest.json")}
+    third = candidate(name="g-3", lr=5e-4, dropout=0.1, **shape)
+    state, states = run(grouped.model_copy(update={"candidates": (*grouped.candidates, third)}))
+    assert state.is_completed(), state.message
+    after = {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/manifest.json")}
+    assert {v: t for v, t in after.items() if v in made} == made  # nothing rewritten
+    assert len(set(after) - set(made)) == 1  # only the newcomer's artifact is new
+    result = state.result()
+    board = json.loads((Path(cfg.artifacts_dir) / "select" / result["model_version"]
+                        / "leaderboard.json").read_text())["leaderboard"]
+    assert {"g-1", "g-2", "g-3"} <= {m["candidate"] for m in board}

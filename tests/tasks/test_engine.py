@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks.config import candidate
-from tasks.engine import StackedOptimizer, train_stacked
+from tasks.engine import PerModel, StackedOptimizer, train_stacked
 from tasks.models import Regressor
 
 
@@ -77,14 +77,21 @@ def test_written_out_backward_equals_autograd_training(activation, optimizer):
         torch.testing.assert_close(res.state_dicts[0][key], value, rtol=1e-4, atol=1e-5)
 
 
-def test_stacked_adam_matches_torch_adam_including_skipped_steps():
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("per_model", [False, True])
+def test_stacked_optimizer_matches_torch_including_skipped_steps(optimizer, per_model):
+    """One optimizer for three models, each with its own learning rate and weight decay
+    when ``per_model``, against three torch.optim optimizers."""
     torch.manual_seed(0)
-    spec = candidate(name="m", kind="linear", lr=0.1, weight_decay=0.01)
+    rates = [(0.1, 0.01), (0.03, 0.0), (0.2, 0.05)] if per_model else [(0.1, 0.01)] * 3
+    specs = [candidate(name="m", kind="linear", lr=lr, weight_decay=wd, optimizer=optimizer)
+             for lr, wd in rates]
     stacked = torch.randn(3, 4, 2)
     lone = [torch.nn.Parameter(stacked[m].clone()) for m in range(3)]
-    opts = [torch.optim.Adam([p], lr=0.1, weight_decay=0.01) for p in lone]
+    make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    opts = [make([p], lr=lr, weight_decay=wd) for p, (lr, wd) in zip(lone, rates, strict=True)]
     param = stacked.clone().requires_grad_()
-    ours = StackedOptimizer([param], spec)
+    ours = StackedOptimizer([param], specs[0], PerModel(specs, torch.device("cpu")))
     for step in range(5):
         grad = torch.randn(3, 4, 2)
         active = torch.tensor([True, step % 2 == 0, True])
@@ -103,7 +110,7 @@ def test_diverging_candidate_stops_with_the_reason():
                            epochs=50)
     train, valid = _masks(len(X), [(0, 60), (60, 120)])
     res = train_stacked(X, y, train, valid, spec, "raw", [0, 1])
-    assert res.diverged is not None and "non-finite" in res.diverged
+    assert "non-finite" in res.diverged[0]
     assert res.epochs_run < 50
 
 

@@ -124,3 +124,34 @@ def test_every_kind_round_trips_through_train_checkpoint_and_predict(kind, tmp_p
         members = [back.load_member(m, X.shape[1], "log") for m in saved[k]]
         pred = np.mean([m.log_price(X[va]) for m in members], axis=0)
         np.testing.assert_allclose(pred, cv.oof_log_price[va], rtol=1e-5, atol=1e-5)
+
+
+def test_scikit_learn_kinds_train_in_parallel_threads_in_a_fresh_process():
+    """Candidates train in threads; their first scikit-learn imports (different submodules
+    at once) once failed with "cannot import name 'clone' ... circular import"."""
+    import subprocess
+    import sys
+
+    code = """
+import threading, numpy as np
+from tasks.config import TrainConfig, candidate
+from tasks.train import cross_validate
+X = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+y = np.exp(11 + X[:, 0])
+errors = []
+def go(spec):
+    try:
+        cross_validate(X, y, spec, TrainConfig(n_splits=2))
+    except Exception as exc:
+        errors.append(repr(exc))
+specs = [candidate(name="r", kind="ridge"), candidate(name="l", kind="lasso", alpha=1e-3),
+         candidate(name="h", kind="hgb", max_iter=3)]
+threads = [threading.Thread(target=go, args=(s,)) for s in specs]
+[t.start() for t in threads]; [t.join() for t in threads]
+assert not errors, errors
+print("ok")
+"""
+    for _ in range(3):  # the race was hit about one time in three
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -160,3 +160,47 @@ def test_worker_that_cannot_see_the_artifact_root_fails_clearly(tmp_path):
     with pytest.raises(StageError, match=r"artifact root .*not-mounted-here is not visible on "
                                          r".*; put it on storage every worker mounts"):
         train_task.fn(data, spec, TrainConfig(), root=str(missing))
+
+
+# Candidates of one shape (hidden, activation, batch size, epochs, optimizer) that differ in
+# learning rate, weight decay, dropout (0 included: it draws nothing), init and seeds.
+GROUP = [
+    {"name": "a", "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0, "seeds": 1},
+    {"name": "b", "lr": 3e-3, "weight_decay": 1e-2, "dropout": 0.2, "seeds": 2,
+     "init": "xavier"},
+    {"name": "c", "lr": 5e-4, "weight_decay": 1e-3, "dropout": 0.4, "seeds": 1,
+     "clip_grad_norm": 0.5},
+]
+
+
+def test_a_stacked_group_equals_each_candidate_trained_alone():
+    from tasks.kinds.torch_net import cross_validate_group
+
+    X, y = _synthetic()
+    config = TrainConfig(n_splits=3, seed=4)
+    specs = [candidate(kind="mlp", hidden=(8,), epochs=6, batch_size=32, **g) for g in GROUP]
+    folds = make_folds(len(X), 3, 4, "shuffled")
+    fitted = [tr for tr, _ in folds]
+    together = cross_validate_group(specs, X, y, config, folds, fitted, lambda f: None)
+    for spec, got in zip(specs, together, strict=True):
+        alone = cross_validate(X, y, spec, config)
+        np.testing.assert_allclose(got.oof_log_price, alone.oof_log_price, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.curves[0]["valid_log_rmse"],
+                                   alone.curves[0]["valid_log_rmse"], rtol=1e-5, atol=1e-5)
+        assert got.diverged is None and len(got.members[0]) == spec.seeds
+
+
+def test_a_diverged_member_of_a_group_stops_alone():
+    from tasks.kinds.torch_net import cross_validate_group
+
+    X, y = _synthetic()
+    config = TrainConfig(n_splits=3, seed=1)
+    ok = candidate(name="ok", kind="linear", optimizer="sgd", lr=1e-3, epochs=5)
+    hot = candidate(name="hot", kind="linear", optimizer="sgd", lr=1e6, epochs=5)
+    folds = make_folds(len(X), 3, 1, "shuffled")
+    fitted = [tr for tr, _ in folds]
+    good, bad = cross_validate_group([ok, hot], X, y, config, folds, fitted, lambda f: None)
+    assert bad.diverged and "non-finite" in bad.diverged
+    assert good.diverged is None
+    alone = cross_validate(X, y, ok, config)
+    np.testing.assert_allclose(good.oof_log_price, alone.oof_log_price, rtol=1e-5, atol=1e-5)
