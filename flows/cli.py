@@ -200,6 +200,9 @@ def _check_api(url: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     config = build_config(args)  # validated before anything starts
+    from tasks.models import resolve_device
+
+    resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
     from flows.pipeline import with_task_runner
 
     where = os.environ.get("PREFECT_API_URL")

@@ -122,6 +122,15 @@ class TrainConfig(_Frozen):
 
     _unversioned = frozenset({"device"})
 
+    def version_params(self) -> dict[str, Any]:
+        """The device a run resolves to is part of what it computes (batch order and dropout
+        masks come from device generators, so a CUDA model is not the CPU model): ``auto``
+        and ``cpu`` on a machine without CUDA share a version, and ``cuda`` there fails
+        here, before anything runs, instead of returning the cached CPU model."""
+        from tasks.models import resolve_device
+
+        return {**super().version_params(), "device": resolve_device(self.device).type}
+
     n_splits: Annotated[int, Field(ge=2, le=100)] = 5
     seed: int = 0
     fold_scheme: Literal["shuffled", "contiguous"] = Field(

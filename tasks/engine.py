@@ -211,12 +211,29 @@ def _activation_grad(a: torch.Tensor, name: str) -> torch.Tensor:
 def predict_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
                     spec: TorchCandidate) -> torch.Tensor:
     """Shared ``X (n, d)`` -> ``(M, n)`` outputs of every model (eval mode: no dropout)."""
+    M, (n, d) = weights[0].shape[0], X.shape
     h = X
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        h = torch.matmul(h, w) + b
+        if i == 0:
+            # The input is shared: one (n, d) x (d, M * out) product for all models, rather
+            # than broadcasting X to (M, n, d).
+            out = w.shape[-1]
+            h = (X @ w.permute(1, 0, 2).reshape(d, M * out)).view(n, M, out).transpose(0, 1)
+            h = h + b
+        else:
+            h = _layer(h, w, b)
         if i < len(weights) - 1:
             h = _activation(h, spec.activation)
     return h.squeeze(-1)
+
+
+def _layer(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``h (M, B, in) @ w (M, in, out) + b (M, 1, out)``. A one-column layer (the output) is
+    a batched matrix-vector product, which ``baddbmm`` runs several times slower than a
+    multiply and a sum (measured: 76 vs 22 us at 5 x 64 x 330 on 2 CPU cores)."""
+    if w.shape[-1] == 1:
+        return (h * w.transpose(1, 2)).sum(-1, keepdim=True) + b
+    return torch.baddbmm(b, h, w)
 
 
 def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
@@ -242,7 +259,7 @@ def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | No
     h = X
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         inputs.append(h)
-        h = torch.baddbmm(b, h, w)
+        h = _layer(h, w, b)
         if i < last:
             h = _activation(h, spec.activation)
             outputs.append(h)
@@ -266,7 +283,9 @@ def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | No
         grad_w[i] = torch.bmm(g.transpose(1, 2), inputs[i]).transpose(1, 2)
         grad_b[i] = g.sum(1, keepdim=True)
         if i > 0:
-            g = torch.bmm(g, weights[i].transpose(1, 2))
+            # A one-column layer's input gradient is an outer product: broadcast, not bmm.
+            w_t = weights[i].transpose(1, 2)
+            g = g * w_t if g.shape[-1] == 1 else torch.bmm(g, w_t)
             if masks[i - 1] is not None:
                 g = g * masks[i - 1]
             g = g * _activation_grad(outputs[i - 1], spec.activation)

@@ -35,6 +35,16 @@ def test_invalid_config_is_rejected_before_running(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_device_cuda_without_cuda_fails_before_running(tmp_path):
+    import torch
+
+    assert not torch.cuda.is_available(), "this check is for machines without CUDA"
+    proc = houseprice("run", "--device", "cuda", "--artifacts", str(tmp_path / "a"))
+    assert proc.returncode == 1
+    assert "device 'cuda' requested but CUDA is not available" in last_line(proc.stderr)
+    assert not (tmp_path / "a").exists()
+
+
 def test_bad_config_file_value_names_the_field(tmp_path):
     (tmp_path / "c.toml").write_text(
         '[[candidates]]\nname = "m"\nkind = "mlp"\nactivation = "gelu"\n')
