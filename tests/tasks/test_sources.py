@@ -206,3 +206,12 @@ def test_parquet_and_csv_files_mix(feed, tmp_path):
     _, out = _merged(tmp_path, src)
     assert len(pd.read_csv(out / "train.csv")) == sum(
         len(pd.read_csv(p)) for p in feed.glob("*.csv"))
+
+
+def test_pinned_sha1_of_a_source_file_is_verified(feed, tmp_path):
+    from tasks.download import DownloadError, sha1_file
+
+    good = sha1_file(feed / "2006-01.csv")
+    assert take_snapshot(_config(tmp_path, str(feed), sha1={"2006-01.csv": good})).train
+    with pytest.raises(DownloadError, match="2006-02.csv .* expected 0{40}"):
+        take_snapshot(_config(tmp_path / "other", str(feed), sha1={"2006-02.csv": "0" * 40}))
