@@ -107,6 +107,13 @@ class SklearnMember:
 _SKLEARN_IMPORT = threading.Lock()
 
 
+def _import_sklearn() -> None:
+    """Import, once and under the lock, every scikit-learn module the kinds use, so no
+    thread imports one while another is half-way through importing another."""
+    import sklearn.ensemble  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+
+
 class SklearnCandidate(CandidateConfig):
     """A kind backed by a scikit-learn regressor: cross-validated fold by fold on the same
     folds and target as every other kind; each fold's fitted estimator is pickled into the
@@ -125,6 +132,7 @@ class SklearnCandidate(CandidateConfig):
         members, train_rmse, valid_rmse = [], [], []
         for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
             with _SKLEARN_IMPORT:
+                _import_sklearn()
                 est = self.make_estimator(seed=train.seed * 1000 + k)
             est.fit(X[tr], target[tr])
             p_tr = sklearn_log_price(est, X[tr], train.target)
@@ -139,5 +147,6 @@ class SklearnCandidate(CandidateConfig):
 
     def load_member(self, member, n_features, target) -> Member:
         with _SKLEARN_IMPORT:
+            _import_sklearn()
             estimator = pickle.loads(member["sklearn"])
         return SklearnMember(estimator, target)
