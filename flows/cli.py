@@ -377,8 +377,9 @@ def _summary(config, result: dict[str, Any]) -> None:
         + (f" [{parts}]" if result["selected"] == "blend" else "")
         + f" ({config.train.n_splits}-fold mean valid log RMSE "
         f"{result['mean_valid_log_rmse']:.4f}; out-of-fold log RMSE "
-        f"{result['oof_log_rmse_clean']:.4f} without the outliers, "
-        f"{result['oof_log_rmse_all']:.4f} on all rows; model {result['model_version']}, "
+        f"{result['oof_log_rmse_all']:.4f} on all rows, "
+        f"{result['oof_log_rmse_clean']:.4f} without the 2 outliers; "
+        f"model {result['model_version']}, "
         f"data {result.get('data_version')}); {verdict}; predictions: {result['submission']}"
         + (f"; copied to {config.submission}" if config.submission else ""),
         flush=True,

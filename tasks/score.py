@@ -55,7 +55,7 @@ def score(model: ArtifactRef, file: SourceFile, chunk_size: int, out_dir: Path,
     # predict_file names errors after the input path; the inbox file's name says more.
     local = Path(file.path)
     drift = predict_file(fitted, local, out_dir / "predictions.csv", chunk_size, warn)
-    (out_dir / "predictions.drift.json").rename(out_dir / "drift.json")
+    (out_dir / "predictions.drift.json").unlink()  # written again below, with its file
     drift = {"file": file.name, "sha1": file.sha1, "model": model.version, **drift}
     write_json(out_dir / "drift.json", drift)
     return {k: drift[k] for k in ("file", "rows", "rows_drifted", "share_drifted")}

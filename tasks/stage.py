@@ -124,8 +124,13 @@ class StageVersionPolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        root = hashlib.sha256(str(Path(inputs["root"]).resolve()).encode()).hexdigest()[:8]
-        return f"houseprice-{self.stage}-{stage_version(self.stage, inputs)}-{root}"
+        version = stage_version(self.stage, inputs)
+        return f"houseprice-{self.stage}-{version}-{root_key(inputs['root'])}"
+
+
+def root_key(root: str) -> str:
+    """8 hex digits naming an artifact root in cache keys (a copied root is another key)."""
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
 
 
 @functools.cache

@@ -33,6 +33,7 @@ from tasks.stage import (
     build_stage,
     failing_as,
     results_storage,
+    root_key,
     stage_task_options,
     stage_version,
     submit_stage,
@@ -279,9 +280,8 @@ class GroupVersionPolicy(CachePolicy):
                     flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         versions = [member_ref(inputs["root"], inputs["data"], c, inputs["config"]).version
                     for c in inputs["candidates"]]
-        root = hashlib.sha256(str(Path(inputs["root"]).resolve()).encode()).hexdigest()[:8]
         digest = hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
-        return f"houseprice-train-group-{digest}-{root}"
+        return f"houseprice-train-group-{digest}-{root_key(inputs['root'])}"
 
 
 @task(name=STAGE, cache_policy=GroupVersionPolicy(), persist_result=True,
@@ -326,14 +326,15 @@ def train_all(root: str, *, force: bool, data: ArtifactRef,
               candidates: list[CandidateConfig], config: TrainConfig) -> list[ArtifactRef]:
     """Every candidate trained (groups of one shape stacked, in parallel on the task
     runner); their references in the candidates' order."""
+    groups = plan_groups(candidates)
     futures = [submit_train(root, force=force, data=data, candidates=group, config=config)
-               for group in plan_groups(candidates)]
-    refs: list[ArtifactRef] = []
-    for future in futures:
+               for group in groups]
+    by_name: dict[str, ArtifactRef] = {}
+    for group, future in zip(groups, futures, strict=True):
         result = future.result()
-        refs.extend(result if isinstance(result, list) else [result])
-    order = {member_ref(root, data, c, config).version: i for i, c in enumerate(candidates)}
-    return sorted(refs, key=lambda r: order[r.version])
+        by_name.update(zip((c.name for c in group),
+                           result if isinstance(result, list) else [result], strict=True))
+    return [by_name[c.name] for c in candidates]
 
 
 class _Progress:
