@@ -100,9 +100,12 @@ def _state_dicts(specs: list[TorchCandidate], n_features: int, weights: list[tor
     return out
 
 
-def _per_model(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``v`` ``(M,)`` shaped to broadcast over ``p`` ``(M, ...)``: one value per model."""
-    return v.view((-1,) + (1,) * (p.dim() - 1))
+def _per_model(v: torch.Tensor, p: torch.Tensor, shape: tuple[int, ...] | None = None
+               ) -> torch.Tensor:
+    """``v`` ``(M,)`` shaped to broadcast over ``p``: one value per model. ``shape`` says
+    where the model axes of ``p`` are (``(S, 1, C, 1)`` for the first layer's
+    ``(S, d, C, out)`` weight); by default its first dimension indexes the models."""
+    return v.view(shape if shape is not None else (-1,) + (1,) * (p.dim() - 1))
 
 
 class StackedOptimizer:
@@ -114,13 +117,16 @@ class StackedOptimizer:
     (``_foreach``) form with scalar bias corrections; once a model has skipped a step, each
     model's own step count is used."""
 
-    def __init__(self, params: list[torch.Tensor], spec: TorchCandidate, hyper: PerModel):
+    def __init__(self, params: list[torch.Tensor], spec: TorchCandidate, hyper: PerModel,
+                 shapes: list[tuple[int, ...] | None] | None = None):
         self.params, self.spec, self.hyper = params, spec, hyper
+        self.shapes = shapes or [None] * len(params)
         self.t = 0  # the common step count, while all models have stepped together
         self.step_count: torch.Tensor | None = None  # (M,) float64 once they differ
         if not hyper.uniform:
-            self.lr_views = [_per_model(hyper.lr, p) for p in params]
-            self.wd_views = [_per_model(hyper.wd, p) for p in params]
+            pairs = list(zip(params, self.shapes, strict=True))
+            self.lr_views = [_per_model(hyper.lr, p, sh) for p, sh in pairs]
+            self.wd_views = [_per_model(hyper.wd, p, sh) for p, sh in pairs]
         if spec.optimizer == "adam":
             self.exp_avg = [torch.zeros_like(p) for p in params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in params]
@@ -139,8 +145,8 @@ class StackedOptimizer:
         grads = self._decay(grads)
         if spec.optimizer == "sgd":
             if active is not None:
-                grads = [g * _per_model(active, p) for g, p in zip(grads, params,
-                                                                        strict=True)]
+                grads = [g * _per_model(active, p, sh)
+                         for g, p, sh in zip(grads, params, self.shapes, strict=True)]
             if hyper.uniform:
                 torch._foreach_add_(params, grads, alpha=-hyper.lr_list[0])
             else:
@@ -172,12 +178,13 @@ class StackedOptimizer:
         t = self.step_count.clamp(min=1).to(params[0].device)
         bc1 = (1 - b1 ** t).float()
         bc2_sqrt = (1 - b2 ** t).sqrt().float()
-        for p, g, m, v in zip(params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-            a = _per_model(active, p)
+        for p, g, m, v, sh in zip(params, grads, self.exp_avg, self.exp_avg_sq, self.shapes,
+                                  strict=True):
+            a = _per_model(active, p, sh)
             m.copy_(torch.where(a, m.lerp(g, 1 - b1), m))
             v.copy_(torch.where(a, v * b2 + (1 - b2) * g * g, v))
-            upd = m / (v.sqrt() / _per_model(bc2_sqrt, p) + ADAM_EPS)
-            p.sub_(torch.where(a, upd * _per_model(hyper.lr / bc1, p), 0.0))
+            upd = m / (v.sqrt() / _per_model(bc2_sqrt, p, sh) + ADAM_EPS)
+            p.sub_(torch.where(a, upd * _per_model(hyper.lr / bc1, p, sh), 0.0))
 
 
 def _rand(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device,
@@ -208,88 +215,162 @@ def _activation_grad(a: torch.Tensor, name: str) -> torch.Tensor:
     return 1 - a * a if name == "tanh" else a * (1 - a)
 
 
-def predict_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                    spec: TorchCandidate) -> torch.Tensor:
-    """Shared ``X (n, d)`` -> ``(M, n)`` outputs of every model (eval mode: no dropout)."""
-    M, (n, d) = weights[0].shape[0], X.shape
-    h = X
-    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        if i == 0:
-            # The input is shared: one (n, d) x (d, M * out) product for all models, rather
-            # than broadcasting X to (M, n, d).
-            out = w.shape[-1]
-            h = (X @ w.permute(1, 0, 2).reshape(d, M * out)).view(n, M, out).transpose(0, 1)
-            h = h + b
-        else:
-            h = _layer(h, w, b)
-        if i < len(weights) - 1:
-            h = _activation(h, spec.activation)
-    return h.squeeze(-1)
+@dataclass(frozen=True)
+class Streams:
+    """How ``M`` models are laid out as ``S`` streams x ``C`` models.
+
+    Models that share a seed, rows and whether they draw dropout masks draw the same
+    random numbers alone: the same batch order every epoch and the same dropout draws (each
+    thresholded at its own rate). Such models form a *stream*: a batch's rows are gathered
+    once per stream, ``X (S, B, d)``, and the first layer of all its models is one matrix
+    product ``(B, d) x (d, C * out)``. Streams with fewer than ``C`` models are padded with
+    copies of their last model (trained, then discarded)."""
+
+    S: int
+    C: int
+    pos: torch.Tensor  # (S * C,) the model at each stacked position, stream-major
+    first: torch.Tensor  # (M,) the stacked position of each model
+
+    @staticmethod
+    def of(seeds: list[int], draws: list[bool], train_mask: torch.Tensor,
+           valid_mask: torch.Tensor) -> Streams:
+        keys: dict[tuple, list[int]] = {}
+        rows, valid = train_mask.cpu().numpy(), valid_mask.cpu().numpy()
+        for m, (seed, draw) in enumerate(zip(seeds, draws, strict=True)):
+            keys.setdefault((seed, draw, rows[m].tobytes(), valid[m].tobytes()), []).append(m)
+        members = list(keys.values())
+        C = max(len(ms) for ms in members)
+        pos = [ms + [ms[-1]] * (C - len(ms)) for ms in members]
+        flat = [m for ms in pos for m in ms]
+        first = [0] * len(seeds)
+        for i, m in reversed(list(enumerate(flat))):
+            first[m] = i
+        return Streams(len(members), C, torch.tensor(flat), torch.tensor(first))
 
 
-def _layer(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``h (M, B, in) @ w (M, in, out) + b (M, 1, out)``. A one-column layer (the output) is
-    a batched matrix-vector product, which ``baddbmm`` runs several times slower than a
-    multiply and a sum (measured: 76 vs 22 us at 5 x 64 x 330 on 2 CPU cores)."""
-    if w.shape[-1] == 1:
-        return (h * w.transpose(1, 2)).sum(-1, keepdim=True) + b
-    return torch.baddbmm(b, h, w)
+def _first_layer(X: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each stream's batch ``X (S, B, d)`` times the first layer's ``w (S, d, C, out)`` plus
+    ``b (S * C, 1, out)``: ``(S, B, C, out)``, one product per stream for all its models.
+    A stream of one one-column model (the book's linear model) is a multiply and a sum: a
+    batched matrix-vector product is several times slower on CPU at these sizes."""
+    S, d, C, out = w.shape
+    if C * out == 1:
+        z = (X * w.view(S, 1, d)).sum(-1, keepdim=True)
+    else:
+        z = torch.bmm(X, w.view(S, d, C * out))
+    return z.view(S, -1, C, out).add_(b.view(S, 1, C, out))
+
+
+def _first_layer_shared(X: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``X (n, d)`` shared by every stream through the first layer: ``(S, n, C, out)``. Few
+    columns per stream are one ``(n, d) x (d, S * C * out)`` product; many are one product
+    per stream (no copy of the weights)."""
+    S, d, C, out = w.shape
+    if C * out < 64:
+        z = (X @ w.permute(1, 0, 2, 3).reshape(d, S * C * out)).view(-1, S, C, out)
+        return z.permute(1, 0, 2, 3) + b.view(S, 1, C, out)
+    return torch.matmul(X, w.view(S, d, C * out)).view(S, -1, C, out).add_(
+        b.view(S, 1, C, out))
+
+
+def _next_layer(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``h (S, B, C, in)`` through a later layer, ``w (S * C, in, out)``, each model its own.
+    A one-column layer (the output) is a multiply and a sum, not a matrix-vector product
+    (measured several times faster at these sizes on CPU)."""
+    S, _, C, n_in = h.shape
+    out = w.shape[-1]
+    if out == 1:
+        return (h * w.view(S, 1, C, n_in)).sum(-1, keepdim=True) + b.view(S, 1, C, 1)
+    z = torch.matmul(h.transpose(1, 2), w.view(S, C, n_in, out)).transpose(1, 2)
+    return z + b.view(S, 1, C, out)
+
+
+def _eval_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                  activation: str) -> torch.Tensor:
+    """Shared ``X (n, d)`` -> ``(S * C, n)`` outputs of every model (eval mode: no dropout),
+    in chunks of rows that keep the hidden activations under about 16 MB."""
+    S, _, C, _ = weights[0].shape
+    widest = max(w.shape[-1] for w in weights)
+    chunk = max(128, (1 << 22) // (S * C * widest))
+    parts = []
+    for lo in range(0, X.shape[0], chunk):
+        h = _first_layer_shared(X[lo:lo + chunk], weights[0], biases[0])
+        for w, b in zip(weights[1:], biases[1:], strict=True):
+            h = _next_layer(_activation(h, activation), w, b)
+        parts.append(h.squeeze(-1))  # (S, rows, C)
+    return torch.cat(parts, 1).permute(0, 2, 1).reshape(S * C, X.shape[0])
 
 
 def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
                      weights: list[torch.Tensor], biases: list[torch.Tensor],
-                     spec: TorchCandidate, gens: list[torch.Generator],
-                     counts: list[int] | None, hyper: PerModel | None = None
-                     ) -> list[torch.Tensor]:
+                     activation: str, gens: list[torch.Generator], counts: list[int] | None,
+                     rates: torch.Tensor | None, draws: list[bool]) -> list[torch.Tensor]:
     """One training step's gradients, written out rather than taped (autograd's bookkeeping
     costs as much as the arithmetic at these sizes).
 
-    ``X (M, B, d)``, targets ``y (M, B)``; the loss is the sum over models of each model's
-    mean squared error over its live rows (``weight (M, B)``: 1/count on live rows, or None
-    when all B are live). Returns the gradients of weights then biases; dropout masks are
-    drawn for each model's ``counts`` live rows from its own generator, at its own rate
-    (``hyper``; ``spec.dropout`` for all when None).
+    ``X (S, B, d)``: each stream's batch; targets ``y (S, B, C)``; the loss is the sum over
+    models of each model's mean squared error over its live rows (``weight (S, B)``:
+    1/count on live rows, or None when all B are live). Dropout masks are drawn per stream
+    (``draws[s]``) for its ``counts`` live rows from its generator, and thresholded at each
+    model's own rate (``rates (S, 1, C, 1)``; None: no dropout anywhere). Returns the
+    gradients of weights then biases, in their layouts.
     """
+    S, B, d = X.shape
     last = len(weights) - 1
-    rates = [spec.dropout] * len(gens) if hyper is None else hyper.dropout
-    uniform = len(set(rates)) == 1
-    if not uniform:
-        p = torch.tensor(rates, device=X.device).view(-1, 1, 1)
     inputs, outputs, masks = [], [], []
     h = X
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         inputs.append(h)
-        h = _layer(h, w, b)
+        h = _first_layer(h, w, b) if i == 0 else _next_layer(h, w, b)
         if i < last:
-            h = _activation(h, spec.activation)
+            h = _activation(h, activation)
             outputs.append(h)
             mask = None
-            if uniform and rates[0] > 0:  # inverted dropout, as nn.Dropout
-                mask = (_rand(tuple(h.shape), gens, h.device, counts) >= rates[0])
-                mask = mask.to(h.dtype).div_(1.0 - rates[0])
-                h = h * mask
-            elif not uniform:  # each model at its own rate; rate 0 draws nothing, keeps all
-                draws = _rand(tuple(h.shape), gens, h.device, counts, [r > 0 for r in rates])
-                mask = (draws >= p).to(h.dtype).div_(1.0 - p)
+            if rates is not None:  # inverted dropout, as nn.Dropout
+                u = _rand((S, B, h.shape[-1]), gens, h.device, counts, draws)
+                mask = (u.unsqueeze(2) >= rates).to(h.dtype).div_(1.0 - rates)
                 h = h * mask
             masks.append(mask)
-    diff = h.squeeze(-1) - y  # (M, B)
-    g = (diff.mul_(2.0 / y.shape[1]) if weight is None else diff.mul_(weight).mul_(2.0))
-    g = g.unsqueeze(-1)  # d loss / d output, (M, B, 1)
+    diff = h.squeeze(-1) - y  # (S, B, C)
+    g = (diff.mul_(2.0 / B) if weight is None else diff.mul_(weight.unsqueeze(-1)).mul_(2.0))
+    g = g.unsqueeze(-1)  # d loss / d output, (S, B, C, 1)
     grad_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     grad_b: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for i in range(last, -1, -1):
-        # (g^T X)^T rather than X^T g: the same numbers, a faster memory layout.
-        grad_w[i] = torch.bmm(g.transpose(1, 2), inputs[i]).transpose(1, 2)
-        grad_b[i] = g.sum(1, keepdim=True)
-        if i > 0:
-            # A one-column layer's input gradient is an outer product: broadcast, not bmm.
-            w_t = weights[i].transpose(1, 2)
-            g = g * w_t if g.shape[-1] == 1 else torch.bmm(g, w_t)
-            if masks[i - 1] is not None:
-                g = g * masks[i - 1]
-            g = g * _activation_grad(outputs[i - 1], spec.activation)
+        w = weights[i]
+        out = g.shape[-1]
+        grad_b[i] = g.sum(1).view(biases[i].shape)
+        if i == 0:
+            # (S, d, B) x (S, B, C * out): one product per stream for all its models.
+            C = w.shape[2]
+            if C * out == 1:  # (g^T X)^T: a faster memory layout than X^T g
+                grad_w[i] = torch.bmm(g.view(S, 1, B), X).view(w.shape)
+            else:
+                grad_w[i] = torch.bmm(X.transpose(1, 2), g.reshape(S, B, C * out)).view(w.shape)
+            break
+        a = inputs[i]
+        C, n_in = a.shape[2], a.shape[3]
+        if out == 1:
+            # A one-column layer's gradients are a weighted sum and an outer product.
+            grad_w[i] = (g * a).sum(1).view(w.shape)
+            g = g * w.view(S, 1, C, n_in)
+        else:
+            wv = w.view(S, C, n_in, out)
+            grad_w[i] = torch.matmul(a.permute(0, 2, 3, 1), g.transpose(1, 2)).view(w.shape)
+            g = torch.matmul(g.transpose(1, 2), wv.transpose(-1, -2)).transpose(1, 2)
+        if masks[i - 1] is not None:
+            g = g * masks[i - 1]
+        g = g * _activation_grad(outputs[i - 1], activation)
     return grad_w + grad_b
+
+
+def _grad_norms(grads: list[torch.Tensor], M: int, C: int) -> torch.Tensor:
+    """``(M,)`` each model's gradient norm over all its parameters (the first layer's
+    weight is ``(S, d, C, out)``: a model's entries are spread over it)."""
+    sq = grads[0].square().sum((1, 3)).view(M)
+    for g in grads[1:]:
+        sq = sq + g.square().view(M, -1).sum(1)
+    return sq.sqrt()
 
 
 def _batch_plans(sizes: list[int], batch: int, device: torch.device
@@ -326,25 +407,57 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     ``X`` ``(n, d) float32`` and ``y`` ``(n,) float32`` prices (on the training device);
     ``train_mask``/``valid_mask`` ``(M, n) bool``: the rows model ``m`` trains and is scored on;
     ``seeds[m]`` seeds its initial weights (CPU, the same on every device), batch order and
-    dropout. Each step's gradient norm is recorded (per-epoch mean), and clipped per model to
+    dropout. Models that would draw the same random numbers alone share them (``Streams``).
+    Each step's gradient norm is recorded (per-epoch mean), and clipped per model to
     ``clip_grad_norm`` when set. ``groups[m]`` says which candidate model ``m`` belongs to
     (all 0 by default): once a model's loss is not finite its candidate is diverged, with
     the reason, and its models stop updating; the others train on, and the run stops early
     only when every candidate has diverged.
     """
     device = X.device
-    M, (n, d) = len(seeds), X.shape
-    specs = list(spec) if isinstance(spec, list | tuple) else [spec] * M
+    M0, (n, d) = len(seeds), X.shape
+    specs0 = list(spec) if isinstance(spec, list | tuple) else [spec] * M0
+    groups0 = groups or [0] * M0
+    draws0 = [bool(s.hidden) and s.dropout > 0 for s in specs0]
+    lay = Streams.of(seeds, draws0, train_mask, valid_mask)
+    S, C, pos = lay.S, lay.C, lay.pos.tolist()
+    M = S * C
+    # From here on every per-model list and tensor is in stacked (stream-major) order.
+    specs = [specs0[i] for i in pos]
+    seeds = [seeds[i] for i in pos]
     spec = specs[0]  # what they all share
     hyper = PerModel(specs, device)
-    groups_t = torch.tensor(groups or [0] * M)
+    pos_dev = lay.pos.to(device)
+    train_mask, valid_mask = train_mask[pos_dev], valid_mask[pos_dev]
+    groups_t = torch.tensor([groups0[i] for i in pos])
     alive = torch.ones(M, dtype=torch.bool)
     diverged: dict[int, str] = {}
     weights, biases = _init_stack(specs, d, seeds)
+    # The first layer's weight is laid out (S, d, C, out) so a stream's models are one product.
+    weights[0] = weights[0].view(S, C, d, -1).permute(0, 2, 1, 3).contiguous()
     params = [t.to(device) for t in weights + biases]
+    shapes: list[tuple[int, ...] | None] = [(S, 1, C, 1)] + [None] * (len(params) - 1)
+    flat = None
+    if C == 1:
+        # One model per stream: each model's parameters are one row of a flat (M, P)
+        # buffer, so the optimizer, gradient norm and clipping are one op each per step
+        # (at the book's sizes the time per step is the number of ops, not arithmetic).
+        flat = torch.cat([p.reshape(M, -1) for p in params], 1)
+        views, at = [], 0
+        for p in params:
+            size = p[0].numel()
+            views.append(flat[:, at:at + size].view(p.shape))
+            at += size
+        params = views
     weights, biases = params[:len(weights)], params[len(weights):]
-    opt = StackedOptimizer(params, spec, hyper)
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    opt = (StackedOptimizer([flat], spec, hyper) if flat is not None
+           else StackedOptimizer(params, spec, hyper, shapes))
+    stream_seeds = [seeds[s * C] for s in range(S)]
+    gens = [torch.Generator(device=device).manual_seed(sd) for sd in stream_seeds]
+    draws = [draws0[pos[s * C]] for s in range(S)]
+    rates = None
+    if any(draws):
+        rates = torch.tensor(hyper.dropout, device=device).view(S, 1, C, 1)
 
     # Per-model target scaling from its own training rows (log target standardized).
     logy = torch.log(y)
@@ -357,20 +470,22 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         y_mean, y_std = torch.zeros(M, 1, device=device), torch.ones(M, 1, device=device)
         y_fit = y.expand(M, n)
 
-    # Each model's training rows, padded to the longest; padding sorts last in every shuffle.
+    # Each stream's training rows, padded to the longest; padding sorts last in every shuffle.
+    stream_mask = train_mask[::C]
     n_train = train_mask.sum(1)
     n_valid = valid_mask.sum(1).clamp(min=1)
-    width = int(n_train.max())
-    rows = torch.where(train_mask, torch.arange(n, device=device), n).sort(1).values[:, :width]
+    sizes = stream_mask.sum(1).tolist()
+    width = max(sizes)
+    rows = torch.where(stream_mask, torch.arange(n, device=device), n).sort(1).values[:, :width]
     rows = rows.clamp(max=n - 1)
-    sizes = n_train.tolist()
     plans = _batch_plans(sizes, spec.batch_size, device)
-    own_batches = torch.tensor([sum(c[m] > 0 for *_, c in plans) for m in range(M)],
-                               device=device).clamp(min=1)
+    own_batches = torch.tensor([sum(c[s] > 0 for *_, c in plans) for s in range(S)],
+                               device=device).clamp(min=1).repeat_interleave(C)
 
     def score() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            pred = log_price(predict_stacked(X, weights, biases, spec), target, y_mean, y_std)
+            pred = log_price(_eval_stacked(X, weights, biases, spec.activation), target,
+                             y_mean, y_std)
             err = (pred - logy) ** 2
             tr = ((err * train_mask).sum(1) / n_train).sqrt()
             va = ((err * valid_mask).sum(1) / n_valid).sqrt()
@@ -380,29 +495,39 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
               for k in ("train_log_rmse", "valid_log_rmse", "grad_norm")}
     epoch = 0
     for epoch in range(spec.epochs):
-        # Minibatches indexed from tensors already in memory: no DataLoader. Each model
-        # draws its own permutation (the same order as training alone); a batch gathers its
-        # rows for all models at once.
+        # Minibatches indexed from tensors already in memory: no DataLoader. Each stream
+        # draws its own permutation (the same order as each of its models alone); a batch
+        # gathers its rows once per stream.
         order = torch.stack([
             torch.cat([torch.randperm(size, generator=g, device=device),
                        torch.arange(size, width, device=device)])  # padding stays last
             for g, size in zip(gens, sizes, strict=True)])
-        idx = rows.gather(1, order)  # (M, width) each model's rows in this epoch's order
-        y_epoch = y_fit.gather(1, idx)
+        idx = rows.gather(1, order)  # (S, width) each stream's rows in this epoch's order
+        y_epoch = y_fit.gather(1, idx.repeat_interleave(C, 0)).view(S, C, width)
+        # One gather per epoch, not per batch: a batch is then a view of its rows.
+        X_epoch = X.index_select(0, idx.reshape(-1)).view(S, width, d)
         grad_sum = torch.zeros(M, device=device)
         all_alive = bool(alive.all())
         alive_dev = alive.to(device)
         for lo, hi, weight, active, counts in plans:
-            X_batch = X.index_select(0, idx[:, lo:hi].reshape(-1)).view(M, hi - lo, d)
+            X_batch = X_epoch[:, lo:hi]
             # Forward and backward; the sum of each model's own mean loss keeps their
             # gradients apart.
-            grads = forward_backward(X_batch, y_epoch[:, lo:hi], weight, weights, biases,
-                                     spec, gens, None if weight is None else counts, hyper)
-            norm = torch.linalg.vector_norm(torch.cat([g.reshape(M, -1) for g in grads], 1), dim=1)
+            grads = forward_backward(
+                X_batch, y_epoch[:, :, lo:hi].transpose(1, 2), weight, weights, biases,
+                spec.activation, gens, None if weight is None else counts, rates, draws)
+            if flat is not None:
+                grads = [torch.cat([g.reshape(M, -1) for g in grads], 1)]
+                norm = torch.linalg.vector_norm(grads[0], dim=1)
+            else:
+                norm = _grad_norms(grads, M, C)
+            if active is not None:
+                active = active.repeat_interleave(C)
             grad_sum += norm if active is None else norm * active
             if hyper.any_clip:
                 scale = (hyper.clip / (norm + 1e-6)).clamp(max=1.0)
-                grads = [g * _per_model(scale, g) for g in grads]
+                grads = [g * _per_model(scale, g, sh) for g, sh in
+                         zip(grads, [None] if flat is not None else shapes, strict=True)]
             if not all_alive:  # a diverged candidate's models update no more
                 active = alive_dev if active is None else active & alive_dev
             opt.step(grads, active)
@@ -417,21 +542,27 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         for m in bad.nonzero().flatten().tolist():
             group = int(groups_t[m])
             if group not in diverged:
-                first = int((groups_t == group).nonzero()[0])
+                orig = pos[m]
+                first = groups0.index(group)
                 diverged[group] = (f"loss or gradient became non-finite at epoch {epoch + 1} "
-                                   f"(model {m - first}); lower the learning rate or clip "
+                                   f"(model {orig - first}); lower the learning rate or clip "
                                    "gradients")
             alive &= groups_t != group
         if not alive.any():
             break
     epochs_run = epoch + 1
     _, _, pred = score()
+    # Back to one model per row, in the caller's order.
+    w0 = weights[0].permute(0, 2, 1, 3).reshape(M, d, -1)
+    keep = lay.first
+    flat_w = [w.detach().cpu()[keep] for w in [w0, *weights[1:]]]
+    flat_b = [b.detach().cpu()[keep] for b in biases]
+    keep_dev = keep.to(device)
     return EngineResult(
-        state_dicts=_state_dicts(specs, d, [w.detach().cpu() for w in weights],
-                                 [b.detach().cpu() for b in biases]),
-        y_mean=y_mean.squeeze(1).tolist(), y_std=y_std.squeeze(1).tolist(),
-        pred_log_price=pred.double().cpu(),
-        curves={k: v[:, :epochs_run] for k, v in curves.items()},
+        state_dicts=_state_dicts(specs0, d, flat_w, flat_b),
+        y_mean=y_mean.squeeze(1)[keep_dev].tolist(), y_std=y_std.squeeze(1)[keep_dev].tolist(),
+        pred_log_price=pred[keep_dev].double().cpu(),
+        curves={k: v[keep, :epochs_run] for k, v in curves.items()},
         epochs_run=epochs_run,
         diverged=diverged,
     )

@@ -128,3 +128,16 @@ def test_gradient_norm_is_recorded_and_clipping_bounds_each_step():
     unclipped = train_stacked(X, y, train, valid, spec.model_copy(update={"clip_grad_norm": None}),
                               "log", [7])
     assert float(unclipped.curves["grad_norm"][0, 0]) == float(res.curves["grad_norm"][0, 0])
+
+
+def test_models_that_draw_the_same_numbers_share_a_stream():
+    """Same seed, rows and dropout-or-not: one stream (one batch gather, one first-layer
+    product); a short stream is padded with a copy of its last model."""
+    from tasks.engine import Streams
+
+    train, valid = _masks(10, [(0, 5), (0, 5), (5, 10), (0, 5), (0, 5)])
+    lay = Streams.of([1, 1, 1, 2, 1], [True, True, True, True, False], train, valid)
+    # streams: {0, 1} (seed 1, rows A, dropout), {2} (rows B), {3} (seed 2), {4} (no dropout)
+    assert (lay.S, lay.C) == (4, 2)
+    assert lay.pos.tolist() == [0, 1, 2, 2, 3, 3, 4, 4]
+    assert lay.first.tolist() == [0, 1, 2, 4, 6]
