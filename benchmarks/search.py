@@ -4,6 +4,8 @@ epochs, contiguous folds, raw-price target), each candidate with its own learnin
 weight decay drawn from a seeded grid.
 
     python benchmarks/search.py [--candidates 64] [--device cpu|cuda] [--epochs 100]
+    python benchmarks/search.py --save-features f.npz   # then, where pandas is missing:
+    python benchmarks/search.py --features f.npz --device cuda --candidates 512
 
 Prints both times and the speedup, then one JSON line with ``candidates``, ``stacked_s``,
 ``separate_s``, ``speedup``, ``device``. ``--separate-sample K`` times K of the separate runs
@@ -25,9 +27,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks.config import TrainConfig, candidate  # noqa: E402
+from tasks.folds import fit_rows, make_folds  # noqa: E402
 from tasks.kinds.torch_net import cross_validate_group  # noqa: E402
-from tasks.preprocess import fit_preprocessor, read_csv  # noqa: E402
-from tasks.train import fit_rows, make_folds  # noqa: E402
+
+
+def features(data: str, cache: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The book's features of the training rows and their prices: from ``cache`` (an
+    ``.npz`` written by ``--save-features``, for a machine without Prefect or pandas), or
+    preprocessed from the CSVs in ``data``."""
+    if cache and Path(cache).exists():
+        with np.load(cache) as f:
+            return f["X"], f["y"]
+    from tasks.preprocess import fit_preprocessor, read_csv
+
+    train = read_csv(Path(data) / "kaggle_house_pred_train.csv")
+    test = read_csv(Path(data) / "kaggle_house_pred_test.csv")
+    X, _ = fit_preprocessor(train, test).transform(train)
+    return X, train["SalePrice"].to_numpy(float)
 
 
 def _sync(device: torch.device) -> None:
@@ -43,12 +59,15 @@ def main() -> None:
     parser.add_argument("--separate-sample", type=int, default=None, metavar="K",
                         help="time only K separate runs and scale (default: all N)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/kaggle_house"))
+    parser.add_argument("--features", metavar="NPZ",
+                        help="read X and y from this file (when it exists) instead of the CSVs")
+    parser.add_argument("--save-features", metavar="NPZ", help="write X and y here and exit")
     args = parser.parse_args()
+    X, y = features(args.data, args.features)
+    if args.save_features:
+        np.savez_compressed(args.save_features, X=X, y=y)
+        return
     device = torch.device(args.device)
-    train = read_csv(Path(args.data) / "kaggle_house_pred_train.csv")
-    test = read_csv(Path(args.data) / "kaggle_house_pred_test.csv")
-    X, _ = fit_preprocessor(train, test).transform(train)
-    y = train["SalePrice"].to_numpy(float)
     rng = np.random.default_rng(0)
     specs = [candidate(name=f"c-{i}", kind="linear", optimizer="adam", batch_size=64,
                        epochs=args.epochs, lr=float(rng.choice([1.0, 2.0, 5.0, 10.0])),
@@ -61,6 +80,10 @@ def main() -> None:
     print(f"{args.candidates} candidates x 5 folds, {X.shape[0]} rows x {X.shape[1]} "
           f"features, {args.epochs} epochs; device {device}", flush=True)
 
+    # Warm-up (not timed): CUDA context, kernels and allocator caches.
+    warm = [specs[0].model_copy(update={"epochs": 2})]
+    cross_validate_group(warm * 2, X, y, config, folds, fitted, lambda f: None)
+    cross_validate_group(warm, X, y, config, folds, fitted, lambda f: None)
     _sync(device)
     t0 = time.perf_counter()
     stacked = cross_validate_group(specs, X, y, config, folds, fitted, lambda f: None)

@@ -8,9 +8,11 @@ what to do (``--traceback`` shows the full trace).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,17 +200,89 @@ def _check_api(url: str) -> None:
         )
 
 
+def _start_ephemeral_api() -> Callable[[], None]:
+    """Without ``PREFECT_API_URL`` Prefect would start a temporary API server at the flow's
+    first API call, after this process has imported everything (about 14 s before the first
+    task on 2 cores). Start the same server (Prefect's own uvicorn app, as its
+    ``SubprocessASGIServer`` runs it) first thing, so it boots in its own process while this
+    one imports and validates, and point ``PREFECT_API_URL`` at it. The returned function
+    waits until it answers; the server stops when this process exits."""
+    allow = os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true").lower()
+    if os.environ.get("PREFECT_API_URL") or allow in ("0", "false", "no"):
+        return lambda: None
+    import atexit
+    import importlib.util
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+             "PREFECT__SERVER_FINAL": "1"},
+        stdin=subprocess.DEVNULL)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    atexit.register(stop)
+    url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = url
+    os.environ[_EPHEMERAL] = url
+
+    def wait(timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect API server exited with code "
+                                   f"{proc.returncode} before answering; run 'prefect server "
+                                   "start' to see why")
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"the temporary Prefect API server did not answer within "
+                           f"{timeout:.0f} s; {NEEDS_SERVER}")
+
+    return wait
+
+
+# Set (to the URL) while PREFECT_API_URL points at the temporary server this process started.
+_EPHEMERAL = "HOUSEPRICE_EPHEMERAL_API"
+
+
+def _user_api() -> str | None:
+    """The Prefect API the user chose (not the temporary one this process started)."""
+    url = os.environ.get("PREFECT_API_URL")
+    return None if url and url == os.environ.get(_EPHEMERAL) else url
+
+
 def _run(args: argparse.Namespace) -> int:
+    api_ready = _start_ephemeral_api()
     config = build_config(args)  # validated before anything starts
     from tasks.models import resolve_device
 
     resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
     from flows.pipeline import with_task_runner
 
-    where = os.environ.get("PREFECT_API_URL")
+    where = _user_api()
     if where:
         _check_api(where)
     where = where or "an ephemeral local Prefect API"
+    api_ready()
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}", flush=True)
     flow = with_task_runner(args.task_runner, args.dask_address)
     state = flow(config, from_stage=args.from_stage, return_state=True)
@@ -218,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
 
         run_id = state.state_details.flow_run_id
         hint = (f"; fix the cause, then retry flow run {run_id} with 'houseprice rerun {run_id}'"
-                if os.environ.get("PREFECT_API_URL") else "")
+                if _user_api() else "")
         if isinstance(outcome, BaseException):
             raise RunFailed(f"{one_line(outcome)}{hint}") from outcome
         raise RunFailed(f"flow run {run_id} ended {state.name}: {state.message}{hint}")

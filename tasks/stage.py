@@ -34,7 +34,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
     "preprocess": ("preprocess.py",),
     "tensorize": ("tensorize.py", "preprocess.py"),
-    "train": ("train.py", "kinds/__init__.py"),
+    "train": ("train.py", "folds.py", "kinds/__init__.py"),
     "select": ("select.py", "kinds/__init__.py", *code_files()),
     "predict": ("predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),
     "score": ("score.py", "predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),

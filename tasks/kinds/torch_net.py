@@ -38,8 +38,11 @@ class TorchCandidate(CandidateConfig):
         return cross_validate_group([self], X, y, train, folds, fitted, on_progress)[0]
 
     def group_key(self) -> tuple:
-        """Candidates with equal keys train as one stack (what the engine's models share)."""
-        return (self.hidden, self.activation, self.batch_size, self.epochs, self.optimizer)
+        """Candidates with equal keys train as one stack: what the engine's models share,
+        plus what makes their random streams line up without padding (the number of seeds,
+        and whether dropout masks are drawn), so each stream holds one model of each."""
+        return (self.hidden, self.activation, self.batch_size, self.epochs, self.optimizer,
+                self.seeds, bool(self.hidden) and self.dropout > 0)
 
     def load_member(self, member, n_features, target) -> Member:
         from tasks.models import Regressor

@@ -204,3 +204,45 @@ def test_a_diverged_member_of_a_group_stops_alone():
     assert good.diverged is None
     alone = cross_validate(X, y, ok, config)
     np.testing.assert_allclose(good.oof_log_price, alone.oof_log_price, rtol=1e-5, atol=1e-5)
+
+
+def test_candidates_that_would_need_padding_are_grouped_apart():
+    """A group shares a shape and lines its random streams up one model per candidate: the
+    same number of seeds, and all drawing dropout masks or none."""
+    from tasks.train import plan_groups
+
+    mk = lambda name, **kw: candidate(name=name, kind="mlp", hidden=(8,), epochs=3, **kw)  # noqa: E731
+    cands = [mk("a", dropout=0.1), mk("b", dropout=0.3, lr=1e-2), mk("c", dropout=0.0),
+             mk("d", dropout=0.1, seeds=2), mk("e", dropout=0.0, weight_decay=1e-3),
+             candidate(name="l", kind="lasso")]
+    groups = [[c.name for c in g] for g in plan_groups(cands)]
+    assert groups == [["a", "b"], ["c", "e"], ["d"], ["l"]]
+
+
+def test_every_fit_runs_on_the_one_fit_thread_and_logs_its_time():
+    import threading
+
+    from tasks.train import _fit
+
+    lines: list[str] = []
+    names = [_fit(lambda: threading.current_thread().name, "x", lines.append) for _ in range(2)]
+    assert names[0] == names[1] and names[0].startswith("houseprice-fit")
+    assert names[0] != threading.current_thread().name
+    assert len(lines) == 2 and lines[0].startswith("x: cross-validated in ")
+    with pytest.raises(ZeroDivisionError):  # a fit's error reaches the task
+        _fit(lambda: 1 / 0, "y", lines.append)
+
+
+def test_progress_is_sent_in_the_background_and_reads_100_when_done(prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from tasks.train import _Progress
+
+    bar = _Progress("progress-test")
+    bar.MIN_INTERVAL_S = 0.0
+    for fraction in (0.25, 0.5, 1.0):
+        bar.update(fraction)  # 1.0 waits until every value given so far has been sent
+    with get_client(sync_client=True) as client:
+        assert client.read_artifacts()  # the API is the test harness's
+        art = [a for a in client.read_artifacts() if a.id == bar.id][0]
+    assert float(art.data) == 100.0

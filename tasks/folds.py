@@ -1,0 +1,39 @@
+"""K-fold splits: which rows each fold trains and validates on (numpy only, so that tools
+such as ``benchmarks/search.py`` run where neither Prefect nor pandas is installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_folds(n_rows: int, n_splits: int, seed: int, scheme: str
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_splits`` (train_idx, valid_idx) pairs of int64 row indices.
+
+    'shuffled': a seeded permutation cut into near-equal folds that cover every row.
+    'contiguous': the book's ``get_k_fold_data`` (fold size ``n // k``, unshuffled; the last
+    ``n % k`` rows are in no fold, exactly as there).
+    """
+    if n_splits < 2 or n_splits > n_rows:
+        raise ValueError(f"cannot make {n_splits} folds from {n_rows} rows")
+    if scheme == "shuffled":
+        order = np.random.default_rng(seed).permutation(n_rows)
+        valids = np.array_split(order, n_splits)
+    elif scheme == "contiguous":
+        size = n_rows // n_splits
+        valids = [np.arange(j * size, (j + 1) * size) for j in range(n_splits)]
+    else:
+        raise ValueError(f"unknown fold scheme {scheme!r}")
+    used = np.concatenate(valids)
+    folds = []
+    for j, valid in enumerate(valids):
+        train = np.concatenate([v for i, v in enumerate(valids) if i != j])
+        assert len(np.intersect1d(train, valid)) == 0 and len(train) + len(valid) == len(used)
+        folds.append((np.sort(train).astype(np.int64), np.sort(valid).astype(np.int64)))
+    return folds
+
+
+def fit_rows(folds: list[tuple[np.ndarray, np.ndarray]], excluded: np.ndarray
+             ) -> list[np.ndarray]:
+    """Each fold's training rows without the ``excluded`` ``(n,) bool`` rows."""
+    return [tr[~excluded[tr]] for tr, _ in folds]
