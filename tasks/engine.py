@@ -156,6 +156,12 @@ class StackedOptimizer:
         if active is None and self.step_count is None:
             self.t += 1
             bc1, bc2_sqrt = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
+            if len(params) == 1 and hyper.uniform:  # one flat buffer: plain in-place ops
+                (p,), (g,), (m,), (v,) = params, grads, self.exp_avg, self.exp_avg_sq
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(ADAM_EPS), value=-hyper.lr_list[0] / bc1)
+                return
             torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)
             torch._foreach_mul_(self.exp_avg_sq, b2)
             torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1 - b2)
@@ -503,18 +509,18 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                        torch.arange(size, width, device=device)])  # padding stays last
             for g, size in zip(gens, sizes, strict=True)])
         idx = rows.gather(1, order)  # (S, width) each stream's rows in this epoch's order
-        y_epoch = y_fit.gather(1, idx.repeat_interleave(C, 0)).view(S, C, width)
-        # One gather per epoch, not per batch: a batch is then a view of its rows.
-        X_epoch = X.index_select(0, idx.reshape(-1)).view(S, width, d)
+        # (S, width, C): a batch's targets are then one slice
+        y_epoch = y_fit.gather(1, idx.repeat_interleave(C, 0)).view(S, C, width).transpose(
+            1, 2).contiguous()
         grad_sum = torch.zeros(M, device=device)
         all_alive = bool(alive.all())
         alive_dev = alive.to(device)
         for lo, hi, weight, active, counts in plans:
-            X_batch = X_epoch[:, lo:hi]
+            X_batch = X.index_select(0, idx[:, lo:hi].reshape(-1)).view(S, hi - lo, d)
             # Forward and backward; the sum of each model's own mean loss keeps their
             # gradients apart.
             grads = forward_backward(
-                X_batch, y_epoch[:, :, lo:hi].transpose(1, 2), weight, weights, biases,
+                X_batch, y_epoch[:, lo:hi], weight, weights, biases,
                 spec.activation, gens, None if weight is None else counts, rates, draws)
             if flat is not None:
                 grads = [torch.cat([g.reshape(M, -1) for g in grads], 1)]
