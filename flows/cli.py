@@ -217,40 +217,50 @@ def _start_ephemeral_api() -> Callable[[], None]:
     import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "error", "--lifespan", "on"],
-        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-             "PREFECT__SERVER_FINAL": "1"},
-        stdin=subprocess.DEVNULL)
+    server: dict[str, Any] = {}
+
+    def start() -> None:
+        # A free port now may be taken before uvicorn binds it: wait() starts again then.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+             str(port), "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"},
+            stdin=subprocess.DEVNULL)
+        server["url"] = os.environ["PREFECT_API_URL"] = os.environ[_EPHEMERAL] = (
+            f"http://127.0.0.1:{port}/api")
 
     def stop() -> None:
-        if proc.poll() is None:
+        proc = server.get("proc")
+        if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    start()
     atexit.register(stop)
-    url = f"http://127.0.0.1:{port}/api"
-    os.environ["PREFECT_API_URL"] = url
-    os.environ[_EPHEMERAL] = url
 
-    def wait(timeout: float = 120.0) -> None:
+    def wait(timeout: float = 120.0, attempts: int = 3) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect API server exited with code "
-                                   f"{proc.returncode} before answering; run 'prefect server "
-                                   "start' to see why")
+            if server["proc"].poll() is not None:
+                attempts -= 1
+                if attempts == 0:
+                    raise RuntimeError(
+                        f"the temporary Prefect API server exited with code "
+                        f"{server['proc'].returncode} before answering, 3 times; run "
+                        "'prefect server start' to see why")
+                start()
+                continue
             with contextlib.suppress(OSError), urllib.request.urlopen(
-                    f"{url}/health", timeout=2) as resp:
+                    f"{server['url']}/health", timeout=2) as resp:
                 if resp.status == 200:
                     return
             time.sleep(0.1)

@@ -186,6 +186,22 @@ def test_unreachable_prefect_server_is_one_clear_line(tmp_path):
     assert "prefect server start" in line
 
 
+def test_temporary_api_that_cannot_start_is_one_clear_line(tmp_path):
+    """Without PREFECT_API_URL the run starts its own temporary API first; one that exits
+    before answering is started again on another port, then reported in one line."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_DATABASE_CONNECTION_URL=(
+        f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/prefect.db"))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--artifacts",
+                           str(tmp_path / "a")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 1
+    line = last_line(proc.stderr)
+    assert line == ("houseprice: error: the temporary Prefect API server exited with code 3 "
+                    "before answering, 3 times; run 'prefect server start' to see why")
+    assert not (tmp_path / "a").exists()  # nothing ran
+
+
 def test_book_config_reproduces_the_books_recipe(prefect_api, data_server, tmp_path):
     import json
 
