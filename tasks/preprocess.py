@@ -178,8 +178,10 @@ class Preprocessor:
                 x = values.to_numpy(dtype=np.float64, na_value=np.nan)
                 lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
                 self.range_[col] = (lo, hi)
+                # Right skew only: log1p compresses the long right tail, and would stretch a
+                # left-skewed column's tail further (basement quality: skew -1.29 -> -3.61).
                 if (self.log1p_skewed and lo >= 0
-                        and abs(float(pd.Series(x).skew())) > self.skew_threshold):
+                        and float(pd.Series(x).skew()) > self.skew_threshold):
                     self.log1p_.append(col)
                     x = np.log1p(x)
                 std = float(pd.Series(x).std())

@@ -149,3 +149,18 @@ def test_empty_file_is_a_clear_error(tmp_path):
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(DataError, match="is empty"):
         read_csv(tmp_path / "e.csv")
+
+
+def test_only_right_skewed_columns_are_log_transformed():
+    """log1p compresses a long right tail; applied to a left-skewed column it would stretch
+    the tail further, so such a column is left as it is."""
+    from tasks.config import PreprocessConfig
+
+    rng = np.random.default_rng(1)
+    n = 300
+    right = rng.lognormal(3, 1, n)
+    left = 100 - rng.lognormal(2, 0.8, n).clip(max=99)  # non-negative, long left tail
+    train = pd.DataFrame({"Id": range(n), "Right": right, "Left": left, "SalePrice": 1e5})
+    assert pd.Series(left).skew() < -0.75 < 0.75 < pd.Series(right).skew()
+    pre = fit_preprocessor(train, config=PreprocessConfig())
+    assert "Right" in pre.log1p_ and "Left" not in pre.log1p_
