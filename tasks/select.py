@@ -131,9 +131,9 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
     lines = [
         f"# Selected model: {title}",
         "",
-        f"**{k}-fold out-of-fold log RMSE: {_fmt(chosen['oof_log_rmse_clean'])} on the "
-        f"{chosen['n_rows_clean']} rows without the outliers, "
-        f"{_fmt(chosen['oof_log_rmse_all'])} on all {chosen['n_rows_all']} rows** "
+        f"**{k}-fold out-of-fold log RMSE: {_fmt(chosen['oof_log_rmse_all'])} on all "
+        f"{chosen['n_rows_all']} rows**, {_fmt(chosen['oof_log_rmse_clean'])} on the "
+        f"{chosen['n_rows_clean']} rows without the outliers "
         f"(chosen on: {config['select.on']}). Per fold: mean valid log RMSE "
         f"{_fmt(chosen['mean_valid_log_rmse'])} ± {_fmt(chosen['std_valid_log_rmse'])}.",
         "",
