@@ -64,9 +64,19 @@ def _runner_flags(p: argparse.ArgumentParser) -> None:
                         "every worker must see the artifact root at the same path")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("houseprice")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="houseprice", description=__doc__.splitlines()[0])
     p.add_argument("--traceback", action="store_true", help="show the full trace on errors")
+    p.add_argument("--version", action="version", version=f"houseprice {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[_config_flags()],
@@ -100,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="batch-predict a CSV or Parquet file")
     pred.add_argument("input", metavar="INPUT", help="raw rows shaped like the Kaggle test file")
-    pred.add_argument("--out", required=True, metavar="FILE", help="where to write Id,SalePrice")
+    pred.add_argument("--out", required=True, metavar="FILE",
+                      help="where to write Id,SalePrice ('-': standard output; the drift "
+                           "summary then goes to standard error)")
     pred.add_argument("--model", default="production", metavar="VERSION",
                       help="select-stage version, 'production' (default) or 'latest'")
     pred.add_argument("--artifacts", metavar="DIR", help="artifact root (env HOUSEPRICE_ARTIFACTS)")
@@ -535,10 +547,31 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError("--chunk-size must be a positive number of rows")
     ref = resolve(args.artifacts or default_artifacts_dir(), "select", args.model)
     model = FittedModel.load(ref.file("model.pt"))
-    stats = predict_file(model, Path(args.input), Path(args.out), args.chunk_size,
-                         warn=lambda msg: print(f"houseprice: warning: {msg}", file=sys.stderr))
-    print(f"houseprice: wrote {stats['rows']} predictions to {args.out} "
-          f"(model {ref.version}: {model.metrics['candidate']})")
+
+    def warn(msg: str) -> None:
+        print(f"houseprice: warning: {msg}", file=sys.stderr)
+
+    what = f"(model {ref.version}: {model.metrics['candidate']})"
+    if args.out != "-":
+        stats = predict_file(model, Path(args.input), Path(args.out), args.chunk_size, warn)
+        print(f"houseprice: wrote {stats['rows']} predictions to {args.out} {what}")
+        return 0
+    # '-': the CSV on standard output, everything a person reads on standard error.
+    import json
+    import shutil
+    import tempfile
+
+    from tasks.predict import drift_path
+
+    with tempfile.TemporaryDirectory(prefix="houseprice-predict-") as tmp:
+        out = Path(tmp) / "predictions.csv"
+        stats = predict_file(model, Path(args.input), out, args.chunk_size, warn)
+        with out.open() as f:
+            shutil.copyfileobj(f, sys.stdout)
+        sys.stdout.flush()
+        drift = json.loads(drift_path(out).read_text())
+    print(f"houseprice: wrote {stats['rows']} predictions to standard output {what}; drift: "
+          f"{json.dumps(drift)}", file=sys.stderr)
     return 0
 
 

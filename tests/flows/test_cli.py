@@ -104,6 +104,26 @@ def test_predict_command_writes_kaggle_submission(trained, real_data, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out), expected, rtol=1e-5)
 
 
+def test_predict_to_standard_output_and_version(trained, real_data, tmp_path):
+    import io
+
+    cfg, _ = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "predict",
+         str(real_data / "kaggle_house_pred_test.csv"), "--out", "-",
+         "--artifacts", cfg.artifacts_dir],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = pd.read_csv(io.StringIO(proc.stdout))  # nothing but the CSV on stdout
+    expected = pd.read_csv(resolve(cfg.artifacts_dir, "predict").file("submission.csv"))
+    pd.testing.assert_frame_equal(got, expected, rtol=1e-5)
+    assert "wrote 1459 predictions to standard output" in proc.stderr
+    assert '"rows": 1459' in proc.stderr  # the drift summary
+    assert list(tmp_path.iterdir()) == []  # no file named '-' (or '-.drift.json')
+    version = houseprice("--version")
+    assert version.returncode == 0 and version.stdout.startswith("houseprice 0.")
+
+
 def test_predict_with_explicit_and_unknown_model_version(trained, real_data, tmp_path):
     cfg, result = trained
     test_csv = str(real_data / "kaggle_house_pred_test.csv")
