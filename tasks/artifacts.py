@@ -228,7 +228,31 @@ def resolve(root: str | Path, stage: str, version: str | None = None) -> Artifac
                 "or pass --artifacts"
             )
         version = pointer.read_text().strip()
+    elif not (root / stage / version).is_dir():
+        version = _match_version(root, stage, version)
     return require(ArtifactRef(root=str(root), stage=stage, version=version))
+
+
+def _match_version(root: Path, stage: str, given: str) -> str:
+    """The one existing version of ``stage`` that starts with ``given`` (a prefix, as with
+    git); else a one-line error that lists what there is."""
+    import difflib
+
+    stage_dir = root / stage
+    versions = sorted(p.name for p in stage_dir.iterdir()
+                      if p.is_dir() and not p.name.startswith(".")) if stage_dir.is_dir() else []
+    matches = [v for v in versions if v.startswith(given)] if given else []
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ArtifactError(f"{stage} version '{given}' is ambiguous under {root}: it starts "
+                            f"{', '.join(matches)}; give more characters")
+    if not versions:
+        raise ArtifactError(f"no {stage} artifact under {root}: run 'houseprice run' first "
+                            "or pass --artifacts")
+    near = difflib.get_close_matches(given, versions, n=3, cutoff=0.0)
+    raise ArtifactError(f"no {stage} version '{given}' under {root}; nearest: "
+                        f"{', '.join(near)} ('houseprice models' lists them all)")
 
 
 # The production model: one pointer file per artifact root (``production/CURRENT``, replaced

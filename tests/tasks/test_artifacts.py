@@ -97,5 +97,6 @@ def test_latest_pointer_resolves_and_is_checked(tmp_path):
     set_latest(ref)
     assert resolve(tmp_path, "stage") == ref
     assert resolve(tmp_path, "stage", "v1") == ref
-    with pytest.raises(ArtifactError, match="not usable"):
+    assert resolve(tmp_path, "stage", "v") == ref  # a unique prefix
+    with pytest.raises(ArtifactError, match="no stage version 'nope' under .*; nearest: v1"):
         resolve(tmp_path, "stage", "nope")
