@@ -153,7 +153,10 @@ def build_config(args: argparse.Namespace):
     """The PipelineConfig for ``houseprice run``: file, then flags on top."""
     from tasks.config import PipelineConfig, load_config_file
 
-    data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    try:
+        data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    except (OSError, ValueError) as exc:  # missing, unreadable or malformed: a usage error
+        raise ConfigError(str(exc)) from None
 
     def put(section: str | None, key: str, value: Any) -> None:
         if value is not None:
@@ -407,16 +410,16 @@ def _rerun(args: argparse.Namespace) -> int:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import AwaitingRetry
 
+    try:  # the argument first: a typo is reported before any server is looked for
+        run_id = uuid.UUID(args.flow_run_id)
+    except ValueError:
+        raise ValueError(f"{args.flow_run_id!r} is not a flow run id (a UUID, as shown in "
+                         "the dashboard)") from None
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         raise RuntimeError("rerun needs the Prefect server that holds the run, and "
                            f"PREFECT_API_URL is not set: {NEEDS_SERVER}")
     _check_api(url)
-    try:
-        run_id = uuid.UUID(args.flow_run_id)
-    except ValueError:
-        raise ValueError(f"{args.flow_run_id!r} is not a flow run id (a UUID, as shown in "
-                         "the dashboard)") from None
     with get_client(sync_client=True) as client:
         try:
             flow_run = client.read_flow_run(run_id)

@@ -360,8 +360,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
-    if path.suffix.lower() == ".toml":
-        return tomllib.loads(text)
-    if path.suffix.lower() == ".json":
-        return json.loads(text)
+    try:
+        if path.suffix.lower() == ".toml":
+            return tomllib.loads(text)
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: "
+                         f"{exc}; fix that line") from None
     raise ValueError(f"config file {path} must end in .toml or .json")

@@ -209,6 +209,23 @@ def test_unreachable_prefect_server_is_one_clear_line(tmp_path):
     assert "prefect server start" in line
 
 
+def test_malformed_config_file_and_bad_run_id_are_named_before_anything_else(tmp_path):
+    broken = tmp_path / "my.toml"
+    broken.write_text("[train\nn_splits = 3\n")
+    proc = houseprice("run", "--config", str(broken), "--artifacts", str(tmp_path / "a"))
+    assert proc.returncode == 2
+    assert last_line(proc.stderr) == (
+        f"houseprice: error: config file {broken} is not valid TOML: Expected ']' at the end "
+        "of a table declaration (at line 1, column 7); fix that line")
+    # rerun: the id is checked before any server is looked for (none is set here)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "rerun", "not-a-uuid"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert last_line(proc.stderr) == ("houseprice: error: 'not-a-uuid' is not a flow run id "
+                                      "(a UUID, as shown in the dashboard)")
+
+
 def test_temporary_api_that_cannot_start_is_one_clear_line(tmp_path):
     """Without PREFECT_API_URL the run starts its own temporary API first; one that exits
     before answering is started again on another port, then reported in one line."""
