@@ -146,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     feed.add_argument("--since", metavar="YYYY-MM", help="first month to write")
     feed.add_argument("--data-url", metavar="URL|DIR", help="where the Kaggle pair is")
     feed.add_argument("--data-dir", metavar="DIR", help="download cache")
+    # Global flags work after the subcommand too (SUPPRESS: absent there, the top level's
+    # value stands).
+    for command in sub.choices.values():
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full trace on errors")
     return p
 
 
@@ -585,6 +590,14 @@ def _config_error(exc: ValidationError, data: dict[str, Any] | None = None) -> s
     return f"invalid configuration: {field}: {err['msg']}{more}; fix it in --config or the flags"
 
 
+def _trace(args: argparse.Namespace) -> None:
+    """With ``--traceback``, the trace of the error being handled (its one line follows)."""
+    if getattr(args, "traceback", False):
+        import traceback
+
+        traceback.print_exc()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -609,9 +622,11 @@ def _main(argv: list[str] | None) -> int:
                     "rollback": _rollback, "make-feed": _make_feed}
         return commands[args.command](args)
     except ConfigError as exc:
+        _trace(args)
         print(f"houseprice: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as exc:
+        _trace(args)
         print(f"houseprice: error: {_config_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -217,6 +217,9 @@ def test_malformed_config_file_and_bad_run_id_are_named_before_anything_else(tmp
     assert last_line(proc.stderr) == (
         f"houseprice: error: config file {broken} is not valid TOML: Expected ']' at the end "
         "of a table declaration (at line 1, column 7); fix that line")
+    # --traceback is global: after the subcommand too, it shows the trace
+    traced = houseprice("run", "--config", str(broken), "--traceback")
+    assert traced.returncode == 2 and "Traceback (most recent call last)" in traced.stderr
     # rerun: the id is checked before any server is looked for (none is set here)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "rerun", "not-a-uuid"],
