@@ -370,7 +370,7 @@ def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | No
     return grad_w + grad_b
 
 
-def _grad_norms(grads: list[torch.Tensor], M: int, C: int) -> torch.Tensor:
+def _grad_norms(grads: list[torch.Tensor], M: int) -> torch.Tensor:
     """``(M,)`` each model's gradient norm over all its parameters (the first layer's
     weight is ``(S, d, C, out)``: a model's entries are spread over it)."""
     sq = grads[0].square().sum((1, 3)).view(M)
@@ -424,7 +424,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     M0, (n, d) = len(seeds), X.shape
     specs0 = list(spec) if isinstance(spec, list | tuple) else [spec] * M0
     groups0 = groups or [0] * M0
-    draws0 = [bool(s.hidden) and s.dropout > 0 for s in specs0]
+    draws0 = [s.draws_dropout for s in specs0]
     lay = Streams.of(seeds, draws0, train_mask, valid_mask)
     S, C, pos = lay.S, lay.C, lay.pos.tolist()
     M = S * C
@@ -526,7 +526,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                 grads = [torch.cat([g.reshape(M, -1) for g in grads], 1)]
                 norm = torch.linalg.vector_norm(grads[0], dim=1)
             else:
-                norm = _grad_norms(grads, M, C)
+                norm = _grad_norms(grads, M)
             if active is not None:
                 active = active.repeat_interleave(C)
             grad_sum += norm if active is None else norm * active

@@ -42,7 +42,12 @@ class TorchCandidate(CandidateConfig):
         plus what makes their random streams line up without padding (the number of seeds,
         and whether dropout masks are drawn), so each stream holds one model of each."""
         return (self.hidden, self.activation, self.batch_size, self.epochs, self.optimizer,
-                self.seeds, bool(self.hidden) and self.dropout > 0)
+                self.seeds, self.draws_dropout)
+
+    @property
+    def draws_dropout(self) -> bool:
+        """Whether training draws dropout masks (which moves its random stream on)."""
+        return bool(self.hidden) and self.dropout > 0
 
     def load_member(self, member, n_features, target) -> Member:
         from tasks.models import Regressor
