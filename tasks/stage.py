@@ -134,14 +134,17 @@ def root_key(root: str) -> str:
 
 
 @functools.cache
-def results_storage(root: str | Path) -> str:
+def results_storage(root: str | Path) -> LocalFileSystem:
     """Prefect's cache records live beside the artifacts they point to (a storage block saved
-    on the API, as Prefect requires, named after the artifact root)."""
+    on the API, as Prefect requires, named after the artifact root). The saved block itself,
+    not its slug, goes to the tasks: a slug is loaded from the API by every task run, and the
+    first load imports every installed Prefect collection (Dask's: about 1 s)."""
     path = Path(root).resolve() / ".prefect-results"
     path.mkdir(parents=True, exist_ok=True)
     name = "houseprice-results-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    LocalFileSystem(basepath=str(path)).save(name, overwrite=True)
-    return f"local-file-system/{name}"
+    block = LocalFileSystem(basepath=str(path))
+    block.save(name, overwrite=True)
+    return block
 
 
 def _for_call(task: Task, root: str, inputs: dict[str, Any], force: bool) -> Task:

@@ -293,3 +293,16 @@ def test_two_runs_at_once_on_one_root_both_succeed_consistently(prefect_api, dat
         assert len(built) == 1, (stage, built)  # one version each, no leftovers
         assert not [d for d in (arts / stage).iterdir() if d.name.startswith(".")]
         resolve(arts, stage, built[0].name)  # intact: every file matches its manifest
+
+
+def test_temporary_server_skips_block_registration_only_once_done(tmp_path, monkeypatch):
+    from flows.cli import _skip_block_registration
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_MEMO_STORE_PATH", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", raising=False)
+    assert _skip_block_registration() == {}  # a new Prefect home registers them
+    (tmp_path / "memo_store.toml").write_text('block_auto_registration = "ab12"\n')
+    assert _skip_block_registration()["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] == "false"
+    monkeypatch.setenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "true")  # the user's choice
+    assert _skip_block_registration() == {}
