@@ -251,7 +251,7 @@ def _start_ephemeral_api() -> Callable[[], None]:
              str(port), "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                  "PREFECT__SERVER_FINAL": "1", **_skip_block_registration()},
-            stdin=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         server["url"] = os.environ["PREFECT_API_URL"] = os.environ[_EPHEMERAL] = (
             f"http://127.0.0.1:{port}/api")
 
@@ -288,6 +288,16 @@ def _start_ephemeral_api() -> Callable[[], None]:
                            f"{timeout:.0f} s; {NEEDS_SERVER}")
 
     return wait
+
+
+def _die_with_parent() -> None:
+    """In the server's process before it starts (Linux): SIGTERM it when this process dies,
+    so a killed run (SIGKILL skips ``atexit``) leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 15)
 
 
 def _skip_block_registration() -> dict[str, str]:

@@ -55,7 +55,7 @@ def house_price_pipeline(
     preprocessor = run_stage(preprocess_task, root, force=force["preprocess"], raw=raw,
                              config=config.preprocess)
     data = run_stage(tensorize_task, root, force=force["tensorize"], raw=raw,
-                     preprocessor=preprocessor)
+                     preprocessor=preprocessor, **config.tensorize_inputs())
     # One task per group of torch candidates of one shape (trained as one stacked model) and
     # per other candidate, submitted together: they train in parallel on the task runner
     # (threads, or Dask workers), and a failed group reruns alone.

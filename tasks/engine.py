@@ -239,11 +239,13 @@ class Streams:
 
     @staticmethod
     def of(seeds: list[int], draws: list[bool], train_mask: torch.Tensor,
-           valid_mask: torch.Tensor) -> Streams:
+           valid_mask: torch.Tensor, features: list[int] | None = None) -> Streams:
         keys: dict[tuple, list[int]] = {}
         rows, valid = train_mask.cpu().numpy(), valid_mask.cpu().numpy()
+        features = features or [0] * len(seeds)
         for m, (seed, draw) in enumerate(zip(seeds, draws, strict=True)):
-            keys.setdefault((seed, draw, rows[m].tobytes(), valid[m].tobytes()), []).append(m)
+            key = (seed, draw, features[m], rows[m].tobytes(), valid[m].tobytes())
+            keys.setdefault(key, []).append(m)
         members = list(keys.values())
         C = max(len(ms) for ms in members)
         pos = [ms + [ms[-1]] * (C - len(ms)) for ms in members]
@@ -289,6 +291,26 @@ def _next_layer(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
         return (h * w.view(S, 1, C, n_in)).sum(-1, keepdim=True) + b.view(S, 1, C, 1)
     z = torch.matmul(h.transpose(1, 2), w.view(S, C, n_in, out)).transpose(1, 2)
     return z + b.view(S, 1, C, out)
+
+
+def _eval_by_features(X: torch.Tensor, weights: list[torch.Tensor],
+                      biases: list[torch.Tensor], activation: str,
+                      stream_features: list[int]) -> torch.Tensor:
+    """``(S * C, n)`` outputs of every model on its own feature matrix ``X[f] (n, d)`` of
+    ``X (F, n, d)`` (``stream_features[s]``: the matrix of stream ``s``'s models), one
+    ``_eval_stacked`` per matrix."""
+    S, _, C, _ = weights[0].shape
+    if len(set(stream_features)) == 1:
+        return _eval_stacked(X[stream_features[0]], weights, biases, activation)
+    out = torch.empty(S * C, X.shape[1], dtype=X.dtype, device=X.device)
+    for f in sorted(set(stream_features)):
+        streams = torch.tensor([s for s, g in enumerate(stream_features) if g == f],
+                               device=X.device)
+        models = (streams[:, None] * C + torch.arange(C, device=X.device)).reshape(-1)
+        out[models] = _eval_stacked(
+            X[f], [weights[0][streams]] + [w[models] for w in weights[1:]],
+            [b[models] for b in biases], activation)
+    return out
 
 
 def _eval_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
@@ -405,12 +427,15 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                   target: str, seeds: list[int],
                   on_epoch: Callable[[int], None] | None = None,
                   groups: list[int] | None = None,
+                  features: list[int] | None = None,
                   ) -> EngineResult:
     """Train M models at once: of ``spec``, or model ``m`` of ``spec[m]`` (candidates that
     share layer sizes, activation, batch size, epochs and optimizer, each with its own
     learning rate, weight decay, dropout, clipping and init).
 
-    ``X`` ``(n, d) float32`` and ``y`` ``(n,) float32`` prices (on the training device);
+    ``X`` ``(n, d) float32`` and ``y`` ``(n,) float32`` prices (on the training device); or
+    ``X (F, n, d)``, one feature matrix per fold (each from a preprocessor fitted on that
+    fold's training rows), model ``m`` seeing ``X[features[m]]``;
     ``train_mask``/``valid_mask`` ``(M, n) bool``: the rows model ``m`` trains and is scored on;
     ``seeds[m]`` seeds its initial weights (CPU, the same on every device), batch order and
     dropout. Models that would draw the same random numbers alone share them (``Streams``).
@@ -421,11 +446,15 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     only when every candidate has diverged.
     """
     device = X.device
-    M0, (n, d) = len(seeds), X.shape
+    X = X if X.dim() == 3 else X.unsqueeze(0)
+    M0, (F, n, d) = len(seeds), X.shape
     specs0 = list(spec) if isinstance(spec, list | tuple) else [spec] * M0
     groups0 = groups or [0] * M0
+    features0 = features or [0] * M0
+    if max(features0) >= F:
+        raise ValueError(f"a model reads feature matrix {max(features0)} of {F}")
     draws0 = [s.draws_dropout for s in specs0]
-    lay = Streams.of(seeds, draws0, train_mask, valid_mask)
+    lay = Streams.of(seeds, draws0, train_mask, valid_mask, features0)
     S, C, pos = lay.S, lay.C, lay.pos.tolist()
     M = S * C
     # From here on every per-model list and tensor is in stacked (stream-major) order.
@@ -459,6 +488,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     opt = (StackedOptimizer([flat], spec, hyper) if flat is not None
            else StackedOptimizer(params, spec, hyper, shapes))
     stream_seeds = [seeds[s * C] for s in range(S)]
+    # A stream's rows are gathered from its own feature matrix: rows of X (F * n, d) offset.
+    stream_features = [features0[pos[s * C]] for s in range(S)]
+    X_rows = X.reshape(F * n, d)
+    offset = torch.tensor(stream_features, device=device).mul_(n).view(S, 1)
     gens = [torch.Generator(device=device).manual_seed(sd) for sd in stream_seeds]
     draws = [draws0[pos[s * C]] for s in range(S)]
     rates = None
@@ -490,8 +523,8 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
 
     def score() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            pred = log_price(_eval_stacked(X, weights, biases, spec.activation), target,
-                             y_mean, y_std)
+            pred = log_price(_eval_by_features(X, weights, biases, spec.activation,
+                                               stream_features), target, y_mean, y_std)
             err = (pred - logy) ** 2
             tr = ((err * train_mask).sum(1) / n_train).sqrt()
             va = ((err * valid_mask).sum(1) / n_valid).sqrt()
@@ -509,6 +542,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                        torch.arange(size, width, device=device)])  # padding stays last
             for g, size in zip(gens, sizes, strict=True)])
         idx = rows.gather(1, order)  # (S, width) each stream's rows in this epoch's order
+        idx_x = idx + offset if F > 1 else idx  # the same rows of the stream's own matrix
         # (S, width, C): a batch's targets are then one slice
         y_epoch = y_fit.gather(1, idx.repeat_interleave(C, 0)).view(S, C, width).transpose(
             1, 2).contiguous()
@@ -516,7 +550,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         all_alive = bool(alive.all())
         alive_dev = alive.to(device)
         for lo, hi, weight, active, counts in plans:
-            X_batch = X.index_select(0, idx[:, lo:hi].reshape(-1)).view(S, hi - lo, d)
+            X_batch = X_rows.index_select(0, idx_x[:, lo:hi].reshape(-1)).view(S, hi - lo, d)
             # Forward and backward; the sum of each model's own mean loss keeps their
             # gradients apart.
             grads = forward_backward(

@@ -23,21 +23,25 @@ from pydantic import ValidationError
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import PredictConfig
 from tasks.kinds import CandidateConfig, Member, candidate
-from tasks.preprocess import ID, DataError, Preprocessor
+from tasks.preprocess import ID, DataError, Preprocessor, TransformReport
 from tasks.select import CHECKPOINT_FORMAT
 from tasks.stage import build_stage, stage_task_options
 
 STAGE = "predict"
+# Format 3 has no per-fold preprocessors; 4 may (both read the same otherwise).
+READABLE_FORMATS = ("houseprice-checkpoint/3", CHECKPOINT_FORMAT)
 HEADER = "Id,SalePrice\n"
 
 
 class FittedModel:
     """A loaded checkpoint: the preprocessor and its components (a single candidate, or a
     weighted blend), each the average of its fold models in log space. Each component's kind
-    loads its own members."""
+    loads its own members. With per-fold preprocessing each fold model reads the rows through
+    its own fold's preprocessor (as it was trained and scored); the all-rows preprocessor
+    then only checks columns and reports drift."""
 
     def __init__(self, checkpoint: dict[str, Any], source: str = "the checkpoint"):
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        if checkpoint.get("format") not in READABLE_FORMATS:
             raise DataError(f"{source} is a {checkpoint.get('format') or 'pre-format'} "
                             f"checkpoint, this code reads {CHECKPOINT_FORMAT}; rerun select "
                             "to rebuild it ('houseprice run --from select')")
@@ -55,18 +59,46 @@ class FittedModel:
             folds = [[spec.load_member(m, checkpoint["n_features"], self.target)
                       for m in fold["members"]] for fold in comp["folds"]]
             self.components.append((comp["weight"], spec, folds))
+        self.fold_preprocessors = [Preprocessor.from_dict(d) for d in
+                                   checkpoint.get("fold_preprocessors") or []]
+        for p in self.fold_preprocessors:
+            p.layout_index(self.preprocessor.feature_names_)  # a fold's features fit the model's
+        if self.fold_preprocessors and any(len(folds) != len(self.fold_preprocessors)
+                                           for _, _, folds in self.components):
+            raise DataError(f"{source}: {len(self.fold_preprocessors)} fold preprocessors "
+                            "but components with another number of folds; rerun select")
 
     @classmethod
     def load(cls, path: str | Path) -> FittedModel:
         return cls(torch.load(path, map_location="cpu", weights_only=True), str(path))
 
-    def predict_log_price(self, X: np.ndarray) -> np.ndarray:
-        """``(n, n_features) float32 -> (n,) float64`` log price."""
-        total = np.zeros(len(X))
+    def features(self, df: pd.DataFrame) -> tuple[np.ndarray | list[np.ndarray],
+                                                   TransformReport]:
+        """What the fold models read of raw rows ``df``: the all-rows features ``(n, d)``,
+        or one ``(n, d)`` per fold through that fold's preprocessor; and the drift report."""
+        X, report = self.preprocessor.transform(df)
+        if not self.fold_preprocessors:
+            return X, report
+        names = self.preprocessor.feature_names_
+        return [p.transform_as(df, names) for p in self.fold_preprocessors], report
+
+    def predict_log_price(self, X: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """Features (``features``: ``(n, d)`` or one per fold) -> ``(n,) float64`` log
+        price."""
+        if self.fold_preprocessors and not isinstance(X, list):
+            raise ValueError("this model reads each fold's own features: use features(df)")
+        total = np.zeros(len(X[0]) if isinstance(X, list) else len(X))
         for weight, _, folds in self.components:
-            per_fold = [np.mean([m.log_price(X) for m in members], axis=0) for members in folds]
+            per_fold = [np.mean([m.log_price(X[k] if isinstance(X, list) else X)
+                                 for m in members], axis=0)
+                        for k, members in enumerate(folds)]
             total += weight * np.mean(per_fold, axis=0)
         return total
+
+    def predict_frame(self, df: pd.DataFrame) -> tuple[np.ndarray, TransformReport]:
+        """Raw rows -> ``(n,) float64`` log price, and the drift report."""
+        X, report = self.features(df)
+        return self.predict_log_price(X), report
 
 
 def iter_chunks(path: Path, chunk_size: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:
@@ -111,12 +143,12 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
                     extra = [c for c in chunk.columns if c not in pre.columns_ and c != ID]
                 if len(chunk) == 0:  # a header-only file: an output with just its header
                     continue
-                X, report = pre.transform(chunk)
+                log_price, report = model.predict_frame(chunk)
                 unseen.update(report.unseen)
                 out_of_range.update(report.out_of_range)
                 drifted += report.rows_drifted
                 imputed.update(report.missing)
-                price = np.exp(model.predict_log_price(X))
+                price = np.exp(log_price)
                 pd.DataFrame({ID: chunk[ID].to_numpy(), "SalePrice": price}).to_csv(
                     fh, header=False, index=False
                 )

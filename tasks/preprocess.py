@@ -198,6 +198,30 @@ class Preprocessor:
             names += [f"{col}_{c}" for c in cats] + [f"{col}_nan"]
         return names
 
+    def unfitted(self) -> Preprocessor:
+        """A new preprocessor with this one's switches, not fitted (for a fold's rows)."""
+        return Preprocessor(log1p_skewed=self.log1p_skewed, skew_threshold=self.skew_threshold,
+                            derived=self.derived, ordinal=self.ordinal,
+                            as_category=self.as_category)
+
+    def layout_index(self, names: list[str]) -> np.ndarray:
+        """Where each of this preprocessor's features sits among ``names`` (the all-rows
+        preprocessor's features: a fold's are a subset, as its rows hold a subset of the
+        categories)."""
+        at = {name: j for j, name in enumerate(names)}
+        missing = [f for f in self.feature_names_ if f not in at]
+        if missing:
+            raise DataError(f"features {missing[:5]} are not in the model's feature list")
+        return np.array([at[f] for f in self.feature_names_], dtype=np.int64)
+
+    def transform_as(self, df: pd.DataFrame, names: list[str]) -> np.ndarray:
+        """``transform``, laid out as the features ``names``: a category this preprocessor
+        never saw is a column of zeros, as an unseen category is."""
+        X, _ = self.transform(df)
+        out = np.zeros((len(X), len(names)), dtype=np.float32)
+        out[:, self.layout_index(names)] = X
+        return out
+
     def missing_columns(self, df: pd.DataFrame) -> list[str]:
         return [c for c in self.columns_ if c not in df.columns]
 
@@ -310,7 +334,7 @@ def fit_preprocessor(train: pd.DataFrame, test: pd.DataFrame | None = None,
     """Fit on ``train`` (and ``test`` too when given: the book's recipe). Without a config,
     the book's plain standardize/one-hot."""
     frames = [train] if test is None else [train, test]
-    opts = {} if config is None else config.model_dump(exclude={"fit_on"})
+    opts = {} if config is None else config.model_dump(exclude={"fit_on", "per_fold"})
     return Preprocessor(**opts).fit(frames)
 
 

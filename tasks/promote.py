@@ -57,8 +57,7 @@ def _champion_predictions(champion: ArtifactRef, raw: ArtifactRef, ids: np.ndarr
 
     model = FittedModel.load(champion.file("model.pt"))
     rows = read_csv(raw.file("train.csv")).set_index(ID).loc[ids].reset_index()
-    X, _ = model.preprocessor.transform(rows)
-    return model.predict_log_price(X)
+    return model.predict_frame(rows)[0]
 
 
 def compare(challenger: ArtifactRef, champion: ArtifactRef, raw: ArtifactRef,

@@ -32,11 +32,12 @@ from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, SelectConfig, TrainConfig
 from tasks.kinds.base import rmse
 from tasks.stage import build_stage, stage_task_options
+from tasks.tensorize import FOLD_PREPROCESSORS
 
 STAGE = "select"
 # /3: candidates are kinds (each component's model_config holds only its kind's fields, and
 # its members are loaded by the kind); /2 checkpoints held the old flat config.
-CHECKPOINT_FORMAT = "houseprice-checkpoint/3"
+CHECKPOINT_FORMAT = "houseprice-checkpoint/4"
 BLEND = "blend"
 
 
@@ -243,6 +244,10 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
         root=first.root, **tensorized.manifest()["upstream"]["preprocessor"]
     )
     preprocessor = json.loads(preprocessor_ref.file("preprocessor.json").read_text())
+    # With per-fold preprocessing, fold k's models read rows through fold k's preprocessor.
+    per_fold = tensorized.file(FOLD_PREPROCESSORS)
+    fold_preprocessors = (json.loads(per_fold.read_text())["preprocessors"]
+                          if per_fold.is_file() else None)
     lin = lineage(first)
     lin["train"] = sorted(r.version for r in trained)
     torch.save(
@@ -254,6 +259,7 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             # are averaged in log space, then components weighted, at predict time.
             "components": components,
             "preprocessor": preprocessor,
+            "fold_preprocessors": fold_preprocessors,
             "metrics": chosen,
             "lineage": lin,
         },

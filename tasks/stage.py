@@ -33,7 +33,7 @@ TASKS_DIR = Path(__file__).resolve().parent
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
     "preprocess": ("preprocess.py",),
-    "tensorize": ("tensorize.py", "preprocess.py"),
+    "tensorize": ("tensorize.py", "preprocess.py", "folds.py"),
     "train": ("train.py", "folds.py", "kinds/__init__.py"),
     "select": ("select.py", "kinds/__init__.py", *code_files()),
     "predict": ("predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),

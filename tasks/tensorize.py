@@ -3,6 +3,13 @@
 ``train.parquet`` holds ``Id`` (int64), ``SalePrice`` (float64) and one float32 column per
 feature; its schema metadata (key ``houseprice``) names the features and the preprocessor
 version, so the file describes itself.
+
+With per-fold preprocessing (``preprocess.per_fold``, the default) the artifact also holds,
+for the folds train will cut, one preprocessor fitted on each fold's training rows
+(``fold_preprocessors.json``) and every row through each of them (``fold_features.npy``,
+``(K, n_rows, n_features) float32``, laid out as ``train.parquet``'s features: a category a
+fold never saw is a zero column). Cross-validation then fits nothing on a fold's validation
+rows, and train stays a consumer of matrices.
 """
 
 from __future__ import annotations
@@ -18,12 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import ArtifactRef
+from tasks.artifacts import ArtifactRef, write_json
+from tasks.config import FoldSpec
+from tasks.folds import make_folds
 from tasks.preprocess import ID, TARGET, load_preprocessor, read_csv, validate_training_frame
 from tasks.stage import build_stage, stage_task_options
 
 STAGE = "tensorize"
 META_KEY = b"houseprice"
+FOLD_FEATURES = "fold_features.npy"
+FOLD_PREPROCESSORS = "fold_preprocessors.json"
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,11 @@ def read_matrix(path: Path) -> Matrix:
     )
 
 
-def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path) -> dict[str, Any]:
-    """Write ``train.parquet``: the preprocessed training rows as float32."""
+def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
+              folds: FoldSpec | None = None, fit_on: str = "train") -> dict[str, Any]:
+    """Write ``train.parquet``: the preprocessed training rows as float32; with ``folds``,
+    also each fold's own preprocessor and matrix (``fit_on="train+test"``: each fitted on
+    the fold's training rows and the test rows, as the book fits on both)."""
     train = read_csv(raw.file("train.csv"))
     validate_training_frame(train, "train.csv")
     pre = load_preprocessor(preprocessor.file("preprocessor.json"))
@@ -70,8 +84,35 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path) -> dic
         pre.feature_names_,
         {"preprocessor_version": preprocessor.version, "outlier_ids": outliers},
     )
-    return {"n_rows": int(X.shape[0]), "n_features": int(X.shape[1]),
-            "n_outliers": len(outliers)}
+    out = {"n_rows": int(X.shape[0]), "n_features": int(X.shape[1]),
+           "n_outliers": len(outliers), "fold_preprocessors": 0}
+    if folds is not None:
+        test = read_csv(raw.file("test.csv")) if fit_on == "train+test" else None
+        splits = make_folds(len(train), folds.n_splits, folds.seed, folds.fold_scheme)
+        stacked = np.empty((len(splits), *X.shape), dtype=np.float32)
+        fitted = []
+        for k, (rows, _) in enumerate(splits):
+            frames = [train.iloc[rows]] + ([] if test is None else [test])
+            fold_pre = pre.unfitted().fit(frames)
+            stacked[k] = fold_pre.transform_as(train, pre.feature_names_)
+            fitted.append(fold_pre.to_dict())
+        np.save(out_dir / FOLD_FEATURES, stacked)
+        write_json(out_dir / FOLD_PREPROCESSORS,
+                   {"folds": folds.model_dump(mode="json"), "preprocessors": fitted})
+        out["fold_preprocessors"] = len(fitted)
+    return out
+
+
+def read_fold_features(data: ArtifactRef, folds: FoldSpec) -> np.ndarray | None:
+    """``(K, n, d)`` each fold's rows through its own preprocessor, or None when the
+    artifact has none (``preprocess.per_fold = false``). The folds must be train's."""
+    if not data.file(FOLD_FEATURES).is_file():
+        return None
+    saved = json.loads(data.file(FOLD_PREPROCESSORS).read_text())["folds"]
+    if saved != folds.model_dump(mode="json"):
+        raise ValueError(f"tensorize {data.version} holds folds {saved}, train cuts "
+                         f"{folds.model_dump(mode='json')}; rerun from tensorize")
+    return np.load(data.file(FOLD_FEATURES))
 
 
 def outlier_ids(train: pd.DataFrame) -> list[int]:
@@ -86,7 +127,11 @@ def outlier_ids(train: pd.DataFrame) -> list[int]:
 
 @task(**stage_task_options(STAGE))
 def tensorize_task(raw: ArtifactRef, preprocessor: ArtifactRef, root: str,
+                   folds: FoldSpec | None = None, fit_on: str = "train",
                    force: bool = False) -> ArtifactRef:
-    """Write the float32 training matrix, target and Ids to Parquet."""
-    return build_stage(STAGE, root, {"raw": raw, "preprocessor": preprocessor},
-                       lambda out: tensorize(raw, preprocessor, out), force=force)
+    """Write the float32 training matrix, target and Ids to Parquet (and, given the folds,
+    each fold's own preprocessor and matrix)."""
+    inputs = {"raw": raw, "preprocessor": preprocessor, "folds": folds, "fit_on": fit_on}
+    return build_stage(STAGE, root, inputs,
+                       lambda out: tensorize(raw, preprocessor, out, folds, fit_on),
+                       force=force)

@@ -41,7 +41,7 @@ from tasks.stage import (
     stage_version,
     submit_stage,
 )
-from tasks.tensorize import read_matrix
+from tasks.tensorize import read_fold_features, read_matrix
 
 STAGE = "train"
 
@@ -49,13 +49,15 @@ STAGE = "train"
 def cross_validate(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
                    excluded: np.ndarray | None = None,
                    on_progress: Callable[[float], None] = lambda f: None) -> CVResult:
-    """K-fold cross-validate ``spec`` on ``X (n, d) float32``, ``y (n,) prices``.
+    """K-fold cross-validate ``spec`` on ``X (n, d) float32`` (or ``(K, n, d)``: fold
+    ``k``'s rows through its own preprocessor), ``y (n,) prices``.
 
     ``excluded`` ``(n,) bool`` rows are left out of fitting but still validated and predicted
     out of fold. ``on_progress`` gets the finished fraction (per epoch or per fold).
     """
-    excluded = np.zeros(len(X), bool) if excluded is None else excluded
-    folds = make_folds(len(X), config.n_splits, config.seed, config.fold_scheme)
+    n = X.shape[-2]  # X (n, d), or (K, n, d) with a preprocessor per fold
+    excluded = np.zeros(n, bool) if excluded is None else excluded
+    folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme)
     return spec.cross_validate(X, y, config, folds, fit_rows(folds, excluded), on_progress)
 
 
@@ -153,18 +155,21 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     """Cross-validate ``candidate`` on the tensorized training rows; write the train artifact:
     ``models.pt`` (fold models), ``metrics.json`` (scores, curves), ``oof.parquet``,
     ``folds.json`` and, for torch candidates, ``learning_curves.png``."""
-    m, outliers, excluded = _rows(data, config)
-    cv = _fit(lambda: cross_validate(m.X, m.y, candidate, config, excluded, progress),
+    m, X, outliers, excluded = _rows(data, config)
+    cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
               candidate.name, log)
     return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log)
 
 
 def _rows(data: ArtifactRef, config: TrainConfig):
-    """The tensorized rows, which are outliers, and which are left out of fitting."""
+    """The tensorized rows; the features the folds see (``(K, n, d)``, each fold's own
+    preprocessing, or the all-rows ``(n, d)``); which rows are outliers, and which are left
+    out of fitting."""
     m = read_matrix(data.file("train.parquet"))
+    per_fold = read_fold_features(data, config.folds)
     outliers = np.isin(m.ids, m.meta.get("outlier_ids", []))
     excluded = outliers if config.exclude_outliers else np.zeros(len(m.ids), bool)
-    return m, outliers, excluded
+    return m, (m.X if per_fold is None else per_fold), outliers, excluded
 
 
 def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: CandidateConfig,
@@ -251,10 +256,10 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
     refs = [member_ref(root, data, c, config) for c in candidates]
     todo = [c for c, r in zip(candidates, refs, strict=True) if force or not is_complete(r)]
     if todo:
-        m, outliers, excluded = _rows(data, config)
+        m, X, outliers, excluded = _rows(data, config)
         folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme)
         fitted = fit_rows(folds, excluded)
-        cvs = _fit(lambda: cross_validate_group(todo, m.X, m.y, config, folds, fitted,
+        cvs = _fit(lambda: cross_validate_group(todo, X, m.y, config, folds, fitted,
                                                 progress), ", ".join(c.name for c in todo), log)
         for c, cv in zip(todo, cvs, strict=True):
             build_stage(STAGE, root, {"data": data, "candidate": c, "config": config},

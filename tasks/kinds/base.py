@@ -71,7 +71,8 @@ class CandidateConfig(Frozen):
     def cross_validate(self, X: np.ndarray, y: np.ndarray, train: TrainConfig, folds: Folds,
                        fitted: list[np.ndarray],
                        on_progress: Callable[[float], None]) -> CVResult:
-        """K-fold cross-validate on ``X (n, d) float32`` and prices ``y (n,)``."""
+        """K-fold cross-validate on ``X (n, d) float32`` (or ``(K, n, d)``: fold ``k``'s rows
+        through the preprocessor fitted on its own training rows) and prices ``y (n,)``."""
         raise NotImplementedError
 
     def load_member(self, member: dict[str, Any], n_features: int, target: str) -> Member:
@@ -128,15 +129,16 @@ class SklearnCandidate(CandidateConfig):
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
         logy = np.log(y)
         target = logy if train.target == "log" else y
-        oof = np.full(len(X), np.nan)
+        oof = np.full(len(y), np.nan)
         members, train_rmse, valid_rmse = [], [], []
         for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
             with _SKLEARN_IMPORT:
                 _import_sklearn()
                 est = self.make_estimator(seed=train.seed * 1000 + k)
-            est.fit(X[tr], target[tr])
-            p_tr = sklearn_log_price(est, X[tr], train.target)
-            p_va = sklearn_log_price(est, X[va], train.target)
+            Xk = X[k] if X.ndim == 3 else X  # fold k's own preprocessing, when there is one
+            est.fit(Xk[tr], target[tr])
+            p_tr = sklearn_log_price(est, Xk[tr], train.target)
+            p_va = sklearn_log_price(est, Xk[va], train.target)
             oof[va] = p_va
             members.append([{"sklearn": pickle.dumps(est)}])
             train_rmse.append(rmse(p_tr, logy[tr]))

@@ -68,7 +68,8 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
     from tasks.models import resolve_device
 
     device = resolve_device(train.device)
-    K, n = len(folds), len(X)
+    # X (n, d), or (K, n, d): fold k's rows through the preprocessor fitted on its own rows.
+    K, n = len(folds), X.shape[-2]
     models, seeds, groups = [], [], []  # per stacked model: its spec, seed, candidate
     for c, spec in enumerate(specs):
         for k in range(K):
@@ -86,7 +87,7 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         torch.tensor(y, dtype=torch.float32, device=device),
         train_mask.to(device), valid_mask.to(device), [specs[c] for c, _, _ in models],
         train.target, seeds, on_epoch=lambda e: on_progress((e + 1) / specs[0].epochs),
-        groups=groups,
+        groups=groups, features=[k for _, k, _ in models] if X.ndim == 3 else None,
     )
     logy = np.log(y)
     out, first = [], 0

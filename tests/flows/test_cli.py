@@ -306,3 +306,29 @@ def test_temporary_server_skips_block_registration_only_once_done(tmp_path, monk
     assert _skip_block_registration()["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] == "false"
     monkeypatch.setenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "true")  # the user's choice
     assert _skip_block_registration() == {}
+
+
+def test_a_killed_run_leaves_no_temporary_server(tmp_path):
+    import signal
+    import time
+
+    script = ("import os, time\nfrom flows.cli import _start_ephemeral_api\n"
+              "_start_ephemeral_api()()\nprint(os.getpid(), flush=True)\ntime.sleep(120)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert int(proc.stdout.readline()) == proc.pid  # its server answers
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert children, "the temporary server is not a child of the run"
+        proc.send_signal(signal.SIGKILL)  # no atexit, no cleanup of its own
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(f"/proc/{c}") and "Z" not in open(f"/proc/{c}/stat").read()
+                  .split(")")[-1].split()[0] for c in children):
+            assert time.monotonic() < deadline, "the server outlived its killed run"
+            time.sleep(0.1)
+    finally:
+        proc.kill()

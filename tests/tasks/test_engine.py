@@ -141,3 +141,32 @@ def test_models_that_draw_the_same_numbers_share_a_stream():
     assert (lay.S, lay.C) == (4, 2)
     assert lay.pos.tolist() == [0, 1, 2, 2, 3, 3, 4, 4]
     assert lay.first.tolist() == [0, 1, 2, 4, 6]
+
+
+@pytest.mark.parametrize("hidden", [(), (8,)])
+def test_models_on_their_own_fold_features_equal_each_trained_alone(hidden):
+    """Per-fold preprocessing: model m reads X[features[m]] of X (F, n, d); stacked, each
+    (and its curves and predictions) equals it trained alone on that matrix."""
+    X, y = _data()
+    g = torch.Generator().manual_seed(5)
+    Xf = torch.stack([X, X * 1.5 + 0.2, X + 0.3 * torch.randn(X.shape, generator=g)])
+    kind = {"kind": "mlp", "hidden": hidden, "dropout": 0.2} if hidden else {"kind": "linear"}
+    specs = [candidate(name=f"c{i}", lr=lr, weight_decay=1e-3, epochs=3, batch_size=16, **kind)
+             for i, lr in enumerate((0.01, 0.003))]
+    train, valid = _masks(len(X), [(0, 40), (40, 80), (80, 120)])
+    models = [(c, k) for c in range(2) for k in range(3)]
+    seeds = [100 + k for _, k in models]
+    stacked = train_stacked(Xf, y, train[[k for _, k in models]], valid[[k for _, k in models]],
+                            [specs[c] for c, _ in models], "log", seeds,
+                            groups=[c for c, _ in models], features=[k for _, k in models])
+    for m, (c, k) in enumerate(models):
+        alone = train_stacked(Xf[k], y, train[k:k + 1], valid[k:k + 1], specs[c], "log",
+                              [seeds[m]])
+        for key, value in alone.state_dicts[0].items():
+            torch.testing.assert_close(stacked.state_dicts[m][key], value, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stacked.curves["valid_log_rmse"][m],
+                                   alone.curves["valid_log_rmse"][0], rtol=1e-4)
+        torch.testing.assert_close(stacked.pred_log_price[m], alone.pred_log_price[0],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="feature matrix 3 of 3"):
+        train_stacked(Xf, y, train[:1], valid[:1], specs[0], "log", [1], features=[3])

@@ -109,3 +109,45 @@ def test_empty_parquet_input_gives_header_only_output(model, real_data, tmp_path
     raw.to_parquet(tmp_path / "in.parquet")
     stats = predict_file(model, tmp_path / "in.parquet", tmp_path / "out.csv")
     assert stats["rows"] == 0 and (tmp_path / "out.csv").read_text() == "Id,SalePrice\n"
+
+
+def test_each_fold_model_reads_rows_through_its_own_folds_preprocessor(model, trained,
+                                                                     real_data):
+    """Per-fold preprocessing end to end: tensorize fitted fold k's preprocessor on fold k's
+    training rows only, and the checkpoint pairs fold k's models with it, so predicting a
+    fold's validation rows from the checkpoint gives the train stage's out-of-fold
+    predictions."""
+    import json
+
+    import numpy as np
+
+    from tasks.artifacts import ArtifactRef
+    from tasks.folds import make_folds
+    from tasks.preprocess import ID
+
+    cfg, _ = trained
+    upstream = resolve(cfg.artifacts_dir, "select").manifest()["upstream"]["trained"]
+    refs = [ArtifactRef(root=cfg.artifacts_dir, **u) for u in upstream]
+    data = ArtifactRef(root=cfg.artifacts_dir, **refs[0].manifest()["upstream"]["data"])
+    saved = json.loads(data.file("fold_preprocessors.json").read_text())
+    assert saved["folds"] == cfg.train.folds.model_dump(mode="json")
+    assert len(model.fold_preprocessors) == cfg.train.n_splits
+    train = pd.read_csv(real_data / "kaggle_house_pred_train.csv")
+    folds = make_folds(len(train), cfg.train.n_splits, cfg.train.seed, cfg.train.fold_scheme)
+    for (rows, _), pre in zip(folds, model.fold_preprocessors, strict=True):
+        alone = model.preprocessor.unfitted().fit([train.iloc[rows]])
+        # its rows' statistics, log1p choices and categories, nothing else
+        assert pre.numeric_ == alone.numeric_ and pre.categories_ == alone.categories_
+        assert sorted(pre.log1p_) == sorted(alone.log1p_)
+        assert pre.numeric_ != model.preprocessor.numeric_
+    assert np.load(data.file("fold_features.npy")).shape == (
+        cfg.train.n_splits, len(train), len(model.preprocessor.feature_names_))
+    by_name = {json.loads(r.file("metrics.json").read_text())["candidate"]: r for r in refs}
+    for _, spec, members in model.components:
+        ref = by_name[spec.name]
+        oof = pd.read_parquet(ref.file("oof.parquet")).set_index(ID)
+        for k, ((_, valid), fold_members) in enumerate(zip(folds, members, strict=True)):
+            rows = train.iloc[valid]
+            X = model.fold_preprocessors[k].transform_as(rows, model.preprocessor.feature_names_)
+            pred = np.mean([m.log_price(X) for m in fold_members], axis=0)
+            np.testing.assert_allclose(pred, oof.loc[rows[ID], "pred_log_price"], rtol=1e-5)
