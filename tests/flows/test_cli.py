@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -325,9 +326,15 @@ def test_a_killed_run_leaves_no_temporary_server(tmp_path):
         assert children, "the temporary server is not a child of the run"
         proc.send_signal(signal.SIGKILL)  # no atexit, no cleanup of its own
         proc.wait()
+        def alive(pid: str) -> bool:  # running, not a zombie waiting to be reaped
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return False
+            return stat.split(")")[-1].split()[0] != "Z"
+
         deadline = time.monotonic() + 15
-        while any(os.path.exists(f"/proc/{c}") and "Z" not in open(f"/proc/{c}/stat").read()
-                  .split(")")[-1].split()[0] for c in children):
+        while any(alive(c) for c in children):
             assert time.monotonic() < deadline, "the server outlived its killed run"
             time.sleep(0.1)
     finally:
