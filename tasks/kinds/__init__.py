@@ -13,8 +13,14 @@ from pydantic import BeforeValidator, Field, TypeAdapter
 from pydantic_core import PydanticCustomError
 
 from tasks.kinds.base import CandidateConfig, Member
-from tasks.kinds.hgb import HGBConfig
-from tasks.kinds.linear_models import LassoConfig, RidgeConfig
+from tasks.kinds.hgb import GBRConfig, HGBConfig
+from tasks.kinds.linear_models import (
+    ElasticNetConfig,
+    KernelRidgeConfig,
+    LassoConfig,
+    RidgeConfig,
+    SVRConfig,
+)
 from tasks.kinds.torch_net import LinearConfig, MLPConfig
 
 KINDS: dict[str, type[CandidateConfig]] = {
@@ -22,7 +28,11 @@ KINDS: dict[str, type[CandidateConfig]] = {
     "mlp": MLPConfig,
     "ridge": RidgeConfig,
     "lasso": LassoConfig,
+    "enet": ElasticNetConfig,
+    "svr": SVRConfig,
+    "krr": KernelRidgeConfig,
     "hgb": HGBConfig,
+    "gbr": GBRConfig,
 }
 
 

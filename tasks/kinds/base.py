@@ -112,7 +112,9 @@ def _import_sklearn() -> None:
     """Import, once and under the lock, every scikit-learn module the kinds use, so no
     thread imports one while another is half-way through importing another."""
     import sklearn.ensemble  # noqa: F401
+    import sklearn.kernel_ridge  # noqa: F401
     import sklearn.linear_model  # noqa: F401
+    import sklearn.svm  # noqa: F401
 
 
 class SklearnCandidate(CandidateConfig):

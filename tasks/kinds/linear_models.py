@@ -37,3 +37,60 @@ class LassoConfig(SklearnCandidate):
         from sklearn.linear_model import Lasso
 
         return Lasso(alpha=self.alpha, max_iter=self.max_iter, random_state=seed)
+
+
+class ElasticNetConfig(SklearnCandidate):
+    """Elastic net (``sklearn.linear_model.ElasticNet``): lasso's L1 mixed with ridge's L2,
+    which keeps groups of correlated columns (the many area and one-hot columns) together
+    where lasso picks one."""
+
+    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
+
+    kind: Literal["enet"] = "enet"
+    alpha: Annotated[float, Field(gt=0, description="penalty strength")] = 1e-3
+    l1_ratio: Annotated[float, Field(ge=0, le=1, description="share of L1 in the penalty")] = 0.5
+    max_iter: Annotated[int, Field(gt=0, le=100_000,
+                                   description="coordinate descent iterations")] = 5000
+
+    def make_estimator(self, seed: int) -> Any:
+        from sklearn.linear_model import ElasticNet
+
+        return ElasticNet(alpha=self.alpha, l1_ratio=self.l1_ratio, max_iter=self.max_iter,
+                          random_state=seed)
+
+
+class SVRConfig(SklearnCandidate):
+    """Support vector regression with an RBF kernel (``sklearn.svm.SVR``): a smooth
+    nonlinear model whose epsilon-insensitive loss grows only linearly, so a few extreme
+    sales pull it less than squared error does."""
+
+    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
+
+    kind: Literal["svr"] = "svr"
+    C: Annotated[float, Field(gt=0, description="inverse regularization strength")] = 20.0
+    epsilon: Annotated[float, Field(ge=0, description="no loss within this of the target "
+                                    "(in log price)")] = 0.008
+    gamma: Annotated[float, Field(gt=0, description="RBF kernel width, 1/(2 sigma^2)")] = 3e-4
+
+    def make_estimator(self, seed: int) -> Any:
+        from sklearn.svm import SVR
+
+        return SVR(C=self.C, epsilon=self.epsilon, gamma=self.gamma)
+
+
+class KernelRidgeConfig(SklearnCandidate):
+    """Kernel ridge regression (``sklearn.kernel_ridge.KernelRidge``) with a polynomial
+    kernel: ridge on every pairwise product of the features, without building them."""
+
+    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
+
+    kind: Literal["krr"] = "krr"
+    alpha: Annotated[float, Field(gt=0, description="L2 penalty strength")] = 0.6
+    degree: Annotated[int, Field(ge=1, le=5, description="polynomial degree")] = 2
+    coef0: Annotated[float, Field(ge=0, description="polynomial kernel offset")] = 2.5
+
+    def make_estimator(self, seed: int) -> Any:
+        from sklearn.kernel_ridge import KernelRidge
+
+        return KernelRidge(alpha=self.alpha, kernel="polynomial", degree=self.degree,
+                           coef0=self.coef0)

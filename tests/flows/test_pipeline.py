@@ -90,10 +90,22 @@ def test_identical_rerun_executes_no_stage(first_run):
 
 def test_changed_training_parameter_reruns_only_train_select_predict(first_run):
     cfg, _, _ = first_run
-    _, states = run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}))
+    update = {"exclude_outliers": not cfg.train.exclude_outliers}
+    _, states = run(cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}))
     for stage in ["download", "preprocess", "tensorize"]:
         assert set(states[stage]) == {"Cached"}, (stage, states)
     for stage in ["train", "select", "predict"]:
+        assert set(states[stage]) == {"Completed"}, (stage, states)
+
+
+def test_changed_folds_refit_the_fold_preprocessors_too(first_run):
+    """The fold seed cuts other folds: each fold's preprocessor (tensorize) is refitted,
+    the all-rows one (preprocess) is not."""
+    cfg, _, _ = first_run
+    assert cfg.preprocess.per_fold
+    _, states = run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}))
+    assert set(states["download"]) == set(states["preprocess"]) == {"Cached"}, states
+    for stage in ["tensorize", "train", "select", "predict"]:
         assert set(states[stage]) == {"Completed"}, (stage, states)
 
 

@@ -19,7 +19,11 @@ MINIMAL = {
     "mlp": ({"hidden": [4], "epochs": 3}, "alpha"),
     "ridge": ({"alpha": 1.0}, "optimizer"),
     "lasso": ({"alpha": 1e-3}, "dropout"),
-    "hgb": ({"max_iter": 5}, "alpha"),
+    "hgb": ({"max_iter": 5, "loss": "absolute_error"}, "alpha"),
+    "enet": ({"alpha": 1e-3, "l1_ratio": 0.3}, "hidden"),
+    "svr": ({"C": 5.0, "gamma": 0.01}, "alpha"),
+    "krr": ({"alpha": 0.5, "degree": 2}, "dropout"),
+    "gbr": ({"n_estimators": 10, "loss": "huber"}, "alpha"),
 }
 
 
@@ -41,7 +45,7 @@ def test_a_foreign_field_is_rejected_naming_candidate_field_and_kind(kind):
 def test_a_candidate_holds_only_its_own_fields(kind):
     spec = candidate(name="c", kind=kind, **MINIMAL[kind][0])
     assert set(spec.version_params()) == set(KINDS[kind].model_fields)
-    if kind in ("ridge", "lasso", "hgb"):
+    if kind not in ("linear", "mlp"):
         assert not {"optimizer", "lr", "epochs", "activation"} & set(spec.version_params())
 
 
@@ -104,10 +108,12 @@ def test_a_search_grid_is_checked_against_its_base_kind():
     assert all(type(c) is KINDS["hgb"] for c in space.candidates())
 
 
+@pytest.mark.parametrize("per_fold", [False, True])
 @pytest.mark.parametrize("kind", sorted(MINIMAL))
-def test_every_kind_round_trips_through_train_checkpoint_and_predict(kind, tmp_path):
+def test_every_kind_round_trips_through_train_checkpoint_and_predict(kind, per_fold, tmp_path):
     """cross_validate -> the saved members (through torch.save's safe loader) -> load_member
-    -> the same out-of-fold predictions."""
+    -> the same out-of-fold predictions; with a feature matrix per fold too (each fold's
+    model fitted on, and predicting, its own)."""
     import torch
 
     from tasks.train import cross_validate
@@ -116,14 +122,19 @@ def test_every_kind_round_trips_through_train_checkpoint_and_predict(kind, tmp_p
     X = rng.normal(size=(120, 5)).astype(np.float32)
     y = np.exp(11 + X @ rng.normal(scale=0.2, size=5) + rng.normal(scale=0.05, size=120))
     spec = candidate(name="c", kind=kind, **MINIMAL[kind][0])
-    cv = cross_validate(X, y, spec, TrainConfig(n_splits=3, seed=2))
+    Xs = np.stack([X, X * 1.3 + 0.1, X[:, ::-1].copy()]) if per_fold else None
+    cv = cross_validate(X if Xs is None else Xs, y, spec, TrainConfig(n_splits=3, seed=2))
     torch.save({"folds": cv.members}, tmp_path / "m.pt")
     saved = torch.load(tmp_path / "m.pt", weights_only=True)["folds"]
     back = candidate(**json.loads(json.dumps(spec.model_dump(mode="json"))))
     for k, (_, va) in enumerate(cv.folds):
         members = [back.load_member(m, X.shape[1], "log") for m in saved[k]]
-        pred = np.mean([m.log_price(X[va]) for m in members], axis=0)
+        Xk = X if Xs is None else Xs[k]
+        pred = np.mean([m.log_price(Xk[va]) for m in members], axis=0)
         np.testing.assert_allclose(pred, cv.oof_log_price[va], rtol=1e-5, atol=1e-5)
+        if Xs is not None and k > 0:  # it really is fold k's own matrix that it fitted
+            other = np.mean([m.log_price(X[va]) for m in members], axis=0)
+            assert not np.allclose(other, cv.oof_log_price[va], rtol=1e-4, atol=1e-4)
 
 
 def test_scikit_learn_kinds_train_in_parallel_threads_in_a_fresh_process():
