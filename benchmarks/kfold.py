@@ -125,7 +125,7 @@ def main() -> None:
                            lr=LR, weight_decay=WD, batch_size=BATCH, epochs=EPOCHS)
     eng_times, eng_scores = [], []
     for r in range(args.repeat):
-        cfg = TrainConfig(n_splits=K, seed=r, fold_scheme="contiguous", target="raw",
+        cfg = TrainConfig(repeats=1, n_splits=K, seed=r, fold_scheme="contiguous", target="raw",
                           device=args.device, exclude_outliers=False)
         _sync(device)
         t0 = time.perf_counter()

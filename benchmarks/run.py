@@ -69,7 +69,7 @@ def main() -> None:
     summary = out.strip().splitlines()[-1]
     scores = {
         "oof_log_rmse_clean": float(re.search(r"([0-9.]+) without the \d* ?outliers", summary)[1]),
-        "oof_log_rmse_all": float(re.search(r"([0-9.]+) on all rows", summary)[1]),
+        "oof_log_rmse_all": float(re.search(r"out-of-fold log RMSE ([0-9.]+)", summary)[1]),
     }
     print(summary)
     print(json.dumps({

@@ -73,7 +73,7 @@ def main() -> None:
                        epochs=args.epochs, lr=float(rng.choice([1.0, 2.0, 5.0, 10.0])),
                        weight_decay=float(rng.choice([0.0, 1e-4, 1e-3, 1e-2])))
              for i in range(args.candidates)]
-    config = TrainConfig(n_splits=5, seed=0, fold_scheme="contiguous", target="raw",
+    config = TrainConfig(repeats=1, n_splits=5, seed=0, fold_scheme="contiguous", target="raw",
                          device=args.device, exclude_outliers=False)
     folds = make_folds(len(X), 5, 0, "contiguous")
     fitted = fit_rows(folds, np.zeros(len(X), bool))

@@ -45,6 +45,8 @@ def _config_flags() -> argparse.ArgumentParser:
                    help="artifact root (env HOUSEPRICE_ARTIFACTS; default artifacts/)")
     p.add_argument("--submission", metavar="FILE", help="also copy the Kaggle CSV here")
     p.add_argument("--folds", type=int, metavar="K", help="number of CV folds (default 5)")
+    p.add_argument("--repeats", type=int, metavar="R",
+                   help="cut the K folds R times with different seeds (default 3)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs for every torch candidate")
     p.add_argument("--seed", type=int, help="seed for folds, init, dropout and batches")
     p.add_argument("--fit-on", choices=["train", "train+test"],
@@ -175,6 +177,7 @@ def build_config(args: argparse.Namespace):
     put(None, "artifacts_dir", args.artifacts)
     put(None, "submission", args.submission)
     put("train", "n_splits", args.folds)
+    put("train", "repeats", args.repeats)
     put("train", "seed", args.seed)
     put("train", "fold_scheme", args.fold_scheme)
     put("train", "target", args.target)
@@ -494,6 +497,12 @@ def _rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cv_name(train) -> str:
+    """``5-fold``, or ``3 x 5-fold`` with repeats."""
+    return (f"{train.repeats} x {train.n_splits}-fold" if train.repeats > 1
+            else f"{train.n_splits}-fold")
+
+
 def _summary(config, result: dict[str, Any]) -> None:
     parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
     promotion = result["promotion"]
@@ -507,9 +516,11 @@ def _summary(config, result: dict[str, Any]) -> None:
     print(
         f"houseprice: selected {result['selected']}"
         + (f" [{parts}]" if result["selected"] == "blend" else "")
-        + f" ({config.train.n_splits}-fold mean valid log RMSE "
-        f"{result['mean_valid_log_rmse']:.4f}; out-of-fold log RMSE "
-        f"{result['oof_log_rmse_all']:.4f} on all rows, "
+        + f" ({_cv_name(config.train)} out-of-fold log RMSE "
+        f"{result['oof_log_rmse_all']:.4f}"
+        + (f" ± {spread:.4f} over repeats" if (spread := result.get("oof_log_rmse_all_spread"))
+           is not None else "")
+        + " on all rows, "
         f"{result['oof_log_rmse_clean']:.4f} without the 2 outliers; "
         f"model {result['model_version']}, "
         f"data {result.get('data_version')}); {verdict}; predictions: {result['submission']}"

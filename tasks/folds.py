@@ -6,14 +6,22 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_folds(n_rows: int, n_splits: int, seed: int, scheme: str
+def make_folds(n_rows: int, n_splits: int, seed: int, scheme: str, repeats: int = 1
                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n_splits`` (train_idx, valid_idx) pairs of int64 row indices.
+    """``repeats * n_splits`` (train_idx, valid_idx) pairs of int64 row indices: repeat
+    ``r``'s folds are ``[r * n_splits, (r + 1) * n_splits)``, cut with seed ``seed + r``, so
+    each repeat predicts every row once.
 
     'shuffled': a seeded permutation cut into near-equal folds that cover every row.
     'contiguous': the book's ``get_k_fold_data`` (fold size ``n // k``, unshuffled; the last
     ``n % k`` rows are in no fold, exactly as there).
     """
+    if repeats > 1:
+        if scheme != "shuffled":
+            raise ValueError("repeated folds need fold_scheme 'shuffled' (contiguous folds "
+                             "are the same every repeat)")
+        return [f for r in range(repeats)
+                for f in make_folds(n_rows, n_splits, seed + r, scheme)]
     if n_splits < 2 or n_splits > n_rows:
         raise ValueError(f"cannot make {n_splits} folds from {n_rows} rows")
     if scheme == "shuffled":

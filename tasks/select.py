@@ -59,14 +59,17 @@ def fit_blend(P: np.ndarray, logy: np.ndarray) -> np.ndarray:
     return weights
 
 
-def cross_fitted_blend(P: np.ndarray, logy: np.ndarray, fold: np.ndarray, use: np.ndarray
-                       ) -> np.ndarray:
+def cross_fitted_blend(P: np.ndarray, logy: np.ndarray, fold: np.ndarray, use: np.ndarray,
+                       repeat: np.ndarray | None = None) -> np.ndarray:
     """Blend predictions ``(n,)`` for every row, with weights fitted on the ``use`` rows of
-    the other folds only (``fold`` ``(n,)`` int: each row's validation fold)."""
+    the other folds of the same repeat only (``fold`` ``(n,)`` int: each row's validation
+    fold; ``repeat``: its repeat, the other repeats predict the same houses again)."""
+    repeat = np.zeros(len(logy), int) if repeat is None else repeat
     out = np.full(len(logy), np.nan)
     for k in np.unique(fold):
         held = fold == k
-        w = fit_blend(P[use & ~held], logy[use & ~held])
+        others = use & ~held & (repeat == repeat[held][0])
+        w = fit_blend(P[others], logy[others])
         out[held] = P[held] @ w
     return out
 
@@ -76,16 +79,22 @@ def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]
     (all rows, then without the outliers), mean and spread over folds, each fold's valid log
     RMSE, blend weight, status; the chosen model (a candidate or the blend) marked."""
     rows = []
+    spread = any(m.get("oof_log_rmse_all_spread") is not None for m in board)
     for m in board:
         row: dict[str, Any] = {"candidate": m["candidate"],
                                "selected": "yes" if m["candidate"] == chosen else ""}
         for key, col in (("oof_log_rmse_all", "oof all rows"),
+                         *([("oof_log_rmse_all_spread", "± over repeats")] if spread else []),
                          ("oof_log_rmse_clean", "oof w/o outliers"),
                          ("mean_valid_log_rmse", "mean"), ("std_valid_log_rmse", "std")):
             row[col] = None if m.get(key) is None else round(m[key], 5)
-        for f in m.get("folds", []):
+        folds = m.get("folds", [])
+        per_repeat = sum(f.get("repeat", 0) == 0 for f in folds)
+        for f in folds:
             v = f["valid_log_rmse"]
-            row[f"fold {f['fold'] + 1}"] = None if v is None else round(v, 5)
+            name = (f"r{f['repeat'] + 1} fold {f['fold'] % per_repeat + 1}"
+                    if f.get("repeat", 0) or per_repeat < len(folds) else f"fold {f['fold'] + 1}")
+            row[name] = None if v is None else round(v, 5)
         row["blend weight"] = round(m["blend_weight"], 4) if "blend_weight" in m else None
         row["status"] = m.get("status", "ok") if m.get("reason") is None else (
             f"{m['status']}: {m['reason']}")
@@ -120,7 +129,11 @@ def _fmt(v: float | None) -> str:
 def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
                board: list[dict[str, Any]], config: dict[str, Any], lin: dict[str, Any]) -> str:
     """The markdown model card: what was chosen, its scores, every candidate, the lineage."""
-    k = config["n_splits"]
+    repeats = config.get("repeats", 1)
+    k = config["n_splits"] * repeats
+    cv = (f"{repeats} x {config['n_splits']}-fold" if repeats > 1
+          else f"{config['n_splits']}-fold")
+    spread = chosen.get("oof_log_rmse_all_spread")
     if chosen["candidate"] == BLEND:
         title = "blend of " + ", ".join(f"{c['candidate']} ({c['weight']:.3f})"
                                         for c in components)
@@ -132,8 +145,10 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
     lines = [
         f"# Selected model: {title}",
         "",
-        f"**{k}-fold out-of-fold log RMSE: {_fmt(chosen['oof_log_rmse_all'])} on all "
-        f"{chosen['n_rows_all']} rows**, {_fmt(chosen['oof_log_rmse_clean'])} on the "
+        f"**{cv} out-of-fold log RMSE: {_fmt(chosen['oof_log_rmse_all'])} on all "
+        f"{chosen['n_rows_all']} rows**"
+        + (f" (± {_fmt(spread)} over repeats)" if spread is not None else "")
+        + f", {_fmt(chosen['oof_log_rmse_clean'])} on the "
         f"{chosen['n_rows_clean']} rows without the outliers "
         f"(chosen on: {config['select.on']}). Per fold: mean valid log RMSE "
         f"{_fmt(chosen['mean_valid_log_rmse'])} ± {_fmt(chosen['std_valid_log_rmse'])}.",
@@ -152,11 +167,13 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
         "",
         "## Candidates (best first)",
         "",
-        "| candidate | mean ± std valid log RMSE | OOF all rows | OOF w/o outliers "
-        "| blend weight | status |",
+        "| candidate | mean ± std valid log RMSE | OOF all rows (± over repeats) "
+        "| OOF w/o outliers | blend weight | status |",
         "|---|---|---|---|---|---|",
         *[f"| {m['candidate']} | {_fmt(m['mean_valid_log_rmse'])} ± "
-          f"{_fmt(m['std_valid_log_rmse'])} | {_fmt(m['oof_log_rmse_all'])} | "
+          f"{_fmt(m['std_valid_log_rmse'])} | {_fmt(m['oof_log_rmse_all'])}"
+          + (f" ± {_fmt(m['oof_log_rmse_all_spread'])}"
+             if m.get("oof_log_rmse_all_spread") is not None else "") + " | "
           f"{_fmt(m['oof_log_rmse_clean'])} | {_fmt(m.get('blend_weight'))} | "
           f"{m['status']}{': ' + m['reason'] if m.get('reason') else ''} |" for m in board],
         "",
@@ -176,19 +193,30 @@ def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on:
     """The blend as a leaderboard entry: cross-fitted OOF scores, per-fold scores, and the
     final weights (fitted on all selection rows)."""
     logy, fold = oof["log_price"].to_numpy(), oof["fold"].to_numpy()
+    repeat = oof["repeat"].to_numpy() if "repeat" in oof else np.zeros(len(oof), int)
     clean = ~oof["outlier"].to_numpy(bool)
     use = clean if select_on == "clean" else np.ones(len(oof), bool)
-    pred = cross_fitted_blend(P, logy, fold, use)
+    pred = cross_fitted_blend(P, logy, fold, use, repeat)
     per_fold = [rmse(pred[fold == k], logy[fold == k]) for k in np.unique(fold)]
     weights = fit_blend(P[use], logy[use])
+    reps = np.unique(repeat)
+    per_repeat = {name: [rmse(pred[(repeat == r) & rows], logy[(repeat == r) & rows])
+                         for r in reps]
+                  for name, rows in (("all", np.ones(len(oof), bool)), ("clean", clean))}
     return {
         "candidate": BLEND, "kind": BLEND, "status": "ok", "reason": None,
         "mean_valid_log_rmse": float(np.mean(per_fold)),
         "std_valid_log_rmse": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
         "oof_log_rmse_all": rmse(pred, logy), "oof_log_rmse_clean": rmse(pred[clean],
                                                                           logy[clean]),
-        "n_rows_all": len(oof), "n_rows_clean": int(clean.sum()),
-        "folds": [{"fold": int(k), "valid_log_rmse": v}
+        "repeats": len(reps),
+        "oof_log_rmse_all_per_repeat": per_repeat["all"],
+        "oof_log_rmse_clean_per_repeat": per_repeat["clean"],
+        "oof_log_rmse_all_spread": (float(np.std(per_repeat["all"], ddof=1))
+                                    if len(reps) > 1 else None),
+        "n_rows_all": int((repeat == reps[0]).sum()),
+        "n_rows_clean": int((clean & (repeat == reps[0])).sum()),
+        "folds": [{"fold": int(k), "repeat": int(repeat[fold == k][0]), "valid_log_rmse": v}
                   for k, v in zip(np.unique(fold), per_fold, strict=True)],
         "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
         "oof_pred": pred,
@@ -214,8 +242,10 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
     oof = frames[0].drop(columns="pred_log_price")
     P = np.column_stack([f["pred_log_price"].to_numpy() for f in frames])
     for f in frames[1:]:
-        if not f["Id"].equals(oof["Id"]):  # same rows and folds, or blending is meaningless
-            raise ValueError("candidates were trained on different rows; rerun the train stage")
+        # the same rows, repeats and folds, or blending is meaningless
+        if not all(f[c].equals(oof[c]) for c in ("Id", "repeat", "fold") if c in oof):
+            raise ValueError("candidates were trained on different rows or folds; rerun the "
+                             "train stage")
     board = leaderboard(metrics, select.on)
     chosen = board[0]
     if len(healthy) > 1:
@@ -232,7 +262,14 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                   else P[:, names.index(chosen["candidate"])])
     for m in board:
         m.pop("oof_pred", None)
-    oof.assign(pred_log_price=chosen_oof).to_parquet(out_dir / "oof.parquet", index=False)
+    # One prediction per row for the gate: the mean of its repeats' out-of-fold predictions
+    # (each from a model that did not see the row).
+    chosen_rows = oof.assign(pred_log_price=chosen_oof)
+    if "repeat" in chosen_rows:
+        chosen_rows = chosen_rows.groupby("Id", as_index=False, sort=True).agg(
+            fold=("fold", "first"), pred_log_price=("pred_log_price", "mean"),
+            outlier=("outlier", "first"), log_price=("log_price", "first"))
+    chosen_rows.to_parquet(out_dir / "oof.parquet", index=False)
     components = [
         {"candidate": n, "weight": w, "model_config": specs[n].model_dump(mode="json"),
          "folds": torch.load(refs[n].file("models.pt"), weights_only=True)["folds"]}
@@ -280,6 +317,8 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             "std_valid_log_rmse": chosen["std_valid_log_rmse"],
             "oof_log_rmse_all": chosen["oof_log_rmse_all"],
             "oof_log_rmse_clean": chosen["oof_log_rmse_clean"],
+            "repeats": config.repeats,
+            "oof_log_rmse_all_spread": chosen.get("oof_log_rmse_all_spread"),
             "select_on": select.on,
             "diverged": [m["candidate"] for m in metrics if m["status"] != "ok"]}
 

@@ -88,7 +88,8 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
            "n_outliers": len(outliers), "fold_preprocessors": 0}
     if folds is not None:
         test = read_csv(raw.file("test.csv")) if fit_on == "train+test" else None
-        splits = make_folds(len(train), folds.n_splits, folds.seed, folds.fold_scheme)
+        splits = make_folds(len(train), folds.n_splits, folds.seed, folds.fold_scheme,
+                            folds.repeats)
         stacked = np.empty((len(splits), *X.shape), dtype=np.float32)
         fitted = []
         for k, (rows, _) in enumerate(splits):

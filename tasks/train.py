@@ -57,7 +57,7 @@ def cross_validate(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: 
     """
     n = X.shape[-2]  # X (n, d), or (K, n, d) with a preprocessor per fold
     excluded = np.zeros(n, bool) if excluded is None else excluded
-    folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme)
+    folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme, config.repeats)
     return spec.cross_validate(X, y, config, folds, fit_rows(folds, excluded), on_progress)
 
 
@@ -121,14 +121,24 @@ def _plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -
 def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
                       outliers: np.ndarray) -> dict[str, Any]:
     """The candidate's summary: per-fold scores, mean and spread, and the out-of-fold log
-    RMSE on all rows and on the rows without the ``outliers`` ``(n,) bool``."""
+    RMSE on all rows and on the rows without the ``outliers`` ``(n,) bool``: over every
+    repeat's predictions (each row once per repeat), with each repeat's own and their
+    spread."""
     valid = np.array(cv.valid_log_rmse)
-    scored = ~np.isnan(cv.oof_log_price)
+    oof_all = cv.oof_log_price  # (repeats, n)
+    scored = ~np.isnan(oof_all)
     ok = cv.diverged is None and bool(np.isfinite(valid).all())
+    logy_r = np.broadcast_to(logy, oof_all.shape)
 
     def oof(rows: np.ndarray) -> float | None:
-        return rmse(cv.oof_log_price[rows], logy[rows]) if ok else None
+        return rmse(oof_all[rows], logy_r[rows]) if ok else None
 
+    def per_repeat(rows: np.ndarray) -> list[float] | None:
+        return [rmse(p[r], logy[r]) for p, r in zip(oof_all, rows, strict=True)] if ok else None
+
+    clean = scored & ~outliers
+    repeats_all = per_repeat(scored)
+    n_splits = len(cv.folds) // len(oof_all)
     return {
         "candidate": spec.name,
         "kind": spec.kind,
@@ -139,11 +149,19 @@ def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
         (0.0 if ok else None),
         "mean_train_log_rmse": float(np.mean(cv.train_log_rmse)) if ok else None,
         "oof_log_rmse_all": oof(scored),
-        "oof_log_rmse_clean": oof(scored & ~outliers),
-        "n_rows_all": int(scored.sum()),
-        "n_rows_clean": int((scored & ~outliers).sum()),
+        "oof_log_rmse_clean": oof(clean),
+        "repeats": len(oof_all),
+        "oof_log_rmse_all_per_repeat": repeats_all,
+        "oof_log_rmse_clean_per_repeat": per_repeat(clean),
+        # spread of the all-rows score over repeats: how far a choice between two candidates
+        # can be trusted (None with one repeat)
+        "oof_log_rmse_all_spread": (float(np.std(repeats_all, ddof=1))
+                                    if ok and len(oof_all) > 1 else None),
+        "n_rows_all": int(scored[0].sum()),
+        "n_rows_clean": int(clean[0].sum()),
         "folds": [
-            {"fold": k, "train_log_rmse": tr if ok else None, "valid_log_rmse": va if ok else None}
+            {"fold": k, "repeat": k // n_splits, "train_log_rmse": tr if ok else None,
+             "valid_log_rmse": va if ok else None}
             for k, (tr, va) in enumerate(zip(cv.train_log_rmse, cv.valid_log_rmse, strict=True))
         ],
     }
@@ -180,20 +198,24 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
     metrics = candidate_metrics(candidate, cv, np.log(m.y), outliers)
     if metrics["status"] == "ok":
         for f in metrics["folds"]:
-            log(f"{candidate.name}: fold {f['fold'] + 1}/{config.n_splits} train log RMSE "
-                f"{f['train_log_rmse']:.4f}, valid log RMSE {f['valid_log_rmse']:.4f}")
+            rep = (f"repeat {f['repeat'] + 1}/{config.repeats} " if config.repeats > 1 else "")
+            log(f"{candidate.name}: {rep}fold {f['fold'] % config.n_splits + 1}/"
+                f"{config.n_splits} train log RMSE {f['train_log_rmse']:.4f}, valid log RMSE "
+                f"{f['valid_log_rmse']:.4f}")
     else:
         log(f"{candidate.name}: diverged: {metrics['reason']}")
     torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members]},
                out_dir / "models.pt")
-    rows = [(k, va) for k, (_, va) in enumerate(cv.folds)]
+    # One row per (repeat, Id): ``fold`` numbers the folds over all repeats (repeat-major).
+    rows = [(k, k // config.n_splits, va) for k, (_, va) in enumerate(cv.folds)]
     pd.DataFrame({
-        "Id": np.concatenate([m.ids[va] for _, va in rows]),
-        "fold": np.concatenate([np.full(len(va), k) for k, va in rows]),
-        "pred_log_price": np.concatenate([cv.oof_log_price[va] for _, va in rows]),
-        "outlier": np.concatenate([outliers[va] for _, va in rows]),
-        "log_price": np.concatenate([np.log(m.y[va]) for _, va in rows]),
-    }).sort_values("Id").to_parquet(out_dir / "oof.parquet", index=False)
+        "Id": np.concatenate([m.ids[va] for *_, va in rows]),
+        "repeat": np.concatenate([np.full(len(va), r) for _, r, va in rows]),
+        "fold": np.concatenate([np.full(len(va), k) for k, _, va in rows]),
+        "pred_log_price": np.concatenate([cv.oof_log_price[r, va] for _, r, va in rows]),
+        "outlier": np.concatenate([outliers[va] for *_, va in rows]),
+        "log_price": np.concatenate([np.log(m.y[va]) for *_, va in rows]),
+    }).sort_values(["repeat", "Id"]).to_parquet(out_dir / "oof.parquet", index=False)
     write_json(out_dir / "folds.json", {"valid_ids": [m.ids[va].tolist() for _, va in cv.folds],
                                         "excluded_from_fit": m.ids[excluded].tolist()})
     write_json(out_dir / "metrics.json", {**metrics, "curves": cv.curves})
@@ -257,7 +279,8 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
     todo = [c for c, r in zip(candidates, refs, strict=True) if force or not is_complete(r)]
     if todo:
         m, X, outliers, excluded = _rows(data, config)
-        folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme)
+        folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme,
+                           config.repeats)
         fitted = fit_rows(folds, excluded)
         cvs = _fit(lambda: cross_validate_group(todo, X, m.y, config, folds, fitted,
                                                 progress), ", ".join(c.name for c in todo), log)

@@ -5,7 +5,8 @@ tag of the discriminated union), plus two methods, in the spirit of scikit-learn
 contract:
 
 - ``cross_validate(X, y, train, folds, fitted, on_progress) -> CVResult``: fit one model per
-  fold (on that fold's ``fitted`` rows), predict its validation rows; the fitted members come
+  fold (on that fold's ``fitted`` rows), predict its validation rows (``folds`` holds
+  ``train.repeats`` passes of ``train.n_splits`` folds, repeat-major); the fitted members come
   back as plain dicts of tensors/bytes that ``torch.save`` can store in the checkpoint.
 - ``load_member(member, n_features) -> Member``: a saved member back as something with
   ``log_price(X)``.
@@ -47,7 +48,8 @@ class CVResult:
     members: list[list[dict[str, Any]]]  # per fold: its models (seeds), as saved
     train_log_rmse: list[float]  # per fold, on the rows it was fitted on
     valid_log_rmse: list[float]  # per fold, on all its validation rows
-    oof_log_price: np.ndarray  # (n_rows,) float64 out-of-fold prediction, NaN if in no fold
+    # (repeats, n_rows) float64: each repeat's out-of-fold prediction, NaN if in no fold
+    oof_log_price: np.ndarray
     curves: list[dict[str, list[float]]] | None  # per fold, per epoch (epoch-trained kinds)
     diverged: str | None = None
 
@@ -131,7 +133,7 @@ class SklearnCandidate(CandidateConfig):
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
         logy = np.log(y)
         target = logy if train.target == "log" else y
-        oof = np.full(len(y), np.nan)
+        oof = np.full((train.repeats, len(y)), np.nan)
         members, train_rmse, valid_rmse = [], [], []
         for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
             with _SKLEARN_IMPORT:
@@ -141,7 +143,7 @@ class SklearnCandidate(CandidateConfig):
             est.fit(Xk[tr], target[tr])
             p_tr = sklearn_log_price(est, Xk[tr], train.target)
             p_va = sklearn_log_price(est, Xk[va], train.target)
-            oof[va] = p_va
+            oof[k // train.n_splits, va] = p_va  # folds are repeat-major
             members.append([{"sklearn": pickle.dumps(est)}])
             train_rmse.append(rmse(p_tr, logy[tr]))
             valid_rmse.append(rmse(p_va, logy[va]))

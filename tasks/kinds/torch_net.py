@@ -97,9 +97,9 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         first += K * S
         # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
         pred = res.pred_log_price[sl].view(K, S, n).mean(1).numpy()
-        oof = np.full(n, np.nan)
+        oof = np.full((train.repeats, n), np.nan)
         for k, (_, va) in enumerate(folds):
-            oof[va] = pred[k, va]
+            oof[k // train.n_splits, va] = pred[k, va]  # folds are repeat-major
         base = sl.start
         members = [[{"state_dict": res.state_dicts[base + k * S + s],
                      "y_mean": res.y_mean[base + k * S + s],

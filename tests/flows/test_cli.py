@@ -191,11 +191,12 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
            "HOUSEPRICE_DATA_DIR": str(tmp_path / "cache")}
     sub = tmp_path / "sub" / "submission.csv"
     proc = houseprice("run", "--config", str(write_config(tmp_path / "c.json")),
-                      "--epochs", "3", "--folds", "3", "--seed", "1",
+                      "--epochs", "3", "--folds", "3", "--repeats", "2", "--seed", "1",
                       "--submission", str(sub), env_extra=env, api=prefect_api)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = last_line(proc.stdout)
-    assert summary.startswith("houseprice: selected ") and "3-fold mean valid log RMSE" in summary
+    assert summary.startswith("houseprice: selected ")
+    assert "2 x 3-fold out-of-fold log RMSE" in summary and "over repeats on all rows" in summary
     assert len(pd.read_csv(sub)) == 1459
     assert (tmp_path / "cache" / "kaggle_house_pred_test.csv").is_file()
     assert resolve(tmp_path / "arts", "select").file("model.pt").is_file()

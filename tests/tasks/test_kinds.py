@@ -123,7 +123,8 @@ def test_every_kind_round_trips_through_train_checkpoint_and_predict(kind, per_f
     y = np.exp(11 + X @ rng.normal(scale=0.2, size=5) + rng.normal(scale=0.05, size=120))
     spec = candidate(name="c", kind=kind, **MINIMAL[kind][0])
     Xs = np.stack([X, X * 1.3 + 0.1, X[:, ::-1].copy()]) if per_fold else None
-    cv = cross_validate(X if Xs is None else Xs, y, spec, TrainConfig(n_splits=3, seed=2))
+    cfg = TrainConfig(repeats=1, n_splits=3, seed=2)
+    cv = cross_validate(X if Xs is None else Xs, y, spec, cfg)
     torch.save({"folds": cv.members}, tmp_path / "m.pt")
     saved = torch.load(tmp_path / "m.pt", weights_only=True)["folds"]
     back = candidate(**json.loads(json.dumps(spec.model_dump(mode="json"))))
@@ -131,10 +132,10 @@ def test_every_kind_round_trips_through_train_checkpoint_and_predict(kind, per_f
         members = [back.load_member(m, X.shape[1], "log") for m in saved[k]]
         Xk = X if Xs is None else Xs[k]
         pred = np.mean([m.log_price(Xk[va]) for m in members], axis=0)
-        np.testing.assert_allclose(pred, cv.oof_log_price[va], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(pred, cv.oof_log_price[0, va], rtol=1e-5, atol=1e-5)
         if Xs is not None and k > 0:  # it really is fold k's own matrix that it fitted
             other = np.mean([m.log_price(X[va]) for m in members], axis=0)
-            assert not np.allclose(other, cv.oof_log_price[va], rtol=1e-4, atol=1e-4)
+            assert not np.allclose(other, cv.oof_log_price[0, va], rtol=1e-4, atol=1e-4)
 
 
 def test_scikit_learn_kinds_train_in_parallel_threads_in_a_fresh_process():
@@ -152,7 +153,7 @@ y = np.exp(11 + X[:, 0])
 errors = []
 def go(spec):
     try:
-        cross_validate(X, y, spec, TrainConfig(n_splits=2))
+        cross_validate(X, y, spec, TrainConfig(repeats=1, n_splits=2))
     except Exception as exc:
         errors.append(repr(exc))
 specs = [candidate(name="r", kind="ridge"), candidate(name="l", kind="lasso", alpha=1e-3),

@@ -131,9 +131,11 @@ def test_each_fold_model_reads_rows_through_its_own_folds_preprocessor(model, tr
     data = ArtifactRef(root=cfg.artifacts_dir, **refs[0].manifest()["upstream"]["data"])
     saved = json.loads(data.file("fold_preprocessors.json").read_text())
     assert saved["folds"] == cfg.train.folds.model_dump(mode="json")
-    assert len(model.fold_preprocessors) == cfg.train.n_splits
+    n_folds = cfg.train.n_splits * cfg.train.repeats
+    assert len(model.fold_preprocessors) == n_folds
     train = pd.read_csv(real_data / "kaggle_house_pred_train.csv")
-    folds = make_folds(len(train), cfg.train.n_splits, cfg.train.seed, cfg.train.fold_scheme)
+    folds = make_folds(len(train), cfg.train.n_splits, cfg.train.seed, cfg.train.fold_scheme,
+                       cfg.train.repeats)
     for (rows, _), pre in zip(folds, model.fold_preprocessors, strict=True):
         alone = model.preprocessor.unfitted().fit([train.iloc[rows]])
         # its rows' statistics, log1p choices and categories, nothing else
@@ -141,13 +143,14 @@ def test_each_fold_model_reads_rows_through_its_own_folds_preprocessor(model, tr
         assert sorted(pre.log1p_) == sorted(alone.log1p_)
         assert pre.numeric_ != model.preprocessor.numeric_
     assert np.load(data.file("fold_features.npy")).shape == (
-        cfg.train.n_splits, len(train), len(model.preprocessor.feature_names_))
+        n_folds, len(train), len(model.preprocessor.feature_names_))
     by_name = {json.loads(r.file("metrics.json").read_text())["candidate"]: r for r in refs}
     for _, spec, members in model.components:
         ref = by_name[spec.name]
-        oof = pd.read_parquet(ref.file("oof.parquet")).set_index(ID)
+        oof = pd.read_parquet(ref.file("oof.parquet"))
         for k, ((_, valid), fold_members) in enumerate(zip(folds, members, strict=True)):
             rows = train.iloc[valid]
             X = model.fold_preprocessors[k].transform_as(rows, model.preprocessor.feature_names_)
             pred = np.mean([m.log_price(X) for m in fold_members], axis=0)
-            np.testing.assert_allclose(pred, oof.loc[rows[ID], "pred_log_price"], rtol=1e-5)
+            fold = oof[oof["fold"] == k].set_index(ID)  # numbered over all repeats
+            np.testing.assert_allclose(pred, fold.loc[rows[ID], "pred_log_price"], rtol=1e-5)

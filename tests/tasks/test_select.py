@@ -101,7 +101,7 @@ def test_checkpoint_is_self_describing(trained):
         assert comp["model_config"]["name"] == comp["candidate"]
         # only the component's own kind's fields
         assert set(comp["model_config"]) == set(KINDS[comp["model_config"]["kind"]].model_fields)
-        assert len(comp["folds"]) == cfg.train.n_splits
+        assert len(comp["folds"]) == cfg.train.n_splits * cfg.train.repeats
     assert ckpt["metrics"]["mean_valid_log_rmse"] == result["mean_valid_log_rmse"]
     assert len(ckpt["preprocessor"]["feature_names"]) == ckpt["n_features"]
     lineage = ckpt["lineage"]

@@ -74,7 +74,7 @@ def test_training_learns_and_records_curves(activation):
     X, y = _synthetic()
     spec = candidate(name="m", kind="mlp", hidden=(16,), activation=activation, dropout=0.1,
                            lr=0.01, epochs=30)
-    cv = cross_validate(X, y, spec, TrainConfig(n_splits=5))
+    cv = cross_validate(X, y, spec, TrainConfig(repeats=1, n_splits=5))
     baseline = float(np.std(np.log(y)))  # predicting the mean log price
     assert max(cv.valid_log_rmse) < 0.5 * baseline
     for c in cv.curves:
@@ -86,12 +86,12 @@ def test_training_learns_and_records_curves(activation):
 def test_cross_validation_is_deterministic_for_a_seed():
     X, y = _synthetic()
     spec = candidate(name="m", kind="mlp", hidden=(8,), dropout=0.2, epochs=5, seeds=2)
-    cfg = TrainConfig(n_splits=3, seed=4)
+    cfg = TrainConfig(repeats=1, n_splits=3, seed=4)
     a = cross_validate(X, y, spec, cfg)
     b = cross_validate(X, y, spec, cfg)
     assert a.valid_log_rmse == b.valid_log_rmse
     np.testing.assert_array_equal(a.oof_log_price, b.oof_log_price)
-    c = cross_validate(X, y, spec, TrainConfig(n_splits=3, seed=5))
+    c = cross_validate(X, y, spec, TrainConfig(repeats=1, n_splits=3, seed=5))
     assert a.valid_log_rmse != c.valid_log_rmse
     assert all(len(members) == 2 for members in a.members)  # 2 seeds per fold
 
@@ -100,7 +100,7 @@ def test_book_raw_target_with_sgd_and_linear_model():
     X, y = _synthetic()
     spec = candidate(name="lin", kind="linear", optimizer="sgd", lr=1e-3,
                            epochs=3)
-    cv = cross_validate(X, y, spec, TrainConfig(n_splits=2, target="raw",
+    cv = cross_validate(X, y, spec, TrainConfig(repeats=1, n_splits=2, target="raw",
                                                 fold_scheme="contiguous"))
     assert all(np.isfinite(v) for v in cv.valid_log_rmse)
     assert cv.members[0][0]["y_mean"] == 0.0 and cv.members[0][0]["y_std"] == 1.0
@@ -111,14 +111,14 @@ def test_sklearn_candidates_use_the_same_folds_and_metric(kind):
     X, y = _synthetic()
     own = {"hgb": {"learning_rate": 0.1}}.get(kind, {"alpha": 1e-3})
     spec = candidate(name="s", kind=kind, **own, **({} if kind == "ridge" else {"max_iter": 50}))
-    cv = cross_validate(X, y, spec, TrainConfig(n_splits=4, seed=1))
-    torch_cv = cross_validate(X, y, candidate(name="m", kind="linear",
-                                                    epochs=2), TrainConfig(n_splits=4, seed=1))
+    cv = cross_validate(X, y, spec, TrainConfig(repeats=1, n_splits=4, seed=1))
+    torch_cv = cross_validate(X, y, candidate(name="m", kind="linear", epochs=2),
+                              TrainConfig(repeats=1, n_splits=4, seed=1))
     assert [v.tolist() for _, v in cv.folds] == [v.tolist() for _, v in torch_cv.folds]
     assert max(cv.valid_log_rmse) < 0.5 * float(np.std(np.log(y)))
     est = pickle.loads(cv.members[0][0]["sklearn"])
     va = cv.folds[0][1]
-    np.testing.assert_allclose(est.predict(X[va]), cv.oof_log_price[va])
+    np.testing.assert_allclose(est.predict(X[va]), cv.oof_log_price[0, va])
 
 
 def test_excluded_rows_are_not_fitted_but_are_scored():
@@ -128,12 +128,12 @@ def test_excluded_rows_are_not_fitted_but_are_scored():
     excluded = np.zeros(len(y), bool)
     excluded[:3] = True
     spec = candidate(name="r", kind="ridge", alpha=1.0)
-    cfg = TrainConfig(n_splits=3)
+    cfg = TrainConfig(repeats=1, n_splits=3)
     kept = cross_validate(X, y, spec, cfg, excluded)
     used = cross_validate(X, y, spec, cfg)
-    assert not np.isnan(kept.oof_log_price[:3]).any()  # still predicted out of fold
+    assert not np.isnan(kept.oof_log_price[0, :3]).any()  # still predicted out of fold
     clean = ~excluded
-    err = lambda cv: np.sqrt(np.mean((cv.oof_log_price[clean] - np.log(y[clean])) ** 2))  # noqa: E731
+    err = lambda cv: np.sqrt(np.mean((cv.oof_log_price[0, clean] - np.log(y[clean])) ** 2))  # noqa: E731
     assert err(kept) < err(used)
 
 
@@ -142,7 +142,7 @@ def test_candidate_metrics_report_both_row_sets():
     outliers = np.zeros(len(y), bool)
     outliers[[5, 9]] = True
     spec = candidate(name="r", kind="ridge")
-    cv = cross_validate(X, y, spec, TrainConfig(n_splits=3))
+    cv = cross_validate(X, y, spec, TrainConfig(repeats=1, n_splits=3))
     m = candidate_metrics(spec, cv, np.log(y), outliers)
     assert (m["n_rows_all"], m["n_rows_clean"]) == (300, 298)
     assert m["status"] == "ok" and m["oof_log_rmse_all"] != m["oof_log_rmse_clean"]
@@ -177,7 +177,7 @@ def test_a_stacked_group_equals_each_candidate_trained_alone():
     from tasks.kinds.torch_net import cross_validate_group
 
     X, y = _synthetic()
-    config = TrainConfig(n_splits=3, seed=4)
+    config = TrainConfig(repeats=1, n_splits=3, seed=4)
     specs = [candidate(kind="mlp", hidden=(8,), epochs=6, batch_size=32, **g) for g in GROUP]
     folds = make_folds(len(X), 3, 4, "shuffled")
     fitted = [tr for tr, _ in folds]
@@ -194,7 +194,7 @@ def test_a_diverged_member_of_a_group_stops_alone():
     from tasks.kinds.torch_net import cross_validate_group
 
     X, y = _synthetic()
-    config = TrainConfig(n_splits=3, seed=1)
+    config = TrainConfig(repeats=1, n_splits=3, seed=1)
     ok = candidate(name="ok", kind="linear", optimizer="sgd", lr=1e-3, epochs=5)
     hot = candidate(name="hot", kind="linear", optimizer="sgd", lr=1e6, epochs=5)
     folds = make_folds(len(X), 3, 1, "shuffled")
@@ -246,3 +246,36 @@ def test_progress_is_sent_in_the_background_and_reads_100_when_done(prefect_api)
         assert client.read_artifacts()  # the API is the test harness's
         art = [a for a in client.read_artifacts() if a.id == bar.id][0]
     assert float(art.data) == 100.0
+
+
+@pytest.mark.parametrize("kind", ["ridge", "mlp"])
+def test_repeated_folds_give_each_row_one_prediction_per_repeat(kind):
+    """train.repeats: R passes of K folds, each cut with its own seed; every row is
+    predicted out of fold once per repeat, and the score and its spread come from all."""
+    X, y = _synthetic()
+    own = {"mlp": {"hidden": [8], "epochs": 2}}.get(kind, {})
+    spec = candidate(name="c", kind=kind, **own)
+    cfg = TrainConfig(n_splits=3, repeats=2, seed=7)
+    cv = cross_validate(X, y, spec, cfg)
+    assert len(cv.folds) == 6 and cv.oof_log_price.shape == (2, len(y))
+    assert not np.isnan(cv.oof_log_price).any()
+    for r in range(2):  # each repeat's folds cover every row exactly once
+        valid = np.concatenate([va for _, va in cv.folds[3 * r:3 * (r + 1)]])
+        assert sorted(valid.tolist()) == list(range(len(y)))
+        single = cross_validate(X, y, spec, TrainConfig(n_splits=3, repeats=1, seed=7 + r))
+        assert [v.tolist() for _, v in single.folds] == [
+            v.tolist() for _, v in cv.folds[3 * r:3 * (r + 1)]]
+        if kind == "ridge":  # deterministic: repeat r is the one-pass run with seed + r
+            np.testing.assert_allclose(cv.oof_log_price[r], single.oof_log_price[0])
+    assert not np.allclose(cv.oof_log_price[0], cv.oof_log_price[1])  # other folds
+    m = candidate_metrics(spec, cv, np.log(y), np.zeros(len(y), bool))
+    assert m["repeats"] == 2 and m["n_rows_all"] == len(y)
+    per = m["oof_log_rmse_all_per_repeat"]
+    assert len(per) == 2 and m["oof_log_rmse_all_spread"] == pytest.approx(np.std(per, ddof=1))
+    assert m["oof_log_rmse_all"] == pytest.approx(np.sqrt(np.mean(np.square(per))))
+    assert [f["repeat"] for f in m["folds"]] == [0, 0, 0, 1, 1, 1]
+
+
+def test_repeats_need_shuffled_folds():
+    with pytest.raises(ValueError, match="repeats > 1 needs fold_scheme = 'shuffled'"):
+        TrainConfig(fold_scheme="contiguous", repeats=3)
