@@ -168,12 +168,15 @@ def session_tmp() -> Path:
     shutil.rmtree(_TMP, ignore_errors=True)
 
 
-def small_config(root: Path, url: str, cache: Path, epochs: int = 8, **overrides):
-    """A quick PipelineConfig on the real data: default candidates, few epochs."""
+def small_config(root: Path, url: str, cache: Path, epochs: int = 8, repeats: int = 1,
+                 **overrides):
+    """A quick PipelineConfig on the real data: default candidates, few epochs, one pass of
+    the folds unless ``repeats``."""
     from tasks.config import PipelineConfig
 
     overrides.setdefault("candidates", TEST_CANDIDATES)
     overrides.setdefault("search", TEST_SEARCH)
+    overrides["train"] = {"repeats": repeats, **overrides.get("train", {})}
     cfg = PipelineConfig(
         artifacts_dir=str(root), data={"url": url, "cache_dir": str(cache)}, **overrides
     )
@@ -185,6 +188,7 @@ def write_config(path: Path, **overrides) -> Path:
     import json
 
     data = {"candidates": list(TEST_CANDIDATES), "search": list(TEST_SEARCH), **overrides}
+    data["train"] = {"repeats": 1, **overrides.get("train", {})}
     path.write_text(json.dumps(data))
     return path
 
@@ -209,5 +213,5 @@ def trained(prefect_api, data_server, session_tmp):
     from flows.pipeline import house_price_pipeline
 
     cfg = small_config(session_tmp / "trained-artifacts", data_server.url,
-                       session_tmp / "trained-cache")
+                       session_tmp / "trained-cache", repeats=2)
     return cfg, house_price_pipeline(cfg)
