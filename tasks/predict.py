@@ -72,33 +72,33 @@ class FittedModel:
     def load(cls, path: str | Path) -> FittedModel:
         return cls(torch.load(path, map_location="cpu", weights_only=True), str(path))
 
-    def features(self, df: pd.DataFrame) -> tuple[np.ndarray | list[np.ndarray],
-                                                   TransformReport]:
-        """What the fold models read of raw rows ``df``: the all-rows features ``(n, d)``,
-        or one ``(n, d)`` per fold through that fold's preprocessor; and the drift report."""
-        X, report = self.preprocessor.transform(df)
-        if not self.fold_preprocessors:
-            return X, report
-        names = self.preprocessor.feature_names_
-        return [p.transform_as(df, names) for p in self.fold_preprocessors], report
-
-    def predict_log_price(self, X: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        """Features (``features``: ``(n, d)`` or one per fold) -> ``(n,) float64`` log
-        price."""
-        if self.fold_preprocessors and not isinstance(X, list):
-            raise ValueError("this model reads each fold's own features: use features(df)")
-        total = np.zeros(len(X[0]) if isinstance(X, list) else len(X))
+    def predict_log_price(self, X: np.ndarray) -> np.ndarray:
+        """All-rows features ``(n, n_features) float32 -> (n,) float64`` log price (a model
+        without per-fold preprocessors; see ``predict_frame``)."""
+        if self.fold_preprocessors:
+            raise ValueError("this model reads each fold's own features: use predict_frame")
+        total = np.zeros(len(X))
         for weight, _, folds in self.components:
-            per_fold = [np.mean([m.log_price(X[k] if isinstance(X, list) else X)
-                                 for m in members], axis=0)
-                        for k, members in enumerate(folds)]
+            per_fold = [np.mean([m.log_price(X) for m in members], axis=0) for members in folds]
             total += weight * np.mean(per_fold, axis=0)
         return total
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[np.ndarray, TransformReport]:
-        """Raw rows -> ``(n,) float64`` log price, and the drift report."""
-        X, report = self.features(df)
-        return self.predict_log_price(X), report
+        """Raw rows -> ``(n,) float64`` log price, and the drift report (of the all-rows
+        preprocessor). With per-fold preprocessors one fold's matrix at a time, so memory
+        holds one ``(n, n_features)`` matrix, not one per fold."""
+        X, report = self.preprocessor.transform(df)
+        if not self.fold_preprocessors:
+            return self.predict_log_price(X), report
+        del X
+        names = self.preprocessor.feature_names_
+        sums = np.zeros((len(self.components), len(df)))
+        for k, pre in enumerate(self.fold_preprocessors):
+            Xk = pre.transform_as(df, names)
+            for c, (_, _, folds) in enumerate(self.components):
+                sums[c] += np.mean([m.log_price(Xk) for m in folds[k]], axis=0)
+        weights = np.array([w for w, _, _ in self.components])
+        return weights @ sums / len(self.fold_preprocessors), report
 
 
 def iter_chunks(path: Path, chunk_size: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:
