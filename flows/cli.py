@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -357,6 +358,8 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(outcome, BaseException):
             raise RunFailed(f"{one_line(outcome)}{hint}") from outcome
         raise RunFailed(f"flow run {run_id} ended {state.name}: {state.message}{hint}")
+    # The table, then the one-line summary last (what scripts read).
+    print(result_table(config, outcome), flush=True)
     _summary(config, outcome)
     return 0
 
@@ -497,6 +500,47 @@ def _rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def result_table(config, result: dict[str, Any], shown: int = 12) -> str:
+    """The end of ``houseprice run`` as a person reads it: the candidates best first (the
+    all-rows score, its spread over repeats, the score without the outliers, blend weight,
+    status), the selection, and where everything was written."""
+    from tasks.artifacts import ArtifactRef
+
+    root = Path(config.artifacts_dir).resolve()
+    model = ArtifactRef(root=str(root), stage="select", version=result["model_version"])
+    board = json.loads(model.file("leaderboard.json").read_text())["leaderboard"]
+
+    def score(m: dict[str, Any], key: str) -> str:
+        return "—" if m.get(key) is None else f"{m[key]:.4f}"
+
+    rows = [("candidate", "all rows", "± repeats", "w/o outliers", "weight", "status")]
+    for m in board[:shown]:
+        chosen = m["candidate"] == result["selected"]
+        weight = m.get("blend_weight")
+        rows.append((
+            m["candidate"] + (" *" if chosen else ""), score(m, "oof_log_rmse_all"),
+            score(m, "oof_log_rmse_all_spread"), score(m, "oof_log_rmse_clean"),
+            "" if not weight else f"{weight:.3f}",
+            "selected" if chosen else m["status"] + (f": {m['reason']}" if m.get("reason")
+                                                     else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["", f"{_cv_name(config.train)} out-of-fold log RMSE, best first "
+             f"({len(board)} entries; * = selected):"]
+    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+              + "  " + r[-1] for r in rows]
+    if len(board) > shown:
+        lines.append(f"  ... {len(board) - shown} more in {model.file('model_card.md')}")
+    lines += [
+        "",
+        f"  model        {result['model_version']}  ({model.path})",
+        f"  submission   {result['submission']}",
+        *([f"  copied to    {config.submission}"] if config.submission else []),
+        f"  artifacts    {root}",
+    ]
+    return "\n".join(lines)
+
+
 def _cv_name(train) -> str:
     """``5-fold``, or ``3 x 5-fold`` with repeats."""
     return (f"{train.repeats} x {train.n_splits}-fold" if train.repeats > 1
@@ -604,7 +648,6 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"houseprice: wrote {stats['rows']} predictions to {args.out} {what}")
         return 0
     # '-': the CSV on standard output, everything a person reads on standard error.
-    import json
     import shutil
     import tempfile
 

@@ -210,6 +210,22 @@ def set_latest(ref: ArtifactRef) -> None:
     os.replace(tmp, pointer)
 
 
+BY_NAME = "by-name"
+
+
+def link_name(ref: ArtifactRef, name: str) -> None:
+    """``<root>/by-name/<stage>/<name>``: a relative symlink to ``ref``'s folder, so a person
+    finds a candidate's latest built artifact without opening every manifest (outside the
+    stage's folder, which holds versions only; replaced atomically; skipped where the file
+    system has no symlinks)."""
+    alias_dir = Path(ref.root) / BY_NAME / ref.stage
+    with contextlib.suppress(OSError):
+        alias_dir.mkdir(parents=True, exist_ok=True)
+        tmp = alias_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.symlink_to(Path("..") / ".." / ref.stage / ref.version)
+        os.replace(tmp, alias_dir / name)
+
+
 def resolve(root: str | Path, stage: str, version: str | None = None) -> ArtifactRef:
     """The ref for ``version`` of ``stage`` (LATEST when None; ``production``: the production
     model, for select), checked to be intact."""

@@ -153,10 +153,19 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
                     fh, header=False, index=False
                 )
                 rows += len(chunk)
+        # Keyed by the user's own columns; what the model derives from them (total floor
+        # area, ages, quality scores) is reported apart, as it is no column of their file.
+        own = set(pre.columns_)
+        out_of_range_own = {c: n for c, n in out_of_range.items() if c in own}
         drift = {"rows": rows, "rows_drifted": drifted,
                  "share_drifted": drifted / rows if rows else 0.0,
-                 "out_of_training_range": dict(out_of_range),
-                 "imputed_missing": dict(imputed), "unseen_categories": dict(unseen),
+                 "out_of_training_range": out_of_range_own,
+                 "imputed_missing": {c: n for c, n in imputed.items() if c in own},
+                 "unseen_categories": dict(unseen),
+                 "derived_features": {
+                     "out_of_training_range": {c: n for c, n in out_of_range.items()
+                                               if c not in own},
+                     "imputed_missing": {c: n for c, n in imputed.items() if c not in own}},
                  "ignored_columns": extra or []}
         write_json(drift_path(out_path), drift)
         os.replace(tmp, out_path)
@@ -168,9 +177,10 @@ def predict_file(model: FittedModel, input_path: str | Path, out_path: str | Pat
     if unseen:
         warn(f"{input_path}: {sum(unseen.values())} value(s) in categories unseen in training, "
              f"encoded as all zeros: {dict(unseen)}")
-    if out_of_range:
-        warn(f"{input_path}: {sum(out_of_range.values())} numeric value(s) outside the training "
-             f"range, predicted anyway; see {drift_path(out_path).name}")
+    if out_of_range_own:
+        warn(f"{input_path}: {sum(out_of_range_own.values())} numeric value(s) outside the "
+             f"training range, predicted anyway: {out_of_range_own}; see "
+             f"{drift_path(out_path).name}")
     return drift
 
 

@@ -182,8 +182,11 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
         f"- data version `{lin.get('data_version')}` (the training files' sorted (name, SHA-1))",
         *[f"- raw {role} file `{name}` SHA-1 `{sha}`"
           for role, files in lin.get("raw_files", {}).items() for name, sha in files.items()],
-        *[f"- {stage}: {', '.join(f'`{v}`' for v in versions)}"
-          for stage, versions in lin.items() if stage not in ("raw_files", "data_version")],
+        *[f"- {stage}: " + ", ".join(
+            f"`{v}`" + (f" ({lin['train_candidates'][v]})"
+                        if v in lin.get("train_candidates", {}) else "") for v in versions)
+          for stage, versions in lin.items()
+          if stage not in ("raw_files", "data_version", "train_candidates")],
     ]
     return "\n".join(lines) + "\n"
 
@@ -287,6 +290,8 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                           if per_fold.is_file() else None)
     lin = lineage(first)
     lin["train"] = sorted(r.version for r in trained)
+    # Each train version's candidate, so the card and checkpoint name what the hashes are.
+    lin["train_candidates"] = {ref.version: name for name, ref in sorted(refs.items())}
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,

@@ -27,7 +27,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from tasks.artifacts import ArtifactRef, is_complete, write_json
+from tasks.artifacts import ArtifactRef, is_complete, link_name, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
 from tasks.kinds.base import CVResult, rmse
@@ -246,6 +246,7 @@ def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfi
     ref = build_stage(STAGE, root, {"data": data, "candidate": candidate, "config": config},
                       lambda out: train(data, candidate, config, out, log=logger.info,
                                         progress=progress.update), force=force)
+    link_name(ref, candidate.name)
     progress.update(1.0)
     return ref
 
@@ -285,9 +286,11 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         cvs = _fit(lambda: cross_validate_group(todo, X, m.y, config, folds, fitted,
                                                 progress), ", ".join(c.name for c in todo), log)
         for c, cv in zip(todo, cvs, strict=True):
-            build_stage(STAGE, root, {"data": data, "candidate": c, "config": config},
-                        lambda out, c=c, cv=cv: write_artifact(m, outliers, excluded, c, config,
-                                                               cv, out, log), force=force)
+            ref = build_stage(
+                STAGE, root, {"data": data, "candidate": c, "config": config},
+                lambda out, c=c, cv=cv: write_artifact(m, outliers, excluded, c, config, cv,
+                                                       out, log), force=force)
+            link_name(ref, c.name)
     return refs
 
 

@@ -197,6 +197,21 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
     summary = last_line(proc.stdout)
     assert summary.startswith("houseprice: selected ")
     assert "2 x 3-fold out-of-fold log RMSE" in summary and "over repeats on all rows" in summary
+    # The result table before it: every candidate with its scores, the selection, the paths.
+    import re
+
+    version = re.search(r"model ([0-9a-f]{16})", summary)[1]
+    table = proc.stdout[proc.stdout.index("out-of-fold log RMSE, best first"):]
+    rows = {line.split()[0]: line.split() for line in
+            (raw.replace(" *", "") for raw in table.splitlines()[2:])
+            if line.startswith("  ") and len(line.split()) >= 5}
+    for name in ("linear", "mlp", "lasso", "hgb", "ridge-00", "ridge-01"):
+        assert name in rows, (name, table)
+        assert re.fullmatch(r"0\.\d{4}", rows[name][1]), rows[name]  # its all-rows score
+    selected = summary.split()[2]
+    assert f"{selected} *" in table and "selected" in table
+    assert f"model        {version}" in table and "submission   " in table
+    assert f"copied to    {sub}" in table and str(tmp_path / "arts") in table
     assert len(pd.read_csv(sub)) == 1459
     assert (tmp_path / "cache" / "kaggle_house_pred_test.csv").is_file()
     assert resolve(tmp_path / "arts", "select").file("model.pt").is_file()

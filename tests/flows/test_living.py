@@ -27,11 +27,12 @@ from tests.conftest import TRAIN_CSV, stop
 # Quick linear candidates: the loop, not the accuracy, is under test here.
 FAST = {"candidates": [{"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
                        {"name": "ridge", "kind": "ridge", "alpha": 10.0}],
-        "search": [], "train": {"n_splits": 3}}
+        "search": [], "train": {"n_splits": 3, "repeats": 1}}
 WORSE = {"candidates": [{"name": "weak", "kind": "ridge", "alpha": 1e5}], "search": [],
-         "train": {"n_splits": 3}}
+         "train": {"n_splits": 3, "repeats": 1}}
 DIVERGING = {"candidates": [{"name": "too-hot", "kind": "linear", "optimizer": "sgd",
-                             "lr": 1e6, "epochs": 3}], "search": [], "train": {"n_splits": 3}}
+                             "lr": 1e6, "epochs": 3}], "search": [],
+             "train": {"n_splits": 3, "repeats": 1}}
 
 
 def _states(flow_run_id) -> dict[str, list[str]]:

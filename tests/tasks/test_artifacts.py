@@ -100,3 +100,24 @@ def test_latest_pointer_resolves_and_is_checked(tmp_path):
     assert resolve(tmp_path, "stage", "v") == ref  # a unique prefix
     with pytest.raises(ArtifactError, match="no stage version 'nope' under .*; nearest: v1"):
         resolve(tmp_path, "stage", "nope")
+
+
+def test_a_candidates_artifact_is_found_by_name_and_the_alias_is_no_version(tmp_path):
+    from tasks.artifacts import link_name
+
+    refs = []
+    for version in ("a" * 16, "b" * 16):
+        ref = build(str(tmp_path), "train", version, lambda out: (out / "x").write_text("1")
+                    and None, parameters={}, upstream={}, code_version="c")
+        refs.append(ref)
+        link_name(ref, "lasso")
+    alias = tmp_path / "by-name" / "train" / "lasso"
+    assert alias.is_symlink() and os.readlink(alias) == os.path.join("..", "..", "train", "b" * 16)
+    assert (alias / "x").read_text() == "1"  # the latest one built, through the link
+    assert not [p for p in alias.parent.iterdir() if p.name != "lasso"]  # no temporaries
+    assert resolve(tmp_path, "train", "b").version == "b" * 16  # a prefix still resolves
+    with pytest.raises(ArtifactError, match="nearest") as err:
+        resolve(tmp_path, "train", "zzz")
+    assert "by-name" not in str(err.value)
+    # the stage's folder holds versions only
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["a" * 16, "b" * 16]

@@ -73,6 +73,7 @@ def test_far_out_of_range_numerics_are_predicted_and_counted_in_drift_summary(
     raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(50)
     raw.loc[:4, "GrLivArea"] = 1_000_000  # far beyond any training house
     raw.loc[5:6, "LotArea"] = None  # missing: imputed as in training
+    raw.loc[7:8, "YearBuilt"] = 1500  # and the house age the model derives from it
     raw.to_csv(tmp_path / "in.csv", index=False)
     warnings = []
     predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv", warn=warnings.append)
@@ -83,6 +84,14 @@ def test_far_out_of_range_numerics_are_predicted_and_counted_in_drift_summary(
     assert drift["out_of_training_range"]["GrLivArea"] == 5
     assert drift["imputed_missing"]["LotArea"] >= 2
     assert any("outside the training range" in w for w in warnings)
+    # Keyed by the file's own columns; what the model derives from them is reported apart.
+    own = set(model.preprocessor.columns_)
+    assert set(drift["out_of_training_range"]) <= own
+    assert set(drift["imputed_missing"]) <= own
+    assert drift["out_of_training_range"]["YearBuilt"] == 2
+    assert drift["derived_features"]["out_of_training_range"]["HouseAge"] == 2
+    assert not set(drift["derived_features"]["out_of_training_range"]) & own
+    assert not any("HouseAge" in w for w in warnings)
 
 
 def test_missing_numeric_is_imputed_with_the_training_mean(model, real_data):

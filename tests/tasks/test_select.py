@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -110,6 +111,16 @@ def test_checkpoint_is_self_describing(trained):
     assert lineage["data_version"] == ckpt["metrics"].get("data_version", lineage["data_version"])
     assert set(lineage) >= {"download", "preprocess", "tensorize", "train"}
     assert len(lineage["train"]) == len(cfg.all_candidates())
+    # Hashes with names: the lineage says which candidate each train version is, and each
+    # candidate's folder is found by name on disk.
+    names = {c.name for c in cfg.all_candidates()}
+    assert set(lineage["train_candidates"].values()) == names
+    assert set(lineage["train_candidates"]) == set(lineage["train"])
+    for version, name in lineage["train_candidates"].items():
+        alias = Path(cfg.artifacts_dir) / "by-name" / "train" / name
+        assert alias.is_symlink()  # to the latest built artifact of that name
+        assert json.loads((alias / "metrics.json").read_text())["candidate"] == name
+        assert f"`{version}` ({name})" in ref.file("model_card.md").read_text()
     board = json.loads(ref.file("leaderboard.json").read_text())["leaderboard"]
     assert board[0]["candidate"] == result["selected"]
     key = f"oof_log_rmse_{cfg.select.on}"  # the leaderboard is ordered by what selects
