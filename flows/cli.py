@@ -188,7 +188,7 @@ def build_config(args: argparse.Namespace):
         config = PipelineConfig.model_validate(data)
         return config.with_epochs(args.epochs) if args.epochs is not None else config
     except ValidationError as exc:
-        raise ConfigError(_config_error(exc, data)) from None
+        raise ConfigError(_config_error(exc, data, args.config)) from None
 
 
 class ConfigError(ValueError):
@@ -665,11 +665,38 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_error(exc: ValidationError, data: dict[str, Any] | None = None) -> str:
+def _config_error(exc: ValidationError, data: dict[str, Any] | None = None,
+                  source: str | None = None) -> str:
     err = exc.errors()[0]
     field = _where(tuple(err["loc"]), data or {})
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":  # pydantic's "Extra inputs are not permitted"
+        msg = "no such setting" + _did_you_mean(tuple(err["loc"]))
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid configuration: {field}: {err['msg']}{more}; fix it in --config or the flags"
+    where = f" in {source}" if source else ""
+    return (f"invalid configuration{where}: {field}: {msg}{more}; fix it in "
+            + (f"{source} or the flags" if source else "--config or the flags"))
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """For an unknown setting at ``loc`` of the config tree: the nearest real one, or the
+    section's settings."""
+    import difflib
+
+    from pydantic import BaseModel
+
+    from tasks.config import PipelineConfig
+
+    cls: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type)
+                                 and issubclass(field.annotation, BaseModel)):
+            return ""  # candidates are checked by their kind, with its own hint
+        cls = field.annotation
+    names = list(cls.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (settings here: {', '.join(names)})"
 
 
 def _trace(args: argparse.Namespace) -> None:

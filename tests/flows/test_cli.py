@@ -36,6 +36,22 @@ def test_invalid_config_is_rejected_before_running(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize(("body", "words"), [
+    ("[train]\nn_split = 3\n", ["train.n_split: no such setting", "did you mean 'n_splits'"]),
+    ("[trian]\nseed = 1\n", ["trian: no such setting", "did you mean 'train'"]),
+    ("[preprocess]\nper_folds = false\n", ["did you mean 'per_fold'"]),
+])
+def test_a_misspelt_setting_names_the_file_and_the_nearest_setting(tmp_path, body, words):
+    (tmp_path / "c.toml").write_text(body)
+    proc = houseprice("run", "--config", str(tmp_path / "c.toml"), "--artifacts",
+                      str(tmp_path / "a"))
+    line = last_line(proc.stderr)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert line.startswith(f"houseprice: error: invalid configuration in {tmp_path / 'c.toml'}")
+    assert all(w in line for w in words), line
+    assert "Extra inputs" not in line and not (tmp_path / "a").exists()
+
+
 def test_device_cuda_without_cuda_fails_before_running(tmp_path):
     import torch
 
