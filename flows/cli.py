@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_stage", choices=STAGES, metavar="STAGE",
                      help="recompute this stage and all after it (refreshing their cache): "
                           + ", ".join(STAGES))
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress display and only Prefect's warnings and errors: the "
+                          "result table and summary line still print")
     _runner_flags(run)
 
     serve = sub.add_parser(
@@ -335,6 +338,8 @@ def _user_api() -> str | None:
 def _run(args: argparse.Namespace) -> int:
     api_ready = _start_ephemeral_api()
     config = build_config(args)  # validated before anything starts
+    if args.quiet:  # read when Prefect is first imported, just below
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from tasks.models import resolve_device
 
     resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
@@ -347,7 +352,14 @@ def _run(args: argparse.Namespace) -> int:
     api_ready()
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}", flush=True)
     flow = with_task_runner(args.task_runner, args.dask_address)
-    state = flow(config, from_stage=args.from_stage, return_state=True)
+    # A live line while candidates train, on a terminal only (not in CI logs or pipes).
+    display = (TerminalProgress(len(config.all_candidates())).start()
+               if not args.quiet and sys.stderr.isatty() else None)
+    try:
+        state = flow(config, from_stage=args.from_stage, return_state=True)
+    finally:
+        if display is not None:
+            display.stop()
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException) or not state.is_completed():
         from tasks.stage import one_line
@@ -498,6 +510,68 @@ def _rerun(args: argparse.Namespace) -> int:
                                    f"{args.timeout:g} s; is its deployment served?")
             time.sleep(1.0)
     return 0
+
+
+class TerminalProgress:
+    """Training progress on the terminal: every ``every`` seconds while candidates train,
+    one line to standard error (elapsed time, candidates done, the ones in training with
+    their percent of epochs or folds). Fed by ``tasks.progress`` hooks, so the stages print
+    nothing themselves; candidates trained on Dask workers do not report here."""
+
+    def __init__(self, total: int, every: float = 2.0, out=None):
+        import threading
+
+        self.total, self.every, self.out = total, every, out or sys.stderr
+        self.fractions: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.started: float | None = None
+        self.thread = threading.Thread(target=self._loop, name="houseprice-progress",
+                                       daemon=True)
+        self.remove = lambda: None
+
+    def start(self) -> TerminalProgress:
+        from tasks.progress import add_hook
+
+        self.remove = add_hook(self.update)
+        self.thread.start()
+        return self
+
+    def update(self, candidate: str, fraction: float) -> None:
+        import time
+
+        with self.lock:
+            if self.started is None:
+                self.started = time.monotonic()
+            self.fractions[candidate] = max(fraction, self.fractions.get(candidate, 0.0))
+
+    def line(self) -> str | None:
+        """The current progress line, or None when nothing is training."""
+        import time
+
+        with self.lock:
+            if self.started is None:
+                return None
+            finished = sum(f >= 1.0 for f in self.fractions.values())
+            training = sorted((n, f) for n, f in self.fractions.items() if f < 1.0)
+            elapsed = time.monotonic() - self.started
+        if not training:
+            return None
+        shown = ", ".join(f"{n} {100 * f:.0f}%" for n, f in training[:4])
+        more = f" (+{len(training) - 4} more)" if len(training) > 4 else ""
+        return (f"houseprice: training {int(elapsed) // 60}:{int(elapsed) % 60:02d} · "
+                f"{finished} of {self.total} candidates trained · {shown}{more}")
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.every):
+            text = self.line()
+            if text is not None:
+                print(text, file=self.out, flush=True)
+
+    def stop(self) -> None:
+        self.remove()
+        self.done.set()
+        self.thread.join(timeout=5)
 
 
 def result_table(config, result: dict[str, Any], shown: int = 12) -> str:

@@ -27,6 +27,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
+from tasks import progress as progress_hooks
 from tasks.artifacts import ArtifactRef, is_complete, link_name, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
@@ -413,14 +414,17 @@ class _Progress:
     MIN_INTERVAL_S = 2.0
 
     def __init__(self, name: str):
+        self.name = name
         self.last = 0.0
         self.last_at = time.monotonic()
+        progress_hooks.report(name, 0.0)
         self.id = create_progress_artifact(
             progress=0.0, key=f"train-progress-{name}"[:64].rstrip("-"),
             description=f"K-fold training of {name}: percent of epochs (or folds) done",
         )
 
     def update(self, fraction: float) -> None:
+        progress_hooks.report(self.name, fraction)  # this process's terminal display, if any
         percent = round(100 * fraction, 1)
         now = time.monotonic()
         done = percent >= 100 > self.last

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tasks.artifacts import resolve
+from tasks.config import PROJECT_ROOT
 from tests.conftest import free_port, write_config
 
 
@@ -213,6 +214,7 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
     summary = last_line(proc.stdout)
     assert summary.startswith("houseprice: selected ")
     assert "2 x 3-fold out-of-fold log RMSE" in summary and "over repeats on all rows" in summary
+    assert "houseprice: training" not in proc.stderr + proc.stdout  # not a terminal: no progress
     # The result table before it: every candidate with its scores, the selection, the paths.
     import re
 
@@ -371,3 +373,74 @@ def test_a_killed_run_leaves_no_temporary_server(tmp_path):
             time.sleep(0.1)
     finally:
         proc.kill()
+
+
+def test_terminal_progress_line_lists_what_is_training():
+    import io
+    import time
+
+    from flows.cli import TerminalProgress
+    from tasks.progress import report
+
+    out = io.StringIO()
+    display = TerminalProgress(total=7, every=0.05, out=out).start()
+    try:
+        assert display.line() is None  # nothing training yet: nothing printed
+        report("lasso", 1.0)
+        for i in range(6):
+            report(f"mlp-{i:02d}", 0.4)
+        time.sleep(0.3)
+    finally:
+        display.stop()
+    report("late", 0.5)  # after stop: no hook, nothing recorded
+    line = display.line()
+    assert "1 of 7 candidates trained" in line and "mlp-00 40%" in line and "(+2 more)" in line
+    assert "late" not in line
+    assert out.getvalue().count("houseprice: training") >= 2
+
+
+def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_server,
+                                                               tmp_path):
+    """In a pseudo-terminal, ``houseprice run`` prints a progress line while candidates
+    train (every 2 s); the same run in a pipe prints none (see the end-to-end test)."""
+    import pty
+    import select
+    import time
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "HOUSEPRICE_DATA_URL": data_server.url,
+           "HOUSEPRICE_ARTIFACTS": str(tmp_path / "arts"),
+           "HOUSEPRICE_DATA_DIR": str(tmp_path / "cache")}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config",
+         str(write_config(tmp_path / "c.json")), "--epochs", "40"],
+        stdin=slave, stdout=slave, stderr=slave, env=env, cwd=PROJECT_ROOT, close_fds=True)
+    os.close(slave)
+    text, stamps, pending = b"", [], b""
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            text += data
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            stamps += [time.monotonic() for line in lines if b"houseprice: training" in line]
+    finally:
+        os.close(master)
+        proc.wait(timeout=60)
+    output = text.decode(errors="replace")
+    assert proc.returncode == 0, output[-2000:]
+    assert len(stamps) >= 2, output[-3000:]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert max(gaps) <= 5.0, gaps
+    assert "candidates trained" in output and "houseprice: selected" in output
