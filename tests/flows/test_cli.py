@@ -82,7 +82,7 @@ def test_a_field_of_another_kind_exits_2_naming_candidate_field_and_kind(tmp_pat
                       str(tmp_path / "a"))
     assert proc.returncode == 2, proc.stderr
     line = last_line(proc.stderr)
-    assert line.startswith("houseprice: error: invalid configuration: ")
+    assert line.startswith(f"houseprice: error: invalid configuration in {tmp_path / 'c.toml'}: ")
     assert all(w in line for w in words), line
     assert not (tmp_path / "a").exists()
 
