@@ -579,6 +579,7 @@ def result_table(config, result: dict[str, Any], shown: int = 12) -> str:
     all-rows score, its spread over repeats, the score without the outliers, blend weight,
     status), the selection, and where everything was written."""
     from tasks.artifacts import ArtifactRef
+    from tasks.folds import cv_label
 
     root = Path(config.artifacts_dir).resolve()
     model = ArtifactRef(root=str(root), stage="select", version=result["model_version"])
@@ -598,7 +599,8 @@ def result_table(config, result: dict[str, Any], shown: int = 12) -> str:
             "selected" if chosen else m["status"] + (f": {m['reason']}" if m.get("reason")
                                                      else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["", f"{_cv_name(config.train)} out-of-fold log RMSE, best first "
+    cv = cv_label(config.train.n_splits, config.train.repeats)
+    lines = ["", f"{cv} out-of-fold log RMSE, best first "
              f"({len(board)} entries; * = selected):"]
     lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths, strict=False)))
@@ -615,13 +617,9 @@ def result_table(config, result: dict[str, Any], shown: int = 12) -> str:
     return "\n".join(lines)
 
 
-def _cv_name(train) -> str:
-    """``5-fold``, or ``3 x 5-fold`` with repeats."""
-    return (f"{train.repeats} x {train.n_splits}-fold" if train.repeats > 1
-            else f"{train.n_splits}-fold")
-
-
 def _summary(config, result: dict[str, Any]) -> None:
+    from tasks.folds import cv_label
+
     parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
     promotion = result["promotion"]
     if promotion["basis"] == "same model":
@@ -634,7 +632,7 @@ def _summary(config, result: dict[str, Any]) -> None:
     print(
         f"houseprice: selected {result['selected']}"
         + (f" [{parts}]" if result["selected"] == "blend" else "")
-        + f" ({_cv_name(config.train)} out-of-fold log RMSE "
+        + f" ({cv_label(config.train.n_splits, config.train.repeats)} out-of-fold log RMSE "
         f"{result['oof_log_rmse_all']:.4f}"
         + (f" ± {spread:.4f} over repeats" if (spread := result.get("oof_log_rmse_all_spread"))
            is not None else "")

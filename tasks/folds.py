@@ -41,6 +41,11 @@ def make_folds(n_rows: int, n_splits: int, seed: int, scheme: str, repeats: int 
     return folds
 
 
+def cv_label(n_splits: int, repeats: int = 1) -> str:
+    """How a person names the cross-validation: ``5-fold``, or ``3 x 5-fold`` with repeats."""
+    return f"{repeats} x {n_splits}-fold" if repeats > 1 else f"{n_splits}-fold"
+
+
 def fit_rows(folds: list[tuple[np.ndarray, np.ndarray]], excluded: np.ndarray
              ) -> list[np.ndarray]:
     """Each fold's training rows without the ``excluded`` ``(n,) bool`` rows."""

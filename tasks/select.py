@@ -30,7 +30,8 @@ from scipy.optimize import nnls
 
 from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import CandidateConfig, SelectConfig, TrainConfig
-from tasks.kinds.base import rmse
+from tasks.folds import cv_label
+from tasks.kinds.base import oof_scores, rmse
 from tasks.stage import build_stage, stage_task_options
 from tasks.tensorize import FOLD_PREPROCESSORS
 
@@ -93,7 +94,7 @@ def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]
         for f in folds:
             v = f["valid_log_rmse"]
             name = (f"r{f['repeat'] + 1} fold {f['fold'] % per_repeat + 1}"
-                    if f.get("repeat", 0) or per_repeat < len(folds) else f"fold {f['fold'] + 1}")
+                    if per_repeat < len(folds) else f"fold {f['fold'] + 1}")
             row[name] = None if v is None else round(v, 5)
         row["blend weight"] = round(m["blend_weight"], 4) if "blend_weight" in m else None
         row["status"] = m.get("status", "ok") if m.get("reason") is None else (
@@ -131,8 +132,7 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
     """The markdown model card: what was chosen, its scores, every candidate, the lineage."""
     repeats = config.get("repeats", 1)
     k = config["n_splits"] * repeats
-    cv = (f"{repeats} x {config['n_splits']}-fold" if repeats > 1
-          else f"{config['n_splits']}-fold")
+    cv = cv_label(config["n_splits"], repeats)
     spread = chosen.get("oof_log_rmse_all_spread")
     if chosen["candidate"] == BLEND:
         title = "blend of " + ", ".join(f"{c['candidate']} ({c['weight']:.3f})"
@@ -202,23 +202,11 @@ def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on:
     pred = cross_fitted_blend(P, logy, fold, use, repeat)
     per_fold = [rmse(pred[fold == k], logy[fold == k]) for k in np.unique(fold)]
     weights = fit_blend(P[use], logy[use])
-    reps = np.unique(repeat)
-    per_repeat = {name: [rmse(pred[(repeat == r) & rows], logy[(repeat == r) & rows])
-                         for r in reps]
-                  for name, rows in (("all", np.ones(len(oof), bool)), ("clean", clean))}
     return {
         "candidate": BLEND, "kind": BLEND, "status": "ok", "reason": None,
         "mean_valid_log_rmse": float(np.mean(per_fold)),
         "std_valid_log_rmse": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
-        "oof_log_rmse_all": rmse(pred, logy), "oof_log_rmse_clean": rmse(pred[clean],
-                                                                          logy[clean]),
-        "repeats": len(reps),
-        "oof_log_rmse_all_per_repeat": per_repeat["all"],
-        "oof_log_rmse_clean_per_repeat": per_repeat["clean"],
-        "oof_log_rmse_all_spread": (float(np.std(per_repeat["all"], ddof=1))
-                                    if len(reps) > 1 else None),
-        "n_rows_all": int((repeat == reps[0]).sum()),
-        "n_rows_clean": int((clean & (repeat == reps[0])).sum()),
+        **oof_scores(pred, logy, repeat, clean),
         "folds": [{"fold": int(k), "repeat": int(repeat[fold == k][0]), "valid_log_rmse": v}
                   for k, v in zip(np.unique(fold), per_fold, strict=True)],
         "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},

@@ -14,6 +14,7 @@ import json
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +32,7 @@ from tasks import progress as progress_hooks
 from tasks.artifacts import ArtifactRef, is_complete, link_name, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
-from tasks.kinds.base import CVResult, rmse
+from tasks.kinds.base import CVResult, oof_scores
 from tasks.stage import (
     StageError,
     build_stage,
@@ -126,20 +127,16 @@ def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
     repeat's predictions (each row once per repeat), with each repeat's own and their
     spread."""
     valid = np.array(cv.valid_log_rmse)
-    oof_all = cv.oof_log_price  # (repeats, n)
-    scored = ~np.isnan(oof_all)
     ok = cv.diverged is None and bool(np.isfinite(valid).all())
-    logy_r = np.broadcast_to(logy, oof_all.shape)
-
-    def oof(rows: np.ndarray) -> float | None:
-        return rmse(oof_all[rows], logy_r[rows]) if ok else None
-
-    def per_repeat(rows: np.ndarray) -> list[float] | None:
-        return [rmse(p[r], logy[r]) for p, r in zip(oof_all, rows, strict=True)] if ok else None
-
-    clean = scored & ~outliers
-    repeats_all = per_repeat(scored)
-    n_splits = len(cv.folds) // len(oof_all)
+    R, n = cv.oof_log_price.shape
+    with warnings.catch_warnings():  # a diverged candidate's predictions may be inf or none
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scores = oof_scores(cv.oof_log_price.reshape(-1), np.tile(logy, R),
+                            np.repeat(np.arange(R), n), np.tile(~outliers, R))
+    if not ok:  # a diverged candidate has no scores, only its row counts
+        scores = {k: v if k.startswith("n_rows") or k == "repeats" else None
+                  for k, v in scores.items()}
+    n_splits = len(cv.folds) // R
     return {
         "candidate": spec.name,
         "kind": spec.kind,
@@ -149,17 +146,9 @@ def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
         "std_valid_log_rmse": float(valid.std(ddof=1)) if ok and len(valid) > 1 else
         (0.0 if ok else None),
         "mean_train_log_rmse": float(np.mean(cv.train_log_rmse)) if ok else None,
-        "oof_log_rmse_all": oof(scored),
-        "oof_log_rmse_clean": oof(clean),
-        "repeats": len(oof_all),
-        "oof_log_rmse_all_per_repeat": repeats_all,
-        "oof_log_rmse_clean_per_repeat": per_repeat(clean),
-        # spread of the all-rows score over repeats: how far a choice between two candidates
-        # can be trusted (None with one repeat)
-        "oof_log_rmse_all_spread": (float(np.std(repeats_all, ddof=1))
-                                    if ok and len(oof_all) > 1 else None),
-        "n_rows_all": int(scored[0].sum()),
-        "n_rows_clean": int(clean[0].sum()),
+        # all rows and without the outliers, per repeat, and the spread over repeats: how far
+        # a choice between two candidates can be trusted
+        **scores,
         "folds": [
             {"fold": k, "repeat": k // n_splits, "train_log_rmse": tr if ok else None,
              "valid_log_rmse": va if ok else None}

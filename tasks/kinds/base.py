@@ -40,6 +40,26 @@ def rmse(pred_log_price: np.ndarray, log_price_true: np.ndarray) -> float:
     return float(np.sqrt(np.mean((pred_log_price - log_price_true) ** 2)))
 
 
+def oof_scores(pred: np.ndarray, logy: np.ndarray, repeat: np.ndarray, clean: np.ndarray
+               ) -> dict[str, Any]:
+    """Out-of-fold scores of ``pred (m,)``, one log-price prediction per row and repeat (NaN:
+    the row is in no fold), against ``logy (m,)``; ``repeat (m,)`` says each one's repeat,
+    ``clean (m,)`` that its row is no outlier. The log RMSE over all of them and without the
+    outliers, each repeat's own, the spread of the all-rows one over repeats (None with one
+    repeat), and the rows per repeat."""
+    scored = ~np.isnan(pred)
+    reps = np.unique(repeat)
+    out: dict[str, Any] = {"repeats": len(reps)}
+    for name, rows in (("all", scored), ("clean", scored & clean)):
+        out[f"oof_log_rmse_{name}"] = rmse(pred[rows], logy[rows])
+        out[f"oof_log_rmse_{name}_per_repeat"] = [
+            rmse(pred[rows & (repeat == r)], logy[rows & (repeat == r)]) for r in reps]
+        out[f"n_rows_{name}"] = int((rows & (repeat == reps[0])).sum())
+    per = out["oof_log_rmse_all_per_repeat"]
+    out["oof_log_rmse_all_spread"] = float(np.std(per, ddof=1)) if len(reps) > 1 else None
+    return out
+
+
 @dataclass
 class CVResult:
     """One candidate's K-fold cross-validation."""

@@ -283,7 +283,6 @@ def test_temporary_api_that_cannot_start_is_one_clear_line(tmp_path):
 def test_book_config_reproduces_the_books_recipe(prefect_api, data_server, tmp_path):
     import json
 
-    from tasks.config import PROJECT_ROOT
 
     arts = tmp_path / "arts"
     proc = houseprice("run", "--config", str(PROJECT_ROOT / "configs" / "book.toml"),
