@@ -55,7 +55,15 @@ def _config_flags() -> argparse.ArgumentParser:
     p.add_argument("--fold-scheme", choices=["shuffled", "contiguous"],
                    help="'contiguous' = the book's unshuffled folds")
     p.add_argument("--target", choices=["log", "raw"], help="'raw' = the book's raw price")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where torch candidates train (default auto: CUDA when present)")
+    p.add_argument("--final", choices=["ensemble", "refit"],
+                   help="each component's final model: its fold models averaged (default) "
+                        "or one model fitted on all rows (fewer trees and networks: faster "
+                        "to predict)")
+    p.add_argument("--min-rows-per-s", type=float, metavar="RATE",
+                   help="select only candidates and blends that predict at least this many "
+                        "rows/s (measured at select time)")
     return p
 
 
@@ -117,12 +125,15 @@ def _parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="batch-predict a CSV or Parquet file")
     pred.add_argument("input", metavar="INPUT", help="raw rows shaped like the Kaggle test file")
     pred.add_argument("--out", required=True, metavar="FILE",
-                      help="where to write Id,SalePrice ('-': standard output; the drift "
+                      help="where to write Id,SalePrice: CSV, or Parquet for a .parquet "
+                           "name ('-': CSV on standard output; the drift "
                            "summary then goes to standard error)")
     pred.add_argument("--model", default="production", metavar="VERSION",
                       help="select-stage version, 'production' (default) or 'latest'")
     pred.add_argument("--artifacts", metavar="DIR", help="artifact root (env HOUSEPRICE_ARTIFACTS)")
-    pred.add_argument("--chunk-size", type=int, default=50_000, metavar="ROWS")
+    pred.add_argument("--chunk-size", type=int, default=50_000, metavar="ROWS",
+                      help="rows read and predicted at a time: memory is bounded by it "
+                           "(default 50000)")
 
     score = sub.add_parser("score", help="run the scoring flow once: score every file of an "
                                          "inbox with the production model")
@@ -187,6 +198,8 @@ def build_config(args: argparse.Namespace):
     put("train", "target", args.target)
     put("train", "device", args.device)
     put("preprocess", "fit_on", args.fit_on)
+    put("select", "final", args.final)
+    put("select", "min_rows_per_s", args.min_rows_per_s)
     try:
         config = PipelineConfig.model_validate(data)
         return config.with_epochs(args.epochs) if args.epochs is not None else config
@@ -703,18 +716,18 @@ def _make_feed(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from tasks.artifacts import resolve
+    from tasks.batch import load_model, predict_file
     from tasks.config import default_artifacts_dir
-    from tasks.predict import FittedModel, predict_file
 
     if args.chunk_size <= 0:
         raise ValueError("--chunk-size must be a positive number of rows")
     ref = resolve(args.artifacts or default_artifacts_dir(), "select", args.model)
-    model = FittedModel.load(ref.file("model.pt"))
+    model = load_model(ref)
 
     def warn(msg: str) -> None:
         print(f"houseprice: warning: {msg}", file=sys.stderr)
 
-    what = f"(model {ref.version}: {model.metrics['candidate']})"
+    what = f"(model {ref.version}: {model.describe})"
     if args.out != "-":
         stats = predict_file(model, Path(args.input), Path(args.out), args.chunk_size, warn)
         print(f"houseprice: wrote {stats['rows']} predictions to {args.out} {what}")
@@ -723,7 +736,7 @@ def _predict(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from tasks.predict import drift_path
+    from tasks.batch import drift_path
 
     with tempfile.TemporaryDirectory(prefix="houseprice-predict-") as tmp:
         out = Path(tmp) / "predictions.csv"

@@ -196,6 +196,14 @@ class SelectConfig(_Frozen):
         "all", description="rows the out-of-fold log RMSE that picks the model is taken on: "
         "'all' uses every row (what a user meets), 'clean' leaves out the two outliers",
     )
+    final: Literal["ensemble", "refit"] = Field(
+        "ensemble", description="the final model of each component: 'ensemble' = its fold "
+        "models averaged (each read through its own fold's preprocessor), 'refit' = one model "
+        "fitted on all rows (the book's train_and_pred; far fewer trees and networks to "
+        "predict with)")
+    min_rows_per_s: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="leave out candidates, and blend components, whose final model "
+        "predicts slower than this (rows/s measured at select time on this machine)")
 
 
 class PromoteConfig(_Frozen):

@@ -53,9 +53,9 @@ def _champion_predictions(champion: ArtifactRef, raw: ArtifactRef, ids: np.ndarr
                           ) -> np.ndarray:
     """The champion's log-price prediction ``(len(ids),) float64`` of the training rows
     ``ids`` of this run's data, through its own preprocessor."""
-    from tasks.predict import FittedModel
+    from tasks.batch import load_model
 
-    model = FittedModel.load(champion.file("model.pt"))
+    model = load_model(champion)
     rows = read_csv(raw.file("train.csv")).set_index(ID).loc[ids].reset_index()
     return model.predict_frame(rows)[0]
 
@@ -174,7 +174,7 @@ def _predictions_of(root: str, model_version: str) -> str | None:
 def promote_by_hand(root: str, version: str, reason: str = "promoted by hand") -> dict:
     """Make select ``version`` production (it must be intact and loadable), logged."""
     from tasks.artifacts import resolve
-    from tasks.predict import FittedModel
+    from tasks.batch import load_model
 
     root = str(Path(root).resolve())
     try:
@@ -187,7 +187,7 @@ def promote_by_hand(root: str, version: str, reason: str = "promoted by hand") -
                 "no models yet: run 'houseprice run' first")
         raise ArtifactError(f"no intact model {version} under {root} ({hint}); see "
                             "'houseprice models'") from None
-    FittedModel.load(ref.file("model.pt"))  # refuses an unreadable or old-format checkpoint
+    load_model(ref)  # refuses an unreadable or old-format model
     entry = {"action": "promote", "model": ref.version, "reason": reason,
              "predictions": _predictions_of(root, ref.version),
              "data_version": ref.manifest()["metrics"].get("data_version")}

@@ -18,9 +18,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from tasks.artifacts import ArtifactRef, is_complete, resolve, write_json
+from tasks.batch import load_model, predict_file
 from tasks.config import ScoreConfig
 from tasks.download import SourceFile, fetch_source, source_folder
-from tasks.predict import FittedModel, predict_file
 from tasks.sources import SourceError, list_source
 from tasks.stage import build_stage, failing_as, stage_task_options, stage_version
 
@@ -51,7 +51,7 @@ def score(model: ArtifactRef, file: SourceFile, chunk_size: int, out_dir: Path,
           warn=print) -> dict[str, Any]:
     """Predict every row of ``file`` into ``predictions.csv`` (``Id,SalePrice``), with its
     drift summary in ``drift.json``."""
-    fitted = FittedModel.load(model.file("model.pt"))
+    fitted = load_model(model)
     # predict_file names errors after the input path; the inbox file's name says more.
     local = Path(file.path)
     drift = predict_file(fitted, local, out_dir / "predictions.csv", chunk_size, warn)

@@ -29,16 +29,16 @@ from prefect import task
 from scipy.optimize import nnls
 
 from tasks.artifacts import ArtifactRef, write_json
+from tasks.checkpoint import CHECKPOINT_FORMAT, FittedModel
 from tasks.config import CandidateConfig, SelectConfig, TrainConfig
 from tasks.folds import cv_label
 from tasks.kinds.base import oof_scores, rmse
+from tasks.plan import compile_plan, rows_per_s
+from tasks.preprocess import read_csv
 from tasks.stage import build_stage, stage_task_options
 from tasks.tensorize import FOLD_PREPROCESSORS
 
 STAGE = "select"
-# /3: candidates are kinds (each component's model_config holds only its kind's fields, and
-# its members are loaded by the kind); /2 checkpoints held the old flat config.
-CHECKPOINT_FORMAT = "houseprice-checkpoint/4"
 BLEND = "blend"
 
 
@@ -97,6 +97,7 @@ def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]
                     if per_repeat < len(folds) else f"fold {f['fold'] + 1}")
             row[name] = None if v is None else round(v, 5)
         row["blend weight"] = round(m["blend_weight"], 4) if "blend_weight" in m else None
+        row["predict rows/s"] = m.get("predict_rows_per_s")
         row["status"] = m.get("status", "ok") if m.get("reason") is None else (
             f"{m['status']}: {m['reason']}")
         rows.append(row)
@@ -127,6 +128,10 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
+def _rate(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.0f}"
+
+
 def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
                board: list[dict[str, Any]], config: dict[str, Any], lin: dict[str, Any]) -> str:
     """The markdown model card: what was chosen, its scores, every candidate, the lineage."""
@@ -134,14 +139,25 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
     k = config["n_splits"] * repeats
     cv = cv_label(config["n_splits"], repeats)
     spread = chosen.get("oof_log_rmse_all_spread")
+    refit = config.get("select.final") == "refit"
+    each = ("fitted once on all rows (select.final = refit)" if refit
+            else f"the ensemble of its {k} fold models")
     if chosen["candidate"] == BLEND:
         title = "blend of " + ", ".join(f"{c['candidate']} ({c['weight']:.3f})"
                                         for c in components)
         how = (f"Final model: a non-negative blend (weights fitted on out-of-fold predictions) "
-               f"of the components below, each the ensemble of its {k} fold models.")
+               f"of the components below, each {each}.")
     else:
         title = chosen["candidate"]
-        how = f"Final model: the ensemble of its {k} fold models, averaged in log space."
+        how = (f"Final model: {each}" + ("." if refit else ", averaged in log space."))
+    if chosen.get("oof_log_rmse_all_mean_of_repeats") is not None and repeats > 1:
+        how += (f" Averaging each row's {repeats} out-of-fold predictions (an ensemble of "
+                f"{repeats} models, none of which saw the row) scores "
+                f"{_fmt(chosen['oof_log_rmse_all_mean_of_repeats'])} on all rows: what "
+                "ensembling fold models gains over one model.")
+    if chosen.get("predict_rows_per_s"):
+        how += (f" Predicts {chosen['predict_rows_per_s']:,} rows/s (measured at select "
+                "time, one process).")
     lines = [
         f"# Selected model: {title}",
         "",
@@ -168,13 +184,14 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
         "## Candidates (best first)",
         "",
         "| candidate | mean ± std valid log RMSE | OOF all rows (± over repeats) "
-        "| OOF w/o outliers | blend weight | status |",
-        "|---|---|---|---|---|---|",
+        "| OOF w/o outliers | blend weight | predict rows/s | status |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {m['candidate']} | {_fmt(m['mean_valid_log_rmse'])} ± "
           f"{_fmt(m['std_valid_log_rmse'])} | {_fmt(m['oof_log_rmse_all'])}"
           + (f" ± {_fmt(m['oof_log_rmse_all_spread'])}"
              if m.get("oof_log_rmse_all_spread") is not None else "") + " | "
           f"{_fmt(m['oof_log_rmse_clean'])} | {_fmt(m.get('blend_weight'))} | "
+          f"{_rate(m.get('predict_rows_per_s'))} | "
           f"{m['status']}{': ' + m['reason'] if m.get('reason') else ''} |" for m in board],
         "",
         "## Lineage",
@@ -237,10 +254,83 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
         if not all(f[c].equals(oof[c]) for c in ("Id", "repeat", "fold") if c in oof):
             raise ValueError("candidates were trained on different rows or folds; rerun the "
                              "train stage")
+    models = {n: torch.load(refs[n].file("models.pt"), weights_only=True) for n in names}
+    if select.final == "refit":
+        stale = [n for n in names if models[n].get("refit") is None]
+        if stale:
+            raise ValueError(f"select.final = 'refit', but train artifacts of {stale} hold no "
+                             "model fitted on all rows; rerun from train ('houseprice run "
+                             "--from train')")
+    first = refs[names[0]]
+    tensorized = ArtifactRef(root=first.root, **first.manifest()["upstream"]["data"])
+    preprocessor_ref = ArtifactRef(
+        root=first.root, **tensorized.manifest()["upstream"]["preprocessor"]
+    )
+    preprocessor = json.loads(preprocessor_ref.file("preprocessor.json").read_text())
+    # With per-fold preprocessing, fold k's models read rows through fold k's preprocessor.
+    per_fold = tensorized.file(FOLD_PREPROCESSORS)
+    fold_preprocessors = (json.loads(per_fold.read_text())["preprocessors"]
+                          if per_fold.is_file() and select.final == "ensemble" else None)
+    raw = ArtifactRef(root=first.root, **preprocessor_ref.manifest()["upstream"]["raw"])
+    timing_rows = read_csv(raw.file("train.csv")).drop(columns=["SalePrice"])
+
+    def checkpoint(weights: dict[str, float], chosen: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "target": config.target,
+            "n_features": len(preprocessor["feature_names"]),
+            "final": select.final,
+            # [{candidate, weight, model_config, folds: [{members: [...]}]}]: fold members
+            # are averaged in log space, then components weighted, at predict time.
+            "components": [
+                {"candidate": n, "weight": w, "model_config": specs[n].model_dump(mode="json"),
+                 "folds": ([{"members": models[n]["refit"]}] if select.final == "refit"
+                           else models[n]["folds"])}
+                for n, w in weights.items() if w > 0],
+            "preprocessor": preprocessor,
+            "fold_preprocessors": fold_preprocessors,
+            "metrics": chosen,
+        }
+
+    speed: dict[tuple, float] = {}  # plans of one shape predict at one speed: timed once
+
+    def rows_per_s_of(weights: dict[str, float]) -> float:
+        plan = compile_plan(FittedModel(checkpoint(weights)))
+        key = plan.signature()
+        if key not in speed:
+            speed[key] = rows_per_s(plan, timing_rows)
+        return speed[key]
+
+    for m in healthy:
+        m["predict_rows_per_s"] = round(rows_per_s_of({m["candidate"]: 1.0}))
+    floor = select.min_rows_per_s
+    pool = [m for m in healthy if floor is None or m["predict_rows_per_s"] >= floor]
+    for m in healthy:
+        if m not in pool:
+            m["reason"] = (f"predicts {m['predict_rows_per_s']:,} rows/s, under "
+                           f"select.min_rows_per_s = {floor:,.0f}")
+    if not pool:
+        raise ValueError(f"no candidate predicts at select.min_rows_per_s = {floor:,.0f} "
+                         "rows/s or faster: " + ", ".join(
+                             f"{m['candidate']} {m['predict_rows_per_s']:,}" for m in healthy)
+                         + "; lower it, or add faster candidates (linear kinds)")
     board = leaderboard(metrics, select.on)
-    chosen = board[0]
-    if len(healthy) > 1:
-        blend = blend_metrics(P, names, oof, select.on)
+    chosen = leaderboard(pool, select.on)[0]
+    use = [m["candidate"] for m in pool]
+    blend = None
+    while len(use) > 1:
+        cols = [names.index(n) for n in use]
+        blend = blend_metrics(P[:, cols], use, oof, select.on)
+        blend["predict_rows_per_s"] = round(rows_per_s_of(blend["weights"]))
+        if floor is None or blend["predict_rows_per_s"] >= floor:
+            break
+        # Too slow: leave out the slowest component and fit the blend again.
+        parts = [n for n, w in blend["weights"].items() if w > 0]
+        use.remove(min(parts, key=lambda n: next(m["predict_rows_per_s"] for m in pool
+                                                if m["candidate"] == n)))
+        blend = None
+    if blend is not None:
         for m in metrics:
             m["blend_weight"] = blend["weights"].get(m["candidate"], 0.0)
         if blend[key] < chosen[key]:
@@ -261,47 +351,28 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             fold=("fold", "first"), pred_log_price=("pred_log_price", "mean"),
             outlier=("outlier", "first"), log_price=("log_price", "first"))
     chosen_rows.to_parquet(out_dir / "oof.parquet", index=False)
-    components = [
-        {"candidate": n, "weight": w, "model_config": specs[n].model_dump(mode="json"),
-         "folds": torch.load(refs[n].file("models.pt"), weights_only=True)["folds"]}
-        for n, w in weights.items() if w > 0
-    ]
-    first = refs[components[0]["candidate"]]
-    tensorized = ArtifactRef(root=first.root, **first.manifest()["upstream"]["data"])
-    preprocessor_ref = ArtifactRef(
-        root=first.root, **tensorized.manifest()["upstream"]["preprocessor"]
-    )
-    preprocessor = json.loads(preprocessor_ref.file("preprocessor.json").read_text())
-    # With per-fold preprocessing, fold k's models read rows through fold k's preprocessor.
-    per_fold = tensorized.file(FOLD_PREPROCESSORS)
-    fold_preprocessors = (json.loads(per_fold.read_text())["preprocessors"]
-                          if per_fold.is_file() else None)
+    # An ensemble of the repeats' models, scored where none of them saw the row: what the
+    # averaging of fold models gains over one model (the 'refit' estimate is the plain one).
+    chosen["oof_log_rmse_all_mean_of_repeats"] = rmse(
+        chosen_rows["pred_log_price"].to_numpy(), chosen_rows["log_price"].to_numpy())
     lin = lineage(first)
     lin["train"] = sorted(r.version for r in trained)
     # Each train version's candidate, so the card and checkpoint name what the hashes are.
     lin["train_candidates"] = {ref.version: name for name, ref in sorted(refs.items())}
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "target": config.target,
-            "n_features": len(preprocessor["feature_names"]),
-            # [{candidate, weight, model_config, folds: [{members: [...]}]}]: fold members
-            # are averaged in log space, then components weighted, at predict time.
-            "components": components,
-            "preprocessor": preprocessor,
-            "fold_preprocessors": fold_preprocessors,
-            "metrics": chosen,
-            "lineage": lin,
-        },
-        out_dir / "model.pt",
-    )
+    final = checkpoint(weights, chosen)
+    components = final["components"]
+    torch.save({**final, "lineage": lin}, out_dir / "model.pt")
+    plan = compile_plan(FittedModel(final))
+    plan.save(out_dir)
     write_json(out_dir / "leaderboard.json",
                {"leaderboard": board, "table": fold_table(board, chosen["candidate"])})
     card_components = [{k: c[k] for k in ("candidate", "weight", "model_config")}
                        for c in components]
     (out_dir / "model_card.md").write_text(
         model_card(chosen, card_components, board,
-                   {**config.version_params(), "select.on": select.on}, lin)
+                   {**config.version_params(), "select.on": select.on,
+                    "select.final": select.final,
+                    "select.min_rows_per_s": select.min_rows_per_s}, lin)
     )
     return {"selected": chosen["candidate"], "data_version": lin["data_version"],
             "n_rows": len(oof),
@@ -313,6 +384,9 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             "repeats": config.repeats,
             "oof_log_rmse_all_spread": chosen.get("oof_log_rmse_all_spread"),
             "select_on": select.on,
+            "final": select.final,
+            "predict_rows_per_s": chosen.get("predict_rows_per_s"),
+            "oof_log_rmse_all_mean_of_repeats": chosen["oof_log_rmse_all_mean_of_repeats"],
             "diverged": [m["candidate"] for m in metrics if m["status"] != "ok"]}
 
 

@@ -32,7 +32,7 @@ from tasks import progress as progress_hooks
 from tasks.artifacts import ArtifactRef, is_complete, link_name, write_json
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
-from tasks.kinds.base import CVResult, oof_scores
+from tasks.kinds.base import CVResult, oof_scores, refit_members
 from tasks.stage import (
     StageError,
     build_stage,
@@ -75,14 +75,15 @@ _PLOT_LOCK = threading.Lock()
 _FIT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="houseprice-fit")
 
 
-def _fit(fn: Callable[[], Any], what: str, log: Callable[[str], None]) -> Any:
+def _fit(fn: Callable[[], Any], what: str, log: Callable[[str], None],
+         done: str = "cross-validated") -> Any:
     """``fn()`` on the fit thread; its result (or its exception) here. Logs how long the fit
     itself took (a task's duration also holds its wait for the fit thread)."""
 
     def timed() -> Any:
         start = time.perf_counter()
         out = fn()
-        log(f"{what}: cross-validated in {time.perf_counter() - start:.1f} s")
+        log(f"{what}: {done} in {time.perf_counter() - start:.1f} s")
         return out
 
     return _FIT_THREAD.submit(timed).result()
@@ -166,7 +167,9 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     m, X, outliers, excluded = _rows(data, config)
     cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
               candidate.name, log)
-    return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log)
+    refit = _fit(lambda: candidate.refit(m.X, m.y, config, np.flatnonzero(~excluded)),
+                 candidate.name, log, "refitted on all rows")
+    return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log, refit)
 
 
 def _rows(data: ArtifactRef, config: TrainConfig):
@@ -182,9 +185,11 @@ def _rows(data: ArtifactRef, config: TrainConfig):
 
 def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: CandidateConfig,
                    config: TrainConfig, cv: CVResult, out_dir: Path,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """A candidate's train artifact from its cross-validation: ``models.pt``, ``metrics.json``,
-    ``oof.parquet``, ``folds.json`` and, for epoch-trained kinds, ``learning_curves.png``."""
+                   log: Callable[[str], None] = print,
+                   refit: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A candidate's train artifact from its cross-validation: ``models.pt`` (the fold
+    models, and ``refit``: the model fitted on all rows), ``metrics.json``, ``oof.parquet``,
+    ``folds.json`` and, for epoch-trained kinds, ``learning_curves.png``."""
     metrics = candidate_metrics(candidate, cv, np.log(m.y), outliers)
     if metrics["status"] == "ok":
         for f in metrics["folds"]:
@@ -194,8 +199,8 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
                 f"{f['valid_log_rmse']:.4f}")
     else:
         log(f"{candidate.name}: diverged: {metrics['reason']}")
-    torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members]},
-               out_dir / "models.pt")
+    torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members],
+                "refit": refit}, out_dir / "models.pt")
     # One row per (repeat, Id): ``fold`` numbers the folds over all repeats (repeat-major).
     rows = [(k, k // config.n_splits, va) for k, (_, va) in enumerate(cv.folds)]
     pd.DataFrame({
@@ -273,13 +278,17 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme,
                            config.repeats)
         fitted = fit_rows(folds, excluded)
+        names = ", ".join(c.name for c in todo)
         cvs = _fit(lambda: cross_validate_group(todo, X, m.y, config, folds, fitted,
-                                                progress), ", ".join(c.name for c in todo), log)
-        for c, cv in zip(todo, cvs, strict=True):
+                                                progress), names, log)
+        refits = _fit(lambda: refit_members(todo, m.X, m.y, config,
+                                            np.flatnonzero(~excluded)),
+                      names, log, "refitted on all rows")
+        for c, cv, refit in zip(todo, cvs, refits, strict=True):
             ref = build_stage(
                 STAGE, root, {"data": data, "candidate": c, "config": config},
-                lambda out, c=c, cv=cv: write_artifact(m, outliers, excluded, c, config, cv,
-                                                       out, log), force=force)
+                lambda out, c=c, cv=cv, refit=refit: write_artifact(
+                    m, outliers, excluded, c, config, cv, out, log, refit), force=force)
             link_name(ref, c.name)
     return refs
 

@@ -60,6 +60,21 @@ def oof_scores(pred: np.ndarray, logy: np.ndarray, repeat: np.ndarray, clean: np
     return out
 
 
+def refit_members(specs: list[CandidateConfig], X: np.ndarray, y: np.ndarray,
+                  train: TrainConfig, rows: np.ndarray) -> list[list[dict[str, Any]]]:
+    """Each of ``specs`` (one kind; torch kinds of one group) fitted once on ``rows``: one
+    fold whose validation rows are its training rows (their score is not used)."""
+    one = train.model_copy(update={"repeats": 1})
+    fold = [(rows, rows)]
+    if len(specs) > 1 or hasattr(specs[0], "group_key"):
+        from tasks.kinds.torch_net import cross_validate_group
+
+        cvs = cross_validate_group(specs, X, y, one, fold, [rows], lambda f: None)
+    else:
+        cvs = [specs[0].cross_validate(X, y, one, fold, [rows], lambda f: None)]
+    return [cv.members[0] for cv in cvs]
+
+
 @dataclass
 class CVResult:
     """One candidate's K-fold cross-validation."""
@@ -100,6 +115,13 @@ class CandidateConfig(Frozen):
     def load_member(self, member: dict[str, Any], n_features: int, target: str) -> Member:
         """A member saved by ``cross_validate`` back as a predictor."""
         raise NotImplementedError
+
+    def refit(self, X: np.ndarray, y: np.ndarray, train: TrainConfig, rows: np.ndarray
+              ) -> list[dict[str, Any]]:
+        """The model(s) of one fold fitted on ``rows`` of the all-rows features ``X (n, d)``,
+        as saved: the final model when ``select.final = "refit"`` (the book's
+        ``train_and_pred``), fitted exactly as a fold model is."""
+        return refit_members([self], X, y, train, rows)[0]
 
     @property
     def epochs_field(self) -> bool:

@@ -163,3 +163,61 @@ def test_each_fold_model_reads_rows_through_its_own_folds_preprocessor(model, tr
             pred = np.mean([m.log_price(X) for m in fold_members], axis=0)
             fold = oof[oof["fold"] == k].set_index(ID)  # numbered over all repeats
             np.testing.assert_allclose(pred, fold.loc[rows[ID], "pred_log_price"], rtol=1e-5)
+
+
+def test_csv_and_parquet_written_by_pyarrow_predict_the_same(model, real_data, tmp_path):
+    """One missing-value rule for both formats: the Kaggle test file converted with
+    pyarrow's own CSV reader (which keeps "NA" in text columns as the text "NA") predicts
+    exactly as the CSV does, with the same drift counted."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    test_csv = real_data / "kaggle_house_pred_test.csv"
+    pq.write_table(pacsv.read_csv(test_csv), tmp_path / "in.parquet")
+    warned_csv, warned_pq = [], []
+    d_csv = predict_file(model, test_csv, tmp_path / "csv.csv", warn=warned_csv.append)
+    d_pq = predict_file(model, tmp_path / "in.parquet", tmp_path / "pq.csv",
+                        warn=warned_pq.append)
+    a, b = pd.read_csv(tmp_path / "csv.csv"), pd.read_csv(tmp_path / "pq.csv")
+    pd.testing.assert_frame_equal(a, b, rtol=1e-12)
+    assert d_csv == d_pq and len(warned_csv) == len(warned_pq)
+    assert d_csv["unseen_categories"] == {"MSSubClass": 1}  # not 7,549 "NA" categories
+
+
+def test_parquet_output_holds_the_same_predictions(model, real_data, tmp_path):
+    test_csv = real_data / "kaggle_house_pred_test.csv"
+    predict_file(model, test_csv, tmp_path / "out.csv")
+    predict_file(model, test_csv, tmp_path / "out.parquet", chunk_size=300)
+    # (other chunk sizes: float32 matrix products may round differently, ~1e-9)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"),
+                                  pd.read_csv(tmp_path / "out.csv"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_duplicate_ids_are_an_error_naming_them_and_nothing_is_written(model, real_data,
+                                                                       tmp_path, fmt):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(50)
+    raw.loc[40, "Id"] = raw.loc[3, "Id"]
+    path = tmp_path / f"in.{fmt}"
+    raw.to_csv(path, index=False) if fmt == "csv" else raw.to_parquet(path)
+    with pytest.raises(DataError, match=rf"1 Id value.*more than once: {raw.loc[3, 'Id']};"):
+        predict_file(model, path, tmp_path / "out.csv", chunk_size=20)  # across chunks
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_row_without_an_id_is_an_error_naming_the_row(model, real_data, tmp_path):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(30)
+    raw["Id"] = raw["Id"].astype("Int64")
+    raw.loc[12, "Id"] = pd.NA
+    raw.to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(DataError, match="1 row.*no Id.*data row 13"):
+        predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_an_empty_parquet_file_with_the_wrong_columns_is_an_error(model, tmp_path):
+    pd.DataFrame({"Id": pd.Series([], dtype="int64"),
+                  "Color": pd.Series([], dtype="str")}).to_parquet(tmp_path / "in.parquet")
+    with pytest.raises(DataError, match="in.parquet lacks .* column"):
+        predict_file(model, tmp_path / "in.parquet", tmp_path / "out.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]

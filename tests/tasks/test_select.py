@@ -40,7 +40,8 @@ def test_leaderboard_ranks_by_oof_score_and_puts_diverged_last():
     table = fold_table(board, chosen="b")
     assert table[0]["selected"] == "yes" and table[0]["fold 2"] == 0.14
     assert list(table[0]) == ["candidate", "selected", "oof all rows", "oof w/o outliers",
-                              "mean", "std", "fold 1", "fold 2", "blend weight", "status"]
+                              "mean", "std", "fold 1", "fold 2", "blend weight",
+                              "predict rows/s", "status"]
     assert table[0]["mean"] == 0.12 and table[0]["oof all rows"] == 0.12
     assert [r["selected"] for r in table] == ["yes", "", "", ""]
     assert table[3]["status"] == "diverged: nan at epoch 3" and table[3]["mean"] is None

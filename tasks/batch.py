@@ -1,0 +1,271 @@
+"""Batch prediction: raw Kaggle-shaped rows -> ``Id,SalePrice`` (Kaggle's format), CSV or
+Parquet in and out.
+
+One reader for both formats and one rule for missing values, the one training uses (pandas'
+``read_csv``): an empty field or one of pandas' missing-value strings ("NA", "None", ...) is
+missing, whether it came from a CSV file or a Parquet file's text column. Rows are read with
+pyarrow in record batches of ``chunk_size`` rows, the next batch read on a thread while the
+current one is predicted, and the output written as it goes to a temporary file renamed into
+place at the end: memory is bounded by the chunk size, not the file size, and a failed run
+leaves nothing behind. Pure: no Prefect, no torch (the model is the compiled plan).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from tasks.artifacts import ArtifactRef, write_json
+from tasks.features import ID, DataError, Preprocessor, _numeric
+from tasks.plan import PLAN_JSON, Plan
+
+HEADER = "Id,SalePrice\n"
+# pandas' default missing-value strings (``pandas.read_csv``'s ``na_values``), which the
+# training rows are read with.
+NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+              "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+_NA = pa.array(NA_STRINGS, pa.string())
+
+
+def load_model(ref: ArtifactRef) -> Any:
+    """The model of a select artifact: its compiled plan (plain arrays), or, for a version
+    written before plans, the plan compiled from its checkpoint."""
+    if ref.file(PLAN_JSON).is_file():
+        return Plan.load(ref.path)
+    from tasks.checkpoint import FittedModel
+    from tasks.plan import compile_plan
+
+    return compile_plan(FittedModel.load(ref.file("model.pt")))
+
+
+def _string_typed(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)))
+
+
+def normalize(table: pa.Table) -> pa.Table:
+    """Missing-value strings in text columns -> null (the one rule, whatever the format)."""
+    for i, f in enumerate(table.schema):
+        if _string_typed(f.type):
+            col = table.column(i).cast(pa.string())
+            table = table.set_column(i, f.name, pc.if_else(pc.is_in(col, _NA), None, col))
+    return table
+
+
+def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``rows`` rows (the last one fewer) from batches of any size."""
+    held: list[pa.RecordBatch] = []
+    n = 0
+    for batch in batches:
+        held.append(batch)
+        n += batch.num_rows
+        while n >= rows:
+            table = pa.Table.from_batches(held)
+            yield table.slice(0, rows)
+            rest = table.slice(rows)
+            held, n = rest.to_batches(), rest.num_rows
+    if n:
+        yield pa.Table.from_batches(held)
+
+
+def open_rows(path: Path, pre: Preprocessor, chunk_size: int
+              ) -> tuple[list[str], Iterator[pa.Table]]:
+    """The column names of a CSV or Parquet file and its rows, ``chunk_size`` at a time."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    text = set(pre.raw_dtypes())
+    if suffix == ".csv":
+        if path.stat().st_size == 0:
+            raise DataError(f"{path} is empty: expected at least a header line")
+        types = {c: (pa.string() if c in text else pa.float64()) for c in pre.columns_}
+        try:
+            reader = pacsv.open_csv(
+                path, read_options=pacsv.ReadOptions(block_size=1 << 24),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=types, null_values=NA_STRINGS, strings_can_be_null=True))
+        except pa.ArrowInvalid as exc:
+            raise _csv_error(path, pre, exc) from None
+        names = reader.schema.names
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                yield from reader
+            except pa.ArrowInvalid as exc:
+                raise _csv_error(path, pre, exc) from None
+
+        return names, _rebatch(batches(), chunk_size)
+    if suffix in (".parquet", ".pq"):
+        try:
+            f = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"cannot read {path} as Parquet: {exc}") from None
+        return f.schema_arrow.names, (pa.Table.from_batches([b]) for b in
+                                      f.iter_batches(batch_size=chunk_size))
+    raise DataError(f"cannot read {path}: use a .csv or .parquet file")
+
+
+def _csv_error(path: Path, pre: Preprocessor, exc: Exception) -> DataError:
+    """Arrow's conversion error as the one-line error training gives: the column and the
+    first bad value with its row's Id (found again with pandas; this is the error path)."""
+    import pandas as pd
+
+    if "conversion error" in str(exc):
+        for chunk in pd.read_csv(path, chunksize=100_000, dtype=pre.raw_dtypes()):
+            for col in pre.columns_:
+                if col in chunk.columns and col not in pre.raw_dtypes():
+                    _numeric(chunk, col)  # raises the DataError naming column and Id
+    return DataError(f"cannot read {path} as CSV: {str(exc).splitlines()[0]}")
+
+
+def _prefetch(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """``chunks``, the next one read on a thread while the caller works on this one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="houseprice-read") as pool:
+        ahead = pool.submit(next, chunks, None)
+        while (chunk := ahead.result()) is not None:
+            ahead = pool.submit(next, chunks, None)
+            yield chunk
+
+
+class _Writer:
+    """``Id,SalePrice`` rows as CSV or Parquet (by the output's suffix)."""
+
+    def __init__(self, path: Path, parquet: bool):
+        self.path, self.parquet, self.pq = path, parquet, None
+        if not parquet:
+            self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+            self.fh.write(HEADER.encode())
+
+    def write(self, ids: pa.Array, price: np.ndarray) -> None:
+        table = pa.table({ID: ids, "SalePrice": pa.array(price, pa.float64())})
+        if self.parquet:
+            if self.pq is None:
+                self.pq = pq.ParquetWriter(self.path, table.schema)
+            self.pq.write_table(table)
+        else:
+            pacsv.write_csv(table, self.fh, pacsv.WriteOptions(include_header=False))
+
+    def close(self, ids_type: pa.DataType) -> None:
+        if self.parquet:
+            if self.pq is None:  # no rows: an empty file with the columns
+                pq.write_table(pa.table({ID: pa.array([], ids_type),
+                                         "SalePrice": pa.array([], pa.float64())}), self.path)
+            else:
+                self.pq.close()
+        else:
+            self.fh.close()
+
+
+def _check_ids(ids: list[np.ndarray], path: Path) -> None:
+    """Every row has an Id, and no Id is there twice (predictions are keyed by it)."""
+    if not ids:
+        return
+    every = np.concatenate(ids)
+    values, counts = np.unique(every, return_counts=True)
+    dup = values[counts > 1]
+    if len(dup):
+        shown = ", ".join(str(v) for v in dup[:5]) + (f" (and {len(dup) - 5} more)"
+                                                      if len(dup) > 5 else "")
+        raise DataError(f"{path}: {len(dup)} Id value(s) appear more than once: {shown}; "
+                        "each row needs its own Id")
+
+
+def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
+                 chunk_size: int = 50_000, warn: Callable[[str], None] = print
+                 ) -> dict[str, Any]:
+    """Write ``Id,SalePrice`` for every row of ``input_path`` to ``out_path`` (Parquet when
+    it ends in .parquet or .pq, else CSV), and the drift summary beside it. ``model`` is a
+    ``Plan`` (or the reference ``FittedModel``): anything with ``preprocessor`` and
+    ``predict_frame``."""
+    input_path, out_path = Path(input_path), Path(out_path)
+    pre = model.preprocessor
+    names, chunks = open_rows(input_path, pre, chunk_size)
+    missing = [c for c in [ID, *pre.columns_] if c not in names]
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise DataError(f"{input_path} lacks {len(missing)} column(s): {shown}; it must have "
+                        "the Kaggle test file's columns")
+    extra = [c for c in names if c not in pre.columns_ and c != ID]
+    wanted = [ID, *pre.columns_]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = _Writer(tmp, out_path.suffix.lower() in (".parquet", ".pq"))
+    rows, drifted, unseen, seen_ids = 0, 0, Counter(), []
+    out_of_range, imputed = Counter(), Counter()
+    ids_type = pa.int64()
+    try:
+        try:
+            for table in _prefetch(chunks):
+                table = normalize(table.select(wanted))
+                ids = table.column(ID).combine_chunks()
+                ids_type = ids.type
+                if ids.null_count:
+                    first = rows + int(np.flatnonzero(ids.is_null().to_numpy(
+                        zero_copy_only=False))[0]) + 1
+                    raise DataError(f"{input_path}: {ids.null_count} row(s) have no Id (the "
+                                    f"first is data row {first}); give every row an Id")
+                seen_ids.append(ids.to_numpy(zero_copy_only=False))
+                log_price, report = model.predict_frame(
+                    table.to_pandas(types_mapper=_pandas_type))
+                unseen.update(report.unseen)
+                out_of_range.update(report.out_of_range)
+                drifted += report.rows_drifted
+                imputed.update(report.missing)
+                writer.write(ids, np.exp(log_price))
+                rows += table.num_rows
+        finally:
+            writer.close(ids_type)
+        _check_ids(seen_ids, input_path)
+        # Keyed by the user's own columns; what the model derives from them (total floor
+        # area, ages, quality scores) is reported apart, as it is no column of their file.
+        own = set(pre.columns_)
+        out_of_range_own = {c: n for c, n in out_of_range.items() if c in own}
+        drift = {"rows": rows, "rows_drifted": drifted,
+                 "share_drifted": drifted / rows if rows else 0.0,
+                 "out_of_training_range": out_of_range_own,
+                 "imputed_missing": {c: n for c, n in imputed.items() if c in own},
+                 "unseen_categories": dict(unseen),
+                 "derived_features": {
+                     "out_of_training_range": {c: n for c, n in out_of_range.items()
+                                               if c not in own},
+                     "imputed_missing": {c: n for c, n in imputed.items() if c not in own}},
+                 "ignored_columns": extra}
+        write_json(drift_path(out_path), drift)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if extra:
+        warn(f"{input_path}: ignored {len(extra)} column(s) not used by the model: "
+             f"{', '.join(extra[:10])}")
+    if unseen:
+        warn(f"{input_path}: {sum(unseen.values())} value(s) in categories unseen in training, "
+             f"encoded as all zeros: {dict(unseen)}")
+    if out_of_range_own:
+        warn(f"{input_path}: {sum(out_of_range_own.values())} numeric value(s) outside the "
+             f"training range, predicted anyway: {out_of_range_own}; see "
+             f"{drift_path(out_path).name}")
+    return drift
+
+
+def _pandas_type(t: pa.DataType) -> Any:
+    """Text as pandas' Arrow-backed strings (no copy into Python objects)."""
+    import pandas as pd
+
+    return pd.StringDtype("pyarrow") if pa.types.is_string(t) else None
+
+
+def drift_path(out_path: Path) -> Path:
+    """Where the drift summary of predictions written to ``out_path`` goes (beside them)."""
+    return out_path.with_name(out_path.stem + ".drift.json")

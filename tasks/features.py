@@ -1,0 +1,389 @@
+"""The book's preprocessing (standardize numerics, one-hot categoricals) and its switches:
+fitted on rows, applied to any rows. Pure: no Prefect, so ``houseprice predict`` loads fast.
+
+Numeric columns are standardized with mean and std (ddof=1, as pandas' ``std``), then missing
+values become 0 (the mean). Categorical columns are one-hot encoded with a missing-value
+indicator, categories sorted. Statistics and categories are fitted on the training rows by
+default; ``fit_on="train+test"`` reproduces the book (which leaks test statistics).
+
+Under pandas 3 text columns have dtype ``str``, not ``object``, so the book's
+``dtypes != 'object'`` test would call every column numeric; we ask pandas whether a column
+is numeric instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from tasks.config import PreprocessConfig
+
+
+ID = "Id"
+TARGET = "SalePrice"
+FORMAT = "houseprice-preprocessor/2"
+
+
+# The sale date moves forward by itself: new listings are sold after every training row, so
+# being out of its training range is not drift (still counted per column in the report).
+TIME_COLUMNS = frozenset({"YrSold", "MoSold"})
+
+
+class DataError(ValueError):
+    """Input rows that cannot be used, with what is wrong and where."""
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a raw Kaggle-shaped CSV ('NA' is missing, as in the book)."""
+    path = Path(path)
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty: expected a header and rows") from None
+
+
+def validate_training_frame(df: pd.DataFrame, source: str = "training data",
+                            expected: list[str] | None = None) -> None:
+    """Raise DataError unless ``df`` has unique Ids, a positive numeric SalePrice, every
+    ``expected`` feature column, no all-empty column, and no stray text in a numeric column.
+    Messages list the offending columns or rows."""
+    missing = [c for c in (ID, TARGET) if c not in df.columns]
+    if missing:
+        raise DataError(f"{source} lacks column(s) {', '.join(missing)}")
+    if len(df) == 0:
+        raise DataError(f"{source} has a header but no rows")
+    absent = [c for c in (expected or []) if c not in df.columns]
+    if absent:
+        raise DataError(f"{source} lacks feature column(s) {', '.join(absent)} that the test "
+                        "file has; supply the full Kaggle training file")
+    empty = [c for c in df.columns if df[c].isna().all()]
+    if empty:
+        raise DataError(f"{source}: column(s) {', '.join(empty)} have no values at all; "
+                        "fill them or drop them from both files")
+    for col in df.columns:
+        if col in (ID, TARGET) or pd.api.types.is_numeric_dtype(df[col]):
+            continue
+        values = df[col].dropna().astype("string").str.strip()
+        parsed = pd.to_numeric(values, errors="coerce")
+        # A column that is numbers but for a few entries: stray text, not a category.
+        if parsed.notna().mean() >= 0.9 and parsed.isna().any():
+            pos = parsed.index[parsed.isna()][0]
+            raise DataError(f"{source}: column {col} is numeric but has {values[pos]!r} at "
+                            f"Id={df.loc[pos, ID]}; fix or blank that value")
+    if not pd.api.types.is_numeric_dtype(df[TARGET]):
+        bad = pd.to_numeric(df[TARGET], errors="coerce").isna() & df[TARGET].notna()
+        row = df.loc[bad, ID].iloc[0]
+        raise DataError(f"{source}: {TARGET} is not numeric (first bad row Id={row})")
+    bad = ~(df[TARGET] > 0)
+    if bad.any():
+        ids = df.loc[bad, ID].head(5).tolist()
+        raise DataError(f"{source}: {TARGET} must be positive; bad rows Id={ids}")
+    dup = df[ID].duplicated()
+    if dup.any():
+        raise DataError(f"{source}: duplicate Id values {df.loc[dup, ID].head(5).tolist()}")
+
+
+# Quality/condition scales of the Ames data (De Cock's documentation); NA = no such thing.
+QUALITY_SCALE = {"Po": 1, "Fa": 2, "TA": 3, "Gd": 4, "Ex": 5}
+ORDINAL_COLUMNS = ("ExterQual", "ExterCond", "BsmtQual", "BsmtCond", "HeatingQC", "KitchenQual",
+                   "FireplaceQu", "GarageQual", "GarageCond", "PoolQC")
+# Well-known derived features: name -> (weights of the source columns), missing counted as 0.
+DERIVED_SUMS = {
+    "TotalSF": {"TotalBsmtSF": 1.0, "1stFlrSF": 1.0, "2ndFlrSF": 1.0},
+    "TotalBath": {"FullBath": 1.0, "HalfBath": 0.5, "BsmtFullBath": 1.0, "BsmtHalfBath": 0.5},
+    "TotalPorchSF": {"OpenPorchSF": 1.0, "EnclosedPorch": 1.0, "3SsnPorch": 1.0,
+                     "ScreenPorch": 1.0, "WoodDeckSF": 1.0},
+    "HouseAge": {"YrSold": 1.0, "YearBuilt": -1.0},
+    "RemodAge": {"YrSold": 1.0, "YearRemodAdd": -1.0},
+}
+
+
+@dataclass
+class TransformReport:
+    """What ``transform`` saw that a person should know about (counts per column)."""
+
+    unseen: dict[str, int] = field(default_factory=dict)  # categories unseen in training
+    out_of_range: dict[str, int] = field(default_factory=dict)  # numerics outside train range
+    missing: dict[str, int] = field(default_factory=dict)  # numerics imputed
+    rows_drifted: int = 0  # rows with an out-of-range numeric (but the sale date) or unseen
+    # category
+
+
+@dataclass
+class Encoded:
+    """A chunk of rows, engineered and encoded (see ``Preprocessor.encode``)."""
+
+    n: int
+    numeric: dict[str, np.ndarray]  # column -> (n,) float64, NaN where missing
+    # column -> (n,) int64 position among the categories; len(categories) = missing,
+    # len(categories) + 1 = a value never seen in training
+    codes: dict[str, np.ndarray]
+    report: TransformReport
+
+
+def column_map(col: str, encoded_as: list[str], own: list[str], at: dict[str, int]
+               ) -> np.ndarray:
+    """For a categorical column encoded against ``encoded_as``: where each code's one-hot
+    column sits among the features ``at`` (name -> index) of a preprocessor whose categories
+    are ``own``; -1 for a category it never saw, and for an unseen value."""
+    known = set(own)
+    where = [at[f"{col}_{c}"] if c in known else -1 for c in encoded_as]
+    return np.array([*where, at[f"{col}_nan"], -1], dtype=np.int64)
+
+
+@dataclass
+class Preprocessor:
+    """Feature switches, then standardize numerics and one-hot categoricals; ``fit`` learns,
+    ``transform`` applies.
+
+    Fitted state (attributes ending in ``_``) round-trips through ``to_dict``/``from_dict``
+    as plain JSON, so a saved model never needs pickle.
+    """
+
+    log1p_skewed: bool = False
+    skew_threshold: float = 0.75
+    derived: bool = False
+    ordinal: bool = False
+    as_category: tuple[str, ...] = ()
+    numeric_: dict[str, tuple[float, float]] = field(default_factory=dict)  # col -> (mean, std)
+    range_: dict[str, tuple[float, float]] = field(default_factory=dict)  # col -> (min, max)
+    log1p_: list[str] = field(default_factory=list)  # numeric columns taken log1p first
+    categories_: dict[str, list[str]] = field(default_factory=dict)
+    columns_: list[str] = field(default_factory=list)  # raw feature columns, in order
+
+    def _engineer(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Raw feature columns -> the columns that get encoded (a new frame; ``df`` is not
+        changed): derived sums, ordinal scores, numeric codes as text categories."""
+        out = df.drop(columns=[c for c in (ID, TARGET) if c in df.columns])
+        extra: dict[str, Any] = {}
+        if self.derived:
+            for name, parts in DERIVED_SUMS.items():
+                if all(c in out.columns for c in parts):
+                    extra[name] = sum(w * np.nan_to_num(_numeric(df, c)) for c, w in parts.items())
+        if self.ordinal:
+            scale = list(QUALITY_SCALE)
+            for col in ORDINAL_COLUMNS:
+                if col in out.columns:
+                    codes = category_codes(out[col], scale).astype(np.float64) + 1.0
+                    codes[codes == 0] = np.nan  # an unknown grade: imputed like a missing one
+                    codes[out[col].isna().to_numpy()] = 0.0  # NA: there is none
+                    extra[f"{col}Score"] = codes
+        for col in self.as_category:
+            if col in out.columns:
+                # Codes, not quantities: 60 and 60.0 (a float column) must be the same text.
+                values = pd.Series(_numeric(df, col), index=out.index)
+                extra[col] = values.round().astype("Int64").astype("string")
+        if extra:
+            out = out.drop(columns=[c for c in extra if c in out.columns])
+            out = pd.concat([out, pd.DataFrame(extra, index=out.index)], axis=1)
+        return out
+
+    def fit(self, frames: Iterable[pd.DataFrame]) -> Preprocessor:
+        """Learn statistics from the feature columns of ``frames`` (no Id, no SalePrice)."""
+        raw = pd.concat(list(frames), ignore_index=True)
+        self.columns_ = [c for c in raw.columns if c not in (ID, TARGET)]
+        features = self._engineer(raw)
+        self.numeric_, self.categories_, self.range_, self.log1p_ = {}, {}, {}, []
+        for col in features.columns:
+            values = features[col]
+            if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+                x = values.to_numpy(dtype=np.float64, na_value=np.nan)
+                lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+                self.range_[col] = (lo, hi)
+                # Right skew only: log1p compresses the long right tail, and would stretch a
+                # left-skewed column's tail further (basement quality: skew -1.29 -> -3.61).
+                if (self.log1p_skewed and lo >= 0
+                        and float(pd.Series(x).skew()) > self.skew_threshold):
+                    self.log1p_.append(col)
+                    x = np.log1p(x)
+                std = float(pd.Series(x).std())
+                # A constant (or single-valued) column: keep it at 0 rather than divide by 0.
+                self.numeric_[col] = (float(np.nanmean(x)), std if std > 0 else 1.0)
+            else:
+                self.categories_[col] = sorted(values.dropna().astype(str).unique().tolist())
+        return self
+
+    @property
+    def feature_names_(self) -> list[str]:
+        names = list(self.numeric_)
+        for col, cats in self.categories_.items():
+            names += [f"{col}_{c}" for c in cats] + [f"{col}_nan"]
+        return names
+
+    def unfitted(self) -> Preprocessor:
+        """A new preprocessor with this one's switches, not fitted (for a fold's rows)."""
+        return Preprocessor(log1p_skewed=self.log1p_skewed, skew_threshold=self.skew_threshold,
+                            derived=self.derived, ordinal=self.ordinal,
+                            as_category=self.as_category)
+
+    def layout_index(self, names: list[str]) -> np.ndarray:
+        """Where each of this preprocessor's features sits among ``names`` (the all-rows
+        preprocessor's features: a fold's are a subset, as its rows hold a subset of the
+        categories)."""
+        at = {name: j for j, name in enumerate(names)}
+        missing = [f for f in self.feature_names_ if f not in at]
+        if missing:
+            raise DataError(f"features {missing[:5]} are not in the model's feature list")
+        return np.array([at[f] for f in self.feature_names_], dtype=np.int64)
+
+    def transform_as(self, df: pd.DataFrame, names: list[str]) -> np.ndarray:
+        """``transform``, laid out as the features ``names``: a category this preprocessor
+        never saw is a column of zeros, as an unseen category is."""
+        return self.features(self.encode(df), self.categories_, names)
+
+    def missing_columns(self, df: pd.DataFrame) -> list[str]:
+        return [c for c in self.columns_ if c not in df.columns]
+
+    def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, TransformReport]:
+        """Features of ``df`` as ``(n_rows, n_features) float32``, and a report of unseen
+        categories (encoded as all zeros), out-of-range and imputed numerics."""
+        enc = self.encode(df)
+        return self.features(enc, self.categories_, self.feature_names_), enc.report
+
+    def encode(self, df: pd.DataFrame) -> Encoded:
+        """Raw rows -> their engineered numerics (float64, NaN where missing) and each
+        categorical's codes among this preprocessor's categories, with the drift report: the
+        step every preprocessor fitted with the same switches shares (a fold's categories
+        are a subset of the all-rows ones, so one encoding serves every fold)."""
+        missing = self.missing_columns(df)
+        if missing:
+            raise DataError(f"input lacks column(s) {', '.join(missing)}")
+        features = self._engineer(df)
+        report = TransformReport()
+        n = len(df)
+        drifted = np.zeros(n, dtype=bool)  # rows with any out-of-range or unseen value
+        numeric: dict[str, np.ndarray] = {}
+        for col in self.numeric_:
+            values = _numeric(features, col, ids=df.get(ID))
+            lo, hi = self.range_.get(col, (-np.inf, np.inf))
+            outside = (values < lo) | (values > hi)
+            if col not in TIME_COLUMNS:
+                drifted |= outside
+            if n_out := int(outside.sum()):
+                report.out_of_range[col] = n_out
+            if n_nan := int(np.isnan(values).sum()):
+                report.missing[col] = n_nan
+            numeric[col] = values
+        codes: dict[str, np.ndarray] = {}
+        for col, cats in self.categories_.items():
+            raw = features[col]
+            present = raw.notna().to_numpy()
+            code = category_codes(raw, cats)
+            unseen = present & (code < 0)
+            if n_unseen := int(unseen.sum()):
+                report.unseen[col] = n_unseen
+                drifted |= unseen
+            code[~present] = len(cats)  # the missing-value indicator
+            code[unseen] = len(cats) + 1  # no column: all zeros
+            codes[col] = code
+        report.rows_drifted = int(drifted.sum())
+        return Encoded(n=n, numeric=numeric, codes=codes, report=report)
+
+    def numeric_feature(self, col: str, values: np.ndarray) -> np.ndarray:
+        """One numeric column's feature: log1p (if chosen), standardized, missing -> 0."""
+        mean, std = self.numeric_[col]
+        if col in self.log1p_:
+            values = np.log1p(np.clip(values, 0.0, None))
+        return np.nan_to_num((values - mean) / std, nan=0.0)
+
+    def features(self, enc: Encoded, categories: dict[str, list[str]],
+                 names: list[str]) -> np.ndarray:
+        """This preprocessor's features of ``enc`` (encoded against ``categories``, this
+        one's or a superset), laid out as ``names`` ``(n, len(names)) float32``."""
+        at = {name: j for j, name in enumerate(names)}
+        # Feature-major while filling (each feature a contiguous row), transposed at the end.
+        out = np.zeros((len(names), enc.n), dtype=np.float32)
+        for col in self.numeric_:
+            out[at[col]] = self.numeric_feature(col, enc.numeric[col])
+        rows = np.arange(enc.n)
+        for col, cats in self.categories_.items():
+            where = column_map(col, categories[col], cats, at)
+            pos = where[enc.codes[col]]
+            hit = pos >= 0
+            out[pos[hit], rows[hit]] = 1.0
+        return np.ascontiguousarray(out.T)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "options": {"log1p_skewed": self.log1p_skewed, "skew_threshold": self.skew_threshold,
+                        "derived": self.derived, "ordinal": self.ordinal,
+                        "as_category": list(self.as_category)},
+            "columns": self.columns_,
+            "numeric": {c: {"mean": m, "std": s, "min": self.range_[c][0],
+                            "max": self.range_[c][1], "log1p": c in self.log1p_}
+                        for c, (m, s) in self.numeric_.items()},
+            "categorical": self.categories_,
+            "feature_names": self.feature_names_,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
+        if d.get("format") != FORMAT:
+            raise DataError(f"not a {FORMAT} preprocessor (format={d.get('format')!r})")
+        opts = d["options"]
+        return cls(
+            log1p_skewed=opts["log1p_skewed"], skew_threshold=opts["skew_threshold"],
+            derived=opts["derived"], ordinal=opts["ordinal"],
+            as_category=tuple(opts["as_category"]),
+            numeric_={c: (v["mean"], v["std"]) for c, v in d["numeric"].items()},
+            range_={c: (v["min"], v["max"]) for c, v in d["numeric"].items()},
+            log1p_=[c for c, v in d["numeric"].items() if v["log1p"]],
+            categories_={c: list(v) for c, v in d["categorical"].items()},
+            columns_=list(d["columns"]),
+        )
+
+    def raw_dtypes(self) -> dict[str, str]:
+        """dtypes to read raw files with, so a chunk never guesses a category is a number."""
+        return {c: "string" for c in self.categories_ if c in self.columns_}
+
+
+def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
+    """``(n,) int64`` position of each value's text in ``categories``; -1 for missing or
+    unseen values (a vectorized lookup in Arrow, not a Python loop)."""
+    arr = pa.array(values.astype("string[pyarrow]"), type=pa.string())  # no copy if Arrow
+    codes = pc.index_in(arr, value_set=pa.array(categories, type=pa.string()))
+    return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _numeric(df: pd.DataFrame, col: str, ids: pd.Series | None = None) -> np.ndarray:
+    """``df[col]`` as float64 (NaN where missing); text that is not a number is an error
+    naming the column and the first bad row (by Id when known)."""
+    values = df[col]
+    if ids is None and ID in df.columns:
+        ids = df[ID]
+    if pd.api.types.is_numeric_dtype(values):
+        return values.to_numpy(dtype=np.float64, na_value=np.nan)
+    parsed = pd.to_numeric(values, errors="coerce")
+    bad = parsed.isna() & values.notna() & (values.astype("string").str.strip() != "")
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        where = f"Id={ids.iloc[pos]}" if ids is not None else f"row {pos + 1}"
+        raise DataError(
+            f"column {col} must be numeric but has {str(values.iloc[pos])!r} at {where}"
+        )
+    return parsed.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def fit_preprocessor(train: pd.DataFrame, test: pd.DataFrame | None = None,
+                     config: PreprocessConfig | None = None) -> Preprocessor:
+    """Fit on ``train`` (and ``test`` too when given: the book's recipe). Without a config,
+    the book's plain standardize/one-hot."""
+    frames = [train] if test is None else [train, test]
+    opts = {} if config is None else config.model_dump(exclude={"fit_on", "per_fold"})
+    return Preprocessor(**opts).fit(frames)
+
+
+def load_preprocessor(path: Path) -> Preprocessor:
+    return Preprocessor.from_dict(json.loads(Path(path).read_text()))
+
+

@@ -1,0 +1,104 @@
+"""The compiled inference plan predicts what the checkpoint's members predict one by one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.checkpoint import CHECKPOINT_FORMAT, FittedModel
+from tasks.config import TrainConfig, candidate
+from tasks.features import DataError, Preprocessor
+from tasks.folds import make_folds
+from tasks.plan import PLAN_ARRAYS, Plan, compile_plan
+from tests.tasks.test_kinds import MINIMAL
+
+OPTIONS = {"log1p_skewed": True, "derived": True, "ordinal": True,
+           "as_category": ("MSSubClass", "MoSold")}
+
+
+@pytest.fixture(scope="module")
+def kaggle(real_data):
+    train = pd.read_csv(real_data / "kaggle_house_pred_train.csv")
+    test = pd.read_csv(real_data / "kaggle_house_pred_test.csv")
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def fitted(kaggle):
+    """Every kind cross-validated on the real rows, 3 folds, each fold's own preprocessor;
+    and each refitted on all rows."""
+    train, _ = kaggle
+    pre = Preprocessor(**OPTIONS).fit([train])
+    X, _ = pre.transform(train)
+    folds = make_folds(len(train), 3, 0, "shuffled")
+    fold_pres = [pre.unfitted().fit([train.iloc[rows]]) for rows, _ in folds]
+    Xs = np.stack([p.transform_as(train, pre.feature_names_) for p in fold_pres])
+    cfg = TrainConfig(repeats=1, n_splits=3, seed=0)
+    y = train["SalePrice"].to_numpy(float)
+    out = {}
+    for kind, (fields, _) in MINIMAL.items():
+        spec = candidate(name=kind, kind=kind, **fields)
+        cv = spec.cross_validate(Xs, y, cfg, folds, [tr for tr, _ in folds], lambda f: None)
+        refit = spec.refit(X, y, cfg, np.arange(len(y)))
+        out[kind] = (spec, cv.members, refit)
+    return pre, fold_pres, out
+
+
+def _checkpoint(pre, fold_pres, parts, refit=False):
+    return {
+        "format": CHECKPOINT_FORMAT, "target": "log", "n_features": len(pre.feature_names_),
+        "components": [{"candidate": spec.name, "weight": w,
+                        "model_config": spec.model_dump(mode="json"),
+                        "folds": [{"members": r}] if refit else [{"members": m} for m in mem]}
+                       for w, (spec, mem, r) in parts],
+        "preprocessor": pre.to_dict(),
+        "fold_preprocessors": None if refit else [p.to_dict() for p in fold_pres],
+        "metrics": None,
+    }
+
+
+@pytest.mark.parametrize("refit", [False, True], ids=["ensemble", "refit"])
+@pytest.mark.parametrize("kind", [*sorted(MINIMAL), "blend"])
+def test_plan_equals_the_members_predicted_one_by_one(fitted, kaggle, kind, refit, tmp_path):
+    """For every kind and a blend of all of them, with each fold's own preprocessor or one
+    refit: the compiled plan, saved and loaded back, predicts the Kaggle test rows as the
+    reference path does (each member on its own, averaged) to 1e-6 relative in price."""
+    pre, fold_pres, out = fitted
+    _, test = kaggle
+    parts = ([(w, out[k]) for w, k in zip(np.linspace(0.05, 0.2, len(out)), sorted(out),
+                                          strict=True)]
+             if kind == "blend" else [(1.0, out[kind])])
+    reference = FittedModel(_checkpoint(pre, fold_pres, parts, refit))
+    compile_plan(reference).save(tmp_path)
+    plan = Plan.load(tmp_path)
+    want, want_report = reference.predict_frame(test)
+    got, report = plan.predict_frame(test)
+    np.testing.assert_allclose(np.exp(got), np.exp(want), rtol=1e-6)
+    assert report == want_report and report.unseen  # the same drift seen
+    linear = kind in ("linear", "lasso", "ridge", "enet") or kind == "blend"
+    assert bool(plan.linear_num) == linear  # linear members collapsed, not walked
+    if kind in ("linear", "lasso", "ridge", "enet"):
+        assert not plan.members  # no feature matrix is built at all
+
+
+def test_a_plan_holding_an_object_array_is_refused(fitted, tmp_path):
+    pre, fold_pres, out = fitted
+    compile_plan(FittedModel(_checkpoint(pre, fold_pres, [(1.0, out["hgb"])]))).save(tmp_path)
+    with np.load(tmp_path / PLAN_ARRAYS) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["m0_value"] = np.array([{"__reduce__": "os.system"}], dtype=object)
+    np.savez(tmp_path / PLAN_ARRAYS, **arrays)
+    with pytest.raises(DataError, match="not a plain-array plan.*rerun select"):
+        Plan.load(tmp_path)
+
+
+def test_a_plan_of_another_format_is_refused(fitted, tmp_path):
+    pre, fold_pres, out = fitted
+    compile_plan(FittedModel(_checkpoint(pre, fold_pres, [(1.0, out["lasso"])]))).save(tmp_path)
+    spec = json.loads((tmp_path / "plan.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps({**spec, "format": "houseprice-plan/0"}))
+    with pytest.raises(DataError, match="houseprice-plan/0.*rerun select"):
+        Plan.load(tmp_path)
