@@ -36,6 +36,7 @@ HEADER = "Id,SalePrice\n"
 NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
               "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 _NA = pa.array(NA_STRINGS, pa.string())
+_DICT = pa.dictionary(pa.int32(), pa.string())
 
 
 def load_model(ref: ArtifactRef) -> Any:
@@ -55,12 +56,30 @@ def _string_typed(t: pa.DataType) -> bool:
 
 
 def normalize(table: pa.Table) -> pa.Table:
-    """Missing-value strings in text columns -> null (the one rule, whatever the format)."""
+    """Missing-value strings in text columns -> null (the one rule, whatever the format).
+    Dictionary-encoded text stays encoded: only the dictionary is looked at."""
     for i, f in enumerate(table.schema):
         if _string_typed(f.type):
-            col = table.column(i).cast(pa.string())
-            table = table.set_column(i, f.name, pc.if_else(pc.is_in(col, _NA), None, col))
+            table = table.set_column(i, f.name, pa.chunked_array(
+                [_null_na(a) for a in table.column(i).chunks], _text_type(f.type)))
     return table
+
+
+def _text_type(t: pa.DataType) -> pa.DataType:
+    return pa.dictionary(t.index_type, pa.string()) if pa.types.is_dictionary(t) else pa.string()
+
+
+def _null_na(arr: pa.Array) -> pa.Array:
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.cast(pa.string())
+        return pc.if_else(pc.is_in(arr, _NA), None, arr)
+    words = arr.dictionary.cast(pa.string())
+    na = np.flatnonzero(pc.is_in(words, _NA).to_numpy(zero_copy_only=False))
+    indices = arr.indices
+    if len(na):
+        hit = pc.is_in(indices, pa.array(na, indices.type))
+        indices = pc.if_else(hit, None, indices)
+    return pa.DictionaryArray.from_arrays(indices, words)
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -89,7 +108,7 @@ def open_rows(path: Path, pre: Preprocessor, chunk_size: int
     if suffix == ".csv":
         if path.stat().st_size == 0:
             raise DataError(f"{path} is empty: expected at least a header line")
-        types = {c: (pa.string() if c in text else pa.float64()) for c in pre.columns_}
+        types = {c: (_DICT if c in text else pa.float64()) for c in pre.columns_}
         try:
             reader = pacsv.open_csv(
                 path, read_options=pacsv.ReadOptions(block_size=1 << 24),
@@ -108,7 +127,9 @@ def open_rows(path: Path, pre: Preprocessor, chunk_size: int
         return names, _rebatch(batches(), chunk_size)
     if suffix in (".parquet", ".pq"):
         try:
-            f = pq.ParquetFile(path)
+            names = pq.read_schema(path).names
+            # Text read dictionary-encoded: each distinct value looked up once per chunk.
+            f = pq.ParquetFile(path, read_dictionary=[c for c in names if c in text])
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"cannot read {path} as Parquet: {exc}") from None
         return f.schema_arrow.names, (pa.Table.from_batches([b]) for b in

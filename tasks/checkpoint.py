@@ -24,10 +24,10 @@ READABLE_FORMATS = ("houseprice-checkpoint/3", CHECKPOINT_FORMAT)
 
 class FittedModel:
     """A loaded checkpoint: the preprocessor and its components (a single candidate, or a
-    weighted blend), each the average of its fold models in log space. Each component's kind
-    loads its own members. With per-fold preprocessing each fold model reads the rows through
-    its own fold's preprocessor (as it was trained and scored); the all-rows preprocessor
-    then only checks columns and reports drift."""
+    weighted blend), each the average of its fold models in log space, or (a ``refit``
+    component) one model fitted on all rows. Each component's kind loads its own members.
+    With per-fold preprocessing each fold model reads the rows through its own fold's
+    preprocessor (as it was trained and scored); a refit one, and drift, the all-rows one."""
 
     def __init__(self, checkpoint: dict[str, Any], source: str = "the checkpoint"):
         if checkpoint.get("format") not in READABLE_FORMATS:
@@ -37,7 +37,8 @@ class FittedModel:
         self.target = checkpoint["target"]
         self.preprocessor = Preprocessor.from_dict(checkpoint["preprocessor"])
         self.metrics = checkpoint["metrics"]
-        self.components: list[tuple[float, CandidateConfig, list[list[Member]]]] = []
+        # (weight, config, members per fold, refit: fitted on all rows)
+        self.components: list[tuple[float, CandidateConfig, list[list[Member]], bool]] = []
         for comp in checkpoint["components"]:
             try:
                 spec = candidate(**comp["model_config"])
@@ -47,13 +48,14 @@ class FittedModel:
                                 "select ('houseprice run --from select')") from None
             folds = [[spec.load_member(m, checkpoint["n_features"], self.target)
                       for m in fold["members"]] for fold in comp["folds"]]
-            self.components.append((comp["weight"], spec, folds))
+            self.components.append((comp["weight"], spec, folds, bool(comp.get("refit"))))
         self.fold_preprocessors = [Preprocessor.from_dict(d) for d in
                                    checkpoint.get("fold_preprocessors") or []]
         for p in self.fold_preprocessors:
             p.layout_index(self.preprocessor.feature_names_)  # a fold's features fit the model's
         if self.fold_preprocessors and any(len(folds) != len(self.fold_preprocessors)
-                                           for _, _, folds in self.components):
+                                           for _, _, folds, refit in self.components
+                                           if not refit):
             raise DataError(f"{source}: {len(self.fold_preprocessors)} fold preprocessors "
                             "but components with another number of folds; rerun select")
 
@@ -63,30 +65,27 @@ class FittedModel:
 
         return cls(torch.load(path, map_location="cpu", weights_only=True), str(path))
 
-    def predict_log_price(self, X: np.ndarray) -> np.ndarray:
-        """All-rows features ``(n, n_features) float32 -> (n,) float64`` log price (a model
-        without per-fold preprocessors; see ``predict_frame``)."""
-        if self.fold_preprocessors:
-            raise ValueError("this model reads each fold's own features: use predict_frame")
-        total = np.zeros(len(X))
-        for weight, _, folds in self.components:
-            per_fold = [np.mean([m.log_price(X) for m in members], axis=0) for members in folds]
-            total += weight * np.mean(per_fold, axis=0)
-        return total
+    def reads_fold_features(self, refit: bool) -> bool:
+        """Whether a component's fold models read their own fold's features."""
+        return bool(self.fold_preprocessors) and not refit
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[np.ndarray, TransformReport]:
         """Raw rows -> ``(n,) float64`` log price, and the drift report (of the all-rows
         preprocessor). With per-fold preprocessors one fold's matrix at a time, so memory
         holds one ``(n, n_features)`` matrix, not one per fold."""
         X, report = self.preprocessor.transform(df)
-        if not self.fold_preprocessors:
-            return self.predict_log_price(X), report
+        total = np.zeros(len(df))
+        for weight, _, folds, refit in self.components:
+            if not self.reads_fold_features(refit):
+                total += weight * np.mean(
+                    [np.mean([m.log_price(X) for m in members], axis=0) for members in folds],
+                    axis=0)
         del X
         names = self.preprocessor.feature_names_
-        sums = np.zeros((len(self.components), len(df)))
         for k, pre in enumerate(self.fold_preprocessors):
             Xk = pre.transform_as(df, names)
-            for c, (_, _, folds) in enumerate(self.components):
-                sums[c] += np.mean([m.log_price(Xk) for m in folds[k]], axis=0)
-        weights = np.array([w for w, _, _ in self.components])
-        return weights @ sums / len(self.fold_preprocessors), report
+            for weight, _, folds, refit in self.components:
+                if self.reads_fold_features(refit):
+                    total += weight * np.mean([m.log_price(Xk) for m in folds[k]],
+                                              axis=0) / len(folds)
+        return total, report

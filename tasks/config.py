@@ -196,11 +196,15 @@ class SelectConfig(_Frozen):
         "all", description="rows the out-of-fold log RMSE that picks the model is taken on: "
         "'all' uses every row (what a user meets), 'clean' leaves out the two outliers",
     )
-    final: Literal["ensemble", "refit"] = Field(
-        "ensemble", description="the final model of each component: 'ensemble' = its fold "
-        "models averaged (each read through its own fold's preprocessor), 'refit' = one model "
-        "fitted on all rows (the book's train_and_pred; far fewer trees and networks to "
-        "predict with)")
+    final: Literal["auto", "ensemble", "mixed", "refit"] = Field(
+        "auto", description="each component's final model. 'ensemble': its fold models "
+        "averaged, each through its own fold's preprocessor; 'refit': one model fitted on "
+        "all rows (the book's train_and_pred); 'mixed': linear kinds keep the ensemble (it "
+        "collapses into one linear model, free to predict), other kinds are refitted; "
+        "'auto': 'mixed' when its estimated out-of-fold score is within max_loss of the "
+        "ensemble's, else 'ensemble'")
+    max_loss: Annotated[float, Field(ge=0)] = Field(
+        0.001, description="out-of-fold log RMSE (all rows) 'auto' may give up for speed")
     min_rows_per_s: Annotated[float, Field(gt=0)] | None = Field(
         None, description="leave out candidates, and blend components, whose final model "
         "predicts slower than this (rows/s measured at select time on this machine)")

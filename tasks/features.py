@@ -296,9 +296,11 @@ class Preprocessor:
         return np.nan_to_num((values - mean) / std, nan=0.0)
 
     def features(self, enc: Encoded, categories: dict[str, list[str]],
-                 names: list[str]) -> np.ndarray:
+                 names: list[str], contiguous: bool = True) -> np.ndarray:
         """This preprocessor's features of ``enc`` (encoded against ``categories``, this
-        one's or a superset), laid out as ``names`` ``(n, len(names)) float32``."""
+        one's or a superset), laid out as ``names`` ``(n, len(names)) float32``; without
+        ``contiguous``, column-major (a transposed view, no copy: for readers that do not
+        care, such as the compiled plan)."""
         at = {name: j for j, name in enumerate(names)}
         # Feature-major while filling (each feature a contiguous row), transposed at the end.
         out = np.zeros((len(names), enc.n), dtype=np.float32)
@@ -310,7 +312,7 @@ class Preprocessor:
             pos = where[enc.codes[col]]
             hit = pos >= 0
             out[pos[hit], rows[hit]] = 1.0
-        return np.ascontiguousarray(out.T)
+        return np.ascontiguousarray(out.T) if contiguous else out.T
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -349,7 +351,12 @@ class Preprocessor:
 
 def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
     """``(n,) int64`` position of each value's text in ``categories``; -1 for missing or
-    unseen values (a vectorized lookup in Arrow, not a Python loop)."""
+    unseen values (a vectorized lookup in Arrow, not a Python loop). A pandas categorical
+    (text read dictionary-encoded) is looked up once per distinct value."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        lookup = category_codes(pd.Series(values.cat.categories.astype(str)), categories)
+        lookup = np.append(lookup, -1)  # code -1 (missing) reads the last entry
+        return lookup[values.cat.codes.to_numpy()]
     arr = pa.array(values.astype("string[pyarrow]"), type=pa.string())  # no copy if Arrow
     codes = pc.index_in(arr, value_set=pa.array(categories, type=pa.string()))
     return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -359,6 +366,8 @@ def _numeric(df: pd.DataFrame, col: str, ids: pd.Series | None = None) -> np.nda
     """``df[col]`` as float64 (NaN where missing); text that is not a number is an error
     naming the column and the first bad row (by Id when known)."""
     values = df[col]
+    if isinstance(values.dtype, pd.CategoricalDtype):  # text read dictionary-encoded
+        values = values.astype("string")
     if ids is None and ID in df.columns:
         ids = df[ID]
     if pd.api.types.is_numeric_dtype(values):

@@ -93,7 +93,7 @@ class Plan:
             cats = self.preprocessor.categories_
             names = self.preprocessor.feature_names_
             for pre, members in self._by_preprocessor().items():
-                X = self.preprocessors[pre].features(enc, cats, names)
+                X = self.preprocessors[pre].features(enc, cats, names, contiguous=False)
                 total += _predict_members(members, X, self.target)
         return total, enc.report
 
@@ -162,13 +162,13 @@ def compile_plan(model: Any) -> Plan:
     """A loaded checkpoint (``tasks.predict.FittedModel``) as a plan."""
     pres = [model.preprocessor, *model.fold_preprocessors]
     label = (model.metrics or {}).get("candidate") or "+".join(
-        spec.name for _, spec, _ in model.components)
+        spec.name for _, spec, _, _ in model.components)
     plan = Plan(target=model.target, preprocessors=pres, describe=label)
     names = model.preprocessor.feature_names_
     at = {n: j for j, n in enumerate(names)}
-    for weight, _, folds in model.components:
+    for weight, _, folds, refit in model.components:
         for k, members in enumerate(folds):
-            pre = k + 1 if model.fold_preprocessors else 0
+            pre = k + 1 if model.reads_fold_features(refit) else 0
             for member in members:
                 scale = weight / len(folds) / len(members)
                 linear = _linear_form(member) if model.target == "log" else None
@@ -395,7 +395,7 @@ def _predict_forests(members: list[Member], X: np.ndarray, target: str) -> np.nd
     from tasks.forest import walk
 
     out = np.zeros((len(members), len(X)))
-    walk(np.ascontiguousarray(X, dtype=np.float32), arrays["feature"],
+    walk(X.astype(np.float32, copy=False), arrays["feature"],
                      arrays["threshold"], arrays["left"], arrays["right"], arrays["value"],
                      arrays["missing_left"], roots, owner, out)
     total = np.zeros(len(X))

@@ -104,6 +104,9 @@ class CandidateConfig(Frozen):
     kind: str
     code_files: ClassVar[tuple[str, ...]] = ()
     renamed: ClassVar[dict[str, str]] = {}
+    # A linear function of the features: its fold ensemble collapses into one linear model
+    # at predict time, so select.final = "mixed" keeps it (see tasks/plan.py).
+    linear_in_features: ClassVar[bool] = False
 
     def cross_validate(self, X: np.ndarray, y: np.ndarray, train: TrainConfig, folds: Folds,
                        fitted: list[np.ndarray],

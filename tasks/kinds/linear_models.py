@@ -13,6 +13,7 @@ class RidgeConfig(SklearnCandidate):
     """Ridge regression (``sklearn.linear_model.Ridge``)."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
+    linear_in_features: ClassVar[bool] = True
 
     kind: Literal["ridge"] = "ridge"
     alpha: Annotated[float, Field(gt=0, description="L2 penalty strength")] = 1.0
@@ -27,6 +28,7 @@ class LassoConfig(SklearnCandidate):
     """Lasso regression (``sklearn.linear_model.Lasso``, coordinate descent)."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
+    linear_in_features: ClassVar[bool] = True
 
     kind: Literal["lasso"] = "lasso"
     alpha: Annotated[float, Field(gt=0, description="L1 penalty strength")] = 1.0
@@ -45,6 +47,7 @@ class ElasticNetConfig(SklearnCandidate):
     where lasso picks one."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
+    linear_in_features: ClassVar[bool] = True
 
     kind: Literal["enet"] = "enet"
     alpha: Annotated[float, Field(gt=0, description="penalty strength")] = 1e-3

@@ -137,6 +137,7 @@ class LinearConfig(TorchCandidate):
     """The book's linear regression: one ``nn.Linear`` layer."""
 
     kind: Literal["linear"] = "linear"
+    linear_in_features: ClassVar[bool] = True
 
     # A linear model has no hidden layers; the engine and Regressor read these.
     hidden: ClassVar[tuple[int, ...]] = ()

@@ -154,7 +154,9 @@ def test_each_fold_model_reads_rows_through_its_own_folds_preprocessor(model, tr
     assert np.load(data.file("fold_features.npy")).shape == (
         n_folds, len(train), len(model.preprocessor.feature_names_))
     by_name = {json.loads(r.file("metrics.json").read_text())["candidate"]: r for r in refs}
-    for _, spec, members in model.components:
+    ensembles = [(spec, members) for _, spec, members, refit in model.components if not refit]
+    assert ensembles  # (linear kinds stay fold ensembles under every select.final but refit)
+    for spec, members in ensembles:
         ref = by_name[spec.name]
         oof = pd.read_parquet(ref.file("oof.parquet"))
         for k, ((_, valid), fold_members) in enumerate(zip(folds, members, strict=True)):

@@ -103,7 +103,13 @@ def test_checkpoint_is_self_describing(trained):
         assert comp["model_config"]["name"] == comp["candidate"]
         # only the component's own kind's fields
         assert set(comp["model_config"]) == set(KINDS[comp["model_config"]["kind"]].model_fields)
-        assert len(comp["folds"]) == cfg.train.n_splits * cfg.train.repeats
+        # a fold ensemble, or (select.final) one model fitted on all rows
+        assert len(comp["folds"]) == (1 if comp["refit"] else
+                                      cfg.train.n_splits * cfg.train.repeats)
+        assert comp["refit"] == (ckpt["final"] == "refit" or (
+            ckpt["final"] == "mixed" and comp["model_config"]["kind"] not in
+            ("linear", "lasso", "ridge", "enet")))
+    assert ckpt["final"] == ckpt["metrics"]["final"] in ("ensemble", "mixed", "refit")
     assert ckpt["metrics"]["mean_valid_log_rmse"] == result["mean_valid_log_rmse"]
     assert len(ckpt["preprocessor"]["feature_names"]) == ckpt["n_features"]
     lineage = ckpt["lineage"]
@@ -160,3 +166,67 @@ def test_an_old_checkpoint_is_refused_in_one_line(tmp_path):
         FittedModel.load(path)
     msg = str(err.value)
     assert "houseprice-checkpoint/2" in msg and "rerun select" in msg and "\n" not in msg
+
+
+def test_final_estimates_score_ensembles_by_the_mean_over_repeats():
+    """A fold ensemble is scored by each row's mean over the repeats, a refit by each
+    repeat's own prediction; 'mixed' keeps the ensemble for linear kinds only."""
+    from tasks.select import final_estimates
+
+    rng = np.random.default_rng(0)
+    n, R = 200, 3
+    logy = np.tile(rng.normal(12, 0.4, n), R)
+    oof = pd.DataFrame({"Id": np.tile(np.arange(n), R), "repeat": np.repeat(np.arange(R), n),
+                        "log_price": logy, "outlier": False})
+    P = np.column_stack([logy + rng.normal(0, 0.1, n * R), logy + rng.normal(0, 0.2, n * R)])
+    specs = {"lasso": candidate(name="lasso", kind="lasso"),
+             "hgb": candidate(name="hgb", kind="hgb")}
+    w = {"lasso": 0.7, "hgb": 0.3}
+    est = final_estimates(P, ["lasso", "hgb"], oof, w, specs, "all")
+    mean = oof.assign(a=P[:, 0], b=P[:, 1]).groupby("Id")[["a", "b"]].transform("mean")
+    rmse = lambda p: float(np.sqrt(np.mean((p - logy) ** 2)))  # noqa: E731
+    assert est["ensemble"] == pytest.approx(rmse(0.7 * mean["a"] + 0.3 * mean["b"]))
+    assert est["refit"] == pytest.approx(rmse(0.7 * P[:, 0] + 0.3 * P[:, 1]))
+    assert est["mixed"] == pytest.approx(rmse(0.7 * mean["a"] + 0.3 * P[:, 1]))
+    assert est["ensemble"] < est["mixed"] < est["refit"]  # averaging independent errors
+
+
+def _reselect(trained, tmp_path, **select):
+    cfg, _ = trained
+    upstream = ArtifactRef(root=cfg.artifacts_dir, stage="select",
+                           version=trained[1]["model_version"]).manifest()["upstream"]
+    refs = [ArtifactRef(root=cfg.artifacts_dir, **u) for u in upstream["trained"]]
+    out = tmp_path / json.dumps(select, sort_keys=True).replace('"', "")[:60]
+    out.mkdir()
+    result = select_model(refs, cfg.all_candidates(), cfg.train,
+                          SelectConfig(**select), out)
+    return result, json.loads((out / "leaderboard.json").read_text())["leaderboard"]
+
+
+def test_min_rows_per_s_leaves_out_slower_candidates(trained, tmp_path):
+    """Each candidate's measured speed is on the leaderboard; with select.min_rows_per_s
+    between the linear kinds' speed and the networks' (fold ensembles), only the fast ones
+    are selected, the others say why; a floor nothing meets is a one-line error."""
+    _, board = _reselect(trained, tmp_path, final="ensemble")
+    rates = {m["candidate"]: m["predict_rows_per_s"] for m in board if m["status"] == "ok"
+             and m["candidate"] != "blend"}
+    assert all(r > 0 for r in rates.values())
+    fast, slow = rates["lasso"], rates["mlp"]
+    assert fast > 4 * slow  # a collapsed linear ensemble vs 10 networks on 10 matrices
+    floor = (fast * slow) ** 0.5
+    result, board = _reselect(trained, tmp_path, final="ensemble", min_rows_per_s=floor)
+    kinds = {c.name: c.kind for c in trained[0].all_candidates()}
+    assert result["components"] and all(kinds[n] in ("linear", "lasso", "ridge")
+                                        for n in result["components"])
+    reasons = {m["candidate"]: m.get("reason") or "" for m in board}
+    assert "under select.min_rows_per_s" in reasons["mlp"]
+    with pytest.raises(ValueError, match="no candidate predicts at select.min_rows_per_s"):
+        _reselect(trained, tmp_path, min_rows_per_s=1e12)
+
+
+def test_a_refit_final_model_predicts_from_one_model_per_component(trained, tmp_path):
+    result, _ = _reselect(trained, tmp_path, final="refit")
+    assert result["final"] == "refit" and result["predict_rows_per_s"] > 0
+    ckpt = torch.load(tmp_path.glob("*refit*").__next__() / "model.pt", weights_only=True)
+    assert all(c["refit"] and len(c["folds"]) == 1 for c in ckpt["components"])
+    assert ckpt["fold_preprocessors"] is None
