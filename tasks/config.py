@@ -252,7 +252,7 @@ def default_candidates() -> tuple[CandidateConfig, ...]:
     return (
         candidate(name="linear", kind="linear", lr=0.01, weight_decay=1e-3, epochs=100),
         candidate(name="lasso", kind="lasso", alpha=5e-4, max_iter=5000),
-        candidate(name="hgb", kind="hgb", learning_rate=0.08, max_iter=300, max_leaf_nodes=15,
+        candidate(name="hgb", kind="hgb", learning_rate=0.12, max_iter=200, max_leaf_nodes=15,
                   min_samples_leaf=10),
     )
 

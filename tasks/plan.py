@@ -21,6 +21,7 @@ member by member, which matters only for a prediction below one dollar.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ PLAN_JSON, PLAN_ARRAYS = "plan.json", "plan.npz"
 LINEAR_SKLEARN = ("Lasso", "Ridge", "ElasticNet", "LinearRegression")
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a plan's forest is built once (_forest)
 class Member:
     """One nonlinear fold model: ``kind`` in net | trees | svr | krr, reading the features of
     preprocessor ``pre`` (0: all rows, k + 1: fold k), its log price weighted by ``scale``."""
@@ -93,7 +94,7 @@ class Plan:
             cats = self.preprocessor.categories_
             names = self.preprocessor.feature_names_
             for pre, members in self._by_preprocessor().items():
-                X = self.preprocessors[pre].features(enc, cats, names, contiguous=False)
+                X = self.preprocessors[pre].features(enc, cats, names)
                 total += _predict_members(members, X, self.target)
         return total, enc.report
 
@@ -380,28 +381,38 @@ _PREDICTORS = {"svr": _predict_svr, "krr": _predict_krr, "net": None, "trees": N
 
 def _predict_forests(members: list[Member], X: np.ndarray, target: str) -> np.ndarray:
     """Every tree of every member in one compiled pass over the rows."""
-    keys = ("feature", "threshold", "left", "right", "value", "missing_left")
-    sizes = [len(m.arrays["left"]) for m in members]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    arrays = {k: np.concatenate([m.arrays[k] for m in members]) for k in keys}
-    for key in ("left", "right"):
-        arrays[key] = np.concatenate([np.where(m.arrays[key] >= 0, m.arrays[key] + o, -1)
-                                      for m, o in zip(members, offsets, strict=True)]
-                                     ).astype(np.int32)
-    roots = np.concatenate([m.arrays["roots"] + o for m, o in zip(members, offsets,
-                                                                  strict=True)])
-    owner = np.concatenate([np.full(len(m.arrays["roots"]), j, np.int64)
-                            for j, m in enumerate(members)])
     from tasks.forest import walk
 
+    forest = _forest(tuple(members))
     out = np.zeros((len(members), len(X)))
-    walk(X.astype(np.float32, copy=False), arrays["feature"],
-                     arrays["threshold"], arrays["left"], arrays["right"], arrays["value"],
-                     arrays["missing_left"], roots, owner, out)
+    walk(np.ascontiguousarray(X, dtype=np.float32), *forest, out)
     total = np.zeros(len(X))
     for j, m in enumerate(members):
         total += m.scale * _post(out[j] + m.params["base"], target)
     return total
+
+
+@functools.lru_cache(maxsize=8)
+def _forest(members: tuple[Member, ...]) -> tuple[np.ndarray, ...]:
+    """The members' trees as one forest (built once per plan, not per chunk): children made
+    global, ``roots`` where each tree starts, ``owner`` its member. Thresholds become the
+    largest float32 not above them: for a float32 feature ``x <= t`` holds exactly when it
+    holds for the float64 ``t``, and the comparison stays in float32."""
+    sizes = [len(m.arrays["left"]) for m in members]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    cat = {k: np.concatenate([m.arrays[k] for m in members])
+           for k in ("feature", "threshold", "value", "missing_left")}
+    left, right = (np.concatenate([np.where(m.arrays[key] >= 0, m.arrays[key] + o, -1)
+                                   for m, o in zip(members, offsets, strict=True)]
+                                  ).astype(np.int32) for key in ("left", "right"))
+    roots = np.concatenate([m.arrays["roots"] + o for m, o in zip(members, offsets,
+                                                                  strict=True)])
+    owner = np.concatenate([np.full(len(m.arrays["roots"]), j, np.int64)
+                            for j, m in enumerate(members)])
+    thr = cat["threshold"].astype(np.float32)
+    above = thr.astype(np.float64) > cat["threshold"]
+    thr[above] = np.nextafter(thr[above], np.float32(-np.inf))
+    return (cat["feature"], thr, left, right, cat["value"], cat["missing_left"], roots, owner)
 
 
 def rows_per_s(plan: Plan, frame: pd.DataFrame, rows: int = 8192) -> float:
