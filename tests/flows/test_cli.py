@@ -233,6 +233,24 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
     assert len(pd.read_csv(sub)) == 1459
     assert (tmp_path / "cache" / "kaggle_house_pred_test.csv").is_file()
     assert resolve(tmp_path / "arts", "select").file("model.pt").is_file()
+    # The final form and its speed; Prefect's own log lines in a file, not on the terminal.
+    assert re.search(r"final form   (ensemble|mixed|refit) .*predicts [\d,]+ rows/s", table)
+    log = Path(re.search(r"  log          (\S+)", table)[1])
+    assert log.parent == tmp_path / "arts" / "logs" and "Prefect's log: " in proc.stdout
+    assert "Task run 'select' - Finished in state Completed()" in log.read_text()
+    assert "Finished in state" not in proc.stdout + proc.stderr
+
+
+def test_verbose_keeps_prefects_log_on_the_terminal(prefect_api, data_server, tmp_path):
+    env = {"HOUSEPRICE_DATA_URL": data_server.url,
+           "HOUSEPRICE_DATA_DIR": str(tmp_path / "cache")}
+    config = write_config(tmp_path / "c.json", candidates=[
+        {"name": "lasso", "kind": "lasso", "alpha": 5e-4}], search=[])
+    proc = houseprice("run", "--config", str(config), "--artifacts", str(tmp_path / "arts"),
+                      "--folds", "3", "--verbose", env_extra=env, api=prefect_api)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Finished in state Completed()" in proc.stdout + proc.stderr
+    assert not (tmp_path / "arts" / "logs").exists()
 
 
 def test_unreachable_prefect_server_is_one_clear_line(tmp_path):
@@ -330,24 +348,24 @@ def test_two_runs_at_once_on_one_root_both_succeed_consistently(prefect_api, dat
 
 
 def test_temporary_server_skips_block_registration_only_once_done(tmp_path, monkeypatch):
-    from flows.cli import _skip_block_registration
+    from flows.commands.server import skip_block_registration
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.delenv("PREFECT_MEMO_STORE_PATH", raising=False)
     monkeypatch.delenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", raising=False)
-    assert _skip_block_registration() == {}  # a new Prefect home registers them
+    assert skip_block_registration() == {}  # a new Prefect home registers them
     (tmp_path / "memo_store.toml").write_text('block_auto_registration = "ab12"\n')
-    assert _skip_block_registration()["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] == "false"
+    assert skip_block_registration()["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] == "false"
     monkeypatch.setenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "true")  # the user's choice
-    assert _skip_block_registration() == {}
+    assert skip_block_registration() == {}
 
 
 def test_a_killed_run_leaves_no_temporary_server(tmp_path):
     import signal
     import time
 
-    script = ("import os, time\nfrom flows.cli import _start_ephemeral_api\n"
-              "_start_ephemeral_api()()\nprint(os.getpid(), flush=True)\ntime.sleep(120)\n")
+    script = ("import os, time\nfrom flows.commands.server import start_ephemeral_api\n"
+              "start_ephemeral_api()()\nprint(os.getpid(), flush=True)\ntime.sleep(120)\n")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
@@ -378,7 +396,7 @@ def test_terminal_progress_line_lists_what_is_training():
     import io
     import time
 
-    from flows.cli import TerminalProgress
+    from flows.commands.run import TerminalProgress
     from tasks.progress import report
 
     out = io.StringIO()

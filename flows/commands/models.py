@@ -1,0 +1,101 @@
+"""``houseprice predict``, ``models``, ``promote``, ``rollback`` and ``make-feed``: working with
+the selected models and the data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def predict(args: argparse.Namespace) -> int:
+    from tasks.artifacts import resolve
+    from tasks.batch import load_model, predict_file
+    from tasks.config import default_artifacts_dir
+
+    if args.chunk_size <= 0:
+        raise ValueError("--chunk-size must be a positive number of rows")
+    ref = resolve(args.artifacts or default_artifacts_dir(), "select", args.model)
+    model = load_model(ref)
+
+    def warn(msg: str) -> None:
+        print(f"houseprice: warning: {msg}", file=sys.stderr)
+
+    what = f"(model {ref.version}: {model.describe})"
+    if args.out != "-":
+        stats = predict_file(model, Path(args.input), Path(args.out), args.chunk_size, warn)
+        print(f"houseprice: wrote {stats['rows']} predictions to {args.out} {what}")
+        return 0
+    # '-': the CSV on standard output, everything a person reads on standard error.
+    import shutil
+    import tempfile
+
+    from tasks.batch import drift_path
+
+    with tempfile.TemporaryDirectory(prefix="houseprice-predict-") as tmp:
+        out = Path(tmp) / "predictions.csv"
+        stats = predict_file(model, Path(args.input), out, args.chunk_size, warn)
+        with out.open() as f:
+            shutil.copyfileobj(f, sys.stdout)
+        sys.stdout.flush()
+        drift = json.loads(drift_path(out).read_text())
+    print(f"houseprice: wrote {stats['rows']} predictions to standard output {what}; drift: "
+          f"{json.dumps(drift)}", file=sys.stderr)
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    from tasks.config import default_artifacts_dir
+
+    root = args.artifacts or default_artifacts_dir()
+    from tasks.promote import list_models
+
+    rows = list_models(root)
+    if not rows:
+        print(f"houseprice: no models under {root}; run 'houseprice run' first")
+        return 0
+    print(f"{'':2}{'version':<17} {'created':<20} {'data':<17} {'rows':>5} "
+          f"{'OOF all':>8} {'OOF w/o':>8}  selected")
+    for r in rows:
+        fmt = (lambda v: "—" if v is None else f"{v:.4f}")  # noqa: E731
+        print(f"{'*' if r['production'] else ' ':2}{r['version']:<17} {r['created']:<20} "
+              f"{str(r['data_version']):<17} {str(r['n_rows'] or '—'):>5} "
+              f"{fmt(r['oof_log_rmse_all']):>8} {fmt(r['oof_log_rmse_clean']):>8}  "
+              f"{r['selected']}")
+    print("(* production)")
+    return 0
+
+
+def promote(args: argparse.Namespace) -> int:
+    from tasks.config import default_artifacts_dir
+    from tasks.promote import promote_by_hand
+
+    entry = promote_by_hand(args.artifacts or default_artifacts_dir(), args.version)
+    print(f"houseprice: {entry['model']} is production ({entry['reason']})")
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    from tasks.config import default_artifacts_dir
+    from tasks.promote import rollback
+
+    entry = rollback(args.artifacts or default_artifacts_dir())
+    print(f"houseprice: {entry['model']} is production again ({entry['reason']})")
+    return 0
+
+
+def make_feed(args: argparse.Namespace) -> int:
+    from tasks.config import DataConfig
+    from tasks.download import fetch
+    from tasks.feed import make_feed
+
+    data = DataConfig(**{k: v for k, v in (("url", args.data_url), ("cache_dir", args.data_dir))
+                         if v})
+    train = fetch(data.files["train"], data.url, Path(data.cache_dir), timeout_s=data.timeout_s,
+                  retries=data.retries, backoff_s=data.backoff_s)
+    written = make_feed(train, Path(args.out_dir), until=args.until, since=args.since)
+    first, last = min(written), max(written)
+    print(f"houseprice: wrote {len(written)} monthly file(s) {first} .. {last} "
+          f"({sum(written.values())} rows) to {args.out_dir}")
+    return 0

@@ -1,0 +1,142 @@
+"""``houseprice serve``, ``score`` and ``rerun``: the pipeline on a schedule, the scoring flow,
+and Prefect's retry of a failed run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from pydantic import ValidationError
+
+from flows.commands.config import ConfigError, build_config, config_error
+from flows.commands.run import RunFailed
+from flows.commands.server import NEEDS_SERVER, check_api
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise RuntimeError("scheduling needs a Prefect server (Prefect cannot schedule on its "
+                           f"ephemeral API) and PREFECT_API_URL is not set: {NEEDS_SERVER}")
+    if args.flow in ("score", "both") and not args.inbox:
+        raise ValueError("serving the scoring flow needs --inbox SOURCE (the files to score)")
+    check_api(url)
+    from prefect import serve
+
+    from flows.pipeline import with_task_runner
+    from flows.score import house_price_score
+
+    when = {"cron": args.cron, "interval": args.interval}
+    deployments = []
+    if args.flow in ("train", "both"):
+        flow = with_task_runner(args.task_runner, args.dask_address)
+        deployments.append(flow.to_deployment(
+            name=args.name, parameters={"config": config.model_dump(mode="json")}, **when))
+    if args.flow in ("score", "both"):
+        score = score_config(args.inbox, config.artifacts_dir, "production",
+                              args.drift_threshold, config.data.cache_dir)
+        deployments.append(house_price_score.to_deployment(
+            name=args.name, parameters={"config": score.model_dump(mode="json")}, **when))
+    names = [f"{d.flow_name}/{d.name}" for d in deployments]
+    print(f"houseprice: serving deployment(s) {', '.join(names)} on {url}"
+          + (f", cron '{args.cron}'" if args.cron else "")
+          + (f", every {args.interval:g} s" if args.interval else ""), flush=True)
+    serve(*deployments, print_starting_message=False)
+    return 0
+
+
+def score_config(inbox: str, artifacts: str | None, model: str, threshold: float | None,
+                  cache_dir: str | None = None):
+    from tasks.config import ScoreConfig, default_artifacts_dir
+
+    fields: dict[str, Any] = {"inbox": inbox, "model": model,
+                              "artifacts_dir": artifacts or default_artifacts_dir()}
+    if threshold is not None:
+        fields["drift_threshold"] = threshold
+    if cache_dir:
+        fields["cache_dir"] = cache_dir
+    try:
+        return ScoreConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(config_error(exc)) from None
+
+
+def score(args: argparse.Namespace) -> int:
+    config = score_config(args.inbox, args.artifacts, args.model, args.drift_threshold)
+    from flows.score import house_price_score
+
+    state = house_price_score(config, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        from tasks.stage import one_line
+
+        raise RunFailed(one_line(outcome)) from outcome
+    drifting = outcome["drifting"]
+    print(f"houseprice: scored {len(outcome['scored'])} file(s) with model {outcome['model']}"
+          + (f"; drift over the threshold in {', '.join(drifting)}" if drifting else "")
+          + "; predictions: " + ", ".join(outcome["predictions"].values()), flush=True)
+    return 0
+
+
+def rerun(args: argparse.Namespace) -> int:
+    """Prefect's retry of a finished, unsuccessful flow run: a deployment's run is set to
+    AwaitingRetry for its runner or worker to pick up; a run started by ``houseprice run``
+    (no deployment) is executed again here, under the same flow run id."""
+    import time
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import AwaitingRetry
+
+    try:  # the argument first: a typo is reported before any server is looked for
+        run_id = uuid.UUID(args.flow_run_id)
+    except ValueError:
+        raise ValueError(f"{args.flow_run_id!r} is not a flow run id (a UUID, as shown in "
+                         "the dashboard)") from None
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise RuntimeError("rerun needs the Prefect server that holds the run, and "
+                           f"PREFECT_API_URL is not set: {NEEDS_SERVER}")
+    check_api(url)
+    with get_client(sync_client=True) as client:
+        try:
+            flow_run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            raise LookupError(f"no flow run {run_id} on {url}") from None
+        state = flow_run.state
+        if state is not None and state.is_completed():
+            print(f"houseprice: flow run {run_id} already completed; nothing to retry")
+            return 0
+        if state is not None and not state.is_final():
+            raise RuntimeError(f"flow run {run_id} is {state.name}, not finished; "
+                               "retry it once it has failed")
+        client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+        if flow_run.deployment_id is None:
+            from prefect.flow_engine import run_flow
+
+            from flows.pipeline import house_price_pipeline
+
+            print(f"houseprice: retrying flow run {run_id} here", flush=True)
+            flow_run = client.read_flow_run(run_id)
+            params = house_price_pipeline.validate_parameters(flow_run.parameters)
+            result = run_flow(house_price_pipeline, flow_run=flow_run, parameters=params)
+            print(f"houseprice: flow run {run_id} completed: selected {result['selected']}")
+            return 0
+        print(f"houseprice: flow run {run_id} set to AwaitingRetry for its deployment's "
+              "runner", flush=True)
+        deadline = time.monotonic() + args.timeout
+        while args.timeout > 0:
+            state = client.read_flow_run(run_id).state
+            if state.is_final():
+                if state.is_completed():
+                    print(f"houseprice: flow run {run_id} completed")
+                    return 0
+                raise RuntimeError(f"flow run {run_id} ended {state.name}: {state.message}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {run_id} is still {state.name} after "
+                                   f"{args.timeout:g} s; is its deployment served?")
+            time.sleep(1.0)
+    return 0

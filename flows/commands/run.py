@@ -1,0 +1,226 @@
+"""``houseprice run``: the pipeline, a progress line on a terminal, the result table and the
+one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from flows.commands.config import build_config
+from flows.commands.server import check_api, start_ephemeral_api, user_api
+
+
+def run(args: argparse.Namespace) -> int:
+    api_ready = start_ephemeral_api()
+    config = build_config(args)  # validated before anything starts
+    if args.quiet:  # read when Prefect is first imported, just below
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from tasks.models import resolve_device
+
+    resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
+    from flows.pipeline import with_task_runner
+
+    where = user_api()
+    if where:
+        check_api(where)
+    where = where or "an ephemeral local Prefect API"
+    api_ready()
+    log = None if args.verbose else prefect_log_to_file(config.artifacts_dir)
+    print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}"
+          + (f"; Prefect's log: {log}" if log else ""), flush=True)
+    flow = with_task_runner(args.task_runner, args.dask_address)
+    # A live line while candidates train, on a terminal only (not in CI logs or pipes).
+    display = (TerminalProgress(len(config.all_candidates())).start()
+               if not args.quiet and sys.stderr.isatty() else None)
+    try:
+        state = flow(config, from_stage=args.from_stage, return_state=True)
+    finally:
+        if display is not None:
+            display.stop()
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException) or not state.is_completed():
+        from tasks.stage import one_line
+
+        run_id = state.state_details.flow_run_id
+        hint = (f"; fix the cause, then retry flow run {run_id} with 'houseprice rerun {run_id}'"
+                if user_api() else "")
+        if isinstance(outcome, BaseException):
+            raise RunFailed(f"{one_line(outcome)}{hint}") from outcome
+        raise RunFailed(f"flow run {run_id} ended {state.name}: {state.message}{hint}")
+    # The table, then the one-line summary last (what scripts read).
+    print(result_table(config, outcome, log=log), flush=True)
+    summary(config, outcome)
+    return 0
+
+
+def prefect_log_to_file(artifacts: str) -> Path:
+    """Prefect's own log lines (each task's start, finish and messages) to a file under
+    ``<artifacts>/logs``, not the terminal, which keeps its warnings and errors; returns the
+    file's path."""
+    import datetime as dt
+
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect's console handler on the root logger (a no-op if done)
+    path = (Path(artifacts).resolve() / "logs"
+            / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    root = logging.getLogger()
+    # Prefect's own formatter (it names the flow and task run of each line), as on the
+    # terminal.
+    console = next((h for h in root.handlers if h.formatter is not None), None)
+    handler.setFormatter(console.formatter if console else logging.Formatter(
+        "%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    for h in root.handlers:
+        h.setLevel(max(h.level, logging.WARNING))
+    root.addHandler(handler)
+    return path
+
+
+class RunFailed(RuntimeError):
+    """The flow run did not complete; the message says why (and how to retry it)."""
+
+
+class TerminalProgress:
+    """Training progress on the terminal: every ``every`` seconds while candidates train,
+    one line to standard error (elapsed time, candidates done, the ones in training with
+    their percent of epochs or folds). Fed by ``tasks.progress`` hooks, so the stages print
+    nothing themselves; candidates trained on Dask workers do not report here."""
+
+    def __init__(self, total: int, every: float = 2.0, out=None):
+        import threading
+
+        self.total, self.every, self.out = total, every, out or sys.stderr
+        self.fractions: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.started: float | None = None
+        self.thread = threading.Thread(target=self._loop, name="houseprice-progress",
+                                       daemon=True)
+        self.remove = lambda: None
+
+    def start(self) -> TerminalProgress:
+        from tasks.progress import add_hook
+
+        self.remove = add_hook(self.update)
+        self.thread.start()
+        return self
+
+    def update(self, candidate: str, fraction: float) -> None:
+        import time
+
+        with self.lock:
+            if self.started is None:
+                self.started = time.monotonic()
+            self.fractions[candidate] = max(fraction, self.fractions.get(candidate, 0.0))
+
+    def line(self) -> str | None:
+        """The current progress line, or None when nothing is training."""
+        import time
+
+        with self.lock:
+            if self.started is None:
+                return None
+            finished = sum(f >= 1.0 for f in self.fractions.values())
+            training = sorted((n, f) for n, f in self.fractions.items() if f < 1.0)
+            elapsed = time.monotonic() - self.started
+        if not training:
+            return None
+        shown = ", ".join(f"{n} {100 * f:.0f}%" for n, f in training[:4])
+        more = f" (+{len(training) - 4} more)" if len(training) > 4 else ""
+        return (f"houseprice: training {int(elapsed) // 60}:{int(elapsed) % 60:02d} · "
+                f"{finished} of {self.total} candidates trained · {shown}{more}")
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.every):
+            text = self.line()
+            if text is not None:
+                print(text, file=self.out, flush=True)
+
+    def stop(self) -> None:
+        self.remove()
+        self.done.set()
+        self.thread.join(timeout=5)
+
+
+def result_table(config, result: dict[str, Any], shown: int = 12,
+                 log: Path | None = None) -> str:
+    """The end of ``houseprice run`` as a person reads it: the candidates best first (the
+    all-rows score, its spread over repeats, the score without the outliers, blend weight,
+    status), the selection, and where everything was written."""
+    from tasks.artifacts import ArtifactRef
+    from tasks.folds import cv_label
+
+    root = Path(config.artifacts_dir).resolve()
+    model = ArtifactRef(root=str(root), stage="select", version=result["model_version"])
+    board = json.loads(model.file("leaderboard.json").read_text())["leaderboard"]
+    meta = model.manifest()["metrics"]
+
+    def score(m: dict[str, Any], key: str) -> str:
+        return "—" if m.get(key) is None else f"{m[key]:.4f}"
+
+    rows = [("candidate", "all rows", "± repeats", "w/o outliers", "weight", "status")]
+    for m in board[:shown]:
+        chosen = m["candidate"] == result["selected"]
+        weight = m.get("blend_weight")
+        rows.append((
+            m["candidate"] + (" *" if chosen else ""), score(m, "oof_log_rmse_all"),
+            score(m, "oof_log_rmse_all_spread"), score(m, "oof_log_rmse_clean"),
+            "" if not weight else f"{weight:.3f}",
+            "selected" if chosen else m["status"] + (f": {m['reason']}" if m.get("reason")
+                                                     else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    cv = cv_label(config.train.n_splits, config.train.repeats)
+    lines = ["", f"{cv} out-of-fold log RMSE, best first "
+             f"({len(board)} entries; * = selected):"]
+    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+              + "  " + r[-1] for r in rows]
+    if len(board) > shown:
+        lines.append(f"  ... {len(board) - shown} more in {model.file('model_card.md')}")
+    lines += [
+        "",
+        f"  model        {result['model_version']}  ({model.path})",
+        *([f"  final form   {meta['final']} (select.final; see the model card)"
+           + (f", predicts {meta['predict_rows_per_s']:,} rows/s"
+              if meta.get("predict_rows_per_s") else "")] if meta.get("final") else []),
+        f"  submission   {result['submission']}",
+        *([f"  copied to    {config.submission}"] if config.submission else []),
+        f"  artifacts    {root}",
+        *([f"  log          {log}"] if log else []),
+    ]
+    return "\n".join(lines)
+
+
+def summary(config, result: dict[str, Any]) -> None:
+    from tasks.folds import cv_label
+
+    parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
+    promotion = result["promotion"]
+    if promotion["basis"] == "same model":
+        verdict = promotion["reason"]
+    elif promotion["promote"]:
+        verdict = f"promoted to production ({promotion['reason']})"
+    else:
+        verdict = (f"not promoted, production stays {promotion['production']} "
+                   f"({promotion['reason']})")
+    print(
+        f"houseprice: selected {result['selected']}"
+        + (f" [{parts}]" if result["selected"] == "blend" else "")
+        + f" ({cv_label(config.train.n_splits, config.train.repeats)} out-of-fold log RMSE "
+        f"{result['oof_log_rmse_all']:.4f}"
+        + (f" ± {spread:.4f} over repeats" if (spread := result.get("oof_log_rmse_all_spread"))
+           is not None else "")
+        + " on all rows, "
+        f"{result['oof_log_rmse_clean']:.4f} without the 2 outliers; "
+        f"model {result['model_version']}, "
+        f"data {result.get('data_version')}); {verdict}; predictions: {result['submission']}"
+        + (f"; copied to {config.submission}" if config.submission else ""),
+        flush=True,
+    )
