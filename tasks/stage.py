@@ -19,7 +19,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
-from tasks import artifacts
+from tasks import artifacts, progress
 from tasks.artifacts import ArtifactRef, is_complete
 from tasks.frozen import Frozen
 from tasks.kinds import CandidateConfig, code_files
@@ -169,7 +169,12 @@ def run_stage(task: Task, root: str, *, force: bool = False, **inputs: Any) -> A
     """Call a stage task (cached on its version) and return its artifact reference;
     ``force`` recomputes it (and replaces the artifact only once the new one is complete)."""
     extra = {"force": True} if force else {}
-    return _for_call(task, root, inputs, force)(root=root, **inputs, **extra)
+    name = task_run_name(task.name, inputs)
+    progress.stage_state(name, "Running")
+    state = _for_call(task, root, inputs, force)(root=root, **inputs, **extra,
+                                                 return_state=True)
+    progress.stage_state(name, state.name)  # Completed, Cached, Failed, ...
+    return state.result()  # raises what the task raised, as a plain call would
 
 
 def submit_stage(task: Task, root: str, *, force: bool = False, **inputs: Any):

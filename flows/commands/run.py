@@ -88,10 +88,11 @@ class RunFailed(RuntimeError):
 
 
 class TerminalProgress:
-    """Training progress on the terminal: every ``every`` seconds while candidates train,
-    one line to standard error (elapsed time, candidates done, the ones in training with
-    their percent of epochs or folds). Fed by ``tasks.progress`` hooks, so the stages print
-    nothing themselves; candidates trained on Dask workers do not report here."""
+    """Progress on the terminal, to standard error: a line as each stage finishes (Completed
+    in how long, Cached, Failed), and every ``every`` seconds while candidates train, a line
+    with the elapsed time, candidates done, and the ones in training with their percent of
+    epochs or folds. Fed by ``tasks.progress`` hooks, so the stages print nothing
+    themselves; candidates trained on Dask workers do not report here."""
 
     def __init__(self, total: int, every: float = 2.0, out=None):
         import threading
@@ -103,14 +104,29 @@ class TerminalProgress:
         self.started: float | None = None
         self.thread = threading.Thread(target=self._loop, name="houseprice-progress",
                                        daemon=True)
-        self.remove = lambda: None
+        self.removers: list = []
+        self.stage_started: dict[str, float] = {}
 
     def start(self) -> TerminalProgress:
-        from tasks.progress import add_hook
+        from tasks.progress import add_hook, add_stage_hook
 
-        self.remove = add_hook(self.update)
+        self.removers = [add_hook(self.update), add_stage_hook(self.stage)]
         self.thread.start()
         return self
+
+    def stage(self, name: str, state: str) -> None:
+        """A stage's line as it ends: ``select · Completed in 3.1 s``, ``download · Cached``."""
+        import time
+
+        if state == "Running":
+            self.stage_started[name] = time.monotonic()
+            return
+        took = time.monotonic() - self.stage_started.pop(name, time.monotonic())
+        # Written, not print()ed: this runs inside the flow, whose log_prints would send a
+        # print to Prefect's log instead of the terminal.
+        self.out.write(f"houseprice: {name} · {state}"
+                       + (f" in {took:.1f} s" if state == "Completed" else "") + "\n")
+        self.out.flush()
 
     def update(self, candidate: str, fraction: float) -> None:
         import time
@@ -144,7 +160,8 @@ class TerminalProgress:
                 print(text, file=self.out, flush=True)
 
     def stop(self) -> None:
-        self.remove()
+        for remove in self.removers:
+            remove()
         self.done.set()
         self.thread.join(timeout=5)
 

@@ -419,8 +419,10 @@ def test_terminal_progress_line_lists_what_is_training():
 def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_server,
                                                                tmp_path):
     """In a pseudo-terminal, ``houseprice run`` prints a progress line while candidates
-    train (every 2 s); the same run in a pipe prints none (see the end-to-end test)."""
+    train (every 2 s) and a line as each stage ends; the same run in a pipe prints none
+    (see the end-to-end test)."""
     import pty
+    import re
     import select
     import time
 
@@ -461,3 +463,8 @@ def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_s
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     assert max(gaps) <= 5.0, gaps
     assert "candidates trained" in output and "houseprice: selected" in output
+    # Each stage's line as it ends, in order; Prefect's own lines are in the log file.
+    for stage in ("download", "preprocess", "tensorize", "select", "predict"):
+        assert re.search(rf"houseprice: {stage} · (Completed in [\d.]+ s|Cached)", output), stage
+    assert output.index("houseprice: tensorize ·") < output.index("houseprice: select ·")
+    assert "Finished in state" not in output
