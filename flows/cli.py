@@ -86,15 +86,32 @@ def _version() -> str:
         return "(not installed)"
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says it already or has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="houseprice",
+    p = _Parser(prog="houseprice",
                                 description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--traceback", action="store_true", help="show the full trace on errors")
     p.add_argument("--verbose", action="store_true",
                    help="Prefect's own log lines on the terminal (default: in a log file under "
                         "<artifacts>/logs, its path printed; warnings still shown)")
     p.add_argument("--version", action="version", version=f"houseprice {_version()}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[_config_flags()],
                          help="run the whole pipeline (download ... predict)")
@@ -124,7 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     rerun = sub.add_parser(
         "rerun", help="retry a failed flow run (Prefect's retry): stages that completed come "
                       "back Cached")
-    rerun.add_argument("flow_run_id", metavar="FLOW_RUN_ID")
+    rerun.add_argument("flow_run_id", metavar="FLOW_RUN_ID",
+                       help="the failed run's id (a UUID: the dashboard and the failed "
+                            "run's last line show it)")
     rerun.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
                        help="how long to wait for a deployment's run to finish (0: don't)")
 
@@ -164,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
 
     feed = sub.add_parser("make-feed", help="write the Kaggle training rows as monthly files "
                                             "(YYYY-MM.csv), to try the living-data loop")
-    feed.add_argument("out_dir", metavar="OUT_DIR")
+    feed.add_argument("out_dir", metavar="OUT_DIR", help="folder the monthly files go to")
     feed.add_argument("--until", metavar="YYYY-MM", help="last month to write")
     feed.add_argument("--since", metavar="YYYY-MM", help="first month to write")
     feed.add_argument("--data-url", metavar="URL|DIR", help="where the Kaggle pair is")

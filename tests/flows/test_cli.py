@@ -142,6 +142,40 @@ def test_predict_to_standard_output_and_version(trained, real_data, tmp_path):
     assert version.returncode == 0 and version.stdout.startswith("houseprice 0.")
 
 
+def test_the_readmes_predict_lines_run_as_written(trained, real_data, tmp_path):
+    """Every ``houseprice`` line of the README's Batch predict section, run as written
+    against this session's model: only the input files (made from the Kaggle test file), a
+    written model version (this run's instead) and the artifact root are the test's own."""
+    import re
+    import shlex
+
+    cfg, result = trained
+    text = (PROJECT_ROOT / "README.md").read_text()
+    section = text[text.index("## Batch predict"):]
+    start = section.index("```bash") + len("```bash")
+    block = section[start:section.index("```", start)]
+    lines = [line.split("#")[0].split("|")[0].strip() for line in block.splitlines()
+             if line.startswith("houseprice ")]
+    assert sum(line.startswith("houseprice predict") for line in lines) >= 4, lines
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv")
+    for line in lines:
+        args = shlex.split(line)[1:]
+        args = [result["model_version"] if re.fullmatch(r"[0-9a-f]{16}", a) else a
+                for a in args]
+        if args[0] == "predict":
+            source = tmp_path / args[1]
+            raw.to_parquet(source) if source.suffix == ".parquet" else raw.to_csv(
+                source, index=False)
+            args += ["--artifacts", cfg.artifacts_dir]
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (line, proc.stderr[-1000:])
+        out = tmp_path / args[args.index("--out") + 1] if "--out" in args else None
+        if out is not None and out.name != "-":
+            read = pd.read_parquet if out.suffix == ".parquet" else pd.read_csv
+            assert len(read(out)) == 1459
+
+
 def test_predict_with_explicit_and_unknown_model_version(trained, real_data, tmp_path):
     cfg, result = trained
     test_csv = str(real_data / "kaggle_house_pred_test.csv")
