@@ -14,6 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -49,39 +52,63 @@ class ArtifactRef(BaseModel):
         return read_manifest(self.path)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20, opener=None) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open(path, "rb", opener=opener) as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path, opener=None) -> dict[str, Any]:
     try:
-        return json.loads((path / MANIFEST).read_text())
+        with open(path / MANIFEST if opener is None else MANIFEST, opener=opener) as fh:
+            return json.loads(fh.read())
     except FileNotFoundError:
         raise ArtifactError(f"no manifest in {path}: the artifact is incomplete") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"unreadable manifest in {path}: {exc}") from None
 
 
-def verify(path: Path) -> list[str]:
-    """Problems with the artifact at ``path`` (empty when it is complete and intact)."""
-    if not path.is_dir():
-        return [f"{path} does not exist"]
+def verify(path: Path, attempts: int = 3) -> list[str]:
+    """Problems with the artifact at ``path`` (empty when it is complete and intact). Read
+    through one handle on the directory, so a version replaced meanwhile (swapped in whole,
+    see ``_publish``) is checked as one version, never half old and half new; when the one
+    checked was replaced (and is being removed) while it was read, the new one is checked."""
+    while True:
+        problems, replaced = _verify_once(path)
+        attempts -= 1
+        if not problems or not replaced or attempts == 0:
+            return problems
+
+
+def _verify_once(path: Path) -> tuple[list[str], bool]:
     try:
-        manifest = read_manifest(path)
-    except ArtifactError as exc:
-        return [str(exc)]
-    problems = []
-    for name, expected in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{file} is missing")
-        elif sha256_file(file) != expected:
-            problems.append(f"{file} does not match its manifest hash")
-    return problems
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return [f"{path} does not exist"], False
+    try:
+        def opener(name: str, flags: int) -> int:
+            return os.open(name, flags, dir_fd=fd)
+
+        problems = []
+        try:
+            manifest = read_manifest(path, opener)
+        except ArtifactError as exc:
+            manifest, problems = {}, [str(exc)]
+        for name, expected in manifest.get("files", {}).items():
+            try:
+                if sha256_file(name, opener=opener) != expected:
+                    problems.append(f"{path / name} does not match its manifest hash")
+            except (FileNotFoundError, IsADirectoryError):
+                problems.append(f"{path / name} is missing")
+        try:
+            replaced = os.stat(path).st_ino != os.fstat(fd).st_ino
+        except FileNotFoundError:
+            replaced = False
+        return problems, replaced
+    finally:
+        os.close(fd)
 
 
 def is_complete(ref: ArtifactRef) -> bool:
@@ -109,15 +136,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_tmp(stage_dir: Path, version: str) -> None:
-    """Remove temporary dirs of ``version`` left by processes that died mid-write."""
-    for tmp in stage_dir.glob(f"{_TMP_PREFIX}{version}-*"):
+# A temporary file or directory is named ``.tmp-<name>-<host>~<pid>-<nonce>``: its owner is a
+# process on a host, so a process on another host sharing the storage never takes a live
+# writer's work for a dead one's; those are left for a lease (their age) to expire.
+_HOST = socket.gethostname().replace("-", "_").replace("~", "_") or "host"
+TMP_LEASE_S = 6 * 3600
+
+
+def tmp_name(name: str) -> str:
+    """A temporary name for ``name`` owned by this process on this host."""
+    return f"{_TMP_PREFIX}{name}-{_HOST}~{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _abandoned(tmp: Path) -> bool:
+    """Whether ``tmp``'s owner is gone: a dead process of this host (a bare pid: a name from
+    before hosts were recorded), or, of another host, older than the lease."""
+    try:
+        owner = tmp.name.rsplit("-", 2)[1]
+    except IndexError:
+        return False
+    host, _, pid = owner.rpartition("~")
+    if host in ("", _HOST):
         try:
-            pid = int(tmp.name.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
+            return not _pid_alive(int(pid))
+        except ValueError:
+            return False
+    with contextlib.suppress(OSError):
+        return time.time() - tmp.lstat().st_mtime > TMP_LEASE_S
+    return False
+
+
+def remove_abandoned(folder: Path) -> None:
+    """Remove every abandoned temporary entry of ``folder`` (any version's, LATEST's,
+    a name alias's), not only those of the version being built."""
+    for tmp in folder.glob(f"{_TMP_PREFIX}*"):
+        if _abandoned(tmp):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def build(
@@ -141,8 +198,8 @@ def build(
         return ref
     stage_dir = ref.path.parent
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(stage_dir, version)
-    tmp = stage_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_abandoned(stage_dir)
+    tmp = stage_dir / tmp_name(version)
     tmp.mkdir()
     try:
         metrics = write(tmp) or {}
@@ -169,22 +226,46 @@ def build(
 
 
 def _publish(tmp: Path, final: Path, replace: bool = False) -> None:
-    """Move a finished ``tmp`` into place; a damaged old version (or, with ``replace``, any
-    old version) is moved aside first, so a good one is never lost before its successor is
-    complete."""
+    """Move a finished ``tmp`` into place. Replacing an old version (a damaged one, or any
+    with ``replace``), the new one goes in first: the two are swapped in one atomic step
+    (Linux ``renameat2(RENAME_EXCHANGE)``), so a reader always finds a complete version and
+    a crash at any point leaves one; only then is the old one removed. Where the system has
+    no such swap, the old one is moved aside, the new one renamed in, and only then the old
+    one deleted."""
     if final.exists():
         if not replace and not verify(final):
             return  # another process finished the same version first: keep theirs
-        trash = final.parent / f"{_TMP_PREFIX}{final.name}-0-damaged-{uuid.uuid4().hex[:8]}"
+        if _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old version
+            return
+        trash = final.parent / tmp_name(f"{final.name}.replaced")
         with contextlib.suppress(FileNotFoundError):
             final.rename(trash)
+        try:
+            tmp.rename(final)
+        finally:
             shutil.rmtree(trash, ignore_errors=True)
+        return
     try:
         tmp.rename(final)
     except OSError:
         # Lost a race with a concurrent writer of the same version: theirs is as good.
         if verify(final):
             raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2  # noqa: N806 - the kernel's names
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -205,7 +286,7 @@ def latest_pointer(root: str | Path, stage: str) -> Path:
 def set_latest(ref: ArtifactRef) -> None:
     """Point ``<root>/<stage>/LATEST`` at ``ref`` (atomic replace)."""
     pointer = latest_pointer(ref.root, ref.stage)
-    tmp = pointer.with_name(f"{_TMP_PREFIX}LATEST-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = pointer.with_name(tmp_name("LATEST"))
     tmp.write_text(ref.version + "\n")
     os.replace(tmp, pointer)
 
@@ -221,7 +302,7 @@ def link_name(ref: ArtifactRef, name: str) -> None:
     alias_dir = Path(ref.root) / BY_NAME / ref.stage
     with contextlib.suppress(OSError):
         alias_dir.mkdir(parents=True, exist_ok=True)
-        tmp = alias_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = alias_dir / tmp_name(name)
         tmp.symlink_to(Path("..") / ".." / ref.stage / ref.version)
         os.replace(tmp, alias_dir / name)
 

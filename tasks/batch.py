@@ -39,15 +39,15 @@ _NA = pa.array(NA_STRINGS, pa.string())
 _DICT = pa.dictionary(pa.int32(), pa.string())
 
 
-def load_model(ref: ArtifactRef) -> Any:
-    """The model of a select artifact: its compiled plan (plain arrays), or, for a version
-    written before plans, the plan compiled from its checkpoint."""
-    if ref.file(PLAN_JSON).is_file():
-        return Plan.load(ref.path)
-    from tasks.checkpoint import FittedModel
-    from tasks.plan import compile_plan
-
-    return compile_plan(FittedModel.load(ref.file("model.pt")))
+def load_model(ref: ArtifactRef) -> Plan:
+    """The model of a select artifact: its compiled plan, plain JSON and arrays. Predict
+    never unpickles anything (the checkpoint's scikit-learn members are pickles: whoever can
+    write the artifacts could make them run code), so a version from before plans is an
+    error, not a fallback."""
+    if not ref.file(PLAN_JSON).is_file():
+        raise DataError(f"model {ref.version} has no compiled plan ({PLAN_JSON}; it predates "
+                        "them): rebuild it with 'houseprice run --from select'")
+    return Plan.load(ref.path)
 
 
 def _string_typed(t: pa.DataType) -> bool:

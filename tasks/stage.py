@@ -30,14 +30,26 @@ TASKS_DIR = Path(__file__).resolve().parent
 # is fixed by the files' SHA-1 hashes alone, so its code is deliberately not part of it. A
 # train version also holds its candidate's kind's own files (``code_files``), so editing one
 # kind's module retrains that kind only.
+_PREDICT_CODE = ("batch.py", "plan.py", "forest.py", "features.py", "kinds/__init__.py")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
-    "preprocess": ("preprocess.py",),
-    "tensorize": ("tensorize.py", "preprocess.py", "folds.py"),
+    "preprocess": ("preprocess.py", "features.py"),
+    "tensorize": ("tensorize.py", "preprocess.py", "features.py", "folds.py"),
     "train": ("train.py", "folds.py", "kinds/__init__.py"),
-    "select": ("select.py", "kinds/__init__.py", *code_files()),
-    "predict": ("predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),
-    "score": ("score.py", "predict.py", "preprocess.py", "kinds/__init__.py", *code_files()),
+    "select": ("select.py", "checkpoint.py", *_PREDICT_CODE, *code_files()),
+    "predict": ("predict.py", *_PREDICT_CODE),
+    "score": ("score.py", *_PREDICT_CODE),
+}
+# The libraries whose arithmetic shapes what a stage writes (major.minor): an upgrade gives
+# new versions instead of silently reusing artifacts and checkpoints built by the old ones.
+STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "download": (),
+    "preprocess": ("numpy", "pandas", "pyarrow"),
+    "tensorize": ("numpy", "pandas", "pyarrow"),
+    "train": ("numpy", "pandas", "pyarrow", "scikit-learn", "torch"),
+    "select": ("numpy", "pandas", "pyarrow", "scikit-learn", "torch", "scipy"),
+    "predict": ("numpy", "pandas", "pyarrow", "numba"),
+    "score": ("numpy", "pandas", "pyarrow", "numba"),
 }
 
 # Stages whose code is deliberately out of their version carry a format number instead:
@@ -54,9 +66,22 @@ class StageError(RuntimeError):
 
 
 @functools.cache
+def library_version(name: str) -> str:
+    """An installed library's major.minor (read from its metadata, not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return ".".join(version(name).split(".")[:2])
+    except PackageNotFoundError:
+        return "absent"
+
+
+@functools.cache
 def code_version(stage: str, extra: tuple[str, ...] = ()) -> str:
     """Hash of the source files that define ``stage`` (and the ``extra`` ones)."""
     digest = hashlib.sha256(f"format {STAGE_FORMATS.get(stage, 0)}".encode())
+    for lib in STAGE_LIBRARIES[stage]:
+        digest.update(f"{lib} {library_version(lib)}".encode())
     for name in (*STAGE_CODE[stage], *extra):
         digest.update(name.encode())
         digest.update((TASKS_DIR / name).read_bytes())

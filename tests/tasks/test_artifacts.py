@@ -121,3 +121,57 @@ def test_a_candidates_artifact_is_found_by_name_and_the_alias_is_no_version(tmp_
     assert "by-name" not in str(err.value)
     # the stage's folder holds versions only
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["a" * 16, "b" * 16]
+
+
+def test_a_forced_rebuild_never_leaves_readers_without_the_version(tmp_path):
+    """The new version goes in before the old one is removed (an atomic swap): a reader
+    checking the version all through 30 forced rebuilds never finds it missing or torn."""
+    import threading
+
+    ref = _build(tmp_path, payload="v0")
+    failures, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            problems = verify(ref.path)
+            if problems:
+                failures.append(problems[0])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(30):
+            build(tmp_path, "stage", "v1", lambda out, i=i: (out / "data.txt").write_text(
+                f"v{i + 1}") and None, parameters={"p": 1}, upstream={}, code_version="c",
+                force=True)
+    finally:
+        stop.set()
+        reader.join()
+    assert failures == []
+    assert (ref.path / "data.txt").read_text() == "v30"
+    assert [p.name for p in (tmp_path / "stage").iterdir()] == ["v1"]  # the old ones removed
+
+
+def test_leftovers_are_cleaned_by_owner_host_and_pid_or_lease(tmp_path):
+    """Temporary entries of any version (and LATEST's) whose owner died on this host are
+    removed; another host's are kept (it may be writing) until older than the lease."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    host = artifacts._HOST
+    mine_dead = stage / f".tmp-oldversion-{host}~{dead}-0000aaaa"
+    mine_dead.mkdir()
+    latest_dead = stage / f".tmp-LATEST-{host}~{dead}-0000bbbb"
+    latest_dead.write_text("x\n")
+    legacy_dead = stage / f".tmp-v9-{dead}-0000cccc"  # a name from before hosts were recorded
+    legacy_dead.mkdir()
+    other = stage / ".tmp-v2-otherhost~1-0000dddd"
+    other.mkdir()
+    _build(tmp_path)
+    left = sorted(p.name for p in stage.iterdir())
+    assert left == [other.name, "v1"]
+    old = os.stat(other).st_mtime - artifacts.TMP_LEASE_S - 60
+    os.utime(other, (old, old))
+    _build(tmp_path, version="v3")
+    assert sorted(p.name for p in stage.iterdir()) == ["v1", "v3"]

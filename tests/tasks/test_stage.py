@@ -74,3 +74,22 @@ def test_invalid_config_names_the_field(update, field):
 def test_failing_as_names_the_stage():
     with pytest.raises(StageError, match=r"^stage 'train' failed: boom$"), failing_as("train"):
         raise ValueError("boom")
+
+
+def test_a_library_upgrade_gives_new_versions(monkeypatch):
+    """The libraries whose arithmetic shapes a stage's output (major.minor) are part of its
+    version: an upgraded torch gives train and select new versions, and leaves download's
+    and preprocess's alone."""
+    from tasks import stage
+
+    before = {s: stage.code_version(s) for s in stage.STAGE_CODE}
+    real = stage.library_version
+    monkeypatch.setattr(stage, "library_version",
+                        lambda name: "99.0" if name == "torch" else real(name))
+    stage.code_version.cache_clear()
+    try:
+        after = {s: stage.code_version(s) for s in stage.STAGE_CODE}
+    finally:
+        stage.code_version.cache_clear()
+    changed = {s for s in before if before[s] != after[s]}
+    assert changed == {"train", "select"}
