@@ -102,3 +102,14 @@ def test_a_plan_of_another_format_is_refused(fitted, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps({**spec, "format": "houseprice-plan/0"}))
     with pytest.raises(DataError, match="houseprice-plan/0.*rerun select"):
         Plan.load(tmp_path)
+
+
+def test_predict_loads_no_checkpoint_pickles_a_version_without_a_plan_is_refused(tmp_path):
+    from tasks.artifacts import ArtifactRef
+    from tasks.batch import load_model
+
+    (tmp_path / "select" / "0123456789abcdef").mkdir(parents=True)
+    (tmp_path / "select" / "0123456789abcdef" / "model.pt").write_bytes(b"pickles")
+    ref = ArtifactRef(root=str(tmp_path), stage="select", version="0123456789abcdef")
+    with pytest.raises(DataError, match="0123456789abcdef has no compiled plan.*--from select"):
+        load_model(ref)
