@@ -52,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = cli_env(Path(tmp) / "prefect")
-        cmd = ["run", "--data-url", args.data, "--artifacts", f"{tmp}/artifacts",
+        # --verbose: Prefect's task lines on the output, where the Cached ones are counted
+        cmd = ["run", "--verbose", "--data-url", args.data, "--artifacts", f"{tmp}/artifacts",
                "--data-dir", f"{tmp}/cache"]
         if args.config:
             cmd += ["--config", args.config]
