@@ -425,7 +425,7 @@ def _batch_plans(sizes: list[int], batch: int, device: torch.device
 def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                   valid_mask: torch.Tensor, spec: TorchCandidate | list[TorchCandidate],
                   target: str, seeds: list[int],
-                  on_epoch: Callable[[int], None] | None = None,
+                  on_epoch: Callable[[int, dict[int, float]], None] | None = None,
                   groups: list[int] | None = None,
                   features: list[int] | None = None,
                   ) -> EngineResult:
@@ -575,8 +575,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         curves["train_log_rmse"][:, epoch] = tr.double().cpu()
         curves["valid_log_rmse"][:, epoch] = va.double().cpu()
         curves["grad_norm"][:, epoch] = (grad_sum / own_batches).double().cpu()
-        if on_epoch is not None:
-            on_epoch(epoch)
+        if on_epoch is not None:  # the epoch, and each group's mean valid log RMSE at it
+            valid = curves["valid_log_rmse"][:, epoch]
+            on_epoch(epoch, {int(g): float(valid[groups_t == g].mean())
+                             for g in torch.unique(groups_t)})
         bad = alive & (~torch.isfinite(curves["grad_norm"][:, epoch]) | ~torch.isfinite(
             curves["train_log_rmse"][:, epoch]))
         for m in bad.nonzero().flatten().tolist():

@@ -88,31 +88,54 @@ class RunFailed(RuntimeError):
 
 
 class TerminalProgress:
-    """Progress on the terminal, to standard error: a line as each stage finishes (Completed
-    in how long, Cached, Failed), and every ``every`` seconds while candidates train, a line
-    with the elapsed time, candidates done, and the ones in training with their percent of
-    epochs or folds. Fed by ``tasks.progress`` hooks, so the stages print nothing
-    themselves; candidates trained on Dask workers do not report here."""
+    """Progress on the terminal (standard error), fed by ``tasks.progress`` hooks, so the
+    stages print nothing themselves (candidates trained on Dask workers do not report here):
+
+    - a line as each stage ends (Completed in how long, Cached, Failed);
+    - while candidates train, a block redrawn in place every ``every`` seconds: a header
+      (elapsed time, candidates done) and one row per candidate in training with its percent
+      of epochs or folds, its time so far and its latest valid log RMSE (mean over its folds).
+    """
+
+    SHOWN = 8  # rows of candidates in training; the rest are counted
 
     def __init__(self, total: int, every: float = 2.0, out=None):
         import threading
 
         self.total, self.every, self.out = total, every, out or sys.stderr
         self.fractions: dict[str, float] = {}
+        self.scores: dict[str, float] = {}
+        self.first_seen: dict[str, float] = {}
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.started: float | None = None
+        self.drawn = 0  # lines of the block now on the screen
         self.thread = threading.Thread(target=self._loop, name="houseprice-progress",
                                        daemon=True)
         self.removers: list = []
         self.stage_started: dict[str, float] = {}
 
     def start(self) -> TerminalProgress:
-        from tasks.progress import add_hook, add_stage_hook
+        from tasks.progress import add_hook, add_score_hook, add_stage_hook
 
-        self.removers = [add_hook(self.update), add_stage_hook(self.stage)]
+        self.removers = [add_hook(self.update), add_stage_hook(self.stage),
+                         add_score_hook(self.score)]
         self.thread.start()
         return self
+
+    def update(self, candidate: str, fraction: float) -> None:
+        import time
+
+        with self.lock:
+            now = time.monotonic()
+            if self.started is None:
+                self.started = now
+            self.first_seen.setdefault(candidate, now)
+            self.fractions[candidate] = max(fraction, self.fractions.get(candidate, 0.0))
+
+    def score(self, candidate: str, valid_log_rmse: float) -> None:
+        with self.lock:
+            self.scores[candidate] = valid_log_rmse
 
     def stage(self, name: str, state: str) -> None:
         """A stage's line as it ends: ``select · Completed in 3.1 s``, ``download · Cached``."""
@@ -122,48 +145,73 @@ class TerminalProgress:
             self.stage_started[name] = time.monotonic()
             return
         took = time.monotonic() - self.stage_started.pop(name, time.monotonic())
-        # Written, not print()ed: this runs inside the flow, whose log_prints would send a
-        # print to Prefect's log instead of the terminal.
-        self.out.write(f"houseprice: {name} · {state}"
-                       + (f" in {took:.1f} s" if state == "Completed" else "") + "\n")
-        self.out.flush()
-
-    def update(self, candidate: str, fraction: float) -> None:
-        import time
-
         with self.lock:
-            if self.started is None:
-                self.started = time.monotonic()
-            self.fractions[candidate] = max(fraction, self.fractions.get(candidate, 0.0))
+            # Written, not print()ed: this runs inside the flow, whose log_prints would
+            # send a print to Prefect's log instead of the terminal.
+            self.out.write(self._erase() + f"houseprice: {name} · {state}"
+                           + (f" in {took:.1f} s" if state == "Completed" else "") + "\n")
+            self.out.flush()
 
     def line(self) -> str | None:
-        """The current progress line, or None when nothing is training."""
+        """The header of the block, or None when nothing is training."""
+        block = self.block()
+        return block[0] if block else None
+
+    def block(self) -> list[str]:
+        """The lines of the training block (empty when nothing is training)."""
         import time
 
         with self.lock:
             if self.started is None:
-                return None
+                return []
+            now = time.monotonic()
             finished = sum(f >= 1.0 for f in self.fractions.values())
             training = sorted((n, f) for n, f in self.fractions.items() if f < 1.0)
-            elapsed = time.monotonic() - self.started
+            scores, seen = dict(self.scores), dict(self.first_seen)
+            elapsed = now - self.started
         if not training:
-            return None
+            return []
         shown = ", ".join(f"{n} {100 * f:.0f}%" for n, f in training[:4])
         more = f" (+{len(training) - 4} more)" if len(training) > 4 else ""
-        return (f"houseprice: training {int(elapsed) // 60}:{int(elapsed) % 60:02d} · "
-                f"{finished} of {self.total} candidates trained · {shown}{more}")
+        lines = [f"houseprice: training {_clock(elapsed)} · {finished} of {self.total} "
+                 f"candidates trained · {shown}{more}"]
+        width = max(len(n) for n, _ in training[:self.SHOWN])
+        for n, f in training[:self.SHOWN]:
+            valid = f"valid {scores[n]:.4f}" if n in scores else ""
+            lines.append(f"  {n:<{width}}  {100 * f:3.0f}%  {_clock(now - seen[n])}  {valid}")
+        if len(training) > self.SHOWN:
+            lines.append(f"  ... {len(training) - self.SHOWN} more training")
+        return lines
+
+    def _erase(self) -> str:
+        """Terminal codes that remove the block drawn last (cursor up, clear below)."""
+        codes = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
+        self.drawn = 0
+        return codes
 
     def _loop(self) -> None:
         while not self.done.wait(self.every):
-            text = self.line()
-            if text is not None:
-                print(text, file=self.out, flush=True)
+            lines = self.block()
+            with self.lock:
+                text = self._erase() + "".join(line + "\n" for line in lines)
+                self.drawn = len(lines)
+                if text:
+                    self.out.write(text)
+                    self.out.flush()
 
     def stop(self) -> None:
         for remove in self.removers:
             remove()
         self.done.set()
         self.thread.join(timeout=5)
+        with self.lock:  # the block is done with: the result table follows
+            if self.drawn:
+                self.out.write(self._erase())
+                self.out.flush()
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def result_table(config, result: dict[str, Any], shown: int = 12,

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 
 from tasks.frozen import Frozen, Name
+from tasks.progress import muted, report_score
 
 if TYPE_CHECKING:
     from tasks.config import TrainConfig
@@ -66,12 +67,13 @@ def refit_members(specs: list[CandidateConfig], X: np.ndarray, y: np.ndarray,
     fold whose validation rows are its training rows (their score is not used)."""
     one = train.model_copy(update={"repeats": 1})
     fold = [(rows, rows)]
-    if len(specs) > 1 or hasattr(specs[0], "group_key"):
-        from tasks.kinds.torch_net import cross_validate_group
+    with muted():  # its "valid" rows are its training rows: no score to show
+        if len(specs) > 1 or hasattr(specs[0], "group_key"):
+            from tasks.kinds.torch_net import cross_validate_group
 
-        cvs = cross_validate_group(specs, X, y, one, fold, [rows], lambda f: None)
-    else:
-        cvs = [specs[0].cross_validate(X, y, one, fold, [rows], lambda f: None)]
+            cvs = cross_validate_group(specs, X, y, one, fold, [rows], lambda f: None)
+        else:
+            cvs = [specs[0].cross_validate(X, y, one, fold, [rows], lambda f: None)]
     return [cv.members[0] for cv in cvs]
 
 
@@ -192,6 +194,7 @@ class SklearnCandidate(CandidateConfig):
             members.append([{"sklearn": pickle.dumps(est)}])
             train_rmse.append(rmse(p_tr, logy[tr]))
             valid_rmse.append(rmse(p_va, logy[va]))
+            report_score(self.name, float(np.mean(valid_rmse)))
             on_progress((k + 1) / len(folds))
         return CVResult(folds=folds, members=members, train_log_rmse=train_rmse,
                         valid_log_rmse=valid_rmse, oof_log_price=oof, curves=None)

@@ -86,7 +86,8 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         torch.tensor(X, dtype=torch.float32, device=device),
         torch.tensor(y, dtype=torch.float32, device=device),
         train_mask.to(device), valid_mask.to(device), [specs[c] for c, _, _ in models],
-        train.target, seeds, on_epoch=lambda e: on_progress((e + 1) / specs[0].epochs),
+        train.target, seeds, on_epoch=lambda e, valid: _epoch_done(
+            specs, valid, lambda: on_progress((e + 1) / specs[0].epochs)),
         groups=groups, features=[k for _, k, _ in models] if X.ndim == 3 else None,
     )
     logy = np.log(y)
@@ -114,6 +115,16 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
             oof_log_price=oof, curves=curves, diverged=res.diverged.get(c),
         ))
     return out
+
+
+def _epoch_done(specs: list[TorchCandidate], valid: dict[int, float], progress) -> None:
+    """Each candidate's valid log RMSE at this epoch to the progress hooks, then the group's
+    progress."""
+    from tasks.progress import report_score
+
+    for c, score in valid.items():
+        report_score(specs[c].name, score)
+    progress()
 
 
 @dataclass

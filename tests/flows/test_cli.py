@@ -431,7 +431,7 @@ def test_terminal_progress_line_lists_what_is_training():
     import time
 
     from flows.commands.run import TerminalProgress
-    from tasks.progress import report
+    from tasks.progress import muted, report, report_score
 
     out = io.StringIO()
     display = TerminalProgress(total=7, every=0.05, out=out).start()
@@ -440,9 +440,18 @@ def test_terminal_progress_line_lists_what_is_training():
         report("lasso", 1.0)
         for i in range(6):
             report(f"mlp-{i:02d}", 0.4)
+        report_score("mlp-01", 0.1234)
+        with muted():  # a refit's scores (on its own training rows) are not shown
+            report_score("mlp-02", 0.01)
         time.sleep(0.3)
+        block = display.block()
     finally:
         display.stop()
+    # One row per candidate in training: percent, time so far, latest valid score.
+    row = next(line for line in block if line.strip().startswith("mlp-01"))
+    assert " 40%" in row and row.rstrip().endswith("valid 0.1234")
+    assert not any("0.0100" in line for line in block) and len(block) == 1 + 6
+    assert "\x1b[7F\x1b[J" in out.getvalue()  # redrawn in place (cursor up, clear)
     report("late", 0.5)  # after stop: no hook, nothing recorded
     line = display.line()
     assert "1 of 7 candidates trained" in line and "mlp-00 40%" in line and "(+2 more)" in line
@@ -497,6 +506,8 @@ def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_s
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     assert max(gaps) <= 5.0, gaps
     assert "candidates trained" in output and "houseprice: selected" in output
+    # A row per candidate in training with its percent, time and latest valid log RMSE.
+    assert re.search(r"  \S+ +\d+%  \d+:\d\d  valid 0\.\d{4}", output), output[-3000:]
     # Each stage's line as it ends, in order; Prefect's own lines are in the log file.
     for stage in ("download", "preprocess", "tensorize", "select", "predict"):
         assert re.search(rf"houseprice: {stage} · (Completed in [\d.]+ s|Cached)", output), stage
