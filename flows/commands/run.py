@@ -130,7 +130,8 @@ class TerminalProgress:
             now = time.monotonic()
             if self.started is None:
                 self.started = now
-            self.first_seen.setdefault(candidate, now)
+            if fraction > 0:  # under way (at 0% it waits for the fit thread)
+                self.first_seen.setdefault(candidate, now)
             self.fractions[candidate] = max(fraction, self.fractions.get(candidate, 0.0))
 
     def score(self, candidate: str, valid_log_rmse: float) -> None:
@@ -175,8 +176,13 @@ class TerminalProgress:
         more = f" (+{len(training) - 4} more)" if len(training) > 4 else ""
         lines = [f"houseprice: training {_clock(elapsed)} · {finished} of {self.total} "
                  f"candidates trained · {shown}{more}"]
-        width = max(len(n) for n, _ in training[:self.SHOWN])
-        for n, f in training[:self.SHOWN]:
+        # The ones under way first (a candidate at 0% waits for the fit thread).
+        rows = sorted(training, key=lambda nf: (nf[1] == 0.0, nf[0]))[:self.SHOWN]
+        width = max(len(n) for n, _ in rows)
+        for n, f in rows:
+            if n not in seen:
+                lines.append(f"  {n:<{width}}  waiting")
+                continue
             valid = f"valid {scores[n]:.4f}" if n in scores else ""
             lines.append(f"  {n:<{width}}  {100 * f:3.0f}%  {_clock(now - seen[n])}  {valid}")
         if len(training) > self.SHOWN:
