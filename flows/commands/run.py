@@ -91,7 +91,8 @@ class TerminalProgress:
     """Progress on the terminal (standard error), fed by ``tasks.progress`` hooks, so the
     stages print nothing themselves (candidates trained on Dask workers do not report here):
 
-    - a line as each stage ends (Completed in how long, Cached, Failed);
+    - a line as each stage ends (Completed in how long, Cached, Failed), and one while a
+      stage has run for ``every`` seconds or more (``houseprice: select running 0:04``);
     - while candidates train, a block redrawn in place every ``every`` seconds: a header
       (elapsed time, candidates done) and one row per candidate in training with its percent
       of epochs or folds, its time so far and its latest valid log RMSE (mean over its folds).
@@ -142,11 +143,11 @@ class TerminalProgress:
         """A stage's line as it ends: ``select · Completed in 3.1 s``, ``download · Cached``."""
         import time
 
-        if state == "Running":
-            self.stage_started[name] = time.monotonic()
-            return
-        took = time.monotonic() - self.stage_started.pop(name, time.monotonic())
         with self.lock:
+            if state == "Running":
+                self.stage_started[name] = time.monotonic()
+                return
+            took = time.monotonic() - self.stage_started.pop(name, time.monotonic())
             # Written, not print()ed: this runs inside the flow, whose log_prints would
             # send a print to Prefect's log instead of the terminal.
             self.out.write(self._erase() + f"houseprice: {name} · {state}"
@@ -154,24 +155,25 @@ class TerminalProgress:
             self.out.flush()
 
     def line(self) -> str | None:
-        """The header of the block, or None when nothing is training."""
-        block = self.block()
-        return block[0] if block else None
+        """The header of the training block, or None when nothing is training."""
+        return next((b for b in self.block() if b.startswith("houseprice: training")), None)
 
     def block(self) -> list[str]:
         """The lines of the training block (empty when nothing is training)."""
         import time
 
         with self.lock:
-            if self.started is None:
-                return []
             now = time.monotonic()
+            running = [f"houseprice: {n} running {_clock(now - t)}"
+                       for n, t in self.stage_started.items() if now - t >= self.every]
+            if self.started is None:
+                return running
             finished = sum(f >= 1.0 for f in self.fractions.values())
             training = sorted((n, f) for n, f in self.fractions.items() if f < 1.0)
             scores, seen = dict(self.scores), dict(self.first_seen)
             elapsed = now - self.started
         if not training:
-            return []
+            return running
         shown = ", ".join(f"{n} {100 * f:.0f}%" for n, f in training[:4])
         more = f" (+{len(training) - 4} more)" if len(training) > 4 else ""
         lines = [f"houseprice: training {_clock(elapsed)} · {finished} of {self.total} "
@@ -187,7 +189,7 @@ class TerminalProgress:
             lines.append(f"  {n:<{width}}  {100 * f:3.0f}%  {_clock(now - seen[n])}  {valid}")
         if len(training) > self.SHOWN:
             lines.append(f"  ... {len(training) - self.SHOWN} more training")
-        return lines
+        return running + lines
 
     def _erase(self) -> str:
         """Terminal codes that remove the block drawn last (cursor up, clear below)."""

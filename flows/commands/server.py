@@ -10,7 +10,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-NEEDS_SERVER = ("start one with 'prefect server start' and set "
+
+def _prefect_command() -> str:
+    """``prefect`` as it runs from here: the one beside this Python (a virtual environment's
+    ``bin/prefect`` is not on PATH unless the environment is active)."""
+    beside = Path(sys.executable).parent / "prefect"
+    if not beside.is_file():
+        return "prefect"
+    with contextlib.suppress(ValueError):
+        return str(beside.relative_to(Path.cwd()))
+    return str(beside)
+
+
+PREFECT = _prefect_command()
+NEEDS_SERVER = (f"start one with '{PREFECT} server start' and set "
                 "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
@@ -23,7 +36,7 @@ def check_api(url: str) -> None:
     if problem is not None:
         raise ConnectionError(
             f"cannot reach the Prefect API at {url} ({type(problem).__name__}); start it with "
-            "'prefect server start' or unset PREFECT_API_URL to use an ephemeral one"
+            f"'{PREFECT} server start' or unset PREFECT_API_URL to use an ephemeral one"
         )
 
 
@@ -83,7 +96,7 @@ def start_ephemeral_api() -> Callable[[], None]:
                     raise RuntimeError(
                         f"the temporary Prefect API server exited with code "
                         f"{server['proc'].returncode} before answering, 3 times; run "
-                        "'prefect server start' to see why")
+                        f"'{PREFECT} server start' to see why")
                 start()
                 continue
             with contextlib.suppress(OSError), urllib.request.urlopen(
