@@ -290,15 +290,21 @@ def _sk_tree(tree: Any, lr: float) -> dict[str, np.ndarray]:
 
 
 def _forest_arrays(trees: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Trees concatenated: children indexes made global, ``roots`` where each one starts."""
-    sizes = [len(t["left"]) for t in trees]
-    roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    out = {k: np.concatenate([t[k] for t in trees]) for k in trees[0]}
+    """One member's trees as one forest (each tree a forest of one, rooted at node 0)."""
+    return _join([{**t, "roots": np.zeros(1, np.int64)} for t in trees])
+
+
+def _join(forests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Forests concatenated: children indexes and ``roots`` shifted by where each forest's
+    nodes now start (a child of -1, a leaf's, stays -1)."""
+    sizes = [len(f["left"]) for f in forests]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    out = {k: np.concatenate([f[k] for f in forests]) for k in forests[0]}
     for key in ("left", "right"):
-        shifted = [np.where(t[key] >= 0, t[key] + r, -1) for t, r in zip(trees, roots,
-                                                                        strict=True)]
-        out[key] = np.concatenate(shifted).astype(np.int32)
-    out["roots"] = roots
+        out[key] = np.concatenate([np.where(f[key] >= 0, f[key] + o, -1) for f, o in
+                                   zip(forests, offsets, strict=True)]).astype(np.int32)
+    out["roots"] = np.concatenate([f["roots"] + o for f, o in zip(forests, offsets,
+                                                                  strict=True)])
     return out
 
 
@@ -337,18 +343,13 @@ _ACTIVATIONS = {"relu": lambda h: np.maximum(h, 0, out=h),
 def _predict_nets(group: list[Member], X: np.ndarray, target: str) -> np.ndarray:
     """Nets of one shape as one stacked model: the first layers side by side in one matrix
     product, the later ones batched."""
-    layers, act = group[0].params["layers"], _ACTIVATIONS[group[0].params["activation"]]
+    act = _ACTIVATIONS[group[0].params["activation"]]
     dtype = np.float64 if group[0].params.get("float64") else np.float32
-    M = len(group)
-    W0 = np.concatenate([m.arrays["W0"] for m in group], axis=1).astype(dtype)
-    b0 = np.concatenate([m.arrays["b0"] for m in group]).astype(dtype)
+    (W0, b0), *later = _stacked(tuple(group))
     h = X.astype(dtype, copy=False) @ W0 + b0  # (n, M * width)
-    h = h.reshape(len(X), M, -1).transpose(1, 0, 2)  # (M, n, width)
-    for i in range(1, layers):
-        h = act(np.ascontiguousarray(h))
-        W = np.stack([m.arrays[f"W{i}"] for m in group]).astype(dtype)
-        b = np.stack([m.arrays[f"b{i}"] for m in group]).astype(dtype)
-        h = np.matmul(h, W) + b[:, None, :]
+    h = h.reshape(len(X), len(group), -1).transpose(1, 0, 2)  # (M, n, width)
+    for W, b in later:
+        h = np.matmul(act(np.ascontiguousarray(h)), W) + b[:, None, :]
     out = h[..., 0]  # (M, n)
     total = np.zeros(len(X))
     for j, m in enumerate(group):
@@ -357,6 +358,19 @@ def _predict_nets(group: list[Member], X: np.ndarray, target: str) -> np.ndarray
              if target == "log" else out[j])
         total += m.scale * _post(y, target)
     return total
+
+
+@functools.lru_cache(maxsize=32)
+def _stacked(group: tuple[Member, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A group's weights, stacked once per plan (not per chunk): the first layers side by
+    side ``(d, M * width)``, the later ones batched ``(M, width, width')``."""
+    dtype = np.float64 if group[0].params.get("float64") else np.float32
+    layers = [(np.concatenate([m.arrays["W0"] for m in group], axis=1).astype(dtype),
+               np.concatenate([m.arrays["b0"] for m in group]).astype(dtype))]
+    for i in range(1, group[0].params["layers"]):
+        layers.append((np.stack([m.arrays[f"W{i}"] for m in group]).astype(dtype),
+                       np.stack([m.arrays[f"b{i}"] for m in group]).astype(dtype)))
+    return layers
 
 
 def _predict_svr(m: Member, X: np.ndarray) -> np.ndarray:
@@ -398,21 +412,14 @@ def _forest(members: tuple[Member, ...]) -> tuple[np.ndarray, ...]:
     global, ``roots`` where each tree starts, ``owner`` its member. Thresholds become the
     largest float32 not above them: for a float32 feature ``x <= t`` holds exactly when it
     holds for the float64 ``t``, and the comparison stays in float32."""
-    sizes = [len(m.arrays["left"]) for m in members]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    cat = {k: np.concatenate([m.arrays[k] for m in members])
-           for k in ("feature", "threshold", "value", "missing_left")}
-    left, right = (np.concatenate([np.where(m.arrays[key] >= 0, m.arrays[key] + o, -1)
-                                   for m, o in zip(members, offsets, strict=True)]
-                                  ).astype(np.int32) for key in ("left", "right"))
-    roots = np.concatenate([m.arrays["roots"] + o for m, o in zip(members, offsets,
-                                                                  strict=True)])
+    cat = _join([m.arrays for m in members])
     owner = np.concatenate([np.full(len(m.arrays["roots"]), j, np.int64)
                             for j, m in enumerate(members)])
     thr = cat["threshold"].astype(np.float32)
     above = thr.astype(np.float64) > cat["threshold"]
     thr[above] = np.nextafter(thr[above], np.float32(-np.inf))
-    return (cat["feature"], thr, left, right, cat["value"], cat["missing_left"], roots, owner)
+    return (cat["feature"], thr, cat["left"], cat["right"], cat["value"], cat["missing_left"],
+            cat["roots"], owner)
 
 
 def rows_per_s(plan: Plan, frame: pd.DataFrame, rows: int = 8192) -> float:

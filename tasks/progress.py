@@ -9,9 +9,26 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
 
-_HOOKS: list[Callable[[str, float], None]] = []
-_STAGE_HOOKS: list[Callable[[str, str], None]] = []
-_SCORE_HOOKS: list[Callable[[str, float], None]] = []
+
+class _Hooks:
+    """Functions called with what is reported; a failing one is ignored (progress is
+    advisory: training goes on)."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[..., None]] = []
+
+    def add(self, hook: Callable[..., None]) -> Callable[[], None]:
+        """Register ``hook``; returns the function that removes it."""
+        self.hooks.append(hook)
+        return lambda: self.hooks.remove(hook) if hook in self.hooks else None
+
+    def call(self, *args: object) -> None:
+        for hook in list(self.hooks):
+            with contextlib.suppress(Exception):
+                hook(*args)
+
+
+_FRACTIONS, _STAGES, _SCORES = _Hooks(), _Hooks(), _Hooks()
 # Set while fitting what is not cross-validation (the refit on all rows): its "valid" rows are
 # its training rows, so its scores are not reported.
 _MUTED = contextvars.ContextVar("houseprice_progress_muted", default=False)
@@ -29,41 +46,31 @@ def muted() -> Iterator[None]:
 
 def add_hook(hook: Callable[[str, float], None]) -> Callable[[], None]:
     """Register ``hook(candidate, fraction)``; returns the function that removes it."""
-    _HOOKS.append(hook)
-    return lambda: _HOOKS.remove(hook) if hook in _HOOKS else None
+    return _FRACTIONS.add(hook)
 
 
 def report(candidate: str, fraction: float) -> None:
     """``candidate`` has finished ``fraction`` (0..1) of its training."""
-    for hook in list(_HOOKS):
-        with contextlib.suppress(Exception):  # progress is advisory; training goes on
-            hook(candidate, fraction)
+    _FRACTIONS.call(candidate, fraction)
 
 
 def add_stage_hook(hook: Callable[[str, str], None]) -> Callable[[], None]:
     """Register ``hook(stage, state)``; returns the function that removes it."""
-    _STAGE_HOOKS.append(hook)
-    return lambda: _STAGE_HOOKS.remove(hook) if hook in _STAGE_HOOKS else None
+    return _STAGES.add(hook)
 
 
 def stage_state(stage: str, state: str) -> None:
     """``stage`` (a task run's name) is now in ``state`` (a Prefect state name)."""
-    for hook in list(_STAGE_HOOKS):
-        with contextlib.suppress(Exception):
-            hook(stage, state)
+    _STAGES.call(stage, state)
 
 
 def add_score_hook(hook: Callable[[str, float], None]) -> Callable[[], None]:
     """Register ``hook(candidate, valid_log_rmse)``; returns the function that removes it."""
-    _SCORE_HOOKS.append(hook)
-    return lambda: _SCORE_HOOKS.remove(hook) if hook in _SCORE_HOOKS else None
+    return _SCORES.add(hook)
 
 
 def report_score(candidate: str, valid_log_rmse: float) -> None:
     """``candidate``'s latest validation log RMSE (mean over its folds so far, or at this
-    epoch)."""
-    if _MUTED.get():
-        return
-    for hook in list(_SCORE_HOOKS):
-        with contextlib.suppress(Exception):
-            hook(candidate, valid_log_rmse)
+    epoch); nothing inside ``muted()``."""
+    if not _MUTED.get():
+        _SCORES.call(candidate, valid_log_rmse)
