@@ -19,7 +19,6 @@ name for it, so an old config gets an error that says where the value went.
 
 from __future__ import annotations
 
-import pickle
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,10 +165,51 @@ def _import_sklearn() -> None:
     import sklearn.svm  # noqa: F401
 
 
+# The only types a checkpoint's scikit-learn members may hold beyond skops' own trusted set
+# (scikit-learn estimators, NumPy arrays, builtins): the tree objects of the boosting kinds.
+# Anything else in a member is refused before it is built: a checkpoint is data, and whoever
+# can write the artifact store must not be able to run code where it is loaded.
+TRUSTED_TYPES = (
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.tree._tree.Tree",
+)
+
+
+class UntrustedCheckpoint(RuntimeError):
+    """A checkpoint member holds a type that loading could run code with."""
+
+
+def skops_dumps(estimator: Any) -> bytes:
+    import skops.io
+
+    return skops.io.dumps(estimator)
+
+
+def skops_loads(member: dict[str, Any]) -> Any:
+    """A member's estimator, built only from trusted types; one-line error otherwise."""
+    import skops.io
+
+    if "skops" not in member:
+        raise UntrustedCheckpoint(
+            f"checkpoint member holds {sorted(member)} instead of skops bytes (a pickled "
+            "member from an older version, which is never loaded): retrain with --from train")
+    data = member["skops"]
+    try:
+        untrusted = set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES)
+    except Exception as exc:  # not a skops archive at all
+        raise UntrustedCheckpoint(f"checkpoint member is not a readable skops archive "
+                                  f"({type(exc).__name__}: {exc})") from None
+    if untrusted:
+        raise UntrustedCheckpoint(
+            f"checkpoint member holds untrusted type(s) {', '.join(sorted(untrusted))}: "
+            "refused (nothing was loaded); rebuild it with --from train")
+    return skops.io.loads(data, trusted=list(TRUSTED_TYPES))
+
+
 class SklearnCandidate(CandidateConfig):
     """A kind backed by a scikit-learn regressor: cross-validated fold by fold on the same
-    folds and target as every other kind; each fold's fitted estimator is pickled into the
-    checkpoint (whose files are hash-checked against their manifest before use)."""
+    folds and target as every other kind; each fold's fitted estimator goes into the
+    checkpoint as skops bytes (``skops_dumps``), which load without running code."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py",)
 
@@ -191,7 +231,7 @@ class SklearnCandidate(CandidateConfig):
             p_tr = sklearn_log_price(est, Xk[tr], train.target)
             p_va = sklearn_log_price(est, Xk[va], train.target)
             oof[k // train.n_splits, va] = p_va  # folds are repeat-major
-            members.append([{"sklearn": pickle.dumps(est)}])
+            members.append([{"skops": skops_dumps(est)}])
             train_rmse.append(rmse(p_tr, logy[tr]))
             valid_rmse.append(rmse(p_va, logy[va]))
             report_score(self.name, float(np.mean(valid_rmse)))
@@ -202,5 +242,5 @@ class SklearnCandidate(CandidateConfig):
     def load_member(self, member, n_features, target) -> Member:
         with _SKLEARN_IMPORT:
             _import_sklearn()
-            estimator = pickle.loads(member["sklearn"])
+            estimator = skops_loads(member)
         return SklearnMember(estimator, target)

@@ -167,3 +167,39 @@ print("ok")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+class _Planted:
+    """A type an attacker with write access to the store could plant in a checkpoint."""
+
+    def __setstate__(self, state):
+        raise AssertionError("an untrusted type was built while loading a checkpoint")
+
+
+def test_a_checkpoint_member_with_a_foreign_type_is_refused_without_building_it(tmp_path):
+    import pickle
+
+    import skops.io
+    import torch
+
+    from tasks.kinds.base import UntrustedCheckpoint
+    from tasks.train import cross_validate
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4)).astype(np.float32)
+    y = np.exp(11 + X @ rng.normal(scale=0.2, size=4))
+    spec = candidate(name="c", kind="hgb", **MINIMAL["hgb"][0])
+    cv = cross_validate(X, y, spec, TrainConfig(repeats=1, n_splits=2, seed=2))
+    member = cv.members[0][0]
+    assert set(member) == {"skops"}  # no pickle in what train writes
+    est = skops.io.loads(member["skops"], trusted=list(
+        skops.io.get_untrusted_types(data=member["skops"])))
+    est.planted = _Planted()
+    tampered = {"skops": skops.io.dumps(est)}
+    torch.save({"m": tampered}, tmp_path / "m.pt")  # still passes torch's safe loader
+    back = torch.load(tmp_path / "m.pt", weights_only=True)["m"]
+    with pytest.raises(UntrustedCheckpoint, match=r"untrusted type\(s\) .*_Planted: refused"):
+        spec.load_member(back, 4, "log")
+    with pytest.raises(UntrustedCheckpoint, match="pickled member .* never loaded"):
+        spec.load_member({"sklearn": pickle.dumps(est)}, 4, "log")
+    assert spec.load_member(member, 4, "log").log_price(X).shape == (60,)

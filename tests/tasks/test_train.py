@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
 from tasks.config import TrainConfig, candidate
+from tasks.kinds.base import skops_loads
 from tasks.models import Regressor, SeededDropout, log_price, log_rmse
 from tasks.train import candidate_metrics, cross_validate, make_folds
 
@@ -116,7 +116,7 @@ def test_sklearn_candidates_use_the_same_folds_and_metric(kind):
                               TrainConfig(repeats=1, n_splits=4, seed=1))
     assert [v.tolist() for _, v in cv.folds] == [v.tolist() for _, v in torch_cv.folds]
     assert max(cv.valid_log_rmse) < 0.5 * float(np.std(np.log(y)))
-    est = pickle.loads(cv.members[0][0]["sklearn"])
+    est = skops_loads(cv.members[0][0])
     va = cv.folds[0][1]
     np.testing.assert_allclose(est.predict(X[va]), cv.oof_log_price[0, va])
 
