@@ -17,6 +17,7 @@ from tasks.promote import promote_task
 from tasks.report import name_run, publish_task
 from tasks.select import select_task
 from tasks.stage import run_stage
+from tasks.store import check
 from tasks.tensorize import tensorize_task
 from tasks.train import train_all
 
@@ -46,6 +47,7 @@ def house_price_pipeline(
     entries are refreshed); the stages before it come back Cached as usual.
     """
     root = config.artifacts_dir
+    check(root)  # an object store that cannot be used: one line, before anything is written
     force = {s: from_stage is not None and STAGES.index(s) >= STAGES.index(from_stage)
              for s in STAGES}
     snapshot = fetch_task(config.data, root, force=force["download"])

@@ -4,13 +4,16 @@ A version directory only ever appears by ``os.rename`` of a finished temporary d
 manifest (written last) lists the SHA-256 of every file. So a directory without a manifest, or
 whose files no longer match it, was never complete or was damaged later: it is not used, and
 the next build replaces it.
+
+The root may also be an object store URL (``s3://bucket/prefix``): the same functions then
+go through ``tasks.store.ObjectStore`` (files first, manifest last, one conditional PUT), and
+a reference's ``path`` is a verified local copy. Stages never know which.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -22,9 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
-MANIFEST = "manifest.json"
+from tasks.store import MANIFEST, StoreError, canonical, is_url, object_store, sha256_file
+
 _TMP_PREFIX = ".tmp-"
 
 
@@ -41,23 +45,57 @@ class ArtifactRef(BaseModel):
     stage: str
     version: str
 
+    @field_validator("root")
+    @classmethod
+    def _canonical(cls, root: str) -> str:
+        return canonical(root)
+
+    @property
+    def remote(self) -> bool:
+        return is_url(self.root)
+
     @property
     def path(self) -> Path:
-        return Path(self.root) / self.stage / self.version
+        """The version's folder: the folder itself under a local root; under an object store,
+        this machine's copy, downloaded and checked against the manifest on first use."""
+        if not self.remote:
+            return Path(self.root) / self.stage / self.version
+        key = (self.root, self.stage, self.version)
+        if key not in _LOCAL_COPIES:
+            problems, local = _store(self.root).verify(self.stage, self.version)
+            if problems:
+                raise ArtifactError(f"artifact {self.stage}/{self.version} is not usable "
+                                    f"({problems[0]}); rerun the pipeline to rebuild it")
+            _LOCAL_COPIES[key] = local
+        return _LOCAL_COPIES[key]
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     def manifest(self) -> dict[str, Any]:
-        return read_manifest(self.path)
+        if not self.remote:
+            return read_manifest(self.path)
+        try:
+            manifest = _store(self.root).read_manifest(self.stage, self.version)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"unreadable manifest of {self.root}/{self.stage}/"
+                                f"{self.version}: {exc}") from None
+        if manifest is None:
+            raise ArtifactError(f"no manifest in {self.root}/{self.stage}/{self.version}: "
+                                "the artifact is incomplete")
+        return manifest
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20, opener=None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", opener=opener) as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+# Local copies of object-store versions this process has verified (a version's content never
+# changes under its name except by a forced rebuild, which drops the entry).
+_LOCAL_COPIES: dict[tuple[str, str, str], Path] = {}
+
+
+def _store(root: str):
+    try:
+        return object_store(root)
+    except StoreError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def read_manifest(path: Path, opener=None) -> dict[str, Any]:
@@ -70,11 +108,15 @@ def read_manifest(path: Path, opener=None) -> dict[str, Any]:
         raise ArtifactError(f"unreadable manifest in {path}: {exc}") from None
 
 
-def verify(path: Path, attempts: int = 3) -> list[str]:
+def verify(path: Path | ArtifactRef, attempts: int = 3) -> list[str]:
     """Problems with the artifact at ``path`` (empty when it is complete and intact). Read
     through one handle on the directory, so a version replaced meanwhile (swapped in whole,
     see ``_publish``) is checked as one version, never half old and half new; when the one
     checked was replaced (and is being removed) while it was read, the new one is checked."""
+    if isinstance(path, ArtifactRef):
+        if path.remote:
+            return _store(path.root).verify(path.stage, path.version, attempts)[0]
+        path = path.path
     while True:
         problems, replaced = _verify_once(path)
         attempts -= 1
@@ -112,12 +154,12 @@ def _verify_once(path: Path) -> tuple[list[str], bool]:
 
 
 def is_complete(ref: ArtifactRef) -> bool:
-    return not verify(ref.path)
+    return not verify(ref)
 
 
 def require(ref: ArtifactRef) -> ArtifactRef:
     """Return ``ref`` if its artifact is intact, else raise a one-line ArtifactError."""
-    problems = verify(ref.path)
+    problems = verify(ref)
     if problems:
         raise ArtifactError(
             f"artifact {ref.stage}/{ref.version} is not usable ({problems[0]}); "
@@ -145,14 +187,20 @@ TMP_LEASE_S = 6 * 3600
 
 def tmp_name(name: str) -> str:
     """A temporary name for ``name`` owned by this process on this host."""
-    return f"{_TMP_PREFIX}{name}-{_HOST}~{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{_TMP_PREFIX}{name}-{owner()}"
 
 
-def _abandoned(tmp: Path) -> bool:
-    """Whether ``tmp``'s owner is gone: a dead process of this host (a bare pid: a name from
-    before hosts were recorded), or, of another host, older than the lease."""
+def owner() -> str:
+    """This process on this host, and a nonce: ``<host>~<pid>-<nonce>``."""
+    return f"{_HOST}~{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def owner_gone(name: str, age: Callable[[], float]) -> bool:
+    """Whether the owner of ``name`` (``...-<host>~<pid>-<nonce>``) is gone: a dead process
+    of this host (a bare pid: a name from before hosts were recorded), or, of another host,
+    older (``age()`` seconds) than the lease."""
     try:
-        owner = tmp.name.rsplit("-", 2)[1]
+        owner = name.rsplit("-", 2)[1]
     except IndexError:
         return False
     host, _, pid = owner.rpartition("~")
@@ -162,8 +210,12 @@ def _abandoned(tmp: Path) -> bool:
         except ValueError:
             return False
     with contextlib.suppress(OSError):
-        return time.time() - tmp.lstat().st_mtime > TMP_LEASE_S
+        return age() > TMP_LEASE_S
     return False
+
+
+def _abandoned(tmp: Path) -> bool:
+    return owner_gone(tmp.name, lambda: time.time() - tmp.lstat().st_mtime)
 
 
 def remove_abandoned(folder: Path) -> None:
@@ -193,14 +245,18 @@ def build(
     ``write`` fills the directory and may return metrics for the manifest. Any exception
     removes the temporary directory and leaves existing versions untouched.
     """
-    ref = ArtifactRef(root=str(Path(root).resolve()), stage=stage, version=version)
+    ref = ArtifactRef(root=str(root), stage=stage, version=version)
     if is_complete(ref) and not force:
         return ref
-    stage_dir = ref.path.parent
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(stage_dir)
-    tmp = stage_dir / tmp_name(version)
-    tmp.mkdir()
+    me = owner()
+    if ref.remote:
+        tmp = _store(ref.root).staging(stage, version, f"{_TMP_PREFIX}{version}-{me}")
+    else:
+        stage_dir = ref.path.parent
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(stage_dir)
+        tmp = stage_dir / f"{_TMP_PREFIX}{version}-{me}"
+        tmp.mkdir()
     try:
         metrics = write(tmp) or {}
         files = {
@@ -218,8 +274,12 @@ def build(
             "files": files,
             "metrics": metrics,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _publish(tmp, ref.path, replace=force)
+        if ref.remote:
+            _LOCAL_COPIES.pop((ref.root, stage, version), None)
+            _store(ref.root).publish(tmp, stage, version, manifest, replace=force, owner=me)
+        else:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            _publish(tmp, ref.path, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return require(ref)
@@ -284,7 +344,10 @@ def latest_pointer(root: str | Path, stage: str) -> Path:
 
 
 def set_latest(ref: ArtifactRef) -> None:
-    """Point ``<root>/<stage>/LATEST`` at ``ref`` (atomic replace)."""
+    """Point ``<root>/<stage>/LATEST`` at ``ref`` (atomic replace; one PUT in a store)."""
+    if ref.remote:
+        _store(ref.root).write_bytes((ref.version + "\n").encode(), ref.stage, "LATEST")
+        return
     pointer = latest_pointer(ref.root, ref.stage)
     tmp = pointer.with_name(tmp_name("LATEST"))
     tmp.write_text(ref.version + "\n")
@@ -298,7 +361,9 @@ def link_name(ref: ArtifactRef, name: str) -> None:
     """``<root>/by-name/<stage>/<name>``: a relative symlink to ``ref``'s folder, so a person
     finds a candidate's latest built artifact without opening every manifest (outside the
     stage's folder, which holds versions only; replaced atomically; skipped where the file
-    system has no symlinks)."""
+    system has no symlinks, and in object stores, which have none)."""
+    if ref.remote:
+        return
     alias_dir = Path(ref.root) / BY_NAME / ref.stage
     with contextlib.suppress(OSError):
         alias_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +375,7 @@ def link_name(ref: ArtifactRef, name: str) -> None:
 def resolve(root: str | Path, stage: str, version: str | None = None) -> ArtifactRef:
     """The ref for ``version`` of ``stage`` (LATEST when None; ``production``: the production
     model, for select), checked to be intact."""
-    root = Path(root).resolve()
+    root = canonical(root)
     if version == "production":
         current = read_production(root)
         if current is None:
@@ -318,26 +383,56 @@ def resolve(root: str | Path, stage: str, version: str | None = None) -> Artifac
                                 "(its first healthy model is promoted) or pass --model VERSION")
         version = current["model"]
     if version in (None, "latest"):
-        pointer = latest_pointer(root, stage)
-        if not pointer.is_file():
+        pointer = read_text(root, stage, "LATEST")
+        if pointer is None:
             raise ArtifactError(
                 f"no {stage} artifact under {root}: run 'houseprice run' first "
                 "or pass --artifacts"
             )
-        version = pointer.read_text().strip()
-    elif not (root / stage / version).is_dir():
+        version = pointer.strip()
+    elif version not in list_versions(root, stage):
         version = _match_version(root, stage, version)
-    return require(ArtifactRef(root=str(root), stage=stage, version=version))
+    return require(ArtifactRef(root=root, stage=stage, version=version))
 
 
-def _match_version(root: Path, stage: str, given: str) -> str:
+def read_text(root: str, *parts: str) -> str | None:
+    """A small object of the root (a pointer), or None if there is none."""
+    if is_url(root):
+        data = _store(canonical(root)).read_bytes(*parts)
+        return None if data is None else data.decode()
+    try:
+        return Path(root, *parts).read_text()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def list_versions(root: str, stage: str) -> list[str]:
+    """The version names of ``stage`` (complete or not), sorted."""
+    if is_url(root):
+        return _store(canonical(root)).versions(stage)
+    stage_dir = Path(root) / stage
+    return sorted(p.name for p in stage_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".")) if stage_dir.is_dir() else []
+
+
+def manifests(root: str, stage: str) -> list[tuple[ArtifactRef, dict[str, Any]]]:
+    """(ref, manifest) of every intact version of ``stage``."""
+    found = []
+    for version in list_versions(root, stage):
+        ref = ArtifactRef(root=root, stage=stage, version=version)
+        if verify(ref):
+            continue
+        with contextlib.suppress(ArtifactError):
+            found.append((ref, ref.manifest()))
+    return found
+
+
+def _match_version(root: str, stage: str, given: str) -> str:
     """The one existing version of ``stage`` that starts with ``given`` (a prefix, as with
     git); else a one-line error that lists what there is."""
     import difflib
 
-    stage_dir = root / stage
-    versions = sorted(p.name for p in stage_dir.iterdir()
-                      if p.is_dir() and not p.name.startswith(".")) if stage_dir.is_dir() else []
+    versions = list_versions(root, stage)
     matches = [v for v in versions if v.startswith(given)] if given else []
     if len(matches) == 1:
         return matches[0]
@@ -366,11 +461,12 @@ def production_dir(root: str | Path) -> Path:
 def read_production(root: str | Path) -> dict[str, Any] | None:
     """The production pointer (model version, predictions version, data version, when), or
     None before the first promotion."""
-    path = production_dir(root) / "CURRENT"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    path = f"{canonical(root)}/{PRODUCTION}/CURRENT"
+    text = read_text(root, PRODUCTION, "CURRENT")
+    if text is None:
         return None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"unreadable production pointer {path}: {exc}; restore it with "
                             "'houseprice promote VERSION'") from None
@@ -378,8 +474,14 @@ def read_production(root: str | Path) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def production_lock(root: str | Path):
-    """An exclusive lock on the root's production pointer and history (blocks until free)."""
+    """An exclusive lock on the root's production pointer and history (blocks until free):
+    a file lock, or in an object store a lock object (see ``ObjectStore.lock``)."""
     import fcntl
+
+    if is_url(root):
+        with _store(canonical(root)).lock(PRODUCTION, ".lock"):
+            yield
+        return
 
     folder = production_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
@@ -392,10 +494,8 @@ def production_lock(root: str | Path):
 
 
 def read_history(root: str | Path) -> list[dict[str, Any]]:
-    path = production_dir(root) / "history.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = read_text(root, PRODUCTION, "history.jsonl") or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def record(root: str | Path, entry: dict[str, Any], promote: bool) -> None:
@@ -403,6 +503,16 @@ def record(root: str | Path, entry: dict[str, Any], promote: bool) -> None:
     pointer is replaced atomically, after the history line is written). Hold the lock."""
     entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **entry,
              "promoted": promote}
+    current = {k: entry.get(k) for k in ("model", "predictions", "data_version", "time",
+                                         "reason")}
+    if is_url(root):  # no appends in an object store: the lock holder rewrites the history
+        store, line = _store(canonical(root)), json.dumps(entry, sort_keys=True) + "\n"
+        old = store.read_bytes(PRODUCTION, "history.jsonl") or b""
+        store.write_bytes(old + line.encode(), PRODUCTION, "history.jsonl")
+        if promote:
+            store.write_bytes(json.dumps(current, indent=2, sort_keys=True).encode(),
+                              PRODUCTION, "CURRENT")
+        return
     folder = production_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "history.jsonl", "a") as fh:
@@ -410,5 +520,4 @@ def record(root: str | Path, entry: dict[str, Any], promote: bool) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     if promote:
-        write_json(folder / "CURRENT", {k: entry.get(k) for k in (
-            "model", "predictions", "data_version", "time", "reason")})
+        write_json(folder / "CURRENT", current)

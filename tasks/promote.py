@@ -11,9 +11,7 @@ one history and a whole pointer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +32,7 @@ from tasks.artifacts import (
 from tasks.config import PromoteConfig
 from tasks.kinds.base import rmse
 from tasks.preprocess import ID, DataError, read_csv
+from tasks.store import canonical
 
 PROMOTION_KEY = "house-price-promotion"
 
@@ -156,18 +155,10 @@ def promote_task(model: ArtifactRef, predictions: ArtifactRef, raw: ArtifactRef,
 
 def _predictions_of(root: str, model_version: str) -> str | None:
     """The newest complete predict artifact made from ``model_version``, if any."""
-    from tasks.artifacts import is_complete
+    from tasks.artifacts import manifests
 
-    found = []
-    for path in (Path(root) / "predict").glob("*/manifest.json"):
-        ref = ArtifactRef(root=root, stage="predict", version=path.parent.name)
-        try:
-            manifest = ref.manifest()
-        except ArtifactError:
-            continue
-        if manifest["upstream"].get("model", {}).get("version") == model_version and (
-                is_complete(ref)):
-            found.append((manifest["created"], ref.version))
+    found = [(manifest["created"], ref.version) for ref, manifest in manifests(root, "predict")
+             if manifest["upstream"].get("model", {}).get("version") == model_version]
     return max(found)[1] if found else None
 
 
@@ -176,7 +167,7 @@ def promote_by_hand(root: str, version: str, reason: str = "promoted by hand") -
     from tasks.artifacts import resolve
     from tasks.batch import load_model
 
-    root = str(Path(root).resolve())
+    root = canonical(root)
     try:
         ref = resolve(root, "select", version)
     except ArtifactError:
@@ -200,7 +191,7 @@ def rollback(root: str) -> dict:
     """Make the production model before the current one production again, logged."""
     from tasks.artifacts import read_history
 
-    root = str(Path(root).resolve())
+    root = canonical(root)
     with production_lock(root):
         current = read_production(root)
         if current is None:
@@ -222,19 +213,16 @@ def rollback(root: str) -> dict:
 
 def list_models(root: str) -> list[dict]:
     """Every intact select artifact, oldest first: data version, scores, production mark."""
-    from tasks.artifacts import verify
+    from tasks.artifacts import manifests
 
     current = read_production(root) or {}
     rows = []
-    for path in (Path(root) / "select").glob("*/manifest.json"):
-        if verify(path.parent):
-            continue
-        manifest = json.loads(path.read_text())
+    for ref, manifest in manifests(root, "select"):
         m = manifest.get("metrics", {})
-        rows.append({"version": path.parent.name, "created": manifest["created"][:19],
+        rows.append({"version": ref.version, "created": manifest["created"][:19],
                      "data_version": m.get("data_version"), "n_rows": m.get("n_rows"),
                      "oof_log_rmse_all": m.get("oof_log_rmse_all"),
                      "oof_log_rmse_clean": m.get("oof_log_rmse_clean"),
                      "selected": m.get("selected"),
-                     "production": path.parent.name == current.get("model")})
+                     "production": ref.version == current.get("model")})
     return sorted(rows, key=lambda r: r["created"])

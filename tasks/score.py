@@ -70,7 +70,7 @@ def score_task(model: ArtifactRef, file: SourceFile, chunk_size: int, threshold:
     logger = get_run_logger()
     # The same inputs as the task's cache key (chunk_size, threshold: how, not what).
     inputs = {"model": model, "file": file, "chunk_size": chunk_size, "threshold": threshold}
-    fresh = force or not is_complete(ArtifactRef(root=str(Path(root).resolve()), stage=STAGE,
+    fresh = force or not is_complete(ArtifactRef(root=root, stage=STAGE,
                                                  version=stage_version(STAGE, inputs)))
     ref = build_stage(STAGE, root, inputs,
                       lambda out: score(model, file, chunk_size, out, warn=logger.warning),

@@ -1,5 +1,6 @@
 """Where data comes from: one file, a directory or a glob of CSV/Parquet files, over
-http(s)://, file:// or a local path. ``list_source`` says which files a source holds now,
+http(s)://, file://, an object store (s3://, or any other fsspec URL) or a local path.
+``list_source`` says which files a source holds now,
 in name order; fetching them (with validators, so unchanged files are not downloaded again)
 is the download stage's job.
 """
@@ -49,8 +50,7 @@ def list_source(source: str, timeout_s: float = 30.0) -> list[Located]:
     elif parsed.scheme == "file":
         found = _list_local(urllib.request.url2pathname(parsed.path), source)
     elif parsed.scheme and len(parsed.scheme) > 1:
-        raise SourceError(f"unsupported data source scheme '{parsed.scheme}' in {source}; "
-                          "use http(s)://, file://, a path, a directory or a glob")
+        found = _list_store(source)
     else:
         found = _list_local(source, source)
     if not found:
@@ -74,6 +74,34 @@ def _list_local(text: str, source: str) -> list[Located]:
     if path.is_file():
         return [Located(path.name, str(path), path)]
     raise SourceError(f"data source {source} does not exist; check the path")
+
+
+def _list_store(source: str) -> list[Located]:
+    """The files of an object-store source (a prefix ending in ``/``, a glob, or one key)."""
+    from tasks.store import StoreError, describe, filesystem
+
+    try:
+        fs, path = filesystem(source)
+    except StoreError as exc:
+        raise SourceError(f"unsupported data source {source}: {exc}; use http(s)://, "
+                          "file://, s3://, a path, a directory or a glob") from None
+    protocol = source.split("://", 1)[0]
+    try:
+        if _has_glob(path.rsplit("/", 1)[-1]):
+            keys = fs.glob(path)
+        elif source.endswith("/") or fs.isdir(path):
+            keys = [k for k in fs.ls(path, detail=False, refresh=True) if fs.isfile(k)]
+        elif fs.isfile(path):
+            keys = [path]
+        else:
+            raise SourceError(f"data source {source} does not exist; check the bucket and key")
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore's errors are many
+        raise SourceError(f"cannot list data source {source}: "
+                          f"{describe(exc, source).split(': ', 1)[1]}") from None
+    names = [(k.rsplit("/", 1)[-1], k) for k in keys]
+    return [Located(n, f"{protocol}://{k}", None) for n, k in names if is_data_file(n)]
 
 
 _HREF = re.compile(r"""href\s*=\s*["']([^"'#?]+)["']""", re.IGNORECASE)

@@ -17,12 +17,13 @@ from typing import Any
 from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
 from tasks import artifacts, progress
 from tasks.artifacts import ArtifactRef, is_complete
 from tasks.frozen import Frozen
 from tasks.kinds import CandidateConfig, code_files
+from tasks.store import canonical, is_url
 
 TASKS_DIR = Path(__file__).resolve().parent
 
@@ -155,19 +156,27 @@ class StageVersionPolicy(CachePolicy):
 
 def root_key(root: str) -> str:
     """8 hex digits naming an artifact root in cache keys (a copied root is another key)."""
-    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    return hashlib.sha256(canonical(root).encode()).hexdigest()[:8]
 
 
 @functools.cache
-def results_storage(root: str | Path) -> LocalFileSystem:
+def results_storage(root: str | Path) -> LocalFileSystem | RemoteFileSystem:
     """Prefect's cache records live beside the artifacts they point to (a storage block saved
-    on the API, as Prefect requires, named after the artifact root). The saved block itself,
-    not its slug, goes to the tasks: a slug is loaded from the API by every task run, and the
-    first load imports every installed Prefect collection (Dask's: about 1 s)."""
-    path = Path(root).resolve() / ".prefect-results"
-    path.mkdir(parents=True, exist_ok=True)
-    name = "houseprice-results-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    block = LocalFileSystem(basepath=str(path))
+    on the API, as Prefect requires, named after the artifact root), so a cache hit on one
+    machine is a cache hit on every machine that shares the root. In an object store that is
+    Prefect's fsspec-backed ``RemoteFileSystem``: no extra package (prefect-aws's ``S3Bucket``
+    would add one and serve S3 only), any fsspec scheme, the same credentials as the
+    artifacts. The saved block itself, not its slug, goes to the tasks: a slug is loaded from
+    the API by every task run, and the first load imports every installed Prefect collection
+    (Dask's: about 1 s)."""
+    root = canonical(root)
+    path = f"{root}/.prefect-results"
+    name = "houseprice-results-" + hashlib.sha256(path.encode()).hexdigest()[:12]
+    if is_url(root):
+        block = RemoteFileSystem(basepath=path)
+    else:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        block = LocalFileSystem(basepath=path)
     block.save(name, overwrite=True)
     return block
 
@@ -175,7 +184,7 @@ def results_storage(root: str | Path) -> LocalFileSystem:
 def _for_call(task: Task, root: str, inputs: dict[str, Any], force: bool) -> Task:
     """``task`` configured for one call: results stored under ``root``, and the cache
     refreshed when the artifact it would return is missing or damaged (or ``force``)."""
-    ref = ArtifactRef(root=str(Path(root).resolve()), stage=task.name,
+    ref = ArtifactRef(root=root, stage=task.name,
                       version=stage_version(task.name, inputs))
     return task.with_options(
         result_storage=results_storage(root), refresh_cache=force or not is_complete(ref),

@@ -43,6 +43,7 @@ from tasks.stage import (
     stage_version,
     submit_stage,
 )
+from tasks.store import is_url
 from tasks.tensorize import read_fold_features, read_matrix
 
 STAGE = "train"
@@ -224,7 +225,7 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
 
 
 def _check_root(root: str) -> None:
-    if not Path(root).is_dir():
+    if not is_url(root) and not Path(root).is_dir():
         # On a Dask worker of another machine: the artifact root must be shared storage.
         raise StageError(f"stage 'train' failed: artifact root {root} is not visible on "
                          f"{socket.gethostname()}; put it on storage every worker mounts")
@@ -259,7 +260,7 @@ def plan_groups(candidates: list[CandidateConfig]) -> list[list[CandidateConfig]
 def member_ref(root: str, data: ArtifactRef, candidate: CandidateConfig,
                config: TrainConfig) -> ArtifactRef:
     """Where ``candidate``'s train artifact is (whether or not it exists yet)."""
-    return ArtifactRef(root=str(Path(root).resolve()), stage=STAGE, version=stage_version(
+    return ArtifactRef(root=root, stage=STAGE, version=stage_version(
         STAGE, {"data": data, "candidate": candidate, "config": config}))
 
 

@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from tasks.models import resolve_device
 
     resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
+    from tasks.store import check
+
+    check(config.artifacts_dir)  # a missing bucket or refused credentials: now, in one line
     from flows.pipeline import with_task_runner
 
     where = user_api()
@@ -60,14 +63,17 @@ def run(args: argparse.Namespace) -> int:
 
 def prefect_log_to_file(artifacts: str) -> Path:
     """Prefect's own log lines (each task's start, finish and messages) to a file under
-    ``<artifacts>/logs``, not the terminal, which keeps its warnings and errors; returns the
-    file's path."""
+    ``<artifacts>/logs`` (with an object store root, under this machine's cache of it), not
+    the terminal, which keeps its warnings and errors; returns the file's path."""
     import datetime as dt
 
     from prefect.logging.configuration import setup_logging
 
+    from tasks.store import canonical, is_url, local_cache
+
     setup_logging()  # Prefect's console handler on the root logger (a no-op if done)
-    path = (Path(artifacts).resolve() / "logs"
+    root = canonical(artifacts)
+    path = ((local_cache(root) if is_url(root) else Path(root)) / "logs"
             / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log")
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -230,8 +236,8 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
     from tasks.artifacts import ArtifactRef
     from tasks.folds import cv_label
 
-    root = Path(config.artifacts_dir).resolve()
-    model = ArtifactRef(root=str(root), stage="select", version=result["model_version"])
+    root = config.artifacts_dir
+    model = ArtifactRef(root=root, stage="select", version=result["model_version"])
     board = json.loads(model.file("leaderboard.json").read_text())["leaderboard"]
     meta = model.manifest()["metrics"]
 
@@ -265,7 +271,7 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
               if meta.get("predict_rows_per_s") else "")] if meta.get("final") else []),
         f"  submission   {result['submission']}",
         *([f"  copied to    {config.submission}"] if config.submission else []),
-        f"  artifacts    {root}",
+        f"  artifacts    {model.root}",
         *([f"  log          {log}"] if log else []),
     ]
     return "\n".join(lines)

@@ -67,7 +67,8 @@ def test_http_directory_and_glob_are_listed_from_the_index_page(feed, serve_dir)
 
 @pytest.mark.parametrize(("source", "words"), [
     ("/no/such/dir", "does not exist"),
-    ("s3://bucket/x.csv", "unsupported data source scheme 's3'"),
+    ("nosuch://bucket/x.csv", "unsupported data source nosuch://bucket/x.csv: .*no file "
+     "system for 'nosuch://'"),
 ])
 def test_a_bad_source_is_one_line(source, words):
     with pytest.raises(SourceError, match=words):

@@ -1,0 +1,346 @@
+"""Where artifacts live: a local folder, or an object store behind an fsspec URL
+(``s3://bucket/prefix``, ``gs://...``), one interface, chosen by the root's scheme.
+
+Both keep the same layout (``<root>/<stage>/<version>/manifest.json`` beside pointers such as
+``<stage>/LATEST`` and ``production/CURRENT``) and the same rule: a version is complete only
+when its manifest, written last with every file's SHA-256, is there and matches.
+
+- ``LocalStore``: a version appears by renaming a finished temporary folder (see
+  ``tasks.artifacts``).
+- ``ObjectStore``: objects cannot be renamed, so a version's files are uploaded under an
+  attempt prefix of their own (``<version>/data-<host>~<pid>-<nonce>/``) and the manifest,
+  naming that prefix, is put last: one PUT, atomic. It is put only if absent (``If-None-Match:
+  *``), so of two writers racing on one version the first manifest wins and the loser deletes
+  its own files; nobody ever overwrites files a manifest names, so no version is torn. A
+  forced rebuild puts its manifest over the old one and only then deletes the old files. Stages
+  read a version through a local copy (``HOUSEPRICE_CACHE``, default ``~/.cache/houseprice``),
+  downloaded once, hash-checked against the manifest, and re-checked against the store's
+  object ETags on every use (one LIST), so an object overwritten in the bucket is noticed.
+
+Credentials and endpoint come from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for MinIO or another S3-compatible store), as
+fsspec and botocore read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+LOCK_LEASE_S = 120.0  # a lock object older than this was left by a writer that died
+
+
+class StoreError(RuntimeError):
+    """The artifact store cannot be used (missing bucket, refused credentials, unreachable)."""
+
+
+def is_url(root: str | Path) -> bool:
+    text = str(root)
+    return "://" in text and not text.startswith("file://")
+
+
+def canonical(root: str | Path) -> str:
+    """One spelling per root: an absolute path for a folder (``file://`` URLs included), the
+    URL without a trailing slash for an object store."""
+    text = str(root)
+    if text.startswith("file://"):
+        import urllib.parse
+        import urllib.request
+
+        text = urllib.request.url2pathname(urllib.parse.urlparse(text).path)
+    if is_url(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("HOUSEPRICE_CACHE") or Path.home() / ".cache" / "houseprice")
+
+
+def local_cache(root: str) -> Path:
+    """This machine's folder for copies of (and temporary files for) ``root``'s objects."""
+    return cache_home() / "stores" / hashlib.sha256(root.encode()).hexdigest()[:12]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20, opener=None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", opener=opener) as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Per protocol: fail fast on an unreachable store (botocore's default retries take a while),
+# and never answer a listing from fsspec's cache (another process may have written since).
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
+                             "retries": {"max_attempts": 3, "mode": "standard"}}},
+}
+
+
+def filesystem(url: str):
+    """The fsspec file system for ``url`` and the path inside it."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fs = fsspec.filesystem(protocol, use_listings_cache=False,
+                               **_OPTIONS.get(protocol, {}))
+    except (ImportError, ValueError) as exc:
+        raise StoreError(f"artifact store {url}: no file system for '{protocol}://' "
+                         f"({exc}); use a path, s3:// (installed) or install its fsspec "
+                         "package") from None
+    return fs, fs._strip_protocol(url)
+
+
+def describe(exc: BaseException, url: str) -> str:
+    """One line saying what is wrong with the store at ``url`` and what to do."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    name = type(exc).__name__
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "does not exist" in text:
+        return (f"artifact store {url}: the bucket does not exist ({text}); create it or fix "
+                "--artifacts")
+    if isinstance(exc, PermissionError) or any(w in text for w in (
+            "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "credentials",
+            "Forbidden")):
+        return (f"artifact store {url}: access refused ({text}); check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or the profile) for this bucket")
+    return (f"artifact store {url} is unreachable ({name}: {text}); check AWS_ENDPOINT_URL "
+            "and the network")
+
+
+class ObjectStore:
+    """Artifacts in an object store (any fsspec URL), read through a local verified copy."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.fs, self.base = filesystem(root)
+        self.cache = local_cache(root)
+
+    # -- plain objects ---------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.key(*parts))
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, data: bytes, *parts: str, create: bool = False) -> bool:
+        """Put one object (one PUT: readers see all of it or the old one). ``create``: only if
+        absent; False when it was there already."""
+        path = self.key(*parts)
+        if not create:
+            self.fs.pipe_file(path, data)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # a file system without conditional PUT
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+        return True
+
+    def delete(self, *parts: str, recursive: bool = False) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.key(*parts), recursive=recursive)
+
+    def children(self, *parts: str) -> list[str]:
+        """Names directly under ``parts`` (objects and prefixes)."""
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1]
+                          for p in self.fs.ls(self.key(*parts), detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
+    def check(self) -> None:
+        """Raise a one-line StoreError unless the store answers and its bucket exists."""
+        bucket = self.base.split("/", 1)[0]
+        try:
+            if not self.fs.exists(bucket):
+                raise FileNotFoundError(f"no bucket '{bucket}'")
+            self.fs.ls(self.base, refresh=True)
+        except FileNotFoundError as exc:
+            if self.fs.exists(bucket):
+                return  # the bucket is there, the prefix not yet: it is made on first write
+            raise StoreError(describe(exc, self.root)) from None
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore's errors are many
+            raise StoreError(describe(exc, self.root)) from None
+
+    # -- versions --------------------------------------------------------------------------
+    def read_manifest(self, stage: str, version: str) -> dict[str, Any] | None:
+        data = self.read_bytes(stage, version, MANIFEST)
+        if data is None:
+            return None
+        return json.loads(data)
+
+    def versions(self, stage: str) -> list[str]:
+        return [n for n in self.children(stage) if not n.startswith(".") and n != "LATEST"]
+
+    def local_dir(self, stage: str, version: str, manifest: dict[str, Any]) -> Path:
+        return self.cache / stage / version / manifest.get("prefix", "")
+
+    def verify(self, stage: str, version: str, attempts: int = 3) -> tuple[list[str], Path | None]:
+        """(problems, local copy). Every file the manifest names is compared by ETag with
+        the copy last verified here; files that differ (or are new here) are downloaded and
+        hashed. A version replaced while it was read (a forced rebuild) is read again."""
+        while True:
+            problems, local, replaced = self._verify_once(stage, version)
+            attempts -= 1
+            if not problems or not replaced or attempts == 0:
+                return problems, local
+
+    def _verify_once(self, stage, version) -> tuple[list[str], Path | None, bool]:
+        where = f"{self.root}/{stage}/{version}"
+        raw = self.read_bytes(stage, version, MANIFEST)
+        if raw is None:
+            return [f"no manifest in {where}: the artifact is incomplete"], None, False
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return [f"unreadable manifest in {where}: {exc}"], None, False
+        prefix = manifest.get("prefix", "")
+        local = self.local_dir(stage, version, manifest)
+        local.mkdir(parents=True, exist_ok=True)
+        remote = self.key(stage, version, prefix)
+        try:
+            listing = {p["name"][len(remote) + 1:]: str(p.get("ETag") or p.get("size"))
+                       for p in self.fs.find(remote, detail=True, refresh=True).values()}
+        except FileNotFoundError:
+            listing = {}
+        seen_file = local / ".etags.json"
+        try:
+            seen = json.loads(seen_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            seen = {}
+        problems = []
+        for name, expected in manifest.get("files", {}).items():
+            if name not in listing:
+                problems.append(f"{where}/{name} is missing")
+                continue
+            copy = local / name
+            if seen.get(name) == listing[name] and copy.is_file():
+                continue
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = copy.with_name(f".{copy.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            try:
+                self.fs.get_file(f"{remote}/{name}", str(tmp))
+                if sha256_file(tmp) != expected:
+                    problems.append(f"{where}/{name} does not match its manifest hash")
+                    continue
+                os.replace(tmp, copy)
+                seen[name] = listing[name]
+            except FileNotFoundError:
+                problems.append(f"{where}/{name} is missing")
+            finally:
+                tmp.unlink(missing_ok=True)
+        if problems:
+            return problems, None, self.read_bytes(stage, version, MANIFEST) != raw
+        _write_atomic(seen_file, json.dumps(seen).encode())
+        if not (local / MANIFEST).is_file():
+            _write_atomic(local / MANIFEST, raw)
+        return [], local, False
+
+    def staging(self, stage: str, version: str, name: str) -> Path:
+        path = self.cache / ".staging" / name
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, tmp: Path, stage: str, version: str, manifest: dict[str, Any],
+                replace: bool, owner: str) -> None:
+        """Upload ``tmp``'s files under a fresh attempt prefix, then the manifest naming it."""
+        prefix = f"data-{owner}"
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file() and path.name != MANIFEST:
+                self.fs.put_file(str(path), self.key(stage, version, prefix,
+                                                     path.relative_to(tmp).as_posix()))
+        data = json.dumps({**manifest, "prefix": prefix}, indent=2, sort_keys=True).encode()
+        old = self.read_manifest_quiet(stage, version)
+        if not replace and self.write_bytes(data, stage, version, MANIFEST, create=True):
+            old = None
+        elif not replace and not self.verify(stage, version)[0]:
+            # another writer finished the same version first: keep theirs, drop ours
+            self.delete(stage, version, prefix, recursive=True)
+            return
+        else:  # forced, or the version there is damaged: ours goes in, then theirs goes
+            old = self.read_manifest_quiet(stage, version)
+            self.write_bytes(data, stage, version, MANIFEST)
+        if old and old.get("prefix") and old["prefix"] != prefix:
+            self.delete(stage, version, old["prefix"], recursive=True)
+        self._remove_abandoned(stage, version, keep=prefix)
+
+    def read_manifest_quiet(self, stage: str, version: str) -> dict[str, Any] | None:
+        try:
+            return self.read_manifest(stage, version)
+        except json.JSONDecodeError:
+            return None
+
+    def _remove_abandoned(self, stage: str, version: str, keep: str) -> None:
+        """Attempt prefixes of ``version`` no manifest names, whose writer is gone."""
+        from tasks.artifacts import owner_gone
+
+        for name in self.children(stage, version):
+            if name.startswith("data-") and name != keep:
+                def age(name=name) -> float:
+                    found = self.fs.find(self.key(stage, version, name), detail=True)
+                    times = [p.get("LastModified") for p in found.values()]
+                    times = [t.timestamp() for t in times if t is not None]
+                    return time.time() - max(times) if times else float("inf")
+
+                if owner_gone(name, age):
+                    self.delete(stage, version, name, recursive=True)
+
+    # -- the production lock ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, *parts: str):
+        """Exclusive: an object created only if absent; one older than the lease is a dead
+        holder's and is taken over."""
+        token = json.dumps({"owner": uuid.uuid4().hex, "time": time.time()}).encode()
+        while not self.write_bytes(token, *parts, create=True):
+            held = self.read_bytes(*parts)
+            try:
+                since = json.loads(held)["time"] if held else time.time()
+            except (ValueError, KeyError, TypeError):
+                since = 0.0
+            if time.time() - since > LOCK_LEASE_S:
+                self.delete(*parts)
+                continue
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            if self.read_bytes(*parts) == token:
+                self.delete(*parts)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@functools.cache
+def object_store(root: str) -> ObjectStore:
+    return ObjectStore(root)
+
+
+def check(root: str | Path) -> None:
+    """Fail early, in one line, if ``root`` is a store that cannot be used."""
+    if is_url(root):
+        object_store(canonical(root)).check()
