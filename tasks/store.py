@@ -168,15 +168,10 @@ class ObjectStore:
         """Raise a one-line StoreError unless the store answers and its bucket exists."""
         bucket = self.base.split("/", 1)[0]
         try:
-            if not self.fs.exists(bucket):
-                raise FileNotFoundError(f"no bucket '{bucket}'")
-            self.fs.ls(self.base, refresh=True)
-        except FileNotFoundError as exc:
-            if self.fs.exists(bucket):
-                return  # the bucket is there, the prefix not yet: it is made on first write
-            raise StoreError(describe(exc, self.root)) from None
-        except StoreError:
-            raise
+            self.fs.ls(bucket, refresh=True)  # its top level only (a delimiter listing)
+        except FileNotFoundError:
+            raise StoreError(describe(FileNotFoundError(f"no bucket '{bucket}'"),
+                                      self.root)) from None
         except Exception as exc:  # noqa: BLE001 - botocore's errors are many
             raise StoreError(describe(exc, self.root)) from None
 

@@ -19,6 +19,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["HOUSEPRICE_ARTIFACTS"] = str(_TMP / "default-artifacts")
 os.environ["HOUSEPRICE_DATA_DIR"] = str(_TMP / "default-cache")
+os.environ["HOUSEPRICE_CACHE"] = str(_TMP / "store-cache")  # local copies of bucket objects
 
 import pytest  # noqa: E402
 
@@ -215,3 +216,87 @@ def trained(prefect_api, data_server, session_tmp):
     cfg = small_config(session_tmp / "trained-artifacts", data_server.url,
                        session_tmp / "trained-cache", repeats=2)
     return cfg, house_price_pipeline(cfg)
+
+
+class S3Server:
+    """moto's standalone S3 server on a loopback port, with signature checking on: one IAM
+    user whose key the whole session uses (through the standard AWS variables, as a user
+    would set them)."""
+
+    def __init__(self, home: Path):
+        import json
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        # The first 4 requests (the IAM user, its policy and key, below) need no signature;
+        # every later one is checked, so wrong credentials are refused as by AWS.
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+        self.log = open(home / "moto.log", "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+             str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    pytest.fail("moto server did not start: "
+                                + (home / "moto.log").read_text()[-2000:])
+                time.sleep(0.3)
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="houseprice")
+        policy = iam.create_policy(PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.attach_user_policy(UserName="houseprice", PolicyArn=policy["Policy"]["Arn"])
+        key = iam.create_access_key(UserName="houseprice")["AccessKey"]
+        self.env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                    "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                    "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        self._buckets = 0
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key=self.env["AWS_ACCESS_KEY_ID"],
+                                 secret=self.env["AWS_SECRET_ACCESS_KEY"],
+                                 endpoint_url=self.endpoint, use_listings_cache=False,
+                                 skip_instance_cache=True)
+
+    def bucket(self) -> str:
+        """A new, empty bucket's name."""
+        self._buckets += 1
+        name = f"houseprice-{self._buckets}"
+        self.fs().mkdir(name)
+        return name
+
+    def close(self) -> None:
+        stop(self.proc)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3(session_tmp):
+    """A real S3 protocol server on loopback for the session; its credentials and endpoint
+    in this process's AWS variables (restored at the end)."""
+    server = S3Server(session_tmp)
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.close()

@@ -1,0 +1,188 @@
+"""The artifact store on a real S3 protocol server (moto, loopback): the same rules as the
+local folder (manifest last, hashes checked), without renames."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tasks import artifacts
+from tasks.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
+from tasks.store import StoreError, check
+
+
+def _build(root, version="v1", payload="hello", calls=None, force=False, before_commit=None):
+    def write(out):
+        if calls is not None:
+            calls.append(out)
+        (out / "data.txt").write_text(payload)
+        (out / "sub").mkdir()
+        (out / "sub" / "more.txt").write_text(payload * 2)
+        if before_commit is not None:
+            before_commit()
+        return {"payload": payload}
+
+    return build(root, "stage", version, write, parameters={"p": 1}, upstream={},
+                 code_version="c", force=force)
+
+
+def _objects(s3, root: str) -> list[str]:
+    base = root.removeprefix("s3://")
+    return sorted(p[len(base) + 1:] for p in s3.fs().find(base))
+
+
+def _manifest(s3, root: str, version="v1") -> dict:
+    return json.loads(s3.fs().cat(f"{root.removeprefix('s3://')}/stage/{version}/manifest.json"))
+
+
+def test_a_version_is_its_files_then_the_manifest_naming_them(s3):
+    root = f"s3://{s3.bucket()}/hp"
+    ref = _build(root)
+    manifest = _manifest(s3, root)
+    prefix = manifest["prefix"]
+    assert _objects(s3, root) == [f"stage/v1/{prefix}/data.txt", f"stage/v1/{prefix}/sub/more.txt",
+                                  "stage/v1/manifest.json"]
+    assert set(manifest["files"]) == {"data.txt", "sub/more.txt"}
+    assert verify(ref) == [] and ref.root == root
+    # stages read a local copy, checked against the manifest
+    assert ref.file("data.txt").read_text() == "hello"
+    assert (ref.path / "sub" / "more.txt").read_text() == "hellohello"
+    assert ref.manifest()["metrics"] == {"payload": "hello"}
+    calls = []
+    _build(root, calls=calls)
+    assert calls == []  # complete: reused, not rewritten
+    set_latest(ref)
+    assert s3.fs().cat(f"{root[5:]}/stage/LATEST") == b"v1\n"
+    assert resolve(root, "stage").version == "v1" and resolve(root, "stage", "v").version == "v1"
+
+
+def test_missing_manifest_or_overwritten_object_is_rebuilt_not_used(s3):
+    root = f"s3://{s3.bucket()}/hp"
+    ref = _build(root)
+    prefix = _manifest(s3, root)["prefix"]
+    s3.fs().pipe(f"{root[5:]}/stage/v1/{prefix}/data.txt", b"tampered")
+    assert "data.txt does not match its manifest hash" in verify(ref)[0]
+    with pytest.raises(ArtifactError, match="not usable"):
+        artifacts.require(ref)
+    calls = []
+    rebuilt = _build(root, calls=calls)
+    assert len(calls) == 1 and verify(rebuilt) == []
+    assert rebuilt.file("data.txt").read_text() == "hello"
+    new_prefix = _manifest(s3, root)["prefix"]
+    assert new_prefix != prefix and not any(prefix in o for o in _objects(s3, root))
+
+    s3.fs().rm(f"{root[5:]}/stage/v1/manifest.json")
+    assert "no manifest" in verify(rebuilt)[0]
+    calls = []
+    _build(root, calls=calls)
+    assert len(calls) == 1 and verify(rebuilt) == []
+
+
+def test_two_writers_racing_on_one_version_leave_one_intact_version(s3):
+    root = f"s3://{s3.bucket()}/hp"
+    both_uploading = threading.Barrier(2)
+    results = {}
+
+    def writer(payload):
+        results[payload] = _build(root, payload=payload,
+                                  before_commit=lambda: both_uploading.wait(timeout=30))
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    manifest = _manifest(s3, root)
+    winner = manifest["metrics"]["payload"]
+    ref = results[winner]
+    assert verify(ref) == []
+    assert ref.file("data.txt").read_text() == winner
+    # the loser's files are gone: only the manifest's prefix remains
+    assert {o.split("/")[2] for o in _objects(s3, root) if o.count("/") > 2} == {
+        manifest["prefix"]}
+
+
+def test_a_forced_rebuild_puts_the_new_version_in_before_removing_the_old(s3):
+    root = f"s3://{s3.bucket()}/hp"
+    ref = _build(root, payload="old")
+    old_prefix = _manifest(s3, root)["prefix"]
+    seen = []
+
+    def read_during_rebuild():
+        seen.append(verify(ref))  # the old version is still there, whole
+        seen.append(s3.fs().cat(f"{root[5:]}/stage/v1/{old_prefix}/data.txt"))
+
+    _build(root, payload="new", force=True, before_commit=read_during_rebuild)
+    assert seen == [[], b"old"]
+    assert ref.file("data.txt").read_text() == "new"
+    assert not any(old_prefix in o for o in _objects(s3, root))
+
+
+def test_production_pointer_history_and_lock_live_in_the_bucket(s3):
+    root = f"s3://{s3.bucket()}/hp"
+    with artifacts.production_lock(root):
+        artifacts.record(root, {"action": "gate", "model": "m1"}, promote=True)
+        artifacts.record(root, {"action": "gate", "model": "m2"}, promote=False)
+    assert artifacts.read_production(root)["model"] == "m1"
+    assert [e["model"] for e in artifacts.read_history(root)] == ["m1", "m2"]
+    assert "production/.lock" not in _objects(s3, root)  # released
+
+    order = []
+
+    def holder(name):
+        with artifacts.production_lock(root):
+            order.append(f"{name} in")
+            threading.Event().wait(0.3)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=holder, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+def test_abandoned_attempts_of_a_dead_writer_are_swept(s3):
+    root = f"s3://{s3.bucket()}/hp"
+    dead = f"data-{artifacts._HOST}~999999999-deadbeef"
+    s3.fs().pipe(f"{root[5:]}/stage/v1/{dead}/data.txt", b"half")
+    _build(root)
+    assert not any(dead in o for o in _objects(s3, root))
+
+
+@pytest.mark.parametrize(("root", "env", "words"), [
+    ("s3://no-such-bucket/hp", {}, "the bucket does not exist"),
+    ("s3://{bucket}/hp", {"AWS_SECRET_ACCESS_KEY": "wrong"}, "access refused .*check "
+     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ("s3://{bucket}/hp", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "is unreachable .*check "
+     "AWS_ENDPOINT_URL"),
+])
+def test_an_unusable_store_is_one_line(s3, monkeypatch, root, env, words):
+    from tasks import store
+
+    bucket = s3.bucket()
+    root = root.format(bucket=bucket)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    store.object_store.cache_clear()
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    try:
+        with pytest.raises(StoreError, match=words) as info:
+            check(root)
+    finally:
+        store.object_store.cache_clear()
+        fsspec.filesystem("s3").clear_instance_cache()
+    assert "\n" not in str(info.value)
+    assert _objects(s3, f"s3://{bucket}") == []  # nothing written
+
+
+def test_a_local_root_and_a_file_url_are_one_root(tmp_path):
+    ref = _build(f"file://{tmp_path}")
+    assert ref.root == str(tmp_path) and ref.file("data.txt").read_text() == "hello"
+    assert ArtifactRef(root=str(tmp_path / "x" / ".."), stage="s", version="v").root == str(
+        tmp_path)
