@@ -7,7 +7,11 @@ flow timed apart as ``prefect_home_init_s`` (the very first run on a machine als
 Prefect's database: a one-off cost). The overhead per task is measured separately: a flow
 of 50 no-op tasks on the same ephemeral API, divided by 50.
 
-    python benchmarks/run.py [--config FILE] [--data DIR]
+    python benchmarks/run.py [--config FILE] [--data DIR] [--artifacts s3://BUCKET/PREFIX]
+
+With ``--artifacts`` the artifacts go to a fresh prefix under that bucket URL (credentials and
+endpoint from the AWS variables) and this machine's copies of them to a fresh local cache, so
+the cold run reads nothing left by another.
 
 Prints one JSON line with ``cold_s``, ``warm_s``, ``warm_over_cold``, ``tasks``,
 ``overhead_per_task_s``, ``selected`` and the OOF scores.
@@ -21,6 +25,7 @@ import os
 import re
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,11 +54,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
     parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--artifacts", help="an object store URL instead of a temp folder")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = cli_env(Path(tmp) / "prefect")
+        env = {**cli_env(Path(tmp) / "prefect"), "HOUSEPRICE_CACHE": f"{tmp}/store-cache"}
+        root = (f"{args.artifacts.rstrip('/')}/bench-{uuid.uuid4().hex[:8]}" if args.artifacts
+                else f"{tmp}/artifacts")
         # --verbose: Prefect's task lines on the output, where the Cached ones are counted
-        cmd = ["run", "--verbose", "--data-url", args.data, "--artifacts", f"{tmp}/artifacts",
+        cmd = ["run", "--verbose", "--data-url", args.data, "--artifacts", root,
                "--data-dir", f"{tmp}/cache"]
         if args.config:
             cmd += ["--config", args.config]
@@ -78,7 +86,7 @@ def main() -> None:
         "warm_over_cold": round(warm / cold, 3), "tasks": tasks, "cached": cached,
         "overhead_per_task_s": round(per_task, 4),
         "selected": re.search(r"selected (\S+)", summary)[1], **scores,
-        "cpus": os.cpu_count(),
+        "artifacts": "bucket" if args.artifacts else "local folder", "cpus": os.cpu_count(),
     }))
 
 

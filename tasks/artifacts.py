@@ -45,14 +45,19 @@ class ArtifactRef(BaseModel):
     stage: str
     version: str
 
-    @field_validator("root")
+    @field_validator("root", mode="before")
     @classmethod
-    def _canonical(cls, root: str) -> str:
-        return canonical(root)
+    def _canonical(cls, root: str | Path) -> str:
+        return canonical(root)  # one spelling per root: a folder's absolute path, or a URL
 
     @property
     def remote(self) -> bool:
         return is_url(self.root)
+
+    @property
+    def location(self) -> str:
+        """Where the version lives, as a person would look for it (a folder or a URL)."""
+        return f"{self.root}/{self.stage}/{self.version}"
 
     @property
     def path(self) -> Path:

@@ -228,7 +228,8 @@ def _check_root(root: str) -> None:
     if not is_url(root) and not Path(root).is_dir():
         # On a Dask worker of another machine: the artifact root must be shared storage.
         raise StageError(f"stage 'train' failed: artifact root {root} is not visible on "
-                         f"{socket.gethostname()}; put it on storage every worker mounts")
+                         f"{socket.gethostname()}; put it on storage every worker mounts, or "
+                         "use a bucket (--artifacts s3://bucket/prefix)")
 
 
 @task(**stage_task_options(STAGE))

@@ -265,7 +265,7 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
         lines.append(f"  ... {len(board) - shown} more in {model.file('model_card.md')}")
     lines += [
         "",
-        f"  model        {result['model_version']}  ({model.path})",
+        f"  model        {result['model_version']}  ({model.location})",
         *([f"  final form   {meta['final']} (select.final; see the model card)"
            + (f", predicts {meta['predict_rows_per_s']:,} rows/s"
               if meta.get("predict_rows_per_s") else "")] if meta.get("final") else []),
