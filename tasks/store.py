@@ -124,6 +124,7 @@ class ObjectStore:
         self.root = root
         self.fs, self.base = filesystem(root)
         self.cache = local_cache(root)
+        self._swept: set[str] = set()
 
     # -- plain objects ---------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -250,14 +251,21 @@ class ObjectStore:
         return [], local, False
 
     def staging(self, stage: str, version: str, name: str) -> Path:
-        path = self.cache / ".staging" / name
-        path.mkdir(parents=True)
-        return path
+        """A local folder to build a version in (its files are uploaded from there); those
+        left by dead processes are removed."""
+        from tasks.artifacts import remove_abandoned
+
+        folder = self.cache / ".staging"
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(folder)
+        (folder / name).mkdir()
+        return folder / name
 
     def publish(self, tmp: Path, stage: str, version: str, manifest: dict[str, Any],
                 replace: bool, owner: str) -> None:
         """Upload ``tmp``'s files under a fresh attempt prefix, then the manifest naming it."""
         prefix = f"data-{owner}"
+        self._sweep(stage)
         for path in sorted(tmp.rglob("*")):
             if path.is_file() and path.name != MANIFEST:
                 self.fs.put_file(str(path), self.key(stage, version, prefix,
@@ -277,6 +285,38 @@ class ObjectStore:
             self.delete(stage, version, old["prefix"], recursive=True)
         self._remove_abandoned(stage, version, keep=prefix)
 
+    def _sweep(self, stage: str) -> None:
+        """Once per stage and process: remove the attempt prefixes, of any version, that no
+        manifest names and whose writer is gone (a crash before its manifest went in)."""
+        if stage in self._swept:
+            return
+        self._swept.add(stage)
+        base = self.key(stage)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return
+        manifests, attempts = set(), {}
+        for path, info in found.items():
+            parts = path[len(base) + 1:].split("/")
+            if parts[1:] == [MANIFEST]:
+                manifests.add(parts[0])
+            elif len(parts) > 2 and parts[1].startswith("data-"):
+                stamp = info.get("LastModified")
+                attempts.setdefault((parts[0], parts[1]), []).append(
+                    stamp.timestamp() if stamp is not None else time.time())
+        for (version, name), stamps in attempts.items():
+            if version in manifests and (
+                    self.read_manifest_quiet(stage, version) or {}).get("prefix") == name:
+                continue
+            self._drop_if_gone(stage, version, name, lambda s=stamps: time.time() - max(s))
+
+    def _drop_if_gone(self, stage: str, version: str, name: str, age) -> None:
+        from tasks.artifacts import owner_gone
+
+        if owner_gone(name, age):
+            self.delete(stage, version, name, recursive=True)
+
     def read_manifest_quiet(self, stage: str, version: str) -> dict[str, Any] | None:
         try:
             return self.read_manifest(stage, version)
@@ -285,8 +325,6 @@ class ObjectStore:
 
     def _remove_abandoned(self, stage: str, version: str, keep: str) -> None:
         """Attempt prefixes of ``version`` no manifest names, whose writer is gone."""
-        from tasks.artifacts import owner_gone
-
         for name in self.children(stage, version):
             if name.startswith("data-") and name != keep:
                 def age(name=name) -> float:
@@ -295,8 +333,7 @@ class ObjectStore:
                     times = [t.timestamp() for t in times if t is not None]
                     return time.time() - max(times) if times else float("inf")
 
-                if owner_gone(name, age):
-                    self.delete(stage, version, name, recursive=True)
+                self._drop_if_gone(stage, version, name, age)
 
     # -- the production lock ---------------------------------------------------------------
     @contextlib.contextmanager

@@ -216,3 +216,31 @@ def test_pinned_sha1_of_a_source_file_is_verified(feed, tmp_path):
     assert take_snapshot(_config(tmp_path, str(feed), sha1={"2006-01.csv": good})).train
     with pytest.raises(DownloadError, match="2006-02.csv .* expected 0{40}"):
         take_snapshot(_config(tmp_path / "other", str(feed), sha1={"2006-02.csv": "0" * 40}))
+
+
+def test_a_bucket_source_lists_fetches_only_what_changed_and_versions_like_a_folder(
+        feed, s3, tmp_path):
+    bucket = s3.bucket()
+    fs = s3.fs()
+    for p in sorted(feed.iterdir()):
+        fs.put_file(str(p), f"{bucket}/sales/{p.name}")
+    fs.pipe(f"{bucket}/sales/notes.txt", b"not data")
+    source = f"s3://{bucket}/sales/"
+    assert [f.name for f in list_source(source)] == sorted(p.name for p in feed.iterdir())
+    assert [f.name for f in list_source(f"s3://{bucket}/sales/2006-0[12].csv")] == [
+        "2006-01.csv", "2006-02.csv"]
+    assert [f.location for f in list_source(f"s3://{bucket}/sales/2006-03.csv")] == [
+        f"s3://{bucket}/sales/2006-03.csv"]
+    with pytest.raises(SourceError, match="does not exist"):
+        list_source(f"s3://{bucket}/nothing.csv")
+
+    cfg = _config(tmp_path, source)
+    first = take_snapshot(cfg)
+    # the same bytes as the folder: the same data version
+    assert first.data_version == take_snapshot(_config(tmp_path / "f", str(feed))).data_version
+    cached = Path(first.train[0].path)
+    stamp = cached.stat().st_mtime_ns
+    assert take_snapshot(cfg) == first
+    assert cached.stat().st_mtime_ns == stamp  # its ETag unchanged: not downloaded again
+    fs.pipe(f"{bucket}/sales/2006-01.csv", cached.read_bytes() + cached.read_bytes()[-200:])
+    assert take_snapshot(cfg).data_version != first.data_version

@@ -4,6 +4,7 @@ local folder (manifest last, hashes checked), without renames."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -145,12 +146,18 @@ def test_production_pointer_history_and_lock_live_in_the_bucket(s3):
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
 
 
-def test_abandoned_attempts_of_a_dead_writer_are_swept(s3):
+def test_abandoned_attempts_of_dead_writers_are_swept_a_live_or_leased_one_kept(s3):
     root = f"s3://{s3.bucket()}/hp"
     dead = f"data-{artifacts._HOST}~999999999-deadbeef"
-    s3.fs().pipe(f"{root[5:]}/stage/v1/{dead}/data.txt", b"half")
+    live = f"data-{artifacts._HOST}~{os.getpid()}-0badcafe"  # this process: alive
+    other_host = "data-elsewhere~999999999-12345678"  # within its lease
+    for version, name in (("v1", dead), ("v7", dead), ("v8", live), ("v9", other_host)):
+        s3.fs().pipe(f"{root[5:]}/stage/{version}/{name}/data.txt", b"half")
+    artifacts.object_store(root)._swept.clear()
     _build(root)
-    assert not any(dead in o for o in _objects(s3, root))
+    left = _objects(s3, root)
+    assert not any(dead in o for o in left)  # of this version and of one never rebuilt
+    assert any(live in o for o in left) and any(other_host in o for o in left)
 
 
 @pytest.mark.parametrize(("root", "env", "words"), [
