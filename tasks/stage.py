@@ -47,8 +47,8 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "download": (),
     "preprocess": ("numpy", "pandas", "pyarrow"),
     "tensorize": ("numpy", "pandas", "pyarrow"),
-    "train": ("numpy", "pandas", "pyarrow", "scikit-learn", "torch"),
-    "select": ("numpy", "pandas", "pyarrow", "scikit-learn", "torch", "scipy"),
+    "train": ("numpy", "pandas", "pyarrow", "scikit-learn", "torch", "skops"),
+    "select": ("numpy", "pandas", "pyarrow", "scikit-learn", "torch", "scipy", "skops"),
     "predict": ("numpy", "pandas", "pyarrow", "numba"),
     "score": ("numpy", "pandas", "pyarrow", "numba"),
 }
