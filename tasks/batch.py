@@ -238,8 +238,7 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
                     raise DataError(f"{input_path}: {ids.null_count} row(s) have no Id (the "
                                     f"first is data row {first}); give every row an Id")
                 seen_ids.append(ids.to_numpy(zero_copy_only=False))
-                log_price, report = model.predict_frame(
-                    table.to_pandas(types_mapper=_pandas_type))
+                log_price, report = model.predict_table(table)
                 unseen.update(report.unseen)
                 out_of_range.update(report.out_of_range)
                 drifted += report.rows_drifted
@@ -278,13 +277,6 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
              f"training range, predicted anyway: {out_of_range_own}; see "
              f"{drift_path(out_path).name}")
     return drift
-
-
-def _pandas_type(t: pa.DataType) -> Any:
-    """Text as pandas' Arrow-backed strings (no copy into Python objects)."""
-    import pandas as pd
-
-    return pd.StringDtype("pyarrow") if pa.types.is_string(t) else None
 
 
 def drift_path(out_path: Path) -> Path:

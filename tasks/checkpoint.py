@@ -69,6 +69,15 @@ class FittedModel:
         """Whether a component's fold models read their own fold's features."""
         return bool(self.fold_preprocessors) and not refit
 
+    def predict_table(self, table) -> tuple[np.ndarray, TransformReport]:
+        """``predict_frame`` of an Arrow table (as batch predict reads rows): the reference
+        path goes through pandas, as it was trained."""
+        import pandas as pd
+        import pyarrow as pa
+
+        return self.predict_frame(table.to_pandas(types_mapper=lambda t: pd.StringDtype(
+            "pyarrow") if pa.types.is_string(t) else None))
+
     def predict_frame(self, df: pd.DataFrame) -> tuple[np.ndarray, TransformReport]:
         """Raw rows -> ``(n,) float64`` log price, and the drift report (of the all-rows
         preprocessor). With per-fold preprocessors one fold's matrix at a time, so memory

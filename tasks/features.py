@@ -258,12 +258,70 @@ class Preprocessor:
         if missing:
             raise DataError(f"input lacks column(s) {', '.join(missing)}")
         features = self._engineer(df)
+        numeric = {col: _numeric(features, col, ids=df.get(ID)) for col in self.numeric_}
+        codes, present = {}, {}
+        for col, cats in self.categories_.items():
+            present[col] = features[col].notna().to_numpy()
+            codes[col] = category_codes(features[col], cats)
+        return self._encoded(len(df), numeric, codes, present)
+
+    def encode_table(self, table: pa.Table) -> Encoded:
+        """``encode`` straight from Arrow (what batch predict reads), no pandas: the same
+        engineered columns, codes and report, column by column in NumPy. Text columns are
+        expected with missing values as nulls (``tasks.batch.normalize``)."""
+        names = set(table.column_names)
+        missing = [c for c in self.columns_ if c not in names]
+        if missing:
+            raise DataError(f"input lacks column(s) {', '.join(missing)}")
+        ids = table.column(ID) if ID in names else None
+        raw: dict[str, np.ndarray] = {}
+
+        def num(col: str) -> np.ndarray:
+            if col not in raw:
+                raw[col] = _arrow_numeric(table.column(col), col, ids)
+            return raw[col]
+
+        n = table.num_rows
+        engineered: dict[str, np.ndarray] = {}  # numeric features made from raw columns
+        as_text: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # col -> (codes, present)
+        if self.derived:
+            for name, parts in DERIVED_SUMS.items():
+                if all(c in names for c in parts):
+                    engineered[name] = sum(w * np.nan_to_num(num(c)) for c, w in parts.items())
+        if self.ordinal:
+            scale = list(QUALITY_SCALE)
+            for col in ORDINAL_COLUMNS:
+                if col in names:
+                    code, there = _arrow_codes(table.column(col), scale)
+                    score = code.astype(np.float64) + 1.0
+                    score[score == 0] = np.nan  # an unknown grade: imputed like a missing one
+                    score[~there] = 0.0  # NA: there is none
+                    engineered[f"{col}Score"] = score
+        for col in self.as_category:
+            if col in names and col in self.categories_:
+                # Codes, not quantities: 60 and 60.0 are the text "60", as in ``_engineer``.
+                values = num(col)
+                there = ~np.isnan(values)
+                text = pc.cast(pa.array(np.round(values[there]).astype(np.int64)), pa.string())
+                code = np.full(n, -1, dtype=np.int64)
+                code[there] = np.asarray(pc.index_in(text, value_set=pa.array(
+                    self.categories_[col], pa.string())).fill_null(-1), dtype=np.int64)
+                as_text[col] = (code, there)
+        numeric = {col: engineered[col] if col in engineered else num(col)
+                   for col in self.numeric_}
+        codes, present = {}, {}
+        for col, cats in self.categories_.items():
+            codes[col], present[col] = (as_text[col] if col in as_text
+                                        else _arrow_codes(table.column(col), cats))
+        return self._encoded(n, numeric, codes, present)
+
+    def _encoded(self, n: int, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray],
+                 present: dict[str, np.ndarray]) -> Encoded:
+        """The drift report of encoded rows, and missing/unseen categories as their codes."""
         report = TransformReport()
-        n = len(df)
         drifted = np.zeros(n, dtype=bool)  # rows with any out-of-range or unseen value
-        numeric: dict[str, np.ndarray] = {}
         for col in self.numeric_:
-            values = _numeric(features, col, ids=df.get(ID))
+            values = numeric[col]
             lo, hi = self.range_.get(col, (-np.inf, np.inf))
             outside = (values < lo) | (values > hi)
             if col not in TIME_COLUMNS:
@@ -272,19 +330,14 @@ class Preprocessor:
                 report.out_of_range[col] = n_out
             if n_nan := int(np.isnan(values).sum()):
                 report.missing[col] = n_nan
-            numeric[col] = values
-        codes: dict[str, np.ndarray] = {}
         for col, cats in self.categories_.items():
-            raw = features[col]
-            present = raw.notna().to_numpy()
-            code = category_codes(raw, cats)
-            unseen = present & (code < 0)
+            code, there = codes[col], present[col]
+            unseen = there & (code < 0)
             if n_unseen := int(unseen.sum()):
                 report.unseen[col] = n_unseen
                 drifted |= unseen
-            code[~present] = len(cats)  # the missing-value indicator
+            code[~there] = len(cats)  # the missing-value indicator
             code[unseen] = len(cats) + 1  # no column: all zeros
-            codes[col] = code
         report.rows_drifted = int(drifted.sum())
         return Encoded(n=n, numeric=numeric, codes=codes, report=report)
 
@@ -360,6 +413,63 @@ def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
     arr = pa.array(values.astype("string[pyarrow]"), type=pa.string())  # no copy if Arrow
     codes = pc.index_in(arr, value_set=pa.array(categories, type=pa.string()))
     return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)))
+
+
+def _arrow_numeric(column: pa.ChunkedArray, col: str,
+                   ids: pa.ChunkedArray | None) -> np.ndarray:
+    """An Arrow column as float64, NaN where null; text goes through ``_numeric`` (its
+    parse and its error naming the first bad row)."""
+    t = column.type
+    if pa.types.is_null(t):
+        return np.full(len(column), np.nan)
+    if pa.types.is_dictionary(t) and column.num_chunks:
+        try:  # numbers read as text (a CSV column typed text): each distinct value once
+            return np.concatenate([np.append(np.asarray(
+                pc.cast(c.dictionary, pa.float64()), dtype=np.float64), np.nan)[
+                _indices(c)] for c in column.chunks])
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass  # not plain numbers: pandas' parse, and its error naming the row
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return column.cast(pa.float64()).to_numpy()  # a null is NaN
+    frame = pd.DataFrame({col: column.to_pandas()})
+    return _numeric(frame, col, ids=None if ids is None else ids.to_pandas())
+
+
+def _indices(chunk: pa.DictionaryArray) -> np.ndarray:
+    """A dictionary array's indices as NumPy, -1 where null (no copy when there is none)."""
+    index = chunk.indices
+    return np.asarray(index if index.null_count == 0 else index.fill_null(-1))
+
+
+def _arrow_codes(column: pa.ChunkedArray, categories: list[str]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each value among ``categories``, -1 for missing or unseen; present)
+    of an Arrow text column; dictionary-encoded text is looked up once per distinct value.
+    Other types go through pandas' text form, as ``category_codes`` does."""
+    if not _is_text(column.type):
+        values = column.to_pandas()
+        return category_codes(values, categories), values.notna().to_numpy()
+    value_set = pa.array(categories, pa.string())
+    codes, present = [], []
+    for chunk in column.chunks:
+        present.append(np.asarray(chunk.is_valid(), dtype=bool))
+        if pa.types.is_dictionary(chunk.type):
+            lookup = np.asarray(pc.index_in(chunk.dictionary.cast(pa.string()),
+                                            value_set=value_set).fill_null(-1), dtype=np.int64)
+            lookup = np.append(lookup, -1)  # a null index reads the last entry
+            codes.append(lookup[_indices(chunk)])
+        else:
+            codes.append(np.asarray(pc.index_in(chunk.cast(pa.string()),
+                                                value_set=value_set).fill_null(-1),
+                                    dtype=np.int64))
+    if not codes:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    return np.concatenate(codes), np.concatenate(present)
 
 
 def _numeric(df: pd.DataFrame, col: str, ids: pd.Series | None = None) -> np.ndarray:

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from tasks.features import DataError, Preprocessor, TransformReport, column_map
+from tasks.features import DataError, Encoded, Preprocessor, TransformReport, column_map
 
 PLAN_FORMAT = "houseprice-plan/1"
 PLAN_JSON, PLAN_ARRAYS = "plan.json", "plan.npz"
@@ -77,7 +78,13 @@ class Plan:
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[np.ndarray, TransformReport]:
         """Raw rows -> ``(n,) float64`` log price, and the drift report."""
-        enc = self.preprocessor.encode(df)
+        return self._predict(self.preprocessor.encode(df))
+
+    def predict_table(self, table: pa.Table) -> tuple[np.ndarray, TransformReport]:
+        """``predict_frame`` of rows as Arrow read them (batch predict): no pandas frame."""
+        return self._predict(self.preprocessor.encode_table(table))
+
+    def _predict(self, enc: Encoded) -> tuple[np.ndarray, TransformReport]:
         total = np.full(enc.n, self.intercept)
         for col, (a, b, m) in self.linear_num.items():
             v = enc.numeric[col]

@@ -164,3 +164,81 @@ def test_only_right_skewed_columns_are_log_transformed():
     assert pd.Series(left).skew() < -0.75 < 0.75 < pd.Series(right).skew()
     pre = fit_preprocessor(train, config=PreprocessConfig())
     assert "Right" in pre.log1p_ and "Left" not in pre.log1p_
+
+
+@pytest.mark.parametrize("switches", [
+    {"log1p_skewed": False, "derived": False, "ordinal": False, "as_category": ()},
+    {},  # the defaults: log1p of right skew, derived sums, ordinal scores, MSSubClass as text
+])
+@pytest.mark.parametrize("source", ["csv", "parquet-by-pandas", "parquet-by-pyarrow"])
+def test_encoding_arrow_batches_equals_encoding_the_frame(real_data, tmp_path, switches,
+                                                          source):
+    """Batch predict encodes the Arrow batches it reads (no pandas frame): the same numerics,
+    codes and drift report as training's pandas path, whatever wrote the file."""
+    from collections import Counter
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from tasks.batch import normalize, open_rows
+    from tasks.config import PreprocessConfig
+    from tasks.features import ID, read_csv
+
+    train = read_csv(real_data / "kaggle_house_pred_train.csv").drop(columns=["SalePrice"])
+    pre = fit_preprocessor(train, config=PreprocessConfig(**switches))
+    rows = read_csv(real_data / "kaggle_house_pred_test.csv")
+    # drift of every kind: an unseen category, a grade nobody uses, a missing and a huge
+    # number, a code never seen (MSSubClass 999), text that is a number
+    rows.loc[0, "Neighborhood"] = "Atlantis"
+    rows.loc[1, "KitchenQual"] = "Superb"
+    rows.loc[2, "LotArea"] = np.nan
+    rows.loc[3, "GrLivArea"] = 1e7
+    rows.loc[4, "MSSubClass"] = 999
+    path = tmp_path / "rows.csv"
+    rows.to_csv(path, index=False)
+    if source == "parquet-by-pandas":
+        path = tmp_path / "rows.parquet"
+        rows.to_parquet(path)
+    elif source == "parquet-by-pyarrow":  # "NA" and friends as text, LotFrontage as text
+        table = pacsv.read_csv(tmp_path / "rows.csv", convert_options=pacsv.ConvertOptions(
+            strings_can_be_null=False, column_types={"LotFrontage": "string"}))
+        path = tmp_path / "rows-pa.parquet"
+        pq.write_table(table, path)
+    _, chunks = open_rows(path, pre, 500)
+    want = pre.encode(rows)
+    got_parts = [pre.encode_table(normalize(t.select([ID, *pre.columns_]))) for t in chunks]
+    for col in pre.numeric_:
+        np.testing.assert_array_equal(np.concatenate([g.numeric[col] for g in got_parts]),
+                                      want.numeric[col], err_msg=col)
+    for col in pre.categories_:
+        np.testing.assert_array_equal(np.concatenate([g.codes[col] for g in got_parts]),
+                                      want.codes[col], err_msg=col)
+    for k in ("unseen", "out_of_range", "missing"):
+        total = Counter()
+        for g in got_parts:
+            total.update(getattr(g.report, k))
+        assert dict(total) == getattr(want.report, k), k
+    assert sum(g.report.rows_drifted for g in got_parts) == want.report.rows_drifted
+    assert want.report.unseen["Neighborhood"] == 1
+
+
+def test_text_in_a_numeric_parquet_column_is_the_same_one_line_error(real_data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.batch import normalize, open_rows
+    from tasks.features import ID, DataError, read_csv
+
+    train = read_csv(real_data / "kaggle_house_pred_train.csv").drop(columns=["SalePrice"])
+    pre = fit_preprocessor(train)
+    rows = read_csv(real_data / "kaggle_house_pred_test.csv").head(20)
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    lot = rows["LotArea"].astype(str).tolist()
+    lot[7] = "big"
+    table = table.set_column(table.schema.get_field_index("LotArea"), "LotArea",
+                             pa.array(lot, pa.string()))
+    pq.write_table(table, tmp_path / "bad.parquet")
+    _, chunks = open_rows(tmp_path / "bad.parquet", pre, 100)
+    with pytest.raises(DataError, match=rf"column LotArea must be numeric but has 'big' at "
+                                        rf"Id={rows[ID][7]}"):
+        pre.encode_table(normalize(next(chunks)))
