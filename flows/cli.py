@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from flows.commands import models, operate, run
 from flows.commands.config import ConfigError, config_error
-from tasks.config import STAGES
+from tasks.layout import STAGES
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

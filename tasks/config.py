@@ -16,20 +16,17 @@ import os
 import random
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from tasks.frozen import Frozen as _Frozen
 from tasks.kinds import KINDS, Candidate, CandidateConfig, candidate, check_fields
+from tasks.layout import PROJECT_ROOT, STAGES, Stage, default_artifacts_dir  # noqa: F401
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REGISTRY_PATH = PROJECT_ROOT / "data" / "registry.json"
 
-# The pipeline's stages, in order (the flow's ``from_stage`` parameter and ``--from``).
-Stage = Literal["download", "preprocess", "tensorize", "train", "select", "predict"]
-STAGES: tuple[str, ...] = get_args(Stage)
 
 class RemoteFile(_Frozen):
     name: str
@@ -49,10 +46,6 @@ def _default_data_url() -> str:
 
 def _default_data_dir() -> str:
     return os.environ.get("HOUSEPRICE_DATA_DIR") or str(PROJECT_ROOT / "data" / "cache")
-
-
-def default_artifacts_dir() -> str:
-    return os.environ.get("HOUSEPRICE_ARTIFACTS") or str(PROJECT_ROOT / "artifacts")
 
 
 Sha1 = Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]

@@ -457,16 +457,22 @@ def _arrow_codes(column: pa.ChunkedArray, categories: list[str]
     value_set = pa.array(categories, pa.string())
     codes, present = [], []
     for chunk in column.chunks:
-        present.append(np.asarray(chunk.is_valid(), dtype=bool))
         if pa.types.is_dictionary(chunk.type):
-            lookup = np.asarray(pc.index_in(chunk.dictionary.cast(pa.string()),
-                                            value_set=value_set).fill_null(-1), dtype=np.int64)
-            lookup = np.append(lookup, -1)  # a null index reads the last entry
-            codes.append(lookup[_indices(chunk)])
-        else:
-            codes.append(np.asarray(pc.index_in(chunk.cast(pa.string()),
-                                                value_set=value_set).fill_null(-1),
-                                    dtype=np.int64))
+            lookup = np.empty(len(chunk.dictionary) + 1, dtype=np.int64)
+            lookup[:-1] = np.asarray(pc.index_in(chunk.dictionary.cast(pa.string()),
+                                                 value_set=value_set).fill_null(-1))
+            lookup[-1] = -1  # a null index (-1) reads the last entry
+            index = _indices(chunk)
+            codes.append(lookup.take(index))
+            if chunk.dictionary.null_count:  # a null among the values themselves
+                valid = np.append(np.asarray(chunk.dictionary.is_valid(), dtype=bool), False)
+                present.append(valid.take(index))
+            else:
+                present.append(index >= 0)
+            continue
+        present.append(np.asarray(chunk.is_valid(), dtype=bool))
+        codes.append(np.asarray(pc.index_in(chunk.cast(pa.string()),
+                                            value_set=value_set).fill_null(-1), dtype=np.int64))
     if not codes:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     return np.concatenate(codes), np.concatenate(present)

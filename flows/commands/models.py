@@ -12,7 +12,7 @@ from pathlib import Path
 def predict(args: argparse.Namespace) -> int:
     from tasks.artifacts import resolve
     from tasks.batch import load_model, predict_file
-    from tasks.config import default_artifacts_dir
+    from tasks.layout import default_artifacts_dir
 
     if args.chunk_size <= 0:
         raise ValueError("--chunk-size must be a positive number of rows")
