@@ -159,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--chunk-size", type=int, default=50_000, metavar="ROWS",
                       help="rows read and predicted at a time: memory is bounded by it "
                            "(default 50000)")
+    pred.add_argument("--device", default="cpu", metavar="DEVICE",
+                      help="where the networks' matrix products run: cpu (NumPy, the "
+                           "default) or cuda / cuda:N (torch on that GPU; trees stay on "
+                           "the CPU)")
 
     score = sub.add_parser("score", help="run the scoring flow once: score every file of an "
                                          "inbox with the production model")

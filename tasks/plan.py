@@ -62,6 +62,10 @@ class Plan:
     # categorical column -> contribution per code (categories, missing, unseen = 0)
     linear_cat: dict[str, np.ndarray] = field(default_factory=dict)
     members: list[Member] = field(default_factory=list)
+    # Where the networks' matrix products run: None = NumPy on the CPU (no torch imported);
+    # a torch device ("cuda", "cuda:1", or "cpu" to check the torch path) = torch there.
+    # Trees stay on the CPU (numba), linear parts are lookups either way.
+    torch_device: str | None = None
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -102,7 +106,7 @@ class Plan:
             names = self.preprocessor.feature_names_
             for pre, members in self._by_preprocessor().items():
                 X = self.preprocessors[pre].features(enc, cats, names)
-                total += _predict_members(members, X, self.target)
+                total += _predict_members(members, X, self.target, self.torch_device)
         return total, enc.report
 
     def _by_preprocessor(self) -> dict[int, list[Member]]:
@@ -324,7 +328,8 @@ def _post(out: np.ndarray, target: str) -> np.ndarray:
     return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
 
 
-def _predict_members(members: list[Member], X: np.ndarray, target: str) -> np.ndarray:
+def _predict_members(members: list[Member], X: np.ndarray, target: str,
+                     torch_device: str | None = None) -> np.ndarray:
     total = np.zeros(len(X))
     trees = [m for m in members if m.kind == "trees"]
     if trees:
@@ -338,7 +343,8 @@ def _predict_members(members: list[Member], X: np.ndarray, target: str) -> np.nd
         elif m.kind != "trees":
             total += m.scale * _post(_PREDICTORS[m.kind](m, X), target)
     for group in nets.values():
-        total += _predict_nets(group, X, target)
+        total += (_predict_nets(group, X, target) if torch_device is None
+                  else _predict_nets_torch(group, X, target, torch_device))
     return total
 
 
@@ -365,6 +371,54 @@ def _predict_nets(group: list[Member], X: np.ndarray, target: str) -> np.ndarray
              if target == "log" else out[j])
         total += m.scale * _post(y, target)
     return total
+
+
+def _predict_nets_torch(group: list[Member], X: np.ndarray, target: str,
+                        device: str) -> np.ndarray:
+    """``_predict_nets`` with the matrix products in torch on ``device`` (a GPU): the same
+    stacked weights, moved there once per plan; the outputs come back for the same
+    post-processing."""
+    import torch
+
+    acts = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+    act = acts[group[0].params["activation"]]
+    dtype = np.float64 if group[0].params.get("float64") else np.float32
+    (W0, b0), *later = _stacked_on(tuple(group), device)
+    with torch.inference_mode():
+        h = torch.from_numpy(X.astype(dtype, copy=False)).to(device) @ W0 + b0
+        h = h.reshape(len(X), len(group), -1).transpose(0, 1)  # (M, n, width)
+        for W, b in later:
+            h = torch.bmm(act(h), W) + b[:, None, :]
+        out = h[..., 0].cpu().numpy()  # (M, n)
+    total = np.zeros(len(X))
+    for j, m in enumerate(group):
+        y = (out[j] * dtype(m.params["y_std"]) + dtype(m.params["y_mean"])
+             if target == "log" else out[j])
+        total += m.scale * _post(y, target)
+    return total
+
+
+@functools.lru_cache(maxsize=32)
+def _stacked_on(group: tuple[Member, ...], device: str) -> list[tuple[Any, Any]]:
+    import torch
+
+    return [(torch.from_numpy(W).to(device), torch.from_numpy(b).to(device))
+            for W, b in _stacked(group)]
+
+
+def check_device(device: str) -> str | None:
+    """``--device`` of predict as ``Plan.torch_device``: 'cpu' runs NumPy (no torch), 'cuda'
+    (or 'cuda:N') torch there; one line when there is no such device."""
+    if device == "cpu":
+        return None
+    if not device.startswith("cuda"):
+        raise ValueError(f"unknown device '{device}': use cpu or cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' requested but CUDA is not available here; "
+                           "use --device cpu")
+    return device
 
 
 @functools.lru_cache(maxsize=32)

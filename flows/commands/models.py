@@ -13,11 +13,14 @@ def predict(args: argparse.Namespace) -> int:
     from tasks.artifacts import resolve
     from tasks.batch import load_model, predict_file
     from tasks.layout import default_artifacts_dir
+    from tasks.plan import check_device
 
     if args.chunk_size <= 0:
         raise ValueError("--chunk-size must be a positive number of rows")
+    device = check_device(args.device)  # before anything is read or written
     ref = resolve(args.artifacts or default_artifacts_dir(), "select", args.model)
     model = load_model(ref)
+    model.torch_device = device
 
     def warn(msg: str) -> None:
         print(f"houseprice: warning: {msg}", file=sys.stderr)

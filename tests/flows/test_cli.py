@@ -122,6 +122,25 @@ def test_predict_command_writes_kaggle_submission(trained, real_data, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out), expected, rtol=1e-5)
 
 
+def test_predict_on_a_gpu_that_is_not_there_is_one_line(trained, real_data, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():  # a GPU machine: it predicts there, as on the CPU
+        proc = houseprice("predict", str(real_data / "kaggle_house_pred_test.csv"), "--out",
+                          str(tmp_path / "gpu.csv"), "--device", "cuda", "--artifacts",
+                          trained[0].artifacts_dir)
+        assert proc.returncode == 0, proc.stderr
+        return
+    proc = houseprice("predict", str(real_data / "kaggle_house_pred_test.csv"), "--out",
+                      str(tmp_path / "p.csv"), "--device", "cuda", "--artifacts",
+                      trained[0].artifacts_dir)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "houseprice: error: device 'cuda' requested but CUDA is not available here; use "
+        "--device cpu"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_predict_to_standard_output_and_version(trained, real_data, tmp_path):
     import io
 

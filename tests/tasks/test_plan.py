@@ -113,3 +113,46 @@ def test_predict_loads_no_checkpoint_pickles_a_version_without_a_plan_is_refused
     ref = ArtifactRef(root=str(tmp_path), stage="select", version="0123456789abcdef")
     with pytest.raises(DataError, match="0123456789abcdef has no compiled plan.*--from select"):
         load_model(ref)
+
+
+@pytest.mark.parametrize("refit", [False, True], ids=["ensemble", "refit"])
+def test_the_torch_path_for_a_gpu_and_arrow_batches_predict_the_same(fitted, kaggle, refit,
+                                                                    real_data, tmp_path):
+    """``--device cuda`` runs the networks in torch: checked here with torch on the CPU
+    (the same code, another device) against NumPy; and rows as batch predict reads them
+    (Arrow, no pandas frame) against the frame."""
+    from tasks.batch import normalize, open_rows
+    from tasks.features import ID
+
+    pre, fold_pres, out = fitted
+    _, test = kaggle
+    parts = [(w, out[k]) for w, k in zip(np.linspace(0.05, 0.2, len(out)), sorted(out),
+                                         strict=True)]
+    compile_plan(FittedModel(_checkpoint(pre, fold_pres, parts, refit))).save(tmp_path)
+    plan = Plan.load(tmp_path)
+    assert any(m.kind == "net" for m in plan.members)
+    want, want_report = plan.predict_frame(test)
+    _, chunks = open_rows(real_data / "kaggle_house_pred_test.csv", plan.preprocessor, 400)
+    tables = [normalize(t.select([ID, *plan.preprocessor.columns_])) for t in chunks]
+    got = np.concatenate([plan.predict_table(t)[0] for t in tables])
+    # float32 products over other batch sizes: equal to 1e-6, as the plan to its members
+    np.testing.assert_allclose(np.exp(got), np.exp(want), rtol=1e-6)
+    plan.torch_device = "cpu"
+    on_torch, report = plan.predict_frame(test)
+    np.testing.assert_allclose(np.exp(on_torch), np.exp(want), rtol=1e-6)
+    assert report == want_report
+
+
+def test_a_device_that_is_not_there_is_one_line():
+    import torch
+
+    from tasks.plan import check_device
+
+    assert check_device("cpu") is None  # NumPy: torch never needed
+    with pytest.raises(ValueError, match="unknown device 'tpu': use cpu or cuda"):
+        check_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available here; use --device cpu"):
+            check_device("cuda")
+    else:
+        assert check_device("cuda") == "cuda"
