@@ -113,11 +113,13 @@ def read_manifest(path: Path, opener=None) -> dict[str, Any]:
         raise ArtifactError(f"unreadable manifest in {path}: {exc}") from None
 
 
-def verify(path: Path | ArtifactRef, attempts: int = 3) -> list[str]:
+def verify(path: Path | ArtifactRef, attempts: int = 20) -> list[str]:
     """Problems with the artifact at ``path`` (empty when it is complete and intact). Read
     through one handle on the directory, so a version replaced meanwhile (swapped in whole,
     see ``_publish``) is checked as one version, never half old and half new; when the one
-    checked was replaced (and is being removed) while it was read, the new one is checked."""
+    checked was replaced (and is being removed) while it was read, the new one is checked
+    (again and again while rebuilds keep swapping: each swap means a newer complete version
+    is there; ``attempts`` bounds it)."""
     if isinstance(path, ArtifactRef):
         if path.remote:
             return _store(path.root).verify(path.stage, path.version, attempts)[0]

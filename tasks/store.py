@@ -86,14 +86,22 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def filesystem(url: str):
-    """The fsspec file system for ``url`` and the path inside it."""
+def filesystem(url: str, quick: bool = False):
+    """The fsspec file system for ``url`` and the path inside it; ``quick``: a separate one
+    that gives up after two tries (s3fs alone retries 5 times, each with botocore's own
+    retries: about 12 s to say an endpoint is down)."""
     import fsspec
 
     protocol = url.split("://", 1)[0]
+    options = dict(_OPTIONS.get(protocol, {}))
+    if quick and protocol == "s3":
+        options["config_kwargs"] = {**options["config_kwargs"],
+                                    "retries": {"max_attempts": 2, "mode": "standard"}}
     try:
         fs = fsspec.filesystem(protocol, use_listings_cache=False,
-                               **_OPTIONS.get(protocol, {}))
+                               skip_instance_cache=quick, **options)
+        if quick and hasattr(fs, "retries"):
+            fs.retries = 2
     except (ImportError, ValueError) as exc:
         raise StoreError(f"artifact store {url}: no file system for '{protocol}://' "
                          f"({exc}); use a path, s3:// (installed) or install its fsspec "
@@ -168,8 +176,9 @@ class ObjectStore:
     def check(self) -> None:
         """Raise a one-line StoreError unless the store answers and its bucket exists."""
         bucket = self.base.split("/", 1)[0]
+        fs, _ = filesystem(self.root, quick=True)
         try:
-            self.fs.ls(bucket, refresh=True)  # its top level only (a delimiter listing)
+            fs.ls(bucket, refresh=True)  # its top level only (a delimiter listing)
         except FileNotFoundError:
             raise StoreError(describe(FileNotFoundError(f"no bucket '{bucket}'"),
                                       self.root)) from None
@@ -189,7 +198,7 @@ class ObjectStore:
     def local_dir(self, stage: str, version: str, manifest: dict[str, Any]) -> Path:
         return self.cache / stage / version / manifest.get("prefix", "")
 
-    def verify(self, stage: str, version: str, attempts: int = 3) -> tuple[list[str], Path | None]:
+    def verify(self, stage: str, version: str, attempts: int = 20) -> tuple[list[str], Path | None]:
         """(problems, local copy). Every file the manifest names is compared by ETag with
         the copy last verified here; files that differ (or are new here) are downloaded and
         hashed. A version replaced while it was read (a forced rebuild) is read again."""

@@ -20,12 +20,12 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)  # validated before anything starts
     if args.quiet:  # read when Prefect is first imported, just below
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from tasks.models import resolve_device
-
-    resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
     from tasks.store import check
 
     check(config.artifacts_dir)  # a missing bucket or refused credentials: now, in one line
+    from tasks.models import resolve_device
+
+    resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
     from flows.pipeline import with_task_runner
 
     where = user_api()

@@ -104,16 +104,28 @@ def test_a_second_process_with_nothing_local_is_all_cached_and_predicts_from_the
     pd.testing.assert_frame_equal(pd.read_csv(out), expected, rtol=1e-6)
 
 
-def test_unusable_bucket_is_one_line_exit_1_and_nothing_written(s3, tmp_path):
-    env = {**os.environ, "HOUSEPRICE_CACHE": str(tmp_path / "c")}
+@pytest.mark.parametrize(("bucket", "env", "words"), [
+    ("no-such-bucket", {}, "the bucket does not exist (no bucket 'no-such-bucket'); create "
+     "it or fix --artifacts"),
+    (None, {"AWS_SECRET_ACCESS_KEY": "wrong"}, "access refused (The request signature we "
+     "calculated does not match"),
+    (None, {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "is unreachable ("),
+], ids=["no bucket", "wrong credentials", "unreachable"])
+def test_an_unusable_bucket_is_one_line_exit_1_and_nothing_written(s3, tmp_path, bucket, env,
+                                                                    words):
+    bucket = bucket or s3.bucket()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--artifacts",
-                           "s3://no-such-bucket/hp"], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+                           f"s3://{bucket}/hp"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, **env,
+                                             "HOUSEPRICE_CACHE": str(tmp_path / "c")})
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        "houseprice: error: artifact store s3://no-such-bucket/hp: the bucket does not "
-        "exist (no bucket 'no-such-bucket'); create it or fix --artifacts"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"houseprice: error: artifact store s3://{bucket}/hp"), lines
+    assert words in lines[0]
     assert not (tmp_path / "c").exists()
+    if bucket != "no-such-bucket":
+        assert s3.fs().ls(bucket) == []  # nothing written
 
 
 @pytest.fixture
