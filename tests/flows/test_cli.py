@@ -512,7 +512,9 @@ def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_s
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config",
-         str(write_config(tmp_path / "c.json")), "--epochs", "40"],
+         # enough epochs that the torch candidates are still training at a redraw (every
+         # 2 s) on a fast machine: at 40 they once finished between two
+         str(write_config(tmp_path / "c.json")), "--epochs", "150"],
         stdin=slave, stdout=slave, stderr=slave, env=env, cwd=PROJECT_ROOT, close_fds=True)
     os.close(slave)
     text, stamps, pending = b"", [], b""
