@@ -257,7 +257,7 @@ def build(
         return ref
     me = owner()
     if ref.remote:
-        tmp = _store(ref.root).staging(stage, version, f"{_TMP_PREFIX}{version}-{me}")
+        tmp = _store(ref.root).staging(f"{_TMP_PREFIX}{version}-{me}")
     else:
         stage_dir = ref.path.parent
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -343,8 +343,7 @@ def _predict_members(members: list[Member], X: np.ndarray, target: str,
         elif m.kind != "trees":
             total += m.scale * _post(_PREDICTORS[m.kind](m, X), target)
     for group in nets.values():
-        total += (_predict_nets(group, X, target) if torch_device is None
-                  else _predict_nets_torch(group, X, target, torch_device))
+        total += _predict_nets(group, X, target, torch_device)
     return total
 
 
@@ -353,17 +352,14 @@ _ACTIVATIONS = {"relu": lambda h: np.maximum(h, 0, out=h),
                 "sigmoid": lambda h: np.reciprocal(1 + np.exp(-h, out=h), out=h)}
 
 
-def _predict_nets(group: list[Member], X: np.ndarray, target: str) -> np.ndarray:
+def _predict_nets(group: list[Member], X: np.ndarray, target: str,
+                  torch_device: str | None = None) -> np.ndarray:
     """Nets of one shape as one stacked model: the first layers side by side in one matrix
-    product, the later ones batched."""
-    act = _ACTIVATIONS[group[0].params["activation"]]
+    product, the later ones batched (in NumPy, or in torch on ``torch_device``)."""
     dtype = np.float64 if group[0].params.get("float64") else np.float32
-    (W0, b0), *later = _stacked(tuple(group))
-    h = X.astype(dtype, copy=False) @ W0 + b0  # (n, M * width)
-    h = h.reshape(len(X), len(group), -1).transpose(1, 0, 2)  # (M, n, width)
-    for W, b in later:
-        h = np.matmul(act(np.ascontiguousarray(h)), W) + b[:, None, :]
-    out = h[..., 0]  # (M, n)
+    forward = _forward if torch_device is None else functools.partial(
+        _forward_torch, device=torch_device)
+    out = forward(group, X.astype(dtype, copy=False))  # (M, n)
     total = np.zeros(len(X))
     for j, m in enumerate(group):
         # As the network's own log_price: a raw-price target reads the output as the price.
@@ -373,29 +369,31 @@ def _predict_nets(group: list[Member], X: np.ndarray, target: str) -> np.ndarray
     return total
 
 
-def _predict_nets_torch(group: list[Member], X: np.ndarray, target: str,
-                        device: str) -> np.ndarray:
-    """``_predict_nets`` with the matrix products in torch on ``device`` (a GPU): the same
-    stacked weights, moved there once per plan; the outputs come back for the same
-    post-processing."""
+def _forward(group: list[Member], X: np.ndarray) -> np.ndarray:
+    """The stacked nets' outputs ``(M, n)`` in NumPy."""
+    act = _ACTIVATIONS[group[0].params["activation"]]
+    (W0, b0), *later = _stacked(tuple(group))
+    h = X @ W0 + b0  # (n, M * width)
+    h = h.reshape(len(X), len(group), -1).transpose(1, 0, 2)  # (M, n, width)
+    for W, b in later:
+        h = np.matmul(act(np.ascontiguousarray(h)), W) + b[:, None, :]
+    return h[..., 0]
+
+
+def _forward_torch(group: list[Member], X: np.ndarray, device: str) -> np.ndarray:
+    """``_forward`` in torch on ``device`` (a GPU): the same stacked weights, moved there
+    once per plan; the outputs come back for the same post-processing."""
     import torch
 
     acts = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
     act = acts[group[0].params["activation"]]
-    dtype = np.float64 if group[0].params.get("float64") else np.float32
     (W0, b0), *later = _stacked_on(tuple(group), device)
     with torch.inference_mode():
-        h = torch.from_numpy(X.astype(dtype, copy=False)).to(device) @ W0 + b0
+        h = torch.from_numpy(X).to(device) @ W0 + b0
         h = h.reshape(len(X), len(group), -1).transpose(0, 1)  # (M, n, width)
         for W, b in later:
             h = torch.bmm(act(h), W) + b[:, None, :]
-        out = h[..., 0].cpu().numpy()  # (M, n)
-    total = np.zeros(len(X))
-    for j, m in enumerate(group):
-        y = (out[j] * dtype(m.params["y_std"]) + dtype(m.params["y_mean"])
-             if target == "log" else out[j])
-        total += m.scale * _post(y, target)
-    return total
+        return h[..., 0].cpu().numpy()
 
 
 @functools.lru_cache(maxsize=32)

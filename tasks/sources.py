@@ -98,8 +98,8 @@ def _list_store(source: str) -> list[Located]:
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - botocore's errors are many
-        raise SourceError(f"cannot list data source {source}: "
-                          f"{describe(exc, source).split(': ', 1)[1]}") from None
+        raise SourceError(describe(exc, source, what="data source",
+                                   option="the source")) from None
     names = [(k.rsplit("/", 1)[-1], k) for k in keys]
     return [Located(n, f"{protocol}://{k}", None) for n, k in names if is_data_file(n)]
 

@@ -109,19 +109,21 @@ def filesystem(url: str, quick: bool = False):
     return fs, fs._strip_protocol(url)
 
 
-def describe(exc: BaseException, url: str) -> str:
-    """One line saying what is wrong with the store at ``url`` and what to do."""
+def describe(exc: BaseException, url: str, what: str = "artifact store",
+             option: str = "--artifacts") -> str:
+    """One line saying what is wrong with the ``what`` at ``url`` (given by ``option``) and
+    what to do."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     name = type(exc).__name__
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "does not exist" in text:
-        return (f"artifact store {url}: the bucket does not exist ({text}); create it or fix "
-                "--artifacts")
+        return (f"{what} {url}: the bucket does not exist ({text}); create it or fix "
+                f"{option}")
     if isinstance(exc, PermissionError) or any(w in text for w in (
             "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "credentials",
             "Forbidden")):
-        return (f"artifact store {url}: access refused ({text}); check AWS_ACCESS_KEY_ID and "
+        return (f"{what} {url}: access refused ({text}); check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or the profile) for this bucket")
-    return (f"artifact store {url} is unreachable ({name}: {text}); check AWS_ENDPOINT_URL "
+    return (f"{what} {url} is unreachable ({name}: {text}); check AWS_ENDPOINT_URL "
             "and the network")
 
 
@@ -259,7 +261,7 @@ class ObjectStore:
             _write_atomic(local / MANIFEST, raw)
         return [], local, False
 
-    def staging(self, stage: str, version: str, name: str) -> Path:
+    def staging(self, name: str) -> Path:
         """A local folder to build a version in (its files are uploaded from there); those
         left by dead processes are removed."""
         from tasks.artifacts import remove_abandoned
@@ -280,9 +282,9 @@ class ObjectStore:
                 self.fs.put_file(str(path), self.key(stage, version, prefix,
                                                      path.relative_to(tmp).as_posix()))
         data = json.dumps({**manifest, "prefix": prefix}, indent=2, sort_keys=True).encode()
-        old = self.read_manifest_quiet(stage, version)
+        old = None
         if not replace and self.write_bytes(data, stage, version, MANIFEST, create=True):
-            old = None
+            pass  # the first manifest of this version: nothing to replace
         elif not replace and not self.verify(stage, version)[0]:
             # another writer finished the same version first: keep theirs, drop ours
             self.delete(stage, version, prefix, recursive=True)
