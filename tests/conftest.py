@@ -300,3 +300,26 @@ def s3(session_tmp):
         else:
             os.environ[k] = v
     server.close()
+
+
+def task_states(flow_run_id, wait_s: float = 15.0) -> dict[str, list[str]]:
+    """Stage name -> state names of the task runs of a flow run, read from the API. A task
+    run's state reaches the API a moment after the run ends (a failed flow's last ones
+    especially): read again until every one has its state."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        out.setdefault(r.name.split("[")[0], []).append(r.state.name if r.state else "None")
+    return out

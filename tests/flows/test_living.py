@@ -16,13 +16,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tasks.artifacts import ArtifactError, read_history, read_production
 from tasks.feed import make_feed
 from tasks.promote import promote_by_hand, rollback
-from tests.conftest import TRAIN_CSV, stop
+from tests.conftest import TRAIN_CSV, stop, task_states
 
 # Quick linear candidates: the loop, not the accuracy, is under test here.
 FAST = {"candidates": [{"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
@@ -33,16 +32,6 @@ WORSE = {"candidates": [{"name": "weak", "kind": "ridge", "alpha": 1e5}], "searc
 DIVERGING = {"candidates": [{"name": "too-hot", "kind": "linear", "optimizer": "sgd",
                              "lr": 1e6, "epochs": 3}], "search": [],
              "train": {"n_splits": 3, "repeats": 1}}
-
-
-def _states(flow_run_id) -> dict[str, list[str]]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    out: dict[str, list[str]] = {}
-    for r in runs:
-        out.setdefault(r.name.split("[")[0], []).append(r.state.name)
-    return out
 
 
 def _latest_run(flow_name: str):
@@ -73,7 +62,7 @@ def replay(prefect_server, tmp_path_factory):
             env=env, capture_output=True, text=True, timeout=300)
         with temporary_settings({PREFECT_API_URL: prefect_server}):
             flow_run = _latest_run("house-price")
-            states = _states(flow_run.id)
+            states = task_states(flow_run.id)
         # The summary is stdout's last line; an error, stderr's.
         lines = (proc.stdout if proc.returncode == 0 else proc.stderr).strip().splitlines()
         return proc.returncode, lines[-1] if lines else "", states, flow_run
@@ -239,7 +228,7 @@ def test_scoring_deployment_scores_caches_and_raises_drift_events(replay, prefec
         def score_once():
             run = run_deployment("house-price-score/ci-score", timeout=120)
             assert run.state.is_completed(), run.state.message
-            return _states(run.id)
+            return task_states(run.id)
 
         first = score_once()
         assert first["score"] == ["Completed"]
@@ -252,7 +241,7 @@ def test_scoring_deployment_scores_caches_and_raises_drift_events(replay, prefec
         (inbox / "broken.csv").write_text("Id,MSSubClass\n1")  # fails alone, named
         run = run_deployment("house-price-score/ci-score", timeout=120)
         assert run.state.is_failed() and "broken.csv" in run.state.message
-        states = _states(run.id)
+        states = task_states(run.id)
         assert sorted(states["score"]) == ["Cached", "Completed", "Failed"]
         deadline = time.monotonic() + 30
         with get_client(sync_client=True) as client:

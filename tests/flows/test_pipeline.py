@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +15,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.pipeline import house_price_pipeline
 from tasks.config import candidate
 from tasks.report import METRICS_KEY, MODEL_CARD_KEY
-from tests.conftest import small_config
+from tests.conftest import small_config, task_states
 
 STAGES = ["download", "preprocess", "tensorize", "train", "select", "predict"]
 
@@ -27,12 +26,7 @@ def _filter(state):
 
 def stage_states(state) -> dict[str, list[str]]:
     """Stage name -> state names of its task runs in the flow run behind ``state``."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=_filter(state))
-    out = defaultdict(list)
-    for run in runs:
-        out[run.name.split("[")[0]].append(run.state.name)
-    return dict(out)
+    return task_states(state.state_details.flow_run_id)
 
 
 def run(cfg, flow=house_price_pipeline, **kwargs):

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from tests.conftest import free_port, small_config, stop, write_config
+from tests.conftest import free_port, small_config, stop, task_states, write_config
 
 # Linear kinds only, few epochs: the point here is where things are stored, not accuracy.
 CANDIDATES = (
@@ -29,16 +27,6 @@ STAGES = ("download", "preprocess", "tensorize", "train", "select", "predict")
 def _config(root: str, data_server, cache: Path):
     return small_config(root, data_server.url, cache, epochs=4, candidates=CANDIDATES,
                         search=())
-
-
-def _states(state) -> dict[str, list[str]]:
-    flt = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=flt)
-    out: dict[str, list[str]] = {}
-    for run in runs:
-        out.setdefault(run.name.split("[")[0], []).append(run.state.name)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +164,8 @@ def test_dask_workers_without_a_shared_disk_train_into_the_bucket(
     on_dask = _config(f"s3://{s3.bucket()}/hp", data_server, tmp_path / "cache")
     dask_state = with_task_runner("dask", address)(on_dask, return_state=True)
     assert dask_state.is_completed(), dask_state.message
-    assert set(_states(dask_state)["train"]) == {"Completed"}  # trained afresh, over there
+    train = task_states(dask_state.state_details.flow_run_id)["train"]
+    assert set(train) == {"Completed"}  # trained afresh, over there
     ours, theirs = dask_state.result(), state.result()
     assert ours["selected"] == theirs["selected"]
     assert ours["model_version"] == theirs["model_version"]  # same inputs, same version
