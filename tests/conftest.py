@@ -305,7 +305,8 @@ def s3(session_tmp):
 def task_states(flow_run_id, wait_s: float = 15.0) -> dict[str, list[str]]:
     """Stage name -> state names of the task runs of a flow run, read from the API. A task
     run's state reaches the API a moment after the run ends (a failed flow's last ones
-    especially): read again until every one has its state."""
+    especially; a cached one may still read Running): read again until every one has a
+    final state."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -316,7 +317,7 @@ def task_states(flow_run_id, wait_s: float = 15.0) -> dict[str, list[str]]:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+        if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     out: dict[str, list[str]] = {}
