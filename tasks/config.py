@@ -113,6 +113,12 @@ class PreprocessConfig(_Frozen):
         ("MSSubClass",), description="numeric-coded columns to one-hot instead (codes, not "
         "quantities)",
     )
+    interactions: tuple[str, ...] = Field(
+        ("TotalSF@Neighborhood",), description="'numeric@categorical' pairs: for each category "
+        "seen in training, a feature that is the numeric value on rows of that category and 0 "
+        "elsewhere (standardized, never log1p), so linear models fit a slope per category: "
+        "a price per square foot by neighbourhood",
+    )
     per_fold: bool = Field(
         True, description="cross-validate honestly: fit a preprocessor on each fold's "
         "training rows (statistics, which columns get log1p, category lists), as "
@@ -120,6 +126,27 @@ class PreprocessConfig(_Frozen):
         "its own preprocessor. False: one preprocessor fitted on every training row, "
         "validation rows included (the book's way; flatters the score by about 0.002)",
     )
+
+
+    @field_validator("interactions")
+    @classmethod
+    def _interactions_are_pairs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for spec in value:
+            parts = spec.split("@")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{spec!r} is not 'numeric@categorical' (e.g. "
+                                 "'TotalSF@Neighborhood')")
+        return value
+
+    @model_validator(mode="after")
+    def _interactions_need_their_columns(self) -> PreprocessConfig:
+        from tasks.features import DERIVED_SUMS
+
+        derived = [s for s in self.interactions if s.split("@")[0] in DERIVED_SUMS]
+        if derived and not self.derived:
+            raise ValueError(f"interactions {derived} use a derived column: set derived = "
+                             "true, or interactions = []")
+        return self
 
 
 class FoldSpec(_Frozen):

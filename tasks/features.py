@@ -154,6 +154,7 @@ class Preprocessor:
     derived: bool = False
     ordinal: bool = False
     as_category: tuple[str, ...] = ()
+    interactions: tuple[str, ...] = ()  # "numeric@categorical": a slope per category
     numeric_: dict[str, tuple[float, float]] = field(default_factory=dict)  # col -> (mean, std)
     range_: dict[str, tuple[float, float]] = field(default_factory=dict)  # col -> (min, max)
     log1p_: list[str] = field(default_factory=list)  # numeric columns taken log1p first
@@ -205,12 +206,41 @@ class Preprocessor:
                         and float(pd.Series(x).skew()) > self.skew_threshold):
                     self.log1p_.append(col)
                     x = np.log1p(x)
-                std = float(pd.Series(x).std())
-                # A constant (or single-valued) column: keep it at 0 rather than divide by 0.
-                self.numeric_[col] = (float(np.nanmean(x)), std if std > 0 else 1.0)
+                self._fit_numeric(col, x)
             else:
                 self.categories_[col] = sorted(values.dropna().astype(str).unique().tolist())
+        numeric = {col: _numeric(features, col) for col in self.numeric_}
+        codes = {col: category_codes(features[col], cats)
+                 for col, cats in self.categories_.items()}
+        for name, x in self._interact(numeric, codes).items():
+            self.range_[name] = (float(np.nanmin(x)), float(np.nanmax(x)))
+            self._fit_numeric(name, x)  # never log1p: a slope, zero for other categories
         return self
+
+    def _fit_numeric(self, col: str, x: np.ndarray) -> None:
+        std = float(pd.Series(x).std())
+        # A constant (or single-valued) column: keep it at 0 rather than divide by 0.
+        self.numeric_[col] = (float(np.nanmean(x)), std if std > 0 else 1.0)
+
+    def _interact(self, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+        """The ``interactions`` columns: for ``num@cat``, one column per category of ``cat``
+        this preprocessor knows, ``num`` where the row has that category and 0 elsewhere
+        (missing where ``num`` is; 0 for a missing or unseen category). With the category's
+        one-hot column, a linear model gets an intercept *and* a slope per category: a price
+        per square foot by neighbourhood. ``codes`` are positions among ``categories_``."""
+        out: dict[str, np.ndarray] = {}
+        for spec in self.interactions:
+            num, cat = spec.split("@")
+            for col, what, known in ((num, "numeric", numeric), (cat, "categorical",
+                                                                self.categories_)):
+                if col not in known:
+                    raise DataError(f"preprocess.interactions {spec!r}: the rows have no "
+                                    f"{what} feature {col!r}; fix the config")
+            for i, level in enumerate(self.categories_[cat]):
+                out[interaction_name(num, cat, level)] = np.where(
+                    codes[cat] == i, numeric[num], 0.0)
+        return out
 
     @property
     def feature_names_(self) -> list[str]:
@@ -223,7 +253,7 @@ class Preprocessor:
         """A new preprocessor with this one's switches, not fitted (for a fold's rows)."""
         return Preprocessor(log1p_skewed=self.log1p_skewed, skew_threshold=self.skew_threshold,
                             derived=self.derived, ordinal=self.ordinal,
-                            as_category=self.as_category)
+                            as_category=self.as_category, interactions=self.interactions)
 
     def layout_index(self, names: list[str]) -> np.ndarray:
         """Where each of this preprocessor's features sits among ``names`` (the all-rows
@@ -258,7 +288,8 @@ class Preprocessor:
         if missing:
             raise DataError(f"input lacks column(s) {', '.join(missing)}")
         features = self._engineer(df)
-        numeric = {col: _numeric(features, col, ids=df.get(ID)) for col in self.numeric_}
+        numeric = {col: _numeric(features, col, ids=df.get(ID)) for col in self.numeric_
+                   if col in features.columns}
         codes, present = {}, {}
         for col, cats in self.categories_.items():
             present[col] = features[col].notna().to_numpy()
@@ -308,7 +339,7 @@ class Preprocessor:
                     self.categories_[col], pa.string())).fill_null(-1), dtype=np.int64)
                 as_text[col] = (code, there)
         numeric = {col: engineered[col] if col in engineered else num(col)
-                   for col in self.numeric_}
+                   for col in self.numeric_ if col in engineered or col in names}
         codes, present = {}, {}
         for col, cats in self.categories_.items():
             codes[col], present[col] = (as_text[col] if col in as_text
@@ -317,10 +348,13 @@ class Preprocessor:
 
     def _encoded(self, n: int, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray],
                  present: dict[str, np.ndarray]) -> Encoded:
-        """The drift report of encoded rows, and missing/unseen categories as their codes."""
+        """The drift report of encoded rows, the interaction columns, and missing/unseen
+        categories as their codes."""
         report = TransformReport()
         drifted = np.zeros(n, dtype=bool)  # rows with any out-of-range or unseen value
         for col in self.numeric_:
+            if col not in numeric:
+                continue  # an interaction column, made below from what is reported here
             values = numeric[col]
             lo, hi = self.range_.get(col, (-np.inf, np.inf))
             outside = (values < lo) | (values > hi)
@@ -330,6 +364,7 @@ class Preprocessor:
                 report.out_of_range[col] = n_out
             if n_nan := int(np.isnan(values).sum()):
                 report.missing[col] = n_nan
+        numeric.update(self._interact(numeric, codes))
         for col, cats in self.categories_.items():
             code, there = codes[col], present[col]
             unseen = there & (code < 0)
@@ -372,7 +407,8 @@ class Preprocessor:
             "format": FORMAT,
             "options": {"log1p_skewed": self.log1p_skewed, "skew_threshold": self.skew_threshold,
                         "derived": self.derived, "ordinal": self.ordinal,
-                        "as_category": list(self.as_category)},
+                        "as_category": list(self.as_category),
+                        "interactions": list(self.interactions)},
             "columns": self.columns_,
             "numeric": {c: {"mean": m, "std": s, "min": self.range_[c][0],
                             "max": self.range_[c][1], "log1p": c in self.log1p_}
@@ -390,6 +426,7 @@ class Preprocessor:
             log1p_skewed=opts["log1p_skewed"], skew_threshold=opts["skew_threshold"],
             derived=opts["derived"], ordinal=opts["ordinal"],
             as_category=tuple(opts["as_category"]),
+            interactions=tuple(opts.get("interactions", ())),
             numeric_={c: (v["mean"], v["std"]) for c, v in d["numeric"].items()},
             range_={c: (v["min"], v["max"]) for c, v in d["numeric"].items()},
             log1p_=[c for c, v in d["numeric"].items() if v["log1p"]],
@@ -400,6 +437,10 @@ class Preprocessor:
     def raw_dtypes(self) -> dict[str, str]:
         """dtypes to read raw files with, so a chunk never guesses a category is a number."""
         return {c: "string" for c in self.categories_ if c in self.columns_}
+
+
+def interaction_name(num: str, cat: str, level: str) -> str:
+    return f"{num}@{cat}={level}"
 
 
 def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:

@@ -377,7 +377,7 @@ def test_book_config_reproduces_the_books_recipe(prefect_api, data_server, tmp_p
     manifest = json.loads((pre / "manifest.json").read_text())
     assert manifest["parameters"]["config"] == {
         "fit_on": "train+test", "log1p_skewed": False, "derived": False, "ordinal": False,
-        "as_category": [], "skew_threshold": 0.75}
+        "as_category": [], "interactions": [], "skew_threshold": 0.75}
     stats = json.loads((pre / "preprocessor.json").read_text())["numeric"]["LotArea"]
     both = pd.concat([pd.read_csv(data_server.url + name)["LotArea"]
                       for name in ("kaggle_house_pred_train.csv", "kaggle_house_pred_test.csv")])

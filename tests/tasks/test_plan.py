@@ -16,7 +16,8 @@ from tasks.plan import PLAN_ARRAYS, Plan, compile_plan
 from tests.tasks.test_kinds import MINIMAL
 
 OPTIONS = {"log1p_skewed": True, "derived": True, "ordinal": True,
-           "as_category": ("MSSubClass", "MoSold")}
+           "as_category": ("MSSubClass", "MoSold"),
+           "interactions": ("TotalSF@Neighborhood", "GrLivArea@MSSubClass")}
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,8 @@ def test_feature_switches_log_derive_ordinal_and_recode():
         "YearBuilt": rng.integers(1900, 2008, n), "YearRemodAdd": 2000,
         "TotalBsmtSF": 500.0, "1stFlrSF": 800.0, "2ndFlrSF": rng.choice([0.0, 400.0], n),
         "ExterQual": rng.choice(["TA", "Gd", "Ex"], n),
-        "MSSubClass": rng.choice([20, 60], n), "SalePrice": 1e5,
+        "MSSubClass": rng.choice([20, 60], n), "Neighborhood": rng.choice(["A", "B"], n),
+        "SalePrice": 1e5,
     })
     plain = fit_preprocessor(train)
     from tasks.config import PreprocessConfig
@@ -127,11 +128,45 @@ def test_feature_switches_log_derive_ordinal_and_recode():
     np.testing.assert_allclose(total, 1300 + train["2ndFlrSF"], rtol=1e-5)
     score = dict(zip(train["ExterQual"], X[:, names.index("ExterQualScore")], strict=False))
     assert score["TA"] < score["Gd"] < score["Ex"]
+    # Floor area by neighbourhood: the area on that neighbourhood's rows, 0 on the others,
+    # standardized but never log1p (a slope per category).
+    for level in ("A", "B"):
+        name = f"TotalSF@Neighborhood={level}"
+        assert name not in pre.log1p_
+        mean, std = pre.numeric_[name]
+        raw = X[:, names.index(name)] * std + mean
+        expect = np.where(train["Neighborhood"] == level, 1300 + train["2ndFlrSF"], 0.0)
+        np.testing.assert_allclose(raw, expect, rtol=1e-5, atol=1e-3)
     # Switched off: the book's plain columns only.
     assert set(plain.numeric_) == {"LotArea", "YrSold", "YearBuilt", "YearRemodAdd",
                                    "TotalBsmtSF", "1stFlrSF", "2ndFlrSF", "MSSubClass"}
     again = Preprocessor.from_dict(pre.to_dict())
     np.testing.assert_array_equal(again.transform(train)[0], X)
+    # A row whose neighbourhood was never seen has no slope of its own (and is reported).
+    new = train.head(1).assign(Neighborhood="Atlantis")
+    row, report = pre.transform(new)
+    for level in ("A", "B"):
+        name = f"TotalSF@Neighborhood={level}"
+        assert row[0, names.index(name)] == pytest.approx(-pre.numeric_[name][0]
+                                                          / pre.numeric_[name][1])
+    assert report.unseen == {"Neighborhood": 1}
+
+
+def test_interactions_name_columns_that_exist():
+    from pydantic import ValidationError
+
+    from tasks.config import PreprocessConfig
+
+    train = pd.DataFrame({"Id": [1, 2, 3], "LotArea": [1.0, 2.0, 3.0],
+                          "Street": ["a", "b", "a"], "SalePrice": 1e5})
+    with pytest.raises(DataError, match="no categorical feature 'Nowhere'; fix the config"):
+        fit_preprocessor(train, config=PreprocessConfig(interactions=("LotArea@Nowhere",)))
+    pre = fit_preprocessor(train, config=PreprocessConfig(interactions=("LotArea@Street",)))
+    assert {"LotArea@Street=a", "LotArea@Street=b"} <= set(pre.numeric_)
+    with pytest.raises(ValidationError, match="is not 'numeric@categorical'"):
+        PreprocessConfig(interactions=("LotArea",))
+    with pytest.raises(ValidationError, match="use a derived column: set derived = true"):
+        PreprocessConfig(derived=False)
 
 
 def test_real_training_file(real_data):
@@ -162,13 +197,15 @@ def test_only_right_skewed_columns_are_log_transformed():
     left = 100 - rng.lognormal(2, 0.8, n).clip(max=99)  # non-negative, long left tail
     train = pd.DataFrame({"Id": range(n), "Right": right, "Left": left, "SalePrice": 1e5})
     assert pd.Series(left).skew() < -0.75 < 0.75 < pd.Series(right).skew()
-    pre = fit_preprocessor(train, config=PreprocessConfig())
+    pre = fit_preprocessor(train, config=PreprocessConfig(interactions=()))
     assert "Right" in pre.log1p_ and "Left" not in pre.log1p_
 
 
 @pytest.mark.parametrize("switches", [
-    {"log1p_skewed": False, "derived": False, "ordinal": False, "as_category": ()},
-    {},  # the defaults: log1p of right skew, derived sums, ordinal scores, MSSubClass as text
+    {"log1p_skewed": False, "derived": False, "ordinal": False, "as_category": (),
+     "interactions": ()},
+    {},  # the defaults: log1p of right skew, derived sums, ordinal scores, MSSubClass as text,
+    # floor area by neighbourhood
 ])
 @pytest.mark.parametrize("source", ["csv", "parquet-by-pandas", "parquet-by-pyarrow"])
 def test_encoding_arrow_batches_equals_encoding_the_frame(real_data, tmp_path, switches,
