@@ -272,7 +272,9 @@ def default_candidates() -> tuple[CandidateConfig, ...]:
     return (
         candidate(name="linear", kind="linear", lr=0.01, weight_decay=1e-3, epochs=100),
         candidate(name="lasso", kind="lasso", alpha=5e-4, max_iter=5000),
-        candidate(name="hgb", kind="hgb", learning_rate=0.12, max_iter=200, max_leaf_nodes=15,
+        # 100 trees at 0.2: the blend scores as with 200 at 0.12, in half the time to train
+        # and to predict.
+        candidate(name="hgb", kind="hgb", learning_rate=0.2, max_iter=100, max_leaf_nodes=15,
                   min_samples_leaf=10),
     )
 
@@ -337,7 +339,7 @@ def default_search() -> tuple[SearchSpace, ...]:
                     grid={"alpha": (3.0, 10.0, 30.0)}),
         SearchSpace(
             base=candidate(name="mlp", kind="mlp", hidden=(32,), lr=3e-3, batch_size=128,
-                           epochs=30, seeds=1),
+                           epochs=24, seeds=1),
             grid={"hidden": ((32,), (48,), (32, 16)), "dropout": (0.0, 0.1, 0.3),
                   "weight_decay": (1e-3, 3e-3, 1e-2, 3e-2), "lr": (1e-3, 3e-3, 1e-2)},
             mode="random", n_samples=24,
