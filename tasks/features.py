@@ -14,7 +14,7 @@ is numeric instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,7 +212,7 @@ class Preprocessor:
         numeric = {col: _numeric(features, col) for col in self.numeric_}
         codes = {col: category_codes(features[col], cats)
                  for col, cats in self.categories_.items()}
-        for name, x in self._interact(numeric, codes).items():
+        for name, x in self._interact(numeric, codes, self.categories_).items():
             self.range_[name] = (float(np.nanmin(x)), float(np.nanmax(x)))
             self._fit_numeric(name, x)  # never log1p: a slope, zero for other categories
         return self
@@ -222,14 +222,25 @@ class Preprocessor:
         # A constant (or single-valued) column: keep it at 0 rather than divide by 0.
         self.numeric_[col] = (float(np.nanmean(x)), std if std > 0 else 1.0)
 
-    def _interact(self, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray]
-                  ) -> dict[str, np.ndarray]:
+    def interaction_levels(self, categories: dict[str, list[str]] | None = None
+                           ) -> Iterator[tuple[str, str, str, int, str]]:
+        """``(spec, num, cat, code, name)`` for each ``interactions`` column: one per
+        category of ``cat`` this preprocessor knows, ``code`` its position among
+        ``categories[cat]`` (the codes rows were encoded with; default this one's)."""
+        categories = categories or self.categories_
+        for spec in self.interactions:
+            num, cat = spec.split("@")
+            at = {c: j for j, c in enumerate(categories.get(cat, ()))}
+            for level in self.categories_.get(cat, ()):
+                yield spec, num, cat, at[level], interaction_name(num, cat, level)
+
+    def _interact(self, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray],
+                  categories: dict[str, list[str]]) -> dict[str, np.ndarray]:
         """The ``interactions`` columns: for ``num@cat``, one column per category of ``cat``
         this preprocessor knows, ``num`` where the row has that category and 0 elsewhere
         (missing where ``num`` is; 0 for a missing or unseen category). With the category's
         one-hot column, a linear model gets an intercept *and* a slope per category: a price
-        per square foot by neighbourhood. ``codes`` are positions among ``categories_``."""
-        out: dict[str, np.ndarray] = {}
+        per square foot by neighbourhood. ``codes`` are positions among ``categories``."""
         for spec in self.interactions:
             num, cat = spec.split("@")
             for col, what, known in ((num, "numeric", numeric), (cat, "categorical",
@@ -237,10 +248,8 @@ class Preprocessor:
                 if col not in known:
                     raise DataError(f"preprocess.interactions {spec!r}: the rows have no "
                                     f"{what} feature {col!r}; fix the config")
-            for i, level in enumerate(self.categories_[cat]):
-                out[interaction_name(num, cat, level)] = np.where(
-                    codes[cat] == i, numeric[num], 0.0)
-        return out
+        return {name: np.where(codes[cat] == code, numeric[num], 0.0)
+                for _, num, cat, code, name in self.interaction_levels(categories)}
 
     @property
     def feature_names_(self) -> list[str]:
@@ -354,7 +363,7 @@ class Preprocessor:
         drifted = np.zeros(n, dtype=bool)  # rows with any out-of-range or unseen value
         for col in self.numeric_:
             if col not in numeric:
-                continue  # an interaction column, made below from what is reported here
+                continue  # an interaction column: made by ``features`` from reported ones
             values = numeric[col]
             lo, hi = self.range_.get(col, (-np.inf, np.inf))
             outside = (values < lo) | (values > hi)
@@ -364,7 +373,6 @@ class Preprocessor:
                 report.out_of_range[col] = n_out
             if n_nan := int(np.isnan(values).sum()):
                 report.missing[col] = n_nan
-        numeric.update(self._interact(numeric, codes))
         for col, cats in self.categories_.items():
             code, there = codes[col], present[col]
             unseen = there & (code < 0)
@@ -392,8 +400,9 @@ class Preprocessor:
         at = {name: j for j, name in enumerate(names)}
         # Feature-major while filling (each feature a contiguous row), transposed at the end.
         out = np.zeros((len(names), enc.n), dtype=np.float32)
+        numeric = {**enc.numeric, **self._interact(enc.numeric, enc.codes, categories)}
         for col in self.numeric_:
-            out[at[col]] = self.numeric_feature(col, enc.numeric[col])
+            out[at[col]] = self.numeric_feature(col, numeric[col])
         rows = np.arange(enc.n)
         for col, cats in self.categories_.items():
             where = column_map(col, categories[col], cats, at)

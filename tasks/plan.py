@@ -61,6 +61,10 @@ class Plan:
     linear_num: dict[str, np.ndarray] = field(default_factory=dict)
     # categorical column -> contribution per code (categories, missing, unseen = 0)
     linear_cat: dict[str, np.ndarray] = field(default_factory=dict)
+    # interaction "num@cat" -> per code of cat [slope, offset]: adds slope * num where num
+    # is present, -offset where it is missing (the one-column-per-category interaction
+    # features, collapsed: one lookup instead of a column per category)
+    linear_inter: dict[str, np.ndarray] = field(default_factory=dict)
     members: list[Member] = field(default_factory=list)
     # Where the networks' matrix products run: None = NumPy on the CPU (no torch imported);
     # a torch device ("cuda", "cuda:1", or "cpu" to check the torch path) = torch there.
@@ -75,7 +79,8 @@ class Plan:
         """What a prediction costs, as a key: plans with equal keys do the same work."""
         members = sorted((m.kind, m.pre > 0, tuple(a.shape for a in m.arrays.values()))
                          for m in self.members)
-        return (bool(self.linear_num or self.linear_cat), len(self.preprocessors),
+        return (bool(self.linear_num or self.linear_cat or self.linear_inter),
+                len(self.preprocessors),
                 tuple(members))
 
     # --- predicting -------------------------------------------------------------------
@@ -101,6 +106,10 @@ class Plan:
             total += np.where(present, part, 0.0)
         for col, table in self.linear_cat.items():
             total += table[enc.codes[col]]
+        for spec, table in self.linear_inter.items():
+            num, cat = spec.split("@")
+            v, code = enc.numeric[num], enc.codes[cat]
+            total += np.where(np.isnan(v), -table[code, 1], table[code, 0] * v)
         if self.members:
             cats = self.preprocessor.categories_
             names = self.preprocessor.feature_names_
@@ -125,6 +134,9 @@ class Plan:
         cat_cols = list(self.linear_cat)
         for i, c in enumerate(cat_cols):
             arrays[f"linear_cat_{i}"] = self.linear_cat[c]
+        inter = list(self.linear_inter)
+        for i, c in enumerate(inter):
+            arrays[f"linear_inter_{i}"] = self.linear_inter[c]
         members = []
         for i, m in enumerate(self.members):
             for name, arr in m.arrays.items():
@@ -134,7 +146,7 @@ class Plan:
         spec = {"format": PLAN_FORMAT, "target": self.target, "describe": self.describe,
                 "preprocessors": [p.to_dict() for p in self.preprocessors],
                 "intercept": self.intercept, "linear_num": num_cols,
-                "linear_cat": cat_cols, "members": members}
+                "linear_cat": cat_cols, "linear_inter": inter, "members": members}
         np.savez(out_dir / PLAN_ARRAYS, **arrays)
         (out_dir / PLAN_JSON).write_text(json.dumps(spec))
 
@@ -159,6 +171,8 @@ class Plan:
             plan.linear_num = dict(zip(spec["linear_num"], arrays["linear_num"], strict=True))
         plan.linear_cat = {c: arrays[f"linear_cat_{i}"]
                            for i, c in enumerate(spec["linear_cat"])}
+        plan.linear_inter = {c: arrays[f"linear_inter_{i}"]
+                             for i, c in enumerate(spec.get("linear_inter", []))}
         for i, m in enumerate(spec["members"]):
             if m["kind"] not in _PREDICTORS:
                 raise DataError(f"{directory / PLAN_JSON}: unknown member kind {m['kind']!r}")
@@ -212,12 +226,24 @@ def _collapse(plan: Plan, w: np.ndarray, b: float, pre: Preprocessor, scale: flo
               at: dict[str, int]) -> None:
     """Add ``scale * (w . features + b)``, features through ``pre``, to the linear part."""
     plan.intercept += scale * b
+    cats = plan.preprocessor.categories_
+    inter = set()
+    for spec, _, cat, code, name in pre.interaction_levels(cats):
+        # w * (x - mean) / std with x = num on this category's rows, else 0: a constant on
+        # every row, and the slope (or, where num is missing, minus the constant) on its own.
+        inter.add(name)
+        mean, std = pre.numeric_[name]
+        wj = scale * w[at[name]]
+        table = plan.linear_inter.setdefault(spec, np.zeros((len(cats[cat]) + 2, 2)))
+        plan.intercept -= wj * mean / std
+        table[code] += (wj / std, -wj * mean / std)
     for col, (mean, std) in pre.numeric_.items():
+        if col in inter:
+            continue
         wj = scale * w[at[col]]
         coef = plan.linear_num.setdefault(col, np.zeros(3))
         coef[1 if col in pre.log1p_ else 0] += wj / std
         coef[2] -= wj * mean / std
-    cats = plan.preprocessor.categories_
     for col, own in pre.categories_.items():
         where = column_map(col, cats[col], own, at)
         table = plan.linear_cat.setdefault(col, np.zeros(len(where)))

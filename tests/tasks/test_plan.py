@@ -69,6 +69,11 @@ def test_plan_equals_the_members_predicted_one_by_one(fitted, kaggle, kind, refi
     reference path does (each member on its own, averaged) to 1e-6 relative in price."""
     pre, fold_pres, out = fitted
     _, test = kaggle
+    # an interaction's numeric missing on some rows, its category unseen or missing on others
+    test = test.copy()
+    test.loc[test.index[:5], "GrLivArea"] = np.nan
+    test.loc[test.index[5:8], "MSSubClass"] = 999
+    test.loc[test.index[8:10], "Neighborhood"] = np.nan
     parts = ([(w, out[k]) for w, k in zip(np.linspace(0.05, 0.2, len(out)), sorted(out),
                                           strict=True)]
              if kind == "blend" else [(1.0, out[kind])])
@@ -81,6 +86,9 @@ def test_plan_equals_the_members_predicted_one_by_one(fitted, kaggle, kind, refi
     assert report == want_report and report.unseen  # the same drift seen
     linear = kind in ("linear", "lasso", "ridge", "enet") or kind == "blend"
     assert bool(plan.linear_num) == linear  # linear members collapsed, not walked
+    # the interactions too: one lookup per pair, not a column per category
+    assert sorted(plan.linear_inter) == (sorted(OPTIONS["interactions"]) if linear else [])
+    assert not any("@" in col for col in plan.linear_num)
     if kind in ("linear", "lasso", "ridge", "enet"):
         assert not plan.members  # no feature matrix is built at all
 

@@ -244,9 +244,13 @@ def test_encoding_arrow_batches_equals_encoding_the_frame(real_data, tmp_path, s
     _, chunks = open_rows(path, pre, 500)
     want = pre.encode(rows)
     got_parts = [pre.encode_table(normalize(t.select([ID, *pre.columns_]))) for t in chunks]
-    for col in pre.numeric_:
+    for col in want.numeric:
         np.testing.assert_array_equal(np.concatenate([g.numeric[col] for g in got_parts]),
                                       want.numeric[col], err_msg=col)
+    np.testing.assert_array_equal(  # the features, interactions included
+        np.concatenate([pre.features(g, pre.categories_, pre.feature_names_)
+                        for g in got_parts]),
+        pre.features(want, pre.categories_, pre.feature_names_))
     for col in pre.categories_:
         np.testing.assert_array_equal(np.concatenate([g.codes[col] for g in got_parts]),
                                       want.codes[col], err_msg=col)
