@@ -33,6 +33,8 @@ from tasks.tensorize import FOLD_FEATURES, outlier_ids, read_matrix  # noqa: E40
 
 CANDIDATES = [
     {"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 5000},
+    {"name": "lasso, outliers not fitted", "kind": "lasso", "alpha": 5e-4, "max_iter": 5000,
+     "exclude_outliers": True},
     {"name": "enet", "kind": "enet", "alpha": 1e-3, "l1_ratio": 0.5, "max_iter": 5000},
     {"name": "ridge", "kind": "ridge", "alpha": 10.0},
     {"name": "svr", "kind": "svr", "C": 20.0, "epsilon": 0.008, "gamma": 3e-4},
@@ -45,8 +47,9 @@ CANDIDATES = [
      "dropout": 0.0, "seeds": 1, "epochs": 100, "batch_size": 64},
     {"name": "linear", "kind": "linear", "lr": 0.01, "weight_decay": 1e-3},
 ]
-BLENDS = [["lasso", "hgb"], ["lasso", "svr", "hgb", "mlp"], ["lasso", "svr", "gbr", "hgb", "mlp"],
-          [c["name"] for c in CANDIDATES]]
+BLENDS = [["lasso", "hgb"], ["lasso, outliers not fitted", "hgb"],
+          ["lasso", "svr", "hgb", "mlp"], ["lasso", "svr", "gbr", "hgb", "mlp"],
+          [c["name"] for c in CANDIDATES if not c.get("exclude_outliers")]]
 
 
 def newest(root: Path) -> Path:
@@ -83,7 +86,9 @@ def main() -> None:
         if args.only and spec["name"] not in args.only:
             continue
         start = time.perf_counter()
-        result = cross_validate(X, matrix.y, candidate(**spec), train)
+        cand = candidate(**{**spec, "name": spec["name"].split(",")[0]})
+        result = cross_validate(X, matrix.y, cand, train, ~clean if cand.exclude_outliers
+                                else None)
         seconds = time.perf_counter() - start
         oof[spec["name"]] = result.oof_log_price.ravel()
         scores = oof_scores(oof[spec["name"]], logy, repeat, clean_all)

@@ -122,8 +122,8 @@ def _plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -
         v = v[np.isfinite(v) & (v > 0)]
         longest = max((len(c[keys[0]]) for c in curves), default=1)
         axes.set_xlim(1, max(longest, 2))
-        if v.size:
-            axes.set_ylim(v.min() / 1.1, v.max() * 1.1)
+        # Nothing finite (a candidate diverged at once): an empty log axis, not an error.
+        axes.set_ylim(*((v.min() / 1.1, v.max() * 1.1) if v.size else (0.01, 1.0)))
         axes.set_yscale("log")
         axes.grid(True, alpha=0.3)
     ax.set(xlabel="epoch", ylabel="log RMSE", title=title)
@@ -177,7 +177,7 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     """Cross-validate ``candidate`` on the tensorized training rows; write the train artifact:
     ``models.pt`` (fold models), ``metrics.json`` (scores, curves), ``oof.parquet``,
     ``folds.json`` and, for torch candidates, ``learning_curves.png``."""
-    m, X, outliers, excluded = _rows(data, config)
+    m, X, outliers, excluded = _rows(data, config, candidate)
     cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
               candidate.name, log)
     refit = _fit(lambda: candidate.refit(m.X, m.y, config, np.flatnonzero(~excluded)),
@@ -185,14 +185,16 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log, refit)
 
 
-def _rows(data: ArtifactRef, config: TrainConfig):
+def _rows(data: ArtifactRef, config: TrainConfig, candidate: CandidateConfig):
     """The tensorized rows; the features the folds see (``(K, n, d)``, each fold's own
     preprocessing, or the all-rows ``(n, d)``); which rows are outliers, and which are left
-    out of fitting."""
+    out of ``candidate``'s fitting."""
     m = read_matrix(data.file("train.parquet"))
     per_fold = read_fold_features(data, config.folds)
     outliers = np.isin(m.ids, m.meta.get("outlier_ids", []))
-    excluded = outliers if config.exclude_outliers else np.zeros(len(m.ids), bool)
+    exclude = (config.exclude_outliers if candidate.exclude_outliers is None
+               else candidate.exclude_outliers)
+    excluded = outliers if exclude else np.zeros(len(m.ids), bool)
     return m, (m.X if per_fold is None else per_fold), outliers, excluded
 
 
@@ -288,7 +290,7 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
     refs = [member_ref(root, data, c, config) for c in candidates]
     todo = [c for c, r in zip(candidates, refs, strict=True) if force or not is_complete(r)]
     if todo:
-        m, X, outliers, excluded = _rows(data, config)
+        m, X, outliers, excluded = _rows(data, config, todo[0])  # one group_key: one rule
         folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme,
                            config.repeats)
         fitted = fit_rows(folds, excluded)

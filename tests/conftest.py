@@ -317,7 +317,8 @@ def task_states(flow_run_id, wait_s: float = 15.0) -> dict[str, list[str]]:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+        final = all(r.state is not None and r.state.is_final() for r in runs)
+        if final or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     out: dict[str, list[str]] = {}

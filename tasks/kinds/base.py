@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
+from pydantic import Field
 
 from tasks.frozen import Frozen, Name
 from tasks.progress import muted, report_score
@@ -103,6 +104,10 @@ class CandidateConfig(Frozen):
 
     name: Name
     kind: str
+    exclude_outliers: bool | None = Field(
+        None, description="this candidate's own train.exclude_outliers (None: that one), so "
+        "whether to fit the two outliers is a choice a search cross-validates and select "
+        "scores on all rows")
     code_files: ClassVar[tuple[str, ...]] = ()
     renamed: ClassVar[dict[str, str]] = {}
     # A linear function of the features: its fold ensemble collapses into one linear model

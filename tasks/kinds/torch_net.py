@@ -42,7 +42,7 @@ class TorchCandidate(CandidateConfig):
         plus what makes their random streams line up without padding (the number of seeds,
         and whether dropout masks are drawn), so each stream holds one model of each."""
         return (self.hidden, self.activation, self.batch_size, self.epochs, self.optimizer,
-                self.seeds, self.draws_dropout)
+                self.seeds, self.draws_dropout, self.exclude_outliers)
 
     @property
     def draws_dropout(self) -> bool:

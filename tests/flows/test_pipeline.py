@@ -294,3 +294,28 @@ def test_candidates_of_one_shape_train_as_one_group_and_a_newcomer_alone(first_r
     board = json.loads((Path(cfg.artifacts_dir) / "select" / result["model_version"]
                         / "leaderboard.json").read_text())["leaderboard"]
     assert {"g-1", "g-2", "g-3"} <= {m["candidate"] for m in board}
+
+
+def test_whether_to_fit_the_outliers_is_each_candidates_choice(first_run):
+    """``exclude_outliers`` on a candidate (what the default search varies): its fits leave
+    the two outliers out, the others' do not, and it is still scored on all rows, so select
+    compares the two choices on the rows a user meets."""
+    from tasks.train import plan_groups
+
+    cfg, _, _ = first_run
+    by_kind = {c.kind: c for c in cfg.candidates}
+    clean = [by_kind[k].model_copy(update={"name": f"{k}-clean-fit", "exclude_outliers": True})
+             for k in ("lasso", "mlp")]
+    assert len(plan_groups([by_kind["mlp"], clean[1]])) == 2  # other rows: another stack
+    state, _ = run(cfg.model_copy(update={"candidates": (*cfg.candidates, *clean)}))
+    assert state.is_completed(), state.message
+    root = Path(cfg.artifacts_dir)
+    outliers = pd.read_parquet(next((root / "by-name" / "train" / "lasso").glob("oof.parquet")))
+    outlier_ids = sorted(outliers.loc[outliers["outlier"], "Id"].unique().tolist())
+    assert len(outlier_ids) == 2
+    for name, left_out in [("lasso", []), ("mlp", []), ("lasso-clean-fit", outlier_ids),
+                           ("mlp-clean-fit", outlier_ids)]:
+        art = root / "by-name" / "train" / name
+        assert json.loads((art / "folds.json").read_text())["excluded_from_fit"] == left_out
+        metrics = json.loads((art / "metrics.json").read_text())
+        assert metrics["n_rows_all"] == 1460 and metrics["oof_log_rmse_all"] is not None

@@ -278,3 +278,16 @@ def test_repeated_folds_give_each_row_one_prediction_per_repeat(kind):
 def test_repeats_need_shuffled_folds():
     with pytest.raises(ValueError, match="repeats > 1 needs fold_scheme = 'shuffled'"):
         TrainConfig(fold_scheme="contiguous", repeats=3)
+
+
+def test_learning_curves_are_drawn_with_gaps_and_for_a_candidate_diverged_at_once(tmp_path):
+    from tasks.train import plot_curves
+
+    nan, inf = float("nan"), float("inf")
+    fine = {"train_log_rmse": [0.5, 0.3, 0.2], "valid_log_rmse": [0.6, inf, 0.25],
+            "grad_norm": [2.0, 1.0, 0.5]}
+    dead = {"train_log_rmse": [nan, inf], "valid_log_rmse": [nan, nan], "grad_norm": [inf, nan]}
+    for name, curves in (("fine", [fine, fine]), ("dead", [dead])):
+        path = tmp_path / f"{name}.png"
+        plot_curves(curves, name, path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
