@@ -254,5 +254,22 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_FAILED
 
 
+def entry() -> None:
+    """The ``houseprice`` command: ``main``, then out without tearing the interpreter down
+    module by module (freeing torch, Prefect and their thread pools takes about 1 s after
+    the last line is printed: a sixth of a warm run). What an orderly exit does first still
+    happens: other threads are joined and the exit handlers run (logging's flush, the
+    temporary API server's stop, Prefect's own)."""
+    code = main()
+    import atexit
+    import threading
+
+    getattr(threading, "_shutdown", lambda: None)()  # as interpreter shutdown does first
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
