@@ -209,6 +209,8 @@ class Preprocessor:
                 self._fit_numeric(col, x)
             else:
                 self.categories_[col] = sorted(values.dropna().astype(str).unique().tolist())
+        if not self.interactions:
+            return self
         numeric = {col: _numeric(features, col) for col in self.numeric_}
         codes = {col: category_codes(features[col], cats)
                  for col, cats in self.categories_.items()}
@@ -357,8 +359,7 @@ class Preprocessor:
 
     def _encoded(self, n: int, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray],
                  present: dict[str, np.ndarray]) -> Encoded:
-        """The drift report of encoded rows, the interaction columns, and missing/unseen
-        categories as their codes."""
+        """The drift report of encoded rows, and missing/unseen categories as their codes."""
         report = TransformReport()
         drifted = np.zeros(n, dtype=bool)  # rows with any out-of-range or unseen value
         for col in self.numeric_:
