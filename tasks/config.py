@@ -140,10 +140,12 @@ class PreprocessConfig(_Frozen):
 
     @model_validator(mode="after")
     def _interactions_need_their_columns(self) -> PreprocessConfig:
-        from tasks.features import DERIVED_SUMS
+        if self.derived or not self.interactions:
+            return self
+        from tasks.features import DERIVED_SUMS  # pandas and pyarrow: only when needed
 
         derived = [s for s in self.interactions if s.split("@")[0] in DERIVED_SUMS]
-        if derived and not self.derived:
+        if derived:
             raise ValueError(f"interactions {derived} use a derived column: set derived = "
                              "true, or interactions = []")
         return self
