@@ -33,7 +33,7 @@ from tasks.tensorize import FOLD_FEATURES, outlier_ids, read_matrix  # noqa: E40
 
 CANDIDATES = [
     {"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 5000},
-    {"name": "lasso, outliers not fitted", "kind": "lasso", "alpha": 5e-4, "max_iter": 5000,
+    {"name": "lasso-clean-fit", "kind": "lasso", "alpha": 5e-4, "max_iter": 5000,
      "exclude_outliers": True},
     {"name": "enet", "kind": "enet", "alpha": 1e-3, "l1_ratio": 0.5, "max_iter": 5000},
     {"name": "ridge", "kind": "ridge", "alpha": 10.0},
@@ -47,7 +47,7 @@ CANDIDATES = [
      "dropout": 0.0, "seeds": 1, "epochs": 100, "batch_size": 64},
     {"name": "linear", "kind": "linear", "lr": 0.01, "weight_decay": 1e-3},
 ]
-BLENDS = [["lasso", "hgb"], ["lasso, outliers not fitted", "hgb"],
+BLENDS = [["lasso", "hgb"], ["lasso-clean-fit", "hgb"],
           ["lasso", "svr", "hgb", "mlp"], ["lasso", "svr", "gbr", "hgb", "mlp"],
           [c["name"] for c in CANDIDATES if not c.get("exclude_outliers")]]
 
@@ -86,7 +86,7 @@ def main() -> None:
         if args.only and spec["name"] not in args.only:
             continue
         start = time.perf_counter()
-        cand = candidate(**{**spec, "name": spec["name"].split(",")[0]})
+        cand = candidate(**spec)
         result = cross_validate(X, matrix.y, cand, train, ~clean if cand.exclude_outliers
                                 else None)
         seconds = time.perf_counter() - start

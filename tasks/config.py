@@ -127,7 +127,6 @@ class PreprocessConfig(_Frozen):
         "validation rows included (the book's way; flatters the score by about 0.002)",
     )
 
-
     @field_validator("interactions")
     @classmethod
     def _interactions_are_pairs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
