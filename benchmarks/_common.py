@@ -13,9 +13,10 @@ DATA = ROOT.parent / "shared" / "data" / "kaggle_house"
 
 
 def cli_env(prefect_home: Path) -> dict[str, str]:
-    """Environment for a ``houseprice`` child: its own ephemeral Prefect API and home."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(prefect_home),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    """Environment for a ``houseprice`` child: its own ephemeral Prefect API and home (a
+    server per run, unless the benchmark keeps one: HOUSEPRICE_API_KEEP_S)."""
+    env = {"HOUSEPRICE_API_KEEP_S": "0", **os.environ, "PYTHONPATH": str(ROOT),
+           "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     return env
 

@@ -1,5 +1,6 @@
 """``houseprice``: run, serve (on a schedule) or retry the pipeline; batch-predict with a model;
-list, promote and roll back production models; score an inbox; write a monthly feed.
+list, promote and roll back production models; score an inbox; write a monthly feed; stop
+the local Prefect API that runs keep.
 
 Failures end with a non-zero exit and one line on stderr saying what went wrong, where, and
 what to do (``--traceback`` shows the full trace). This module is the entry point: the parser,
@@ -192,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     feed.add_argument("--since", metavar="YYYY-MM", help="first month to write")
     feed.add_argument("--data-url", metavar="URL|DIR", help="where the Kaggle pair is")
     feed.add_argument("--data-dir", metavar="DIR", help="download cache")
+    sub.add_parser("stop-api", help="stop the local Prefect API that runs keep between them "
+                                     "(HOUSEPRICE_API_KEEP_S) for this PREFECT_HOME")
     # Global flags work after the subcommand too (SUPPRESS: absent there, the top level's
     # value stands).
     for command in sub.choices.values():
@@ -200,6 +203,15 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="Prefect's own log lines on the terminal")
     return p
+
+
+def stop_api(args: argparse.Namespace) -> int:
+    from flows.commands.server import prefect_home, stop_kept_api
+
+    stopped = stop_kept_api()
+    print(f"houseprice: stopped {stopped} local Prefect API server(s) of {prefect_home()}"
+          if stopped else f"houseprice: no local Prefect API is kept for {prefect_home()}")
+    return 0
 
 
 def _trace(args: argparse.Namespace) -> None:
@@ -232,7 +244,7 @@ def _main(argv: list[str] | None) -> int:
         commands = {"run": run.run, "serve": operate.serve, "rerun": operate.rerun,
                     "predict": models.predict, "score": operate.score, "models": models.models,
                     "promote": models.promote, "rollback": models.rollback,
-                    "make-feed": models.make_feed}
+                    "make-feed": models.make_feed, "stop-api": stop_api}
         return commands[args.command](args)
     except ConfigError as exc:
         _trace(args)

@@ -17,6 +17,9 @@ _TMP = Path(tempfile.mkdtemp(prefix="houseprice-tests-"))
 os.environ["PREFECT_HOME"] = str(_TMP / "prefect-home")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# A run without PREFECT_API_URL gets a server of its own that stops with it, not one kept
+# for minutes after the test (tests/flows/test_server.py covers the kept one).
+os.environ["HOUSEPRICE_API_KEEP_S"] = "0"
 os.environ["HOUSEPRICE_ARTIFACTS"] = str(_TMP / "default-artifacts")
 os.environ["HOUSEPRICE_DATA_DIR"] = str(_TMP / "default-cache")
 os.environ["HOUSEPRICE_CACHE"] = str(_TMP / "store-cache")  # local copies of bucket objects

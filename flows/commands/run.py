@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.commands.config import build_config
-from flows.commands.server import check_api, start_ephemeral_api, user_api
+from flows.commands.server import KEEP, check_api, keep_seconds, start_ephemeral_api, user_api
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +31,12 @@ def run(args: argparse.Namespace) -> int:
     where = user_api()
     if where:
         check_api(where)
-    where = where or "an ephemeral local Prefect API"
+    kept = not where and keep_seconds() > 0
+    where = where or (f"a local Prefect API at {os.environ['PREFECT_API_URL']}, kept "
+                      f"{keep_seconds():.0f} s after its last use ({KEEP}=0: one per run)"
+                      if kept else "an ephemeral local Prefect API")
+    if not user_api():
+        warm_up_flow_engine()  # while the temporary server still boots in its own process
     api_ready()
     log = None if args.verbose else prefect_log_to_file(config.artifacts_dir)
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}"
@@ -41,10 +46,13 @@ def run(args: argparse.Namespace) -> int:
     display = (TerminalProgress(len(config.all_candidates())).start()
                if not args.quiet and sys.stderr.isatty() else None)
     try:
-        state = flow(config, from_stage=args.from_stage, return_state=True)
+        with no_heartbeats_unless(user_api()):
+            state = flow(config, from_stage=args.from_stage, return_state=True)
     finally:
         if display is not None:
             display.stop()
+    if not user_api() and not kept:
+        recorded(state)  # before the run's own server stops at exit
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException) or not state.is_completed():
         from tasks.stage import one_line
@@ -59,6 +67,51 @@ def run(args: argparse.Namespace) -> int:
     print(result_table(config, outcome, log=log), flush=True)
     summary(config, outcome)
     return 0
+
+
+def warm_up_flow_engine() -> None:
+    """Import what Prefect imports only at a flow's first call (its flow and task engines;
+    FastAPI, for the parameters' JSON form: about 0.5 s here). Done while the temporary API
+    server boots in its own process, it is off the run's critical path."""
+    import fastapi.encoders  # noqa: F401
+    import prefect.flow_engine  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+
+
+def no_heartbeats_unless(api: str | None):
+    """Flow run heartbeats let a server's services find crashed runs. The temporary server
+    runs no services and ends with the run, so nothing reads them there; and the heartbeat
+    thread, which sleeps in 1 s steps, is joined at the flow's end: up to 1 s added to every
+    run. Off on the temporary API, as set on the user's server."""
+    import contextlib
+
+    if api:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
+def recorded(state: Any, wait_s: float = 5.0) -> None:
+    """Wait until the API has recorded the end of every task run of the flow run. Task runs
+    report their states as events, which the server records a moment later; a temporary
+    server stopped before that (at this process's exit) cancels the write, prints its
+    traceback and leaves the runs Running in the dashboard's history. A failed flow's
+    never-started tasks stay Pending: then only Running ones are waited for."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs_of = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    done = ((lambda s: s is not None and s.is_final()) if state.is_completed()
+            else (lambda s: s is not None and not s.is_running()))
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while not all(done(r.state) for r in client.read_task_runs(flow_run_filter=runs_of)):
+            if time.monotonic() > deadline:
+                return  # history may miss a state; the run's own outcome stands
+            time.sleep(0.02)
 
 
 def prefect_log_to_file(artifacts: str) -> Path:

@@ -4,6 +4,7 @@ temporary one started first thing in its own process."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -40,40 +41,123 @@ def check_api(url: str) -> None:
         )
 
 
+# Seconds the local API stays up after its last request; 0: a temporary server per run.
+KEEP = "HOUSEPRICE_API_KEEP_S"
+KEEP_DEFAULT_S = 600.0
+# The settings that shape the server it starts (a server is kept per distinct set of them).
+_SERVER_SETTINGS = ("PREFECT_SERVER_", "PREFECT_API_DATABASE_", "PREFECT_API_SERVICES_",
+                    "PREFECT_PROFILE", "PREFECT_MEMO_STORE_PATH")
+
+
+def keep_seconds() -> float:
+    """``HOUSEPRICE_API_KEEP_S``, checked: seconds a local API is kept after its last use."""
+    raw = os.environ.get(KEEP, "").strip()
+    if not raw:
+        return KEEP_DEFAULT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        from flows.commands.config import ConfigError
+
+        raise ConfigError(f"{KEEP}={raw!r} is not a number of seconds: set it to 0 (a "
+                          f"temporary Prefect API per run) or more (default "
+                          f"{KEEP_DEFAULT_S:.0f})")
+    return value
+
+
 def start_ephemeral_api() -> Callable[[], None]:
     """Without ``PREFECT_API_URL`` Prefect would start a temporary API server at the flow's
     first API call, after this process has imported everything (about 14 s before the first
-    task on 2 cores). Start the same server (Prefect's own uvicorn app, as its
-    ``SubprocessASGIServer`` runs it) first thing, so it boots in its own process while this
-    one imports and validates, and point ``PREFECT_API_URL`` at it. The returned function
-    waits until it answers; the server stops when this process exits."""
+    task on 2 cores). Instead, first thing, use the local API a run of this Prefect home
+    started in the last ``HOUSEPRICE_API_KEEP_S`` seconds (default 600), or start one (Prefect's
+    own app, as its ``SubprocessASGIServer`` runs it) that boots in its own process while
+    this one imports and validates; point ``PREFECT_API_URL`` at it. The returned function
+    waits until it answers.
+
+    A kept server outlives the run: the next run skips its start (3-4 s of a 5 s cached run
+    here), and the run's links and history stay readable meanwhile; it exits on its own
+    once idle. With ``HOUSEPRICE_API_KEEP_S=0`` the server is the run's own and stops with
+    it."""
     allow = os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true").lower()
     if os.environ.get("PREFECT_API_URL") or allow in ("0", "false", "no"):
         return lambda: None
+    keep = keep_seconds()
+    return _kept_api(keep) if keep > 0 else _temporary_api()
+
+
+def _server_env() -> dict[str, str]:
+    return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1", **skip_block_registration()}
+
+
+def _free_port() -> int:
+    import socket
+
+    # A free port now may be taken before the server binds it: the wait starts again then.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _point_at(url: str) -> None:
+    os.environ["PREFECT_API_URL"] = os.environ[_EPHEMERAL] = url
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    import urllib.request
+
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health",
+                                                              timeout=timeout) as resp:
+        return resp.status == 200
+    return False
+
+
+def _waiter(alive: Callable[[], int | None], url: Callable[[], str],
+            restart: Callable[[], None]) -> Callable[..., None]:
+    """Wait until the server answers; one that exits first is started again (twice)."""
+    import time
+
+    def wait(timeout: float = 120.0, attempts: int = 3) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = alive()
+            if code is not None:
+                attempts -= 1
+                if attempts == 0:
+                    raise RuntimeError(
+                        f"the temporary Prefect API server exited with code {code} before "
+                        f"answering, 3 times; run '{PREFECT} server start' to see why")
+                restart()
+                continue
+            if _answers(url()):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the temporary Prefect API server did not answer within "
+                           f"{timeout:.0f} s; {NEEDS_SERVER}")
+
+    return wait
+
+
+def _temporary_api() -> Callable[[], None]:
+    """The run's own server: stopped at exit, and killed with the run (Linux)."""
     import atexit
     import importlib.util
-    import socket
     import subprocess
-    import time
-    import urllib.request
 
     app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
     server: dict[str, Any] = {}
 
     def start() -> None:
-        # A free port now may be taken before uvicorn binds it: wait() starts again then.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = _free_port()
         server["proc"] = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
              str(port), "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                 "PREFECT__SERVER_FINAL": "1", **skip_block_registration()},
-            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        server["url"] = os.environ["PREFECT_API_URL"] = os.environ[_EPHEMERAL] = (
-            f"http://127.0.0.1:{port}/api")
+            env=_server_env(), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        server["url"] = f"http://127.0.0.1:{port}/api"
+        _point_at(server["url"])
 
     def stop() -> None:
         proc = server.get("proc")
@@ -86,28 +170,131 @@ def start_ephemeral_api() -> Callable[[], None]:
 
     start()
     atexit.register(stop)
+    return _waiter(lambda: server["proc"].poll(), lambda: server["url"], start)
 
-    def wait(timeout: float = 120.0, attempts: int = 3) -> None:
+
+def kept_record(home: Path | None = None) -> tuple[Path, Path]:
+    """(record, lock) of the local API kept for this Prefect home and server settings: the
+    record holds its pid and URL while it runs."""
+    import hashlib
+    from importlib.metadata import version
+
+    home = home or prefect_home()
+    shaping = sorted((k, v) for k, v in os.environ.items() if k.startswith(_SERVER_SETTINGS))
+    key = hashlib.sha256(json.dumps([version("prefect"), sys.executable, shaping]).encode())
+    return (home / f"houseprice-api-{key.hexdigest()[:12]}.json",
+            home / "houseprice-api.lock")
+
+
+def _kept_api(keep: float) -> Callable[[], None]:
+    """Use the kept server of this home and settings, or start one, detached (its own
+    session: Ctrl-C and the run's end leave it running), under a lock so that runs started
+    together share one."""
+    import subprocess
+
+    record, lock = kept_record()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    server: dict[str, Any] = {}
+
+    def find_or_start() -> None:
+        with _locked(lock):
+            found = _read(record)
+            if found and _running_server(found.get("pid")):
+                server.update(proc=None, pid=found["pid"], url=found["url"])
+            else:
+                port = _free_port()
+                with open(record.with_suffix(".log"), "ab") as log:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "flows.commands.apiserver", str(port),
+                         repr(keep), str(record), str(lock)],
+                        env=_server_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+                server.update(proc=proc, pid=proc.pid, url=f"http://127.0.0.1:{port}/api")
+                _write(record, {"pid": proc.pid, "url": server["url"], "keep_s": keep})
+        _point_at(server["url"])
+
+    def exited() -> int | None:
+        if server["proc"] is not None:
+            return server["proc"].poll()
+        return None if _running_server(server["pid"]) else -1
+
+    find_or_start()
+    return _waiter(exited, lambda: server["url"], find_or_start)
+
+
+def stop_kept_api(home: Path | None = None, timeout: float = 10.0) -> int:
+    """Stop the local APIs kept for a Prefect home (every settings' one); returns how many."""
+    import glob
+    import signal
+    import time
+
+    stopped = 0
+    for path in glob.glob(str((home or prefect_home()) / "houseprice-api-*.json")):
+        found = _read(Path(path))
+        pid = found.get("pid") if found else None
+        if not _running_server(pid):
+            continue
+        os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if server["proc"].poll() is not None:
-                attempts -= 1
-                if attempts == 0:
-                    raise RuntimeError(
-                        f"the temporary Prefect API server exited with code "
-                        f"{server['proc'].returncode} before answering, 3 times; run "
-                        f"'{PREFECT} server start' to see why")
-                start()
-                continue
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                    f"{server['url']}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"the temporary Prefect API server did not answer within "
-                           f"{timeout:.0f} s; {NEEDS_SERVER}")
+        while _running_server(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped += 1
+    return stopped
 
-    return wait
+
+def forget(record: Path, lock: Path) -> None:
+    """The kept server's last act: remove its record if the record still names it."""
+    with _locked(lock):
+        found = _read(record)
+        if found and found.get("pid") == os.getpid():
+            record.unlink(missing_ok=True)
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _read(record: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # none, or torn by a crash mid-write: a new server replaces it
+    return found if isinstance(found, dict) else None
+
+
+def _write(record: Path, data: dict[str, Any]) -> None:
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    tmp.replace(record)
+
+
+def _running_server(pid: Any) -> bool:
+    """A live kept server with this pid (not a zombie, nor another program that reuses a dead
+    server's pid: its command line is checked where /proc has it)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    proc = Path(f"/proc/{pid}")
+    if proc.parent.is_dir():
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            return False
+        return state != "Z" and b"flows.commands.apiserver" in command
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 def die_with_parent() -> None:

@@ -1,0 +1,181 @@
+"""The local Prefect API a run uses without PREFECT_API_URL, when it is kept between runs
+(``HOUSEPRICE_API_KEEP_S`` > 0, the default outside the tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.commands.server import _running_server, kept_record, stop_kept_api
+
+# A tiny flow on the API the CLI would use: the server's start, then a flow and a task run.
+FLOW = """
+import os
+from flows.commands.server import start_ephemeral_api
+start_ephemeral_api()()
+from prefect import flow, task
+
+@task
+def one():
+    return 1
+
+@flow(name="tiny")
+def tiny():
+    return one()
+
+tiny()
+print(os.environ["PREFECT_API_URL"], flush=True)
+"""
+START = ("import os\nfrom flows.commands.server import start_ephemeral_api\n"
+         "start_ephemeral_api()()\nprint(os.environ['PREFECT_API_URL'], flush=True)\n")
+
+
+def _env(home: Path, keep: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), HOUSEPRICE_API_KEEP_S=keep)
+    return env
+
+
+def _python(script: str, env: dict[str, str]) -> str:
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _record(home: Path) -> dict:
+    (record,) = home.glob("houseprice-api-*.json")
+    return json.loads(record.read_text())
+
+
+def test_a_kept_api_serves_the_next_run_keeps_its_history_and_exits_when_idle(tmp_path):
+    home = tmp_path / "prefect"
+    env = _env(home, "4")
+    try:
+        first = _python(FLOW, env)
+        pid = _record(home)["pid"]
+        assert _running_server(pid)  # the run is over; its server is not
+        second = _python(FLOW, env)
+        assert second == first and _record(home)["pid"] == pid  # the same server, reused
+        # Both runs are in its history, every task run recorded as finished: the first
+        # run's end reached the server although that run exited without waiting for it.
+        env_api = {**env, "PREFECT_API_URL": first}
+        states = _python("from prefect.client.orchestration import get_client\n"
+                         "with get_client(sync_client=True) as c:\n"
+                         "    print(sorted(r.state.name for r in c.read_flow_runs()),"
+                         " sorted(r.state.name for r in c.read_task_runs()))", env_api)
+        assert states == "['Completed', 'Completed'] ['Completed', 'Completed']"
+        deadline = time.monotonic() + 30  # idle 4 s: it stops, and takes its record along
+        while _running_server(pid):
+            assert time.monotonic() < deadline, "the kept server did not stop when idle"
+            time.sleep(0.2)
+        assert not list(home.glob("houseprice-api-*.json"))
+    finally:
+        stop_kept_api(home)
+
+
+def test_runs_started_together_share_one_kept_api_and_stop_stops_it(tmp_path):
+    home = tmp_path / "prefect"
+    env = _env(home, "600")
+    procs = [subprocess.Popen([sys.executable, "-c", START], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        urls = {p.communicate(timeout=180)[0].strip() for p in procs}
+        assert len(urls) == 1 and all(p.returncode == 0 for p in procs), urls
+        pid = _record(home)["pid"]
+        assert _running_server(pid)
+    finally:
+        stop = subprocess.run([sys.executable, "-m", "flows.cli", "stop-api"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        stop_kept_api(home)  # should the command have failed
+    assert stop.returncode == 0
+    assert stop.stdout.strip() == f"houseprice: stopped 1 local Prefect API server(s) of {home}"
+    assert not _running_server(pid)
+    assert not list(home.glob("houseprice-api-*.json"))
+
+
+def test_a_stale_record_gets_a_new_server(tmp_path):
+    """A record whose server is gone (its pid dead, or reused by another program), or torn
+    by a crash mid-write, is not trusted: a new server is started and recorded."""
+    from flows.commands.server import _read
+
+    home = tmp_path / "prefect"
+    home.mkdir()
+    env = _env(home, "600")
+    record, _ = _record_path(env)
+    record.write_text('{"pid": 12')
+    assert _read(record) is None  # torn
+    assert not _running_server(os.getpid())  # alive, but not a kept server
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names no process now
+    record.write_text(json.dumps({"pid": gone.pid, "url": "http://127.0.0.1:9/api",
+                                  "keep_s": 600}))
+    try:
+        url = _python(START, env)
+        assert url != "http://127.0.0.1:9/api"
+        assert _record(home)["url"] == url and _running_server(_record(home)["pid"])
+    finally:
+        stop_kept_api(home)
+
+
+def _record_path(env: dict[str, str]) -> tuple[Path, Path]:
+    """kept_record() as the child computes it (same Prefect home and server settings)."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return kept_record()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_each_server_setting_gets_its_own_kept_api_client_settings_share_one(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    base, lock = kept_record()
+    assert base.parent == tmp_path and lock.parent == tmp_path
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")  # what --quiet sets: the client's
+    assert kept_record()[0] == base
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/x.db")
+    assert kept_record()[0] != base  # another database: another server
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "inf", "nan"])
+def test_a_bad_keep_value_is_one_line_exit_2_and_starts_nothing(tmp_path, value):
+    home = tmp_path / "prefect"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--artifacts",
+                           str(tmp_path / "a")], capture_output=True, text=True,
+                          env=_env(home, value), timeout=120)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == (f"houseprice: error: HOUSEPRICE_API_KEEP_S='{value}' is not a number of "
+                    "seconds: set it to 0 (a temporary Prefect API per run) or more "
+                    "(default 600)")
+    assert not list(home.glob("houseprice-api-*.json")) and not (tmp_path / "a").exists()
+
+
+def test_a_run_with_its_own_server_stops_it_only_once_its_history_is_recorded(tmp_path):
+    """HOUSEPRICE_API_KEEP_S=0: the server stops with the run, after the API has recorded
+    the end of every task run (no flow run heartbeat to wait for, nothing cut off)."""
+    script = FLOW.replace("tiny()\n", """state = None
+from flows.commands.run import no_heartbeats_unless, recorded
+with no_heartbeats_unless(None):
+    state = tiny(return_state=True)
+recorded(state)
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    print([r.state.name for r in c.read_task_runs()], flush=True)
+""")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=_env(tmp_path / "prefect", "0"), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == "['Completed']"
+    assert "Error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not list((tmp_path / "prefect").glob("houseprice-api-*"))  # nothing kept
