@@ -30,10 +30,31 @@ def tiny():
     return one()
 
 tiny()
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:  # what the server has recorded so far
+    states = sorted(r.state.name for r in c.read_flow_runs()), sorted(
+        r.state.name for r in c.read_task_runs())
+print(states, flush=True)
 print(os.environ["PREFECT_API_URL"], flush=True)
 """
 START = ("import os\nfrom flows.commands.server import start_ephemeral_api\n"
          "start_ephemeral_api()()\nprint(os.environ['PREFECT_API_URL'], flush=True)\n")
+
+
+@pytest.fixture(scope="module")
+def created_home(tmp_path_factory) -> Path:
+    """A Prefect home whose database a server has created (15-20 s here, once)."""
+    home = tmp_path_factory.mktemp("created") / "prefect"
+    _python(START, _env(home, "0"))
+    return home
+
+
+@pytest.fixture
+def home(created_home, tmp_path) -> Path:
+    """A Prefect home of the test's own, with that database already in it."""
+    import shutil
+
+    return Path(shutil.copytree(created_home, tmp_path / "prefect"))
 
 
 def _env(home: Path, keep: str) -> dict[str, str]:
@@ -42,11 +63,11 @@ def _env(home: Path, keep: str) -> dict[str, str]:
     return env
 
 
-def _python(script: str, env: dict[str, str]) -> str:
+def _python(script: str, env: dict[str, str]) -> list[str]:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip().splitlines()[-1]
+    return proc.stdout.strip().splitlines()
 
 
 def _record(home: Path) -> dict:
@@ -54,24 +75,18 @@ def _record(home: Path) -> dict:
     return json.loads(record.read_text())
 
 
-def test_a_kept_api_serves_the_next_run_keeps_its_history_and_exits_when_idle(tmp_path):
-    home = tmp_path / "prefect"
-    env = _env(home, "4")
+def test_a_kept_api_serves_the_next_run_keeps_its_history_and_exits_when_idle(home):
+    env = _env(home, "3")
     try:
-        first = _python(FLOW, env)
+        *_, first = _python(FLOW, env)
         pid = _record(home)["pid"]
         assert _running_server(pid)  # the run is over; its server is not
-        second = _python(FLOW, env)
+        states, second = _python(FLOW, env)[-2:]
         assert second == first and _record(home)["pid"] == pid  # the same server, reused
         # Both runs are in its history, every task run recorded as finished: the first
         # run's end reached the server although that run exited without waiting for it.
-        env_api = {**env, "PREFECT_API_URL": first}
-        states = _python("from prefect.client.orchestration import get_client\n"
-                         "with get_client(sync_client=True) as c:\n"
-                         "    print(sorted(r.state.name for r in c.read_flow_runs()),"
-                         " sorted(r.state.name for r in c.read_task_runs()))", env_api)
-        assert states == "['Completed', 'Completed'] ['Completed', 'Completed']"
-        deadline = time.monotonic() + 30  # idle 4 s: it stops, and takes its record along
+        assert states == "(['Completed', 'Completed'], ['Completed', 'Completed'])"
+        deadline = time.monotonic() + 30  # idle 3 s: it stops, and takes its record along
         while _running_server(pid):
             assert time.monotonic() < deadline, "the kept server did not stop when idle"
             time.sleep(0.2)
@@ -80,14 +95,27 @@ def test_a_kept_api_serves_the_next_run_keeps_its_history_and_exits_when_idle(tm
         stop_kept_api(home)
 
 
-def test_runs_started_together_share_one_kept_api_and_stop_stops_it(tmp_path):
-    home = tmp_path / "prefect"
+def test_runs_started_together_share_one_new_kept_api_and_stop_api_stops_it(home):
+    """Three runs at once, over a stale record (its server gone): one new server, shared.
+    A record torn by a crash mid-write, or naming a pid that another program now has, is
+    not trusted either."""
+    from flows.commands.server import _read
+
     env = _env(home, "600")
+    record, _ = _record_path(env)
+    record.write_text('{"pid": 12')
+    assert _read(record) is None  # torn
+    assert not _running_server(os.getpid())  # alive, but not a kept server
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names no process now
+    record.write_text(json.dumps({"pid": gone.pid, "url": "http://127.0.0.1:9/api",
+                                  "keep_s": 600}))
     procs = [subprocess.Popen([sys.executable, "-c", START], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     try:
         urls = {p.communicate(timeout=180)[0].strip() for p in procs}
         assert len(urls) == 1 and all(p.returncode == 0 for p in procs), urls
+        assert urls != {"http://127.0.0.1:9/api"} and _record(home)["url"] in urls
         pid = _record(home)["pid"]
         assert _running_server(pid)
     finally:
@@ -98,30 +126,6 @@ def test_runs_started_together_share_one_kept_api_and_stop_stops_it(tmp_path):
     assert stop.stdout.strip() == f"houseprice: stopped 1 local Prefect API server(s) of {home}"
     assert not _running_server(pid)
     assert not list(home.glob("houseprice-api-*.json"))
-
-
-def test_a_stale_record_gets_a_new_server(tmp_path):
-    """A record whose server is gone (its pid dead, or reused by another program), or torn
-    by a crash mid-write, is not trusted: a new server is started and recorded."""
-    from flows.commands.server import _read
-
-    home = tmp_path / "prefect"
-    home.mkdir()
-    env = _env(home, "600")
-    record, _ = _record_path(env)
-    record.write_text('{"pid": 12')
-    assert _read(record) is None  # torn
-    assert not _running_server(os.getpid())  # alive, but not a kept server
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # its pid names no process now
-    record.write_text(json.dumps({"pid": gone.pid, "url": "http://127.0.0.1:9/api",
-                                  "keep_s": 600}))
-    try:
-        url = _python(START, env)
-        assert url != "http://127.0.0.1:9/api"
-        assert _record(home)["url"] == url and _running_server(_record(home)["pid"])
-    finally:
-        stop_kept_api(home)
 
 
 def _record_path(env: dict[str, str]) -> tuple[Path, Path]:
@@ -161,21 +165,18 @@ def test_a_bad_keep_value_is_one_line_exit_2_and_starts_nothing(tmp_path, value)
     assert not list(home.glob("houseprice-api-*.json")) and not (tmp_path / "a").exists()
 
 
-def test_a_run_with_its_own_server_stops_it_only_once_its_history_is_recorded(tmp_path):
+def test_a_run_with_its_own_server_stops_it_only_once_its_history_is_recorded(home):
     """HOUSEPRICE_API_KEEP_S=0: the server stops with the run, after the API has recorded
     the end of every task run (no flow run heartbeat to wait for, nothing cut off)."""
-    script = FLOW.replace("tiny()\n", """state = None
+    script = FLOW.replace("tiny()\n", """
 from flows.commands.run import no_heartbeats_unless, recorded
 with no_heartbeats_unless(None):
     state = tiny(return_state=True)
 recorded(state)
-from prefect.client.orchestration import get_client
-with get_client(sync_client=True) as c:
-    print([r.state.name for r in c.read_task_runs()], flush=True)
 """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=_env(tmp_path / "prefect", "0"), timeout=180)
+                          env=_env(home, "0"), timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[0] == "['Completed']"
+    assert proc.stdout.splitlines()[0] == "(['Completed'], ['Completed'])"
     assert "Error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert not list((tmp_path / "prefect").glob("houseprice-api-*"))  # nothing kept
+    assert not list(home.glob("houseprice-api-*"))  # nothing kept
