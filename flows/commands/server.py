@@ -115,9 +115,12 @@ def _answers(url: str, timeout: float = 2.0) -> bool:
 
 
 def _waiter(alive: Callable[[], int | None], url: Callable[[], str],
-            restart: Callable[[], None]) -> Callable[..., None]:
-    """Wait until the server answers; one that exits first is started again (twice)."""
+            restart: Callable[[], None], log: Path | None = None) -> Callable[..., None]:
+    """Wait until the server answers; one that exits first is started again (twice). With
+    ``log``, the server is a kept one, whose output is in that file."""
     import time
+
+    what = "the local Prefect API server" if log else "the temporary Prefect API server"
 
     def wait(timeout: float = 120.0, attempts: int = 3) -> None:
         deadline = time.monotonic() + timeout
@@ -126,16 +129,18 @@ def _waiter(alive: Callable[[], int | None], url: Callable[[], str],
             if code is not None:
                 attempts -= 1
                 if attempts == 0:
-                    raise RuntimeError(
-                        f"the temporary Prefect API server exited with code {code} before "
-                        f"answering, 3 times; run '{PREFECT} server start' to see why")
+                    see = (f"see {log}, or run '{PREFECT} server start'" if log
+                           else f"run '{PREFECT} server start' to see why")
+                    raise RuntimeError(f"{what} exited with code {code} before answering, "
+                                       f"3 times; {see}")
                 restart()
                 continue
             if _answers(url()):
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"the temporary Prefect API server did not answer within "
-                           f"{timeout:.0f} s; {NEEDS_SERVER}")
+        hint = (f"stop it with 'houseprice stop-api' and run again, or set {KEEP}=0 for a "
+                f"server per run" if log else NEEDS_SERVER)
+        raise RuntimeError(f"{what} at {url()} did not answer within {timeout:.0f} s; {hint}")
 
     return wait
 
@@ -219,7 +224,7 @@ def _kept_api(keep: float) -> Callable[[], None]:
         return None if _running_server(server["pid"]) else -1
 
     find_or_start()
-    return _waiter(exited, lambda: server["url"], find_or_start)
+    return _waiter(exited, lambda: server["url"], find_or_start, record.with_suffix(".log"))
 
 
 def stop_kept_api(home: Path | None = None, timeout: float = 10.0) -> int:

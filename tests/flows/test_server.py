@@ -180,3 +180,20 @@ recorded(state)
     assert proc.stdout.splitlines()[0] == "(['Completed'], ['Completed'])"
     assert "Error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not list(home.glob("houseprice-api-*"))  # nothing kept
+
+
+def test_a_kept_api_that_cannot_start_is_one_line_naming_its_log(tmp_path):
+    home = tmp_path / "prefect"
+    env = {**_env(home, "600"), "PREFECT_API_DATABASE_CONNECTION_URL": (
+        f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/prefect.db")}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--artifacts",
+                           str(tmp_path / "a")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    record, _ = _record_path(env)
+    log = record.with_suffix(".log")
+    assert line.startswith("houseprice: error: the local Prefect API server exited with code 3 "
+                           f"before answering, 3 times; see {log}, or run "), line
+    assert "unable to open database file" in log.read_text()  # why, in its log
+    assert not record.exists() and not (tmp_path / "a").exists()
