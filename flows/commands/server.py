@@ -1,5 +1,6 @@
 """The Prefect API a command talks to: the user's server (checked before anything runs), or a
-temporary one started first thing in its own process."""
+local one started first thing in its own process: kept for the next runs and stopped when
+idle (``flows.commands.apiserver``), or the run's own (``HOUSEPRICE_API_KEEP_S=0``)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def start_ephemeral_api() -> Callable[[], None]:
     waits until it answers.
 
     A kept server outlives the run: the next run skips its start (3-4 s of a 5 s cached run
-    here), and the run's links and history stay readable meanwhile; it exits on its own
+    here), and the runs' history stays readable through its API meanwhile; it exits on its own
     once idle. With ``HOUSEPRICE_API_KEEP_S=0`` the server is the run's own and stops with
     it."""
     allow = os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true").lower()
