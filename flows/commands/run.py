@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{keep_seconds():.0f} s after its last use ({KEEP}=0: one per run)"
                       if kept else "an ephemeral local Prefect API")
     if not user_api():
-        warm_up_flow_engine()  # while the temporary server still boots in its own process
+        warm_up_flow_engine()  # while a local server started just now boots in its process
     api_ready()
     log = None if args.verbose else prefect_log_to_file(config.artifacts_dir)
     print(f"houseprice: running on {where}; artifacts in {config.artifacts_dir}"
@@ -71,18 +71,18 @@ def run(args: argparse.Namespace) -> int:
 
 def warm_up_flow_engine() -> None:
     """Import what Prefect imports only at a flow's first call (its flow and task engines;
-    FastAPI, for the parameters' JSON form: about 0.5 s here). Done while the temporary API
-    server boots in its own process, it is off the run's critical path."""
+    FastAPI, for the parameters' JSON form: about 0.5 s here). Done while a local API server
+    boots in its own process, it is off the run's critical path."""
     import fastapi.encoders  # noqa: F401
     import prefect.flow_engine  # noqa: F401
     import prefect.task_engine  # noqa: F401
 
 
 def no_heartbeats_unless(api: str | None):
-    """Flow run heartbeats let a server's services find crashed runs. The temporary server
-    runs no services and ends with the run, so nothing reads them there; and the heartbeat
+    """Flow run heartbeats let a server's services find crashed runs. The local servers
+    (kept, or the run's own) run none of the services that read them; and the heartbeat
     thread, which sleeps in 1 s steps, is joined at the flow's end: up to 1 s added to every
-    run. Off on the temporary API, as set on the user's server."""
+    run. Off on a local API; as set on the user's server."""
     import contextlib
 
     if api:
@@ -98,6 +98,7 @@ def recorded(state: Any, wait_s: float = 5.0) -> None:
     server stopped before that (at this process's exit) cancels the write, prints its
     traceback and leaves the runs Running in the dashboard's history. A failed flow's
     never-started tasks stay Pending: then only Running ones are waited for."""
+    import contextlib
     import time
 
     from prefect.client.orchestration import get_client
@@ -107,10 +108,11 @@ def recorded(state: Any, wait_s: float = 5.0) -> None:
     done = ((lambda s: s is not None and s.is_final()) if state.is_completed()
             else (lambda s: s is not None and not s.is_running()))
     deadline = time.monotonic() + wait_s
-    with get_client(sync_client=True) as client:
+    # The history may then miss a state; the run's own outcome stands either way.
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
         while not all(done(r.state) for r in client.read_task_runs(flow_run_filter=runs_of)):
             if time.monotonic() > deadline:
-                return  # history may miss a state; the run's own outcome stands
+                return
             time.sleep(0.02)
 
 
