@@ -310,20 +310,9 @@ def task_states(flow_run_id, wait_s: float = 15.0) -> dict[str, list[str]]:
     run's state reaches the API a moment after the run ends (a failed flow's last ones
     especially; a cached one may still read Running): read again until every one has a
     final state."""
-    import time
+    from flows.commands.run import recorded
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        final = all(r.state is not None and r.state.is_final() for r in runs)
-        if final or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    runs = recorded(flow_run_id, wait_s=wait_s, every_s=0.2)
     out: dict[str, list[str]] = {}
     for r in runs:
         out.setdefault(r.name.split("[")[0], []).append(r.state.name if r.state else "None")

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     try:
         asyncio.run(serve())
     finally:
-        forget(record, lock)
+        forget(record, lock)  # again if the app failed before serving (a no-op otherwise)
     return 0 if server.started else 3
 
 

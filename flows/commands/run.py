@@ -4,6 +4,7 @@ one-line summary."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,11 +32,13 @@ def run(args: argparse.Namespace) -> int:
     where = user_api()
     if where:
         check_api(where)
-    kept = not where and keep_seconds() > 0
+    # A local server (none when ephemeral mode is off): kept this long, or 0: the run's own.
+    keep = 0.0 if where or "PREFECT_API_URL" not in os.environ else keep_seconds()
     where = where or (f"a local Prefect API at {os.environ['PREFECT_API_URL']}, kept "
-                      f"{keep_seconds():.0f} s after its last use ({KEEP}=0: one per run)"
-                      if kept else "an ephemeral local Prefect API")
-    if not user_api():
+                      f"{keep:.0f} s after its last use ({KEEP}=0: one per run)" if keep
+                      else "an ephemeral local Prefect API")
+    local = not user_api()
+    if local:
         warm_up_flow_engine()  # while a local server started just now boots in its process
     api_ready()
     log = None if args.verbose else prefect_log_to_file(config.artifacts_dir)
@@ -46,20 +49,23 @@ def run(args: argparse.Namespace) -> int:
     display = (TerminalProgress(len(config.all_candidates())).start()
                if not args.quiet and sys.stderr.isatty() else None)
     try:
-        with no_heartbeats_unless(user_api()):
+        with no_heartbeats(local):
             state = flow(config, from_stage=args.from_stage, return_state=True)
     finally:
         if display is not None:
             display.stop()
-    if not user_api() and not kept:
-        recorded(state)  # before the run's own server stops at exit
+    if local and not keep:
+        # Before the run's own server stops at exit. The history may then miss a state;
+        # the run's own outcome stands either way.
+        with contextlib.suppress(Exception):
+            recorded(state.state_details.flow_run_id, final=state.is_completed())
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException) or not state.is_completed():
         from tasks.stage import one_line
 
         run_id = state.state_details.flow_run_id
         hint = (f"; fix the cause, then retry flow run {run_id} with 'houseprice rerun {run_id}'"
-                if user_api() else "")
+                if not local else "")
         if isinstance(outcome, BaseException):
             raise RunFailed(f"{one_line(outcome)}{hint}") from outcome
         raise RunFailed(f"flow run {run_id} ended {state.name}: {state.message}{hint}")
@@ -78,42 +84,41 @@ def warm_up_flow_engine() -> None:
     import prefect.task_engine  # noqa: F401
 
 
-def no_heartbeats_unless(api: str | None):
+def no_heartbeats(local: bool):
     """Flow run heartbeats let a server's services find crashed runs. The local servers
     (kept, or the run's own) run none of the services that read them; and the heartbeat
     thread, which sleeps in 1 s steps, is joined at the flow's end: up to 1 s added to every
     run. Off on a local API; as set on the user's server."""
-    import contextlib
-
-    if api:
+    if not local:
         return contextlib.nullcontext()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
-def recorded(state: Any, wait_s: float = 5.0) -> None:
-    """Wait until the API has recorded the end of every task run of the flow run. Task runs
-    report their states as events, which the server records a moment later; a temporary
-    server stopped before that (at this process's exit) cancels the write, prints its
-    traceback and leaves the runs Running in the dashboard's history. A failed flow's
-    never-started tasks stay Pending: then only Running ones are waited for."""
-    import contextlib
+def recorded(flow_run_id: Any, final: bool = True, wait_s: float = 5.0,
+             every_s: float = 0.02) -> list[Any]:
+    """The task runs of a flow run, read from the API once it has recorded the end of every
+    one (or after ``wait_s``, as they are then). Task runs report their states as events,
+    which the server records a moment later; a local server stopped before that (at this
+    process's exit) cancels the write, prints its traceback and leaves the runs Running in
+    the history. ``final=False`` (a failed flow, whose never-started tasks stay Pending)
+    waits only for the Running ones."""
     import time
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs_of = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-    done = ((lambda s: s is not None and s.is_final()) if state.is_completed()
+    runs_of = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    done = ((lambda s: s is not None and s.is_final()) if final
             else (lambda s: s is not None and not s.is_running()))
     deadline = time.monotonic() + wait_s
-    # The history may then miss a state; the run's own outcome stands either way.
-    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
-        while not all(done(r.state) for r in client.read_task_runs(flow_run_filter=runs_of)):
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.02)
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=runs_of)
+            if all(done(r.state) for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(every_s)
 
 
 def prefect_log_to_file(artifacts: str) -> Path:

@@ -169,10 +169,10 @@ def test_a_run_with_its_own_server_stops_it_only_once_its_history_is_recorded(ho
     """HOUSEPRICE_API_KEEP_S=0: the server stops with the run, after the API has recorded
     the end of every task run (no flow run heartbeat to wait for, nothing cut off)."""
     script = FLOW.replace("tiny()\n", """
-from flows.commands.run import no_heartbeats_unless, recorded
-with no_heartbeats_unless(None):
+from flows.commands.run import no_heartbeats, recorded
+with no_heartbeats(True):
     state = tiny(return_state=True)
-recorded(state)
+recorded(state.state_details.flow_run_id)
 """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=_env(home, "0"), timeout=180)
