@@ -23,6 +23,7 @@ from tasks import artifacts, progress
 from tasks.artifacts import ArtifactRef, is_complete
 from tasks.frozen import Frozen
 from tasks.kinds import CandidateConfig, code_files
+from tasks.records import safe
 from tasks.store import canonical, is_url
 
 TASKS_DIR = Path(__file__).resolve().parent
@@ -196,9 +197,9 @@ def _saved(block: LocalFileSystem | RemoteFileSystem, name: str
         except ObjectNotFound:
             doc = None
     if doc is not None and all(doc.data.get(k) == v for k, v in want.items()):
-        return type(block)._from_block_document(doc)
+        return safe(type(block)._from_block_document(doc))
     block.save(name, overwrite=True)
-    return block
+    return safe(block)
 
 
 def _for_call(task: Task, root: str, inputs: dict[str, Any], force: bool) -> Task:

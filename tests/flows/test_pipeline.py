@@ -319,3 +319,28 @@ def test_whether_to_fit_the_outliers_is_each_candidates_choice(first_run):
         assert json.loads((art / "folds.json").read_text())["excluded_from_fit"] == left_out
         metrics = json.loads((art / "metrics.json").read_text())
         assert metrics["n_rows_all"] == 1460 and metrics["oof_log_rmse_all"] is not None
+
+
+def test_planted_cache_records_run_no_code_and_are_rebuilt(first_run, tmp_path, monkeypatch,
+                                                            caplog):
+    """A pickle-serializer record and a JSON record naming a foreign class, planted in the
+    root's cache records, are misses: nothing runs, the stages run again (finding their
+    intact artifacts) and good records replace the planted ones."""
+    from tests.tasks.test_records import foreign_class_record, pickle_record, planted_module
+
+    cfg, state, _ = first_run
+    records = Path(cfg.artifacts_dir) / ".prefect-results"
+    by_stage = {p.name.split("-")[1]: p for p in records.iterdir()
+                if p.name.startswith("houseprice-")}
+    pickled, imported = tmp_path / "pickled", tmp_path / "imported"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    by_stage["preprocess"].write_bytes(pickle_record(pickled))
+    by_stage["tensorize"].write_bytes(foreign_class_record(planted_module(tmp_path, imported)))
+    again, states = run(cfg)
+    assert again.is_completed(), again.message
+    assert not pickled.exists() and not imported.exists()
+    assert states["preprocess"] == states["tensorize"] == ["Completed"], states
+    assert set(states["download"]) == set(states["train"]) == {"Cached"}, states
+    assert "ignoring Prefect cache record houseprice-preprocess" in caplog.text
+    _, states = run(cfg)  # the planted records were replaced by good ones
+    assert states["preprocess"] == states["tensorize"] == ["Cached"], states
