@@ -27,7 +27,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from tasks.store import MANIFEST, StoreError, canonical, is_url, object_store, sha256_file
+from tasks.store import (
+    MANIFEST,
+    StoreError,
+    canonical,
+    is_url,
+    object_store,
+    safe_relative,
+    sha256_file,
+)
 
 _TMP_PREFIX = ".tmp-"
 
@@ -49,6 +57,15 @@ class ArtifactRef(BaseModel):
     @classmethod
     def _canonical(cls, root: str | Path) -> str:
         return canonical(root)  # one spelling per root: a folder's absolute path, or a URL
+
+    @field_validator("stage", "version")
+    @classmethod
+    def _one_name(cls, name: str) -> str:
+        # Versions come from pointers, histories, records and the command line: one plain
+        # name each, never a path that leaves the root.
+        if not safe_relative(name) or "/" in name:
+            raise ValueError(f"{name!r} is not a stage or version name")
+        return name
 
     @property
     def remote(self) -> bool:
@@ -145,7 +162,14 @@ def _verify_once(path: Path) -> tuple[list[str], bool]:
             manifest = read_manifest(path, opener)
         except ArtifactError as exc:
             manifest, problems = {}, [str(exc)]
-        for name, expected in manifest.get("files", {}).items():
+        files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            files, problems = {}, [f"unreadable manifest in {path}: no files listed"]
+        for name, expected in files.items():
+            if not safe_relative(name):
+                problems.append(f"manifest in {path} names {name!r}, a path outside its "
+                                "version")
+                continue
             try:
                 if sha256_file(name, opener=opener) != expected:
                     problems.append(f"{path / name} does not match its manifest hash")
@@ -397,6 +421,9 @@ def resolve(root: str | Path, stage: str, version: str | None = None) -> Artifac
                 "or pass --artifacts"
             )
         version = pointer.strip()
+        if not safe_relative(version) or "/" in version:
+            raise ArtifactError(f"{root}/{stage}/LATEST names {version[:40]!r}, not a "
+                                "version; run 'houseprice check' and 'houseprice run'")
     elif version not in list_versions(root, stage):
         version = _match_version(root, stage, version)
     return require(ArtifactRef(root=root, stage=stage, version=version))

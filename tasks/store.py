@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -59,6 +60,24 @@ def canonical(root: str | Path) -> str:
     if is_url(text):
         return text.rstrip("/")
     return str(Path(text).expanduser().resolve())
+
+
+# A name a manifest, pointer or record hands in (a version, an attempt prefix, a file inside
+# a version): relative, no empty, '.' or '..' part, no backslash or NUL. Checked before it
+# becomes a key or a local path, so a planted manifest cannot reach outside its root or
+# this machine's cache.
+_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.~=+@-]*")
+
+
+def safe_relative(name: object) -> bool:
+    """Whether ``name`` is a relative path that stays inside the folder it is joined to."""
+    return isinstance(name, str) and bool(name) and all(
+        _SAFE_PART.fullmatch(part) for part in name.split("/"))
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (resolved, links followed) lies inside ``folder``."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def cache_home() -> Path:
@@ -219,8 +238,17 @@ class ObjectStore:
             manifest = json.loads(raw)
         except json.JSONDecodeError as exc:
             return [f"unreadable manifest in {where}: {exc}"], None, False
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+            return [f"unreadable manifest in {where}: not a JSON object of files"], None, False
         prefix = manifest.get("prefix", "")
+        unsafe = [n for n in (stage, version, *([prefix] if prefix else []),
+                              *manifest.get("files", {})) if not safe_relative(n)]
+        if unsafe:
+            return [f"manifest in {where} names {unsafe[0]!r}, a path outside its version; "
+                    "the artifact is not used"], None, False
         local = self.local_dir(stage, version, manifest)
+        if not inside(local, self.cache):
+            return [f"manifest in {where} points outside the local cache"], None, False
         local.mkdir(parents=True, exist_ok=True)
         remote = self.key(stage, version, prefix)
         try:
@@ -239,6 +267,9 @@ class ObjectStore:
                 problems.append(f"{where}/{name} is missing")
                 continue
             copy = local / name
+            if not inside(copy, local):  # a link planted in the cache
+                problems.append(f"{where}/{name} leads outside the local cache")
+                continue
             if seen.get(name) == listing[name] and copy.is_file():
                 continue
             copy.parent.mkdir(parents=True, exist_ok=True)

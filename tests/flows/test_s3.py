@@ -180,3 +180,26 @@ def test_dask_workers_without_a_shared_disk_train_into_the_bucket(
     copies = [list((h / ".cache" / "houseprice" / "stores").glob("*/tensorize/*"))
               for h in homes]
     assert any(copies), [list(h.rglob("*"))[:20] for h in homes]
+
+
+def test_planted_cache_records_in_the_bucket_run_no_code(s3, bucket_run, tmp_path,
+                                                          monkeypatch):
+    """Whoever can write the bucket plants a pickle record and a foreign-class JSON record:
+    the next run loads neither (no code runs), runs those stages again and completes."""
+    from flows.pipeline import house_price_pipeline
+    from tests.tasks.test_records import foreign_class_record, pickle_record, planted_module
+
+    cfg, _ = bucket_run
+    fs, base = s3.fs(), cfg.artifacts_dir.removeprefix("s3://")
+    records = {p.rsplit("/", 1)[1].split("-")[1]: p for p in fs.ls(f"{base}/.prefect-results")
+               if p.rsplit("/", 1)[1].startswith("houseprice-")}
+    pickled, imported = tmp_path / "pickled", tmp_path / "imported"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fs.pipe(records["preprocess"], pickle_record(pickled))
+    fs.pipe(records["select"], foreign_class_record(planted_module(tmp_path, imported)))
+    state = house_price_pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    assert not pickled.exists() and not imported.exists()
+    states = task_states(state.state_details.flow_run_id)
+    assert states["preprocess"] == states["select"] == ["Completed"], states
+    assert set(states["download"]) == {"Cached"}, states

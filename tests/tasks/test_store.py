@@ -193,3 +193,36 @@ def test_a_local_root_and_a_file_url_are_one_root(tmp_path):
     assert ref.root == str(tmp_path) and ref.file("data.txt").read_text() == "hello"
     assert ArtifactRef(root=str(tmp_path / "x" / ".."), stage="s", version="v").root == str(
         tmp_path)
+
+
+@pytest.mark.parametrize("scheme", ["s3", "memory"])
+@pytest.mark.parametrize("where", ["prefix", "file"])
+def test_a_manifest_naming_paths_outside_the_cache_writes_nothing_there(
+        s3, tmp_path, scheme, where):
+    """A planted manifest whose prefix or file name climbs out of the version: the version
+    is refused in one line and nothing is written outside this machine's cache."""
+    import hashlib
+
+    from tasks.store import filesystem
+
+    root = f"s3://{s3.bucket()}/hp" if scheme == "s3" else f"memory://trav-{where}-{id(tmp_path)}"
+    fs, base = filesystem(root)
+    target = tmp_path / "site-packages"
+    climb = "../" * 12 + str(target).lstrip("/")
+    prefix, name = (climb, "evil.pth") if where == "prefix" else ("data-x", f"{climb}/evil.pth")
+    payload = b"import os; os.system('touch pwned')\n"
+    fs.pipe_file(f"{base}/stage/v9/manifest.json", json.dumps({
+        "prefix": prefix, "files": {name: hashlib.sha256(payload).hexdigest()}}).encode())
+    fs.pipe_file(f"{base}/stage/v9/{prefix}/{name}", payload)
+    with pytest.raises(ArtifactError, match="a path outside its version"):
+        resolve(root, "stage", "v9")
+    assert not (target / "evil.pth").exists() and not target.exists()
+
+
+def test_a_pointer_naming_a_path_is_refused(tmp_path):
+    (tmp_path / "select").mkdir()
+    (tmp_path / "select" / "LATEST").write_text("../../etc\n")
+    with pytest.raises(ArtifactError, match="not a version"):
+        resolve(tmp_path, "select")
+    with pytest.raises(ValueError, match="not a stage or version name"):
+        ArtifactRef(root=tmp_path, stage="select", version="../x")
