@@ -193,6 +193,11 @@ def _parser() -> argparse.ArgumentParser:
     feed.add_argument("--since", metavar="YYYY-MM", help="first month to write")
     feed.add_argument("--data-url", metavar="URL|DIR", help="where the Kaggle pair is")
     feed.add_argument("--data-dir", metavar="DIR", help="download cache")
+    check = sub.add_parser("check", help="verify the artifact store: every version's manifest "
+                                         "and hashes, the LATEST and production pointers "
+                                         "against the history, cache records, abandoned "
+                                         "temporaries (exit 1 if anything is wrong)")
+    check.add_argument("--artifacts", metavar="DIR|URL", help="artifact root")
     sub.add_parser("stop-api", help="stop the local Prefect API that runs keep between them "
                                      "(HOUSEPRICE_API_KEEP_S) for this PREFECT_HOME")
     # Global flags work after the subcommand too (SUPPRESS: absent there, the top level's
@@ -244,7 +249,8 @@ def _main(argv: list[str] | None) -> int:
         commands = {"run": run.run, "serve": operate.serve, "rerun": operate.rerun,
                     "predict": models.predict, "score": operate.score, "models": models.models,
                     "promote": models.promote, "rollback": models.rollback,
-                    "make-feed": models.make_feed, "stop-api": stop_api}
+                    "make-feed": models.make_feed, "stop-api": stop_api,
+                    "check": models.check}
         return commands[args.command](args)
     except ConfigError as exc:
         _trace(args)

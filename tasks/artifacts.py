@@ -481,29 +481,73 @@ def _match_version(root: str, stage: str, given: str) -> str:
                         f"{', '.join(near)} ('houseprice models' lists them all)")
 
 
-# The production model: one pointer file per artifact root (``production/CURRENT``, replaced
-# atomically), an append-only history of every decision (``production/history.jsonl``), and a
-# lock that serializes whoever reads-compares-writes them (gates of concurrent runs, the
-# ``promote`` and ``rollback`` commands).
+# The production model. One truth: the append-only history of every decision
+# (``production/history.jsonl``) is the log, and production is what replaying it gives, a
+# stack (a promotion pushes its model, a rollback pops one). ``production/CURRENT`` is that
+# replay's top, written after the history line, for people and scripts to read; a crash
+# between the two leaves a stale CURRENT that readers never trust (``read_production``
+# replays the history) and ``houseprice check`` reports. A lock serializes whoever
+# reads-compares-writes them (gates of concurrent runs, ``promote`` and ``rollback``).
 PRODUCTION = "production"
+_CURRENT_FIELDS = ("model", "predictions", "data_version", "time", "reason")
 
 
 def production_dir(root: str | Path) -> Path:
     return Path(root) / PRODUCTION
 
 
+def production_stack(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The models that were production, oldest first, as the history's replay leaves them:
+    each promotion pushes its model (unless it is on top already), each rollback pops the top
+    one. The last item is production (as the CURRENT pointer holds it)."""
+    stack: list[dict[str, Any]] = []
+    for entry in history:
+        if entry.get("action") == "rollback":
+            if stack:
+                stack.pop()
+            if stack and stack[-1]["model"] == entry.get("model"):
+                stack[-1] = {**stack[-1], "time": entry.get("time"),
+                             "reason": entry.get("reason")}
+        elif entry.get("promoted") and isinstance(entry.get("model"), str):
+            current = {k: entry.get(k) for k in _CURRENT_FIELDS}
+            if stack and stack[-1]["model"] == entry["model"]:
+                stack[-1] = current
+            else:
+                stack.append(current)
+    return stack
+
+
 def read_production(root: str | Path) -> dict[str, Any] | None:
     """The production pointer (model version, predictions version, data version, when), or
-    None before the first promotion."""
+    None before the first promotion: the history's replay; a root whose history is empty
+    (made before there was one) falls back to its CURRENT file."""
+    stack = production_stack(read_history(root))
+    if stack:
+        return stack[-1]
     path = f"{canonical(root)}/{PRODUCTION}/CURRENT"
     text = read_text(root, PRODUCTION, "CURRENT")
     if text is None:
         return None
     try:
-        return json.loads(text)
+        current = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"unreadable production pointer {path}: {exc}; restore it with "
                             "'houseprice promote VERSION'") from None
+    if not isinstance(current, dict) or not isinstance(current.get("model"), str):
+        raise ArtifactError(f"unreadable production pointer {path}: no model named; "
+                            "restore it with 'houseprice promote VERSION'")
+    return current
+
+
+def read_pointer(root: str | Path) -> dict[str, Any] | None:
+    """The CURRENT file as written (None if absent or unreadable): what ``check`` compares
+    with the history's replay."""
+    text = read_text(root, PRODUCTION, "CURRENT")
+    try:
+        current = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        return None
+    return current if isinstance(current, dict) else None
 
 
 @contextlib.contextmanager
@@ -527,31 +571,61 @@ def production_lock(root: str | Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def read_history(root: str | Path) -> list[dict[str, Any]]:
+def read_history(root: str | Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """The history's entries. A line that is not a JSON object (a torn append: a crash
+    mid-write) is no decision: skipped, and named in ``problems`` when given."""
     text = read_text(root, PRODUCTION, "history.jsonl") or ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        elif problems is not None:
+            problems.append(f"{canonical(root)}/{PRODUCTION}/history.jsonl line {number} "
+                            "is not a JSON object (a torn write?): ignored")
+    return entries
 
 
 def record(root: str | Path, entry: dict[str, Any], promote: bool) -> None:
-    """Append ``entry`` to the history and, if ``promote``, make its model production (the
-    pointer is replaced atomically, after the history line is written). Hold the lock."""
+    """Append ``entry`` to the history (the commit) and, if ``promote``, rewrite CURRENT from
+    the history's replay. Hold the lock."""
     entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **entry,
              "promoted": promote}
-    current = {k: entry.get(k) for k in ("model", "predictions", "data_version", "time",
-                                         "reason")}
+    line = json.dumps(entry, sort_keys=True) + "\n"
     if is_url(root):  # no appends in an object store: the lock holder rewrites the history
-        store, line = _store(canonical(root)), json.dumps(entry, sort_keys=True) + "\n"
+        store = _store(canonical(root))
         old = store.read_bytes(PRODUCTION, "history.jsonl") or b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"  # after a torn line, not glued to it
         store.write_bytes(old + line.encode(), PRODUCTION, "history.jsonl")
-        if promote:
-            store.write_bytes(json.dumps(current, indent=2, sort_keys=True).encode(),
-                              PRODUCTION, "CURRENT")
+    else:
+        folder = production_dir(root)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "history.jsonl", "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(line.encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+    if promote or entry.get("action") == "rollback":
+        write_pointer(root)
+
+
+def write_pointer(root: str | Path) -> None:
+    """Rewrite CURRENT as the history's replay has it (hold the lock)."""
+    stack = production_stack(read_history(root))
+    if not stack:
         return
-    folder = production_dir(root)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "history.jsonl", "a") as fh:
-        fh.write(json.dumps(entry, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    if promote:
-        write_json(folder / "CURRENT", current)
+    data = json.dumps(stack[-1], indent=2, sort_keys=True)
+    if is_url(root):
+        _store(canonical(root)).write_bytes(data.encode(), PRODUCTION, "CURRENT")
+    else:
+        write_json(production_dir(root) / "CURRENT", stack[-1])

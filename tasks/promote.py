@@ -188,21 +188,21 @@ def promote_by_hand(root: str, version: str, reason: str = "promoted by hand") -
 
 
 def rollback(root: str) -> dict:
-    """Make the production model before the current one production again, logged."""
-    from tasks.artifacts import read_history
+    """Make the production model before the current one production again, logged: a walk
+    back through the promotions (C, then B, then A), then a clear "nothing earlier"."""
+    from tasks.artifacts import production_stack, read_history
 
     root = canonical(root)
     with production_lock(root):
-        current = read_production(root)
-        if current is None:
+        stack = production_stack(read_history(root))
+        if not stack:
             raise ArtifactError(f"no production model under {root}: nothing to roll back; "
                                 "run 'houseprice run' first")
-        earlier = [e for e in read_history(root) if e.get("promoted")
-                   and e["model"] != current["model"]]
-        if not earlier:
-            raise ArtifactError(f"{current['model']} is the only model ever in production "
-                                f"under {root}: there is no earlier one to roll back to")
-        back = earlier[-1]
+        current = stack[-1]
+        if len(stack) < 2:
+            raise ArtifactError(f"{current['model']} is the first model promoted under "
+                                f"{root}: there is nothing earlier to roll back to")
+        back = stack[-2]
         entry = {"action": "rollback", "model": back["model"],
                  "predictions": back.get("predictions"), "data_version": back.get("data_version"),
                  "reason": f"rolled back from {current['model']}"}

@@ -35,14 +35,14 @@ def safe_record(key: str, content: bytes) -> bytes:
     """The record ``content`` stored under ``key``, rebuilt from its plain-JSON reference;
     raises UntrustedRecord (after a warning) if it is anything else."""
     try:
-        return _rebuilt(key, content)
+        return rebuilt_record(key, content)
     except UntrustedRecord as exc:
         log.warning("ignoring Prefect cache record %s: %s; the stage runs instead "
                     "and replaces it", key, exc)
         raise
 
 
-def _rebuilt(key: str, content: bytes) -> bytes:
+def rebuilt_record(key: str, content: bytes) -> bytes:
     from tasks.stage import root_key
 
     match = _KEY.fullmatch(key.rsplit("/", 1)[-1])

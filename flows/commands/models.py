@@ -88,6 +88,26 @@ def rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(args: argparse.Namespace) -> int:
+    """Print each problem of the store on its own line; exit 1 if there is any."""
+    from tasks.check import check_root
+    from tasks.layout import default_artifacts_dir
+    from tasks.store import canonical, check
+
+    root = canonical(args.artifacts or default_artifacts_dir())
+    check(root)  # a missing bucket or refused credentials: one line, as everywhere
+    problems, counts = check_root(root)
+    for problem in problems:
+        print(f"houseprice: check: {problem}")
+    what = (f"{counts['versions']} versions of {counts['stages']} stages, "
+            f"{counts['records']} cache records, production and pointers under {root}")
+    if problems:
+        print(f"houseprice: check: {len(problems)} problem(s) in {what}", file=sys.stderr)
+        return 1
+    print(f"houseprice: check: ok: {what}")
+    return 0
+
+
 def make_feed(args: argparse.Namespace) -> int:
     from tasks.config import DataConfig
     from tasks.download import fetch

@@ -344,3 +344,12 @@ def test_planted_cache_records_run_no_code_and_are_rebuilt(first_run, tmp_path, 
     assert "ignoring Prefect cache record houseprice-preprocess" in caplog.text
     _, states = run(cfg)  # the planted records were replaced by good ones
     assert states["preprocess"] == states["tensorize"] == ["Cached"], states
+
+
+def test_check_finds_a_real_root_healthy(first_run, capsys):
+    from flows.cli import main
+
+    cfg, _, _ = first_run
+    assert main(["check", "--artifacts", cfg.artifacts_dir]) == 0
+    out = capsys.readouterr().out
+    assert "houseprice: check: ok:" in out and " 0 cache records" not in out, out
