@@ -168,6 +168,9 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+_STABLE_TRIES = 3  # copies of a local source that a writer keeps changing
+
+
 def _meta_path(cache_path: Path) -> Path:
     return cache_path.with_name(f".{cache_path.name}.meta.json")
 
@@ -200,9 +203,17 @@ def fetch_file(located: Located, cache_path: Path, *, sha1: str | None = None,
     tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
     validators = (meta or {}).get("validators") if located.local is None and not force else None
     try:
-        got = _with_retries(
-            lambda: _fetch_once(located.location, located.local, tmp, timeout_s, validators),
-            located.location, retries, backoff_s, log)
+        # A local source's size and mtime are read before it is copied, and again after: a
+        # writer appending meanwhile means the copy is read again (a few times), and what is
+        # recorded is never newer than what was copied, so the next fetch brings the rest.
+        for _ in range(_STABLE_TRIES):
+            source_stat = _stat(located.local) if located.local is not None else None
+            got = _with_retries(
+                lambda: _fetch_once(located.location, located.local, tmp, timeout_s,
+                                    validators),
+                located.location, retries, backoff_s, log)
+            if source_stat is None or _stat(located.local) == source_stat:
+                break
         if got == _NOT_MODIFIED and meta is not None:
             return meta["sha1"]
         if got == _NOT_MODIFIED:  # no cached copy to fall back on: ask unconditionally
@@ -215,7 +226,6 @@ def fetch_file(located: Located, cache_path: Path, *, sha1: str | None = None,
                 f"{located.name} from {located.location} has SHA-1 {actual}, expected {sha1}; "
                 "the source serves different bytes: check the source or its pinned SHA-1"
             )
-        source_stat = _stat(located.local) if located.local is not None else None
         os.replace(tmp, cache_path)
         write_json(meta_file, {"sha1": actual, "location": located.location,
                                "validators": got if isinstance(got, dict) else {},

@@ -185,7 +185,7 @@ def kept_record(home: Path | None = None) -> tuple[Path, Path]:
     import hashlib
     from importlib.metadata import version
 
-    home = home or prefect_home()
+    home = (home or prefect_home()).absolute()  # the server's argument: one spelling
     shaping = sorted((k, v) for k, v in os.environ.items() if k.startswith(_SERVER_SETTINGS))
     key = hashlib.sha256(json.dumps([version("prefect"), sys.executable, shaping]).encode())
     return (home / f"houseprice-api-{key.hexdigest()[:12]}.json",
@@ -205,7 +205,7 @@ def _kept_api(keep: float) -> Callable[[], None]:
     def find_or_start() -> None:
         with _locked(lock):
             found = _read(record)
-            if found and _running_server(found.get("pid")):
+            if found and _running_server(found.get("pid"), record):
                 server.update(proc=None, pid=found["pid"], url=found["url"])
             else:
                 port = _free_port()
@@ -222,7 +222,7 @@ def _kept_api(keep: float) -> Callable[[], None]:
     def exited() -> int | None:
         if server["proc"] is not None:
             return server["proc"].poll()
-        return None if _running_server(server["pid"]) else -1
+        return None if _running_server(server["pid"], record) else -1
 
     find_or_start()
     return _waiter(exited, lambda: server["url"], find_or_start, record.with_suffix(".log"))
@@ -235,14 +235,14 @@ def stop_kept_api(home: Path | None = None, timeout: float = 10.0) -> int:
     import time
 
     stopped = 0
-    for path in glob.glob(str((home or prefect_home()) / "houseprice-api-*.json")):
+    for path in glob.glob(str((home or prefect_home()).absolute() / "houseprice-api-*.json")):
         found = _read(Path(path))
         pid = found.get("pid") if found else None
-        if not _running_server(pid):
+        if not _running_server(pid, Path(path)):
             continue
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _running_server(pid) and time.monotonic() < deadline:
+        while _running_server(pid, Path(path)) and time.monotonic() < deadline:
             time.sleep(0.05)
         stopped += 1
     return stopped
@@ -283,19 +283,22 @@ def _write(record: Path, data: dict[str, Any]) -> None:
     tmp.replace(record)
 
 
-def _running_server(pid: Any) -> bool:
+def _running_server(pid: Any, record: Path | None = None) -> bool:
     """A live kept server with this pid (not a zombie, nor another program that reuses a dead
-    server's pid: its command line is checked where /proc has it)."""
+    server's pid: its command line is checked where /proc has it), and, given ``record``,
+    the one started for that record: a Prefect home copied from another holds a copy of the
+    other home's record, whose server is not this home's to use or stop."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     proc = Path(f"/proc/{pid}")
     if proc.parent.is_dir():
         try:
             state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-            command = (proc / "cmdline").read_bytes()
+            args = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
-        return state != "Z" and b"flows.commands.apiserver" in command
+        ours = record is None or os.fsencode(str(record)) in args
+        return state != "Z" and b"flows.commands.apiserver" in args and ours
     try:
         os.kill(pid, 0)
     except OSError:

@@ -197,3 +197,25 @@ def test_a_kept_api_that_cannot_start_is_one_line_naming_its_log(tmp_path):
                            f"before answering, 3 times; see {log}, or run "), line
     assert "unable to open database file" in log.read_text()  # why, in its log
     assert not record.exists() and not (tmp_path / "a").exists()
+
+
+def test_a_copied_home_neither_uses_nor_stops_the_other_homes_kept_api(home, tmp_path):
+    """The project's tests copy Prefect homes: a copy made while a kept server runs holds
+    that server's record, but the server is the original home's."""
+    import shutil
+
+    env = _env(home, "600")
+    try:
+        (url,) = _python(START, env)
+        pid = _record(home)["pid"]
+        copy = Path(shutil.copytree(home, tmp_path / "copy"))
+        copied_record = next(copy.glob("houseprice-api-*.json"))
+        assert not _running_server(pid, copied_record)
+        assert stop_kept_api(copy) == 0 and _running_server(pid)
+        (other,) = _python(START, _env(copy, "600"))  # a kept server of its own
+        assert other != url and _record(copy)["pid"] != pid and _running_server(pid)
+        assert stop_kept_api(copy) == 1 and _running_server(pid)
+    finally:
+        stop_kept_api(home)
+        stop_kept_api(tmp_path / "copy")
+    assert not _running_server(pid)

@@ -175,3 +175,40 @@ def test_persistent_500_ends_in_one_line_naming_url(real_data, tmp_path):
     assert str(err.value).startswith(f"could not download {server.url}{TRAIN.name}: HTTP 500")
     assert server.state["n"] == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("appends", [1, 5])
+def test_rows_appended_during_a_copy_are_fetched(tmp_path, monkeypatch, appends):
+    """A writer appends to a local source while it is being copied: the copy is read again
+    (up to 3 times); a writer faster than that leaves a stat that makes the next fetch bring
+    the rest, never a half copy taken for current."""
+    import os
+
+    from tasks import download
+    from tasks.download import fetch_file
+    from tasks.sources import Located
+
+    source = tmp_path / "rows.csv"
+    source.write_text("Id,SalePrice\n1,100\n")
+    real, calls = download._fetch_once, []
+
+    def copy_then_append(*args, **kwargs):
+        got = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) <= appends:
+            with source.open("a") as fh:
+                fh.write(f"{len(calls) + 1},200\n")
+            st = source.stat()
+            os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        return got
+
+    monkeypatch.setattr(download, "_fetch_once", copy_then_append)
+    cache = tmp_path / "cache" / "rows.csv"
+    located = Located(name="rows.csv", location=str(source), local=source)
+    fetch_file(located, cache, log=lambda _: None)
+    if appends == 1:
+        assert cache.read_text() == source.read_text() and len(calls) == 2
+    monkeypatch.setattr(download, "_fetch_once", real)
+    fetch_file(located, cache, log=lambda _: None)
+    assert cache.read_text() == source.read_text()
+    assert cache.read_text().count("\n") == 2 + min(appends, 3)
