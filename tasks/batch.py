@@ -109,6 +109,7 @@ def open_rows(path: Path, pre: Preprocessor, chunk_size: int
         if path.stat().st_size == 0:
             raise DataError(f"{path} is empty: expected at least a header line")
         types = {c: (_DICT if c in text else pa.float64()) for c in pre.columns_}
+        types[ID] = pa.string()  # keys come back as given: 001461 stays 001461
         try:
             reader = pacsv.open_csv(
                 path, read_options=pacsv.ReadOptions(block_size=1 << 24),
@@ -202,6 +203,18 @@ def _check_ids(ids: list[np.ndarray], path: Path) -> None:
                         "each row needs its own Id")
 
 
+def _refuse_implausible(pre: Preprocessor, table: pa.Table, ids: pa.Array, path: Path) -> None:
+    """A value no house has (±inf, beyond ±1e12, or many training ranges outside it) is an
+    error naming the column, the value and the row's Id: a price from it is noise."""
+    found = pre.implausible(table)
+    if found is None:
+        return
+    col, pos, value = found
+    raise DataError(f"{path}: column {col} has {value:g} at Id={ids[pos]}, far outside what "
+                    "the model was trained on (a typing or unit error?); fix the value, or "
+                    "leave it empty to have it imputed")
+
+
 def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
                  chunk_size: int = 50_000, warn: Callable[[str], None] = print
                  ) -> dict[str, Any]:
@@ -238,7 +251,12 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
                     raise DataError(f"{input_path}: {ids.null_count} row(s) have no Id (the "
                                     f"first is data row {first}); give every row an Id")
                 seen_ids.append(ids.to_numpy(zero_copy_only=False))
+                _refuse_implausible(pre, table, ids, input_path)
                 log_price, report = model.predict_table(table)
+                if not np.isfinite(log_price).all():
+                    pos = int(np.flatnonzero(~np.isfinite(log_price))[0])
+                    raise DataError(f"{input_path}: the prediction for Id={ids[pos]} is not "
+                                    "a finite price; check that row's values")
                 unseen.update(report.unseen)
                 out_of_range.update(report.out_of_range)
                 drifted += report.rows_drifted

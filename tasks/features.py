@@ -36,6 +36,14 @@ FORMAT = "houseprice-preprocessor/2"
 # The sale date moves forward by itself: new listings are sold after every training row, so
 # being out of its training range is not drift (still counted per column in the report).
 TIME_COLUMNS = frozenset({"YrSold", "MoSold"})
+# No measure of a house comes near this; a value beyond it is a typing or unit error (and
+# its square would swamp the statistics it is standardized with). Refused in training rows
+# and in rows to predict, with ±inf.
+MAX_ABS = 1e12
+# Rows to predict: a numeric value farther outside the training range than this many
+# times the range's width is refused (a unit or typing error: a year of -5000, a lot of
+# 1e300 square feet), not extrapolated into a price nobody could use.
+FAR_OUTSIDE = 10.0
 
 
 class DataError(ValueError):
@@ -87,9 +95,40 @@ def validate_training_frame(df: pd.DataFrame, source: str = "training data",
     if bad.any():
         ids = df.loc[bad, ID].head(5).tolist()
         raise DataError(f"{source}: {TARGET} must be positive; bad rows Id={ids}")
-    dup = df[ID].duplicated()
+    _check_training_ids(df[ID], source)
+    # compared as the numbers they are stored as: 7 and "007" are one Id
+    dup = pd.Series(pd.to_numeric(df[ID].astype("string").str.strip()).to_numpy()).duplicated()
     if dup.any():
-        raise DataError(f"{source}: duplicate Id values {df.loc[dup, ID].head(5).tolist()}")
+        raise DataError(f"{source}: duplicate Id values "
+                        f"{df[ID][dup.to_numpy()].head(5).tolist()}")
+    for col in df.columns:
+        if col != ID and pd.api.types.is_numeric_dtype(df[col]):
+            values = df[col].to_numpy(dtype=np.float64, na_value=np.nan)
+            bad = np.isinf(values) | (np.abs(values) > MAX_ABS)
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{source}: column {col} has {values[pos]:g} at "
+                                f"Id={df[ID].iloc[pos]}, beyond ±{MAX_ABS:g}; fix or blank "
+                                "that value")
+
+
+def _check_training_ids(ids: pd.Series, source: str) -> None:
+    """Training Ids are whole numbers (they are stored as int64), one per row."""
+    if pd.api.types.is_integer_dtype(ids):
+        return
+    text = ids.astype("string").str.strip()
+    blank = (text.isna() | (text == "")).to_numpy(dtype=bool)
+    if blank.any():
+        pos = int(np.flatnonzero(blank)[0])
+        raise DataError(f"{source}: {int(blank.sum())} row(s) have no Id (the first is "
+                        f"data row {pos + 1}); give every row a whole-number Id")
+    whole = text.str.fullmatch(r"[+-]?\d{1,18}(\.0*)?").to_numpy(dtype=bool)
+    if not whole.all():
+        pos = int(np.flatnonzero(~whole)[0])
+        value = ids.iloc[pos]
+        shown = repr(value) if isinstance(value, str) else f"{value:g}"
+        raise DataError(f"{source}: Id must be a whole number but is {shown} at "
+                        f"data row {pos + 1}; fix that Id")
 
 
 # Quality/condition scales of the Ames data (De Cock's documentation); NA = no such thing.
@@ -356,6 +395,26 @@ class Preprocessor:
             codes[col], present[col] = (as_text[col] if col in as_text
                                         else _arrow_codes(table.column(col), cats))
         return self._encoded(n, numeric, codes, present)
+
+    def implausible(self, table: pa.Table) -> tuple[str, int, float] | None:
+        """The first value of rows to predict that no house has: (column, row, value) of a
+        raw numeric that is ±inf, beyond ±MAX_ABS, or more than FAR_OUTSIDE widths of its
+        training range outside it; None when there is none. Checked before predicting, so
+        no path (plan or checkpoint) extrapolates it into a price."""
+        ids = table.column(ID) if ID in table.column_names else None
+        for col in self.columns_:
+            if col not in self.range_ or col not in table.column_names:
+                continue
+            values = _arrow_numeric(table.column(col), col, ids)
+            lo, hi = self.range_[col]
+            span = hi - lo if hi > lo else 1.0
+            with np.errstate(invalid="ignore"):
+                far = (np.abs(values) > MAX_ABS) | (values < lo - FAR_OUTSIDE * span) | (
+                    values > hi + FAR_OUTSIDE * span)
+            if far.any():
+                pos = int(np.flatnonzero(far)[0])
+                return col, pos, float(values[pos])
+        return None
 
     def _encoded(self, n: int, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray],
                  present: dict[str, np.ndarray]) -> Encoded:

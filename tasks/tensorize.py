@@ -69,6 +69,11 @@ def read_matrix(path: Path) -> Matrix:
     )
 
 
+def training_ids(train: pd.DataFrame) -> np.ndarray:
+    """The training Ids as int64 (validated as whole numbers: 7, 7.0 and "007" are 7)."""
+    return pd.to_numeric(train[ID].astype("string").str.strip()).to_numpy().astype(np.int64)
+
+
 def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
               folds: FoldSpec | None = None, fit_on: str = "train") -> dict[str, Any]:
     """Write ``train.parquet``: the preprocessed training rows as float32; with ``folds``,
@@ -80,7 +85,7 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
     X, _ = pre.transform(train)
     outliers = outlier_ids(train)
     write_matrix(
-        out_dir / "train.parquet", train[ID].to_numpy(), X, train[TARGET].to_numpy(float),
+        out_dir / "train.parquet", training_ids(train), X, train[TARGET].to_numpy(float),
         pre.feature_names_,
         {"preprocessor_version": preprocessor.version, "outlier_ids": outliers},
     )
@@ -123,7 +128,7 @@ def outlier_ids(train: pd.DataFrame) -> list[int]:
         return []
     area = pd.to_numeric(train["GrLivArea"], errors="coerce")
     flagged = (area > 4000) & (train[TARGET] < 300_000)
-    return sorted(int(i) for i in train.loc[flagged, ID])
+    return sorted(int(i) for i in training_ids(train)[flagged.to_numpy(dtype=bool)])
 
 
 @task(**stage_task_options(STAGE))

@@ -71,7 +71,7 @@ def test_far_out_of_range_numerics_are_predicted_and_counted_in_drift_summary(
     from tasks.predict import drift_path
 
     raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv").head(50)
-    raw.loc[:4, "GrLivArea"] = 1_000_000  # far beyond any training house
+    raw.loc[:4, "GrLivArea"] = 20_000  # far beyond any training house (5642 sq ft)
     raw.loc[5:6, "LotArea"] = None  # missing: imputed as in training
     raw.loc[7:8, "YearBuilt"] = 1500  # and the house age the model derives from it
     raw.to_csv(tmp_path / "in.csv", index=False)
@@ -190,9 +190,11 @@ def test_parquet_output_holds_the_same_predictions(model, real_data, tmp_path):
     test_csv = real_data / "kaggle_house_pred_test.csv"
     predict_file(model, test_csv, tmp_path / "out.csv")
     predict_file(model, test_csv, tmp_path / "out.parquet", chunk_size=300)
-    # (other chunk sizes: float32 matrix products may round differently, ~1e-9)
+    # (other chunk sizes: float32 matrix products may round differently, ~1e-9). A CSV's
+    # Ids are text, kept as given (001461 stays 001461), in either output.
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"),
-                                  pd.read_csv(tmp_path / "out.csv"), rtol=1e-6)
+                                  pd.read_csv(tmp_path / "out.csv", dtype={"Id": str}),
+                                  rtol=1e-6, check_dtype=False)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -223,3 +225,33 @@ def test_an_empty_parquet_file_with_the_wrong_columns_is_an_error(model, tmp_pat
     with pytest.raises(DataError, match="in.parquet lacks .* column"):
         predict_file(model, tmp_path / "in.parquet", tmp_path / "out.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+@pytest.mark.parametrize(("column", "value", "shown"), [
+    ("LotArea", "inf", "inf"), ("OverallQual", "1e39", "1e+39"), ("LotArea", "1e300", "1e+300"),
+    ("YearBuilt", "-5000", "-5000"), ("GrLivArea", "1000000", "1e+06")])
+def test_a_value_no_house_has_is_one_error_and_nothing_is_written(
+        model, real_data, tmp_path, column, value, shown):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv", dtype=str).head(20)
+    raw.loc[3, column] = value
+    raw.to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(DataError) as err:
+        predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv", warn=lambda _: None)
+    assert str(err.value) == (
+        f"{tmp_path / 'in.csv'}: column {column} has {shown} at Id={raw.loc[3, 'Id']}, far "
+        "outside what the model was trained on (a typing or unit error?); fix the value, "
+        "or leave it empty to have it imputed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_ids_come_back_exactly_as_given(model, real_data, tmp_path):
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv", dtype=str).head(4)
+    raw["Id"] = ["001461", "0042", "42", "A-7"]
+    raw.to_csv(tmp_path / "in.csv", index=False)
+    predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv", warn=lambda _: None)
+    out = pd.read_csv(tmp_path / "out.csv", dtype=str)
+    assert out["Id"].tolist() == ["001461", "0042", "42", "A-7"]
+    raw["Id"] = ["0042", "0042", "1", "2"]
+    raw.to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(DataError, match="1 Id value.* more than once: 0042"):
+        predict_file(model, tmp_path / "dup.csv", tmp_path / "dup-out.csv")

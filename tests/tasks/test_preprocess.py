@@ -97,6 +97,16 @@ def test_missing_column_is_listed(frames):
         (lambda df: pd.concat([df] * 3, ignore_index=True).assign(
             Id=range(12), Area=["1", "2", "3", "4", "5", "6", "7", "8", "9", "ten", "11", "12"]),
          r"column Area is numeric but has 'ten' at Id=9"),
+        (lambda df: df.assign(Id=["1", "", "3", "4"]), "1 row.* have no Id .*data row 2"),
+        (lambda df: df.assign(Id=[1.0, np.nan, 3.0, 4.0]), "1 row.* have no Id .*data row 2"),
+        (lambda df: df.assign(Id=["1", "S524", "3", "4"]),
+         "Id must be a whole number but is 'S524' at data row 2"),
+        (lambda df: df.assign(Id=["1", "007", "7", "4"]), r"duplicate Id values \['7'\]"),
+        (lambda df: df.assign(Id=[1.0, 2.5, 3.0, 4.0]),
+         "Id must be a whole number but is 2.5 at data row 2"),
+        (lambda df: df.assign(SalePrice=[1.0, np.inf, 2.0, 3.0]),
+         r"column SalePrice has inf at Id=2"),
+        (lambda df: df.assign(Area=[1.0, 2.0, 1e300, 3.0]), r"column Area has 1e\+300 at Id=3"),
     ],
 )
 def test_training_frame_validation(frames, change, message):
