@@ -12,6 +12,7 @@ leaves nothing behind. Pure: no Prefect, no torch (the model is the compiled pla
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections import Counter
@@ -203,6 +204,26 @@ def _check_ids(ids: list[np.ndarray], path: Path) -> None:
                         "each row needs its own Id")
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """A DataError that does not say which file it is about starts with the file's path."""
+    try:
+        yield
+    except DataError as exc:
+        if str(path) in str(exc):
+            raise
+        raise DataError(f"{path}: {exc}") from None
+
+
+def _named(chunks: Iterator[pa.Table], path: Path) -> Iterator[pa.Table]:
+    while True:
+        with _naming(path):
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        yield chunk
+
+
 def _refuse_implausible(pre: Preprocessor, table: pa.Table, ids: pa.Array, path: Path) -> None:
     """A value no house has (±inf, beyond ±1e12, or many training ranges outside it) is an
     error naming the column, the value and the row's Id: a price from it is noise."""
@@ -224,7 +245,8 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
     ``predict_frame``."""
     input_path, out_path = Path(input_path), Path(out_path)
     pre = model.preprocessor
-    names, chunks = open_rows(input_path, pre, chunk_size)
+    with _naming(input_path):
+        names, chunks = open_rows(input_path, pre, chunk_size)
     missing = [c for c in [ID, *pre.columns_] if c not in names]
     if missing:
         shown = ", ".join(missing[:10]) + (
@@ -241,7 +263,7 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
     ids_type = pa.int64()
     try:
         try:
-            for table in _prefetch(chunks):
+            for table in _named(_prefetch(chunks), input_path):
                 table = normalize(table.select(wanted))
                 ids = table.column(ID).combine_chunks()
                 ids_type = ids.type
@@ -251,8 +273,9 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
                     raise DataError(f"{input_path}: {ids.null_count} row(s) have no Id (the "
                                     f"first is data row {first}); give every row an Id")
                 seen_ids.append(ids.to_numpy(zero_copy_only=False))
-                _refuse_implausible(pre, table, ids, input_path)
-                log_price, report = model.predict_table(table)
+                with _naming(input_path):
+                    _refuse_implausible(pre, table, ids, input_path)
+                    log_price, report = model.predict_table(table)
                 if not np.isfinite(log_price).all():
                     pos = int(np.flatnonzero(~np.isfinite(log_price))[0])
                     raise DataError(f"{input_path}: the prediction for Id={ids[pos]} is not "

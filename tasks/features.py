@@ -220,7 +220,7 @@ class Preprocessor:
         for col in self.as_category:
             if col in out.columns:
                 # Codes, not quantities: 60 and 60.0 (a float column) must be the same text.
-                values = pd.Series(_numeric(df, col), index=out.index)
+                values = pd.Series(_codes(_numeric(df, col), col, df.get(ID)), index=out.index)
                 extra[col] = values.round().astype("Int64").astype("string")
         if extra:
             out = out.drop(columns=[c for c in extra if c in out.columns])
@@ -381,7 +381,7 @@ class Preprocessor:
         for col in self.as_category:
             if col in names and col in self.categories_:
                 # Codes, not quantities: 60 and 60.0 are the text "60", as in ``_engineer``.
-                values = num(col)
+                values = _codes(num(col), col, None if ids is None else ids.to_pandas())
                 there = ~np.isnan(values)
                 text = pc.cast(pa.array(np.round(values[there]).astype(np.int64)), pa.string())
                 code = np.full(n, -1, dtype=np.int64)
@@ -586,6 +586,19 @@ def _arrow_codes(column: pa.ChunkedArray, categories: list[str]
     if not codes:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     return np.concatenate(codes), np.concatenate(present)
+
+
+def _codes(values: np.ndarray, col: str, ids: pd.Series | None) -> np.ndarray:
+    """A numeric code column (``as_category``) as float64 codes; a value no code can be
+    (±inf, beyond ±MAX_ABS) is an error naming the column and the row."""
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(values) | (np.abs(values) > MAX_ABS)
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        where = f"Id={ids.iloc[pos]}" if ids is not None else f"row {pos + 1}"
+        raise DataError(f"column {col} holds codes but has {values[pos]:g} at {where}; fix "
+                        "or blank that value")
+    return values
 
 
 def _numeric(df: pd.DataFrame, col: str, ids: pd.Series | None = None) -> np.ndarray:
