@@ -369,12 +369,12 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                                                 if m["candidate"] == n)))
         blend = None
     if blend is not None:
-        for m in metrics:
-            m["blend_weight"] = blend["weights"].get(m["candidate"], 0.0)
         if blend[key] < chosen[key]:
             chosen = blend
         board = leaderboard([*metrics, blend], select.on)
     weights = chosen["weights"] if chosen["candidate"] == BLEND else {chosen["candidate"]: 1.0}
+    for m in metrics:  # each candidate's weight in the selected model, not in a rejected blend
+        m["blend_weight"] = weights.get(m["candidate"], 0.0)
     estimates = final_estimates(P, names, oof, weights, specs, select.on)
     chosen["final_estimates"] = estimates
     final = select.final

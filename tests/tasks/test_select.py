@@ -191,12 +191,14 @@ def test_final_estimates_score_ensembles_by_the_mean_over_repeats():
     assert est["ensemble"] < est["mixed"] < est["refit"]  # averaging independent errors
 
 
-def _reselect(trained, tmp_path, **select):
+def _reselect(trained, tmp_path, keep=None, **select):
     cfg, _ = trained
     upstream = ArtifactRef(root=cfg.artifacts_dir, stage="select",
                            version=trained[1]["model_version"]).manifest()["upstream"]
     refs = [ArtifactRef(root=cfg.artifacts_dir, **u) for u in upstream["trained"]]
-    out = tmp_path / json.dumps(select, sort_keys=True).replace('"', "")[:60]
+    if keep is not None:
+        refs = refs[:keep]
+    out = tmp_path / (json.dumps(select, sort_keys=True).replace('"', "")[:60] + f"-{keep}")
     out.mkdir()
     result = select_model(refs, cfg.all_candidates(), cfg.train,
                           SelectConfig(**select), out)
@@ -230,3 +232,20 @@ def test_a_refit_final_model_predicts_from_one_model_per_component(trained, tmp_
     ckpt = torch.load(tmp_path.glob("*refit*").__next__() / "model.pt", weights_only=True)
     assert all(c["refit"] and len(c["folds"]) == 1 for c in ckpt["components"])
     assert ckpt["fold_preprocessors"] is None
+
+
+def test_weights_are_those_of_the_selected_model(trained, tmp_path):
+    """A candidate selected alone has weight 1 and the others 0, not the weights of the
+    blend it beat; a selected blend's are its own (non-negative least squares)."""
+    singles = 0
+    for keep in (1, 2, 3, None):
+        result, board = _reselect(trained, tmp_path, keep=keep, final="ensemble")
+        weights = {m["candidate"]: m.get("blend_weight") for m in board
+                   if m["candidate"] != "blend" and m["status"] == "ok"}
+        if result["selected"] != "blend":
+            singles += 1
+            assert weights == {n: float(n == result["selected"]) for n in weights}, weights
+        else:
+            blend = next(m for m in board if m["candidate"] == "blend")
+            assert weights == {n: blend["weights"].get(n, 0.0) for n in weights}
+    assert singles  # (keep=1: one candidate, selected alone)
