@@ -1,6 +1,8 @@
-"""``houseprice``: run, serve (on a schedule) or retry the pipeline; batch-predict with a model;
-list, promote and roll back production models; score an inbox; write a monthly feed; stop
-the local Prefect API that runs keep.
+"""``houseprice``: the house-price pipeline of Dive into Deep Learning ch. 4, cached.
+
+Run, serve (on a schedule) or retry the pipeline; batch-predict with a model; list, promote
+and roll back production models; check the artifact store; score an inbox; write a monthly
+feed; stop the local Prefect API that runs keep.
 
 Failures end with a non-zero exit and one line on stderr saying what went wrong, where, and
 what to do (``--traceback`` shows the full trace). This module is the entry point: the parser,
@@ -16,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -60,10 +63,12 @@ def _config_flags() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["log", "raw"], help="'raw' = the book's raw price")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="where torch candidates train (default auto: CUDA when present)")
-    p.add_argument("--final", choices=["ensemble", "refit"],
-                   help="each component's final model: its fold models averaged (default) "
-                        "or one model fitted on all rows (fewer trees and networks: faster "
-                        "to predict)")
+    p.add_argument("--final", choices=["auto", "ensemble", "mixed", "refit"],
+                   help="each component's final model: 'ensemble', its fold models averaged; "
+                        "'refit', one model fitted on all rows (faster to predict); 'mixed', "
+                        "linear kinds as the ensemble, the others refitted; 'auto' (the "
+                        "default), 'mixed' when its estimated score is within "
+                        "select.max_loss of the ensemble's, else 'ensemble'")
     p.add_argument("--min-rows-per-s", type=float, metavar="RATE",
                    help="select only candidates and blends that predict at least this many "
                         "rows/s (measured at select time)")
@@ -98,6 +103,10 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
+class _RawDescriptionHelp(_Help, argparse.RawDescriptionHelpFormatter):
+    """The top-level description as written (its two paragraphs), options as ``_Help``."""
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Help)
@@ -105,8 +114,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="houseprice",
-                                description=__doc__.splitlines()[0].replace("``", ""))
+    head, _, rest = __doc__.partition("\n\n")
+    p = _Parser(prog="houseprice", description=head.replace("``", "") + "\n\n"
+                + textwrap.fill(rest.split("\n\n")[0].replace("\n", " "), 79),
+                formatter_class=_RawDescriptionHelp)
     p.add_argument("--traceback", action="store_true", help="show the full trace on errors")
     p.add_argument("--verbose", action="store_true",
                    help="Prefect's own log lines on the terminal (default: in a log file under "

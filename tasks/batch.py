@@ -224,6 +224,19 @@ def _named(chunks: Iterator[pa.Table], path: Path) -> Iterator[pa.Table]:
         yield chunk
 
 
+def _check_output(out_path: Path) -> None:
+    """Where the predictions go must be a file name whose folder can exist: checked before
+    anything is read or written."""
+    for path in (out_path, drift_path(out_path)):
+        if path.is_dir():
+            raise DataError(f"--out {out_path}: {path} is a directory; give a file name, "
+                            f"such as {out_path / 'predictions.csv'}")
+    parent = next((p for p in out_path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"--out {out_path}: {parent} is a file, not a folder; give a path "
+                        "whose folders are folders")
+
+
 def _refuse_implausible(pre: Preprocessor, table: pa.Table, ids: pa.Array, path: Path) -> None:
     """A value no house has (±inf, beyond ±1e12, or many training ranges outside it) is an
     error naming the column, the value and the row's Id: a price from it is noise."""
@@ -244,6 +257,7 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
     ``Plan`` (or the reference ``FittedModel``): anything with ``preprocessor`` and
     ``predict_frame``."""
     input_path, out_path = Path(input_path), Path(out_path)
+    _check_output(out_path)
     pre = model.preprocessor
     with _naming(input_path):
         names, chunks = open_rows(input_path, pre, chunk_size)
@@ -303,10 +317,15 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
                                                if c not in own},
                      "imputed_missing": {c: n for c, n in imputed.items() if c not in own}},
                  "ignored_columns": extra}
-        write_json(drift_path(out_path), drift)
+        # Both files complete before either is in place; the predictions go in first, so
+        # a drift summary never stands beside no (or older) predictions.
+        drift_tmp = tmp.with_name(tmp.name + ".drift")
+        write_json(drift_tmp, drift)
         os.replace(tmp, out_path)
+        os.replace(drift_tmp, drift_path(out_path))
     finally:
         tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".drift").unlink(missing_ok=True)
     if extra:
         warn(f"{input_path}: ignored {len(extra)} column(s) not used by the model: "
              f"{', '.join(extra[:10])}")

@@ -552,3 +552,29 @@ def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_s
         assert re.search(rf"houseprice: {stage} · (Completed in [\d.]+ s|Cached)", output), stage
     assert output.index("houseprice: tensorize ·") < output.index("houseprice: select ·")
     assert "Finished in state" not in output
+
+
+def test_help_says_what_the_defaults_are_and_accepts_every_final_form(capsys):
+    """--final names 'auto' as its default and takes every form select has; the top-level
+    description is whole sentences."""
+    import argparse
+
+    from flows.cli import _parser
+    from flows.commands.config import build_config
+
+    parser = _parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    top = capsys.readouterr().out
+    assert "check the artifact store" in top and "stop the local Prefect API that runs keep." \
+        in " ".join(top.split())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    final = " ".join(capsys.readouterr().out.rsplit("--final {auto,ensemble,mixed,refit}", 1)[1]
+                     .split("--min-rows-per-s")[0].split())
+    assert "'auto' (the default)" in final and "(default)" not in final.replace(
+        "(the default)", "")
+    for form in ("auto", "ensemble", "mixed", "refit"):
+        args = parser.parse_args(["run", "--final", form])
+        assert isinstance(args, argparse.Namespace)
+        assert build_config(args).select.final == form

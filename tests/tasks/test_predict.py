@@ -255,3 +255,21 @@ def test_ids_come_back_exactly_as_given(model, real_data, tmp_path):
     raw.to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(DataError, match="1 Id value.* more than once: 0042"):
         predict_file(model, tmp_path / "dup.csv", tmp_path / "dup-out.csv")
+
+
+@pytest.mark.parametrize("where", ["dir", "drift-dir", "under-a-file"])
+def test_an_output_that_cannot_be_a_file_is_one_line_and_nothing_is_left(
+        model, real_data, tmp_path, where):
+    out = tmp_path / "out"
+    if where == "dir":
+        out.mkdir()
+    elif where == "drift-dir":
+        (tmp_path / "out.drift.json").mkdir()
+        out = tmp_path / "out.json"
+    else:
+        out.write_text("a file")
+        out = out / "predictions.csv"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=r"^--out .*(is a directory|is a file, not a folder)"):
+        predict_file(model, real_data / "kaggle_house_pred_test.csv", out)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
