@@ -274,6 +274,10 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("houseprice: interrupted", file=sys.stderr)
         return 130
+    except run.Interrupted as exc:
+        _trace(args)
+        print(f"houseprice: {exc}", file=sys.stderr)
+        return 130
     except Exception as exc:
         if args.traceback:
             raise

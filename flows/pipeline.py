@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow
 
+from tasks import progress
 from tasks.config import STAGES, PipelineConfig, Stage, run_name
 from tasks.download import download_task, fetch_task
 from tasks.predict import predict_task
@@ -46,6 +47,7 @@ def house_price_pipeline(
     ``from_stage`` recomputes that stage and every stage after it on purpose (their cache
     entries are refreshed); the stages before it come back Cached as usual.
     """
+    progress.flow_run_started()
     root = config.artifacts_dir
     check(root)  # an object store that cannot be used: one line, before anything is written
     force = {s: from_stage is not None and STAGES.index(s) >= STAGES.index(from_stage)

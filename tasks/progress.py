@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
 
 
@@ -28,7 +29,7 @@ class _Hooks:
                 hook(*args)
 
 
-_FRACTIONS, _STAGES, _SCORES = _Hooks(), _Hooks(), _Hooks()
+_FRACTIONS, _STAGES, _SCORES, _RUNS = _Hooks(), _Hooks(), _Hooks(), _Hooks()
 # Set while fitting what is not cross-validation (the refit on all rows): its "valid" rows are
 # its training rows, so its scores are not reported.
 _MUTED = contextvars.ContextVar("houseprice_progress_muted", default=False)
@@ -49,8 +50,29 @@ def add_hook(hook: Callable[[str, float], None]) -> Callable[[], None]:
     return _FRACTIONS.add(hook)
 
 
+class Stopped(RuntimeError):
+    """Training was asked to stop (Ctrl-C on the command line)."""
+
+
+_STOP = threading.Event()
+
+
+def stop() -> None:
+    """Ask every training loop of this process to stop at its next report (an epoch or a
+    fold): Ctrl-C then ends a run in seconds, not when the candidates would have finished."""
+    _STOP.set()
+
+
+def resume() -> None:
+    """Training may run again (a new run in this process)."""
+    _STOP.clear()
+
+
 def report(candidate: str, fraction: float) -> None:
-    """``candidate`` has finished ``fraction`` (0..1) of its training."""
+    """``candidate`` has finished ``fraction`` (0..1) of its training; raises Stopped once
+    ``stop()`` was called."""
+    if _STOP.is_set():
+        raise Stopped(f"{candidate}: stopped by an interrupt")
     _FRACTIONS.call(candidate, fraction)
 
 
@@ -74,3 +96,15 @@ def report_score(candidate: str, valid_log_rmse: float) -> None:
     epoch); nothing inside ``muted()``."""
     if not _MUTED.get():
         _SCORES.call(candidate, valid_log_rmse)
+
+
+def add_run_hook(hook: Callable[[str], None]) -> Callable[[], None]:
+    """Register ``hook(flow_run_id)``, called as a flow run of the pipeline starts."""
+    return _RUNS.add(hook)
+
+
+def flow_run_started() -> None:
+    """The pipeline's flow run has started (its id, for a message should it be stopped)."""
+    from prefect.runtime import flow_run
+
+    _RUNS.call(str(flow_run.id or ""))

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,16 @@ def run(args: argparse.Namespace) -> int:
     # A live line while candidates train, on a terminal only (not in CI logs or pipes).
     display = (TerminalProgress(len(config.all_candidates())).start()
                if not args.quiet and sys.stderr.isatty() else None)
+    run_id: list[str] = []
+    from tasks.progress import add_run_hook
+
+    forget_run = add_run_hook(run_id.append)
     try:
-        with no_heartbeats(local):
+        with no_heartbeats(local), interruptible(lambda: run_id[-1] if run_id else None,
+                                                 rerun_hint(args, local)):
             state = flow(config, from_stage=args.from_stage, return_state=True)
     finally:
+        forget_run()
         if display is not None:
             display.stop()
     if local and not keep:
@@ -63,16 +70,104 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(outcome, BaseException) or not state.is_completed():
         from tasks.stage import one_line
 
-        run_id = state.state_details.flow_run_id
-        hint = (f"; fix the cause, then retry flow run {run_id} with 'houseprice rerun {run_id}'"
-                if not local else "")
-        if isinstance(outcome, BaseException):
-            raise RunFailed(f"{one_line(outcome)}{hint}") from outcome
-        raise RunFailed(f"flow run {run_id} ended {state.name}: {state.message}{hint}")
+        flow_run_id = state.state_details.flow_run_id
+        error = outcome if isinstance(outcome, BaseException) else None
+        hint = failure_hint(error, flow_run_id, args, local)
+        where = f"; trace in {log}" if log else ""
+        if error is not None:
+            logging.getLogger("houseprice").error("the run failed", exc_info=error)
+            raise RunFailed(f"{one_line(error)}{hint}{where}") from error
+        raise RunFailed(f"flow run {flow_run_id} ended {state.name}: {state.message}{hint}"
+                        f"{where}")
     # The table, then the one-line summary last (what scripts read).
     print(result_table(config, outcome, log=log), flush=True)
     summary(config, outcome)
     return 0
+
+
+def run_again(args: argparse.Namespace) -> str:
+    """The command that runs the pipeline again with the user's config file."""
+    config = getattr(args, "config", None)
+    return f"'houseprice run --config {config}'" if config else "the same 'houseprice run'"
+
+
+def retryable(error: BaseException | None) -> bool:
+    """Whether retrying the flow run as it was (its parameters frozen) can succeed once the
+    cause is gone: an environment or network failure (a file in the way, a store or server
+    that did not answer), not a config or data error (a retry fails the same way)."""
+    from tasks.download import DownloadError
+    from tasks.store import StoreError
+
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, ValueError) for e in chain):  # DataError, ValidationError, ...
+        return False
+    return error is None or any(isinstance(e, OSError | TimeoutError | DownloadError |
+                                           StoreError) for e in chain)
+
+
+def failure_hint(error: BaseException | None, flow_run_id: Any, args: argparse.Namespace,
+                 local: bool) -> str:
+    """What to do after a failed run: retry the very flow run (on a user's API, when a retry
+    can succeed), else fix the config or data and run again (finished stages are Cached)."""
+    if not local and retryable(error):
+        return (f"; fix the cause, then retry flow run {flow_run_id} with "
+                f"'houseprice rerun {flow_run_id}'")
+    return (f"; fix it, then run {run_again(args)} again (completed stages come back "
+            "Cached)")
+
+
+def rerun_hint(args: argparse.Namespace, local: bool) -> Callable[[str | None], str]:
+    def hint(flow_run_id: str | None) -> str:
+        if flow_run_id and not local:
+            return f"resume it with 'houseprice rerun {flow_run_id}'"
+        return f"resume it with {run_again(args)} (completed stages come back Cached)"
+    return hint
+
+
+@contextlib.contextmanager
+def interruptible(current_run: Callable[[], str | None], hint: Callable[[str | None], str]):
+    """Ctrl-C: at once, a line naming the flow run and how to resume it, then Prefect records
+    the interruption (the running tasks end first); a second Ctrl-C exits at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from tasks.progress import resume, stop
+
+    resume()
+    pressed: list[float] = []
+
+    def on_interrupt(signum, frame):
+        if pressed:
+            sys.stderr.write("houseprice: interrupted again: exiting now\n")
+            sys.stderr.flush()
+            os._exit(130)
+        pressed.append(1.0)
+        stop()  # training threads end at their next epoch or fold
+        run = current_run()
+        sys.stderr.write(f"houseprice: interrupted{f': flow run {run}' if run else ''}; "
+                         f"stopping (Ctrl-C again to exit at once); {hint(run)}\n")
+        sys.stderr.flush()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        run = current_run()
+        raise Interrupted(f"interrupted{f': flow run {run}' if run else ''}; {hint(run)}"
+                          ) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped by Ctrl-C; the message names the flow run and how to resume."""
 
 
 def warm_up_flow_engine() -> None:
@@ -145,8 +240,16 @@ def prefect_log_to_file(artifacts: str) -> Path:
         "%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
     for h in root.handlers:
         h.setLevel(max(h.level, logging.WARNING))
+        h.addFilter(_no_errors)  # a failure is one line at the end, its trace in the file
     root.addHandler(handler)
     return path
+
+
+def _no_errors(record: logging.LogRecord) -> bool:
+    """Terminal handlers keep warnings, not errors: Prefect logs each failed task and flow
+    run with its trace (about 145 lines for one failure); the command ends with one line
+    saying what failed and where the log with those traces is."""
+    return record.levelno < logging.ERROR
 
 
 class RunFailed(RuntimeError):

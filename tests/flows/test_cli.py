@@ -578,3 +578,74 @@ def test_help_says_what_the_defaults_are_and_accepts_every_final_form(capsys):
         args = parser.parse_args(["run", "--final", form])
         assert isinstance(args, argparse.Namespace)
         assert build_config(args).select.final == form
+
+
+def test_ctrl_c_says_at_once_which_run_and_how_to_resume_and_stops_in_seconds(
+        data_server, tmp_path):
+    """SIGINT while candidates train: a line naming the flow run and how to resume comes at
+    once, training stops at its next epoch or fold, and the command exits 130 with that
+    line last; rerunning the same command resumes with the finished stages Cached."""
+    import re
+    import signal
+    import threading
+    import time
+
+    config = write_config(tmp_path / "c.json")
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--epochs",
+            "3000", "--artifacts", str(tmp_path / "a"), "--data-url", data_server.url,
+            "--data-dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = Path(proc.stdout.readline().rsplit("Prefect's log: ", 1)[1].strip())
+    deadline = time.monotonic() + 120
+    while "Task run 'tensorize' - Finished" not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    time.sleep(3)  # candidates under way
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend(
+        (time.monotonic(), line.strip()) for line in proc.stderr))
+    reader.start()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    took = time.monotonic() - sent
+    said = [(t - sent, text) for t, text in lines if text.startswith("houseprice: interrupted")]
+    assert proc.returncode == 130 and took < 20, (proc.returncode, took, lines)
+    first_at, first = said[0]
+    assert first_at < 2.0, said
+    run_id = re.search(r"flow run ([0-9a-f-]{36})", first).group(1)
+    assert f"resume it with 'houseprice run --config {config}'" in first
+    assert lines[-1][1].startswith(f"houseprice: interrupted: flow run {run_id}; resume")
+    assert "Traceback" not in "\n".join(text for _, text in lines)
+
+
+def test_a_failed_run_is_one_line_naming_the_log_which_has_the_traces(real_data, tmp_path):
+    """A cut-off training file: Prefect's traces of the failed task and flow runs go to
+    the log file, the terminal gets the one-line error, which names the log."""
+    cut = tmp_path / "train.csv"
+    cut.write_bytes((real_data / "kaggle_house_pred_train.csv").read_bytes()[:200_000])
+    proc = houseprice("run", "--data-url", str(real_data), "--train", str(cut),
+                      "--artifacts", str(tmp_path / "a"), "--data-dir", str(tmp_path / "c"))
+    assert proc.returncode == 1
+    lines = [x for x in proc.stderr.splitlines() if x.strip()
+             and "Warning" not in x and not x.startswith("  ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    log = proc.stdout.split("Prefect's log: ", 1)[1].split()[0]
+    assert lines[0].startswith("houseprice: error: stage 'download' failed: train.csv line")
+    assert lines[0].endswith(f"; trace in {log}")
+    assert "Traceback" in Path(log).read_text()
+
+
+def test_a_config_error_says_run_again_not_retry(prefect_server, data_server, tmp_path):
+    """A retry replays the flow run's frozen parameters, so a config error would fail the
+    same way: the hint is to fix the config and run it again."""
+    config = write_config(tmp_path / "c.json", preprocess={"interactions": ["Nope@Street"]})
+    proc = houseprice("run", "--config", str(config), "--artifacts", str(tmp_path / "a"),
+                      "--data-url", data_server.url, "--data-dir", str(tmp_path / "c"),
+                      api=prefect_server)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert "stage 'preprocess' failed" in line and "Nope" in line, line
+    assert f"fix it, then run 'houseprice run --config {config}' again" in line
+    assert "houseprice rerun" not in line
