@@ -25,6 +25,14 @@ CURVES_KEY = "house-price-learning-curves"
 CURVES_SHOWN = 6
 
 
+def in_reading_order(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """The leaderboard's table rows with their columns in reading order (candidate, selected,
+    scores, folds, weight, speed, status): the dashboard shows a table's columns in the
+    order of its first row's keys, and the JSON file has them sorted."""
+    columns = board.get("table_columns") or []
+    return [{**{c: row[c] for c in columns if c in row}, **row} for row in board["table"]]
+
+
 def curves_markdown(trained: list[ArtifactRef], shown: int = CURVES_SHOWN) -> str:
     """The learning-curve PNGs of the best ``shown`` torch candidates (by out-of-fold log
     RMSE on all rows) embedded as data URIs: Prefect's UI renders markdown images, and a
@@ -88,7 +96,7 @@ def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[Art
     require(predictions)
     board = json.loads(model.file("leaderboard.json").read_text())
     create_table_artifact(
-        key=METRICS_KEY, table=board["table"],
+        key=METRICS_KEY, table=in_reading_order(board),
         description="Valid log RMSE per fold and candidate (best first)",
     )
     create_markdown_artifact(

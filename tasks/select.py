@@ -407,8 +407,12 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
     components = saved["components"]
     torch.save({**saved, "lineage": lin}, out_dir / "model.pt")
     compile_plan(FittedModel(saved)).save(out_dir)
+    table = fold_table(board, chosen["candidate"])
+    # The file's keys are sorted (write_json); the reading order of the columns is kept
+    # apart, for the dashboard's table.
     write_json(out_dir / "leaderboard.json",
-               {"leaderboard": board, "table": fold_table(board, chosen["candidate"])})
+               {"leaderboard": board, "table": table,
+                "table_columns": list(dict.fromkeys(k for row in table for k in row))})
     card_components = [{k: c[k] for k in ("candidate", "weight", "model_config")}
                        for c in components]
     (out_dir / "model_card.md").write_text(
@@ -419,7 +423,8 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                     "select.min_rows_per_s": select.min_rows_per_s}, lin)
     )
     return {"selected": chosen["candidate"], "data_version": lin["data_version"],
-            "n_rows": len(oof),
+            "n_rows": int(oof["Id"].nunique()),  # training rows (oof has one per repeat)
+            "n_predictions": len(oof),
             "components": {c["candidate"]: c["weight"] for c in components},
             "mean_valid_log_rmse": chosen["mean_valid_log_rmse"],
             "std_valid_log_rmse": chosen["std_valid_log_rmse"],

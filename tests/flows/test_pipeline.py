@@ -70,6 +70,12 @@ def test_dashboard_gets_metrics_table_and_model_card(first_run):
     assert by_key[MODEL_CARD_KEY].type == "markdown"
     selected = state.result()["selected"]
     assert selected in str(by_key[METRICS_KEY].data)
+    # The dashboard shows the columns in the order of the first row's keys: reading order
+    rows = json.loads(by_key[METRICS_KEY].data)
+    columns = list(rows[0])
+    assert columns[:4] == ["candidate", "selected", "oof all rows", "oof w/o outliers"]
+    assert columns[-3:] == ["blend weight", "predict rows/s", "status"]
+    assert columns.index("fold 1") < columns.index("fold 2") < columns.index("blend weight")
     assert f"# Selected model: {selected}" in by_key[MODEL_CARD_KEY].data
 
 

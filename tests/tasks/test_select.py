@@ -249,3 +249,16 @@ def test_weights_are_those_of_the_selected_model(trained, tmp_path):
             blend = next(m for m in board if m["candidate"] == "blend")
             assert weights == {n: blend["weights"].get(n, 0.0) for n in weights}
     assert singles  # (keep=1: one candidate, selected alone)
+
+
+def test_models_lists_training_rows_not_out_of_fold_predictions(trained, capsys):
+    """Cut twice (repeats = 2), 1460 rows have 2920 out-of-fold predictions: 'houseprice
+    models' says 1460."""
+    from flows.cli import main
+
+    cfg, result = trained
+    assert cfg.train.repeats == 2
+    assert main(["models", "--artifacts", cfg.artifacts_dir]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if result["model_version"] in x)
+    assert " 1460 " in line and "2920" not in line, line
