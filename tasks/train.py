@@ -9,6 +9,7 @@ curves.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import socket
@@ -74,6 +75,39 @@ _PLOT_LOCK = threading.Lock()
 # runner's threads, libgomp sees more threads than cores and puts waiting threads to sleep
 # at every barrier (measured on 2 cores: boosting 2.5x slower, 60k context switches/s).
 _FIT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="houseprice-fit")
+
+
+class _FitSlot:
+    """The flow's hold on the fit thread for one submitted train task (thread runner only):
+    the flow takes the slot before it submits the task and the task gives it back once its
+    fits are done (or it ends: cached, failed), so the next task is submitted then. A task
+    thus enters Running when the fit thread is free for it, and its dashboard duration is
+    its own work (loading, fitting, writing), not a wait behind other candidates' fits;
+    writing one candidate's artifact still overlaps the next one's fit."""
+
+    _slots = threading.Semaphore(1)
+
+    def __init__(self) -> None:
+        self._slots.acquire()
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+
+_SLOT: contextvars.ContextVar[_FitSlot | None] = contextvars.ContextVar(
+    "houseprice_fit_slot", default=None)
+
+
+def _fits_done() -> None:
+    """This task's fits are over: the next train task may be submitted."""
+    slot = _SLOT.get()
+    if slot is not None:
+        slot.release()
 
 
 def _fit(fn: Callable[[], Any], what: str, log: Callable[[str], None],
@@ -182,6 +216,7 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
               candidate.name, log)
     refit = _fit(lambda: candidate.refit(m.X, m.y, config, np.flatnonzero(~excluded)),
                  candidate.name, log, "refitted on all rows")
+    _fits_done()
     return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log, refit)
 
 
@@ -300,6 +335,7 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         refits = _fit(lambda: refit_members(todo, m.X, m.y, config,
                                             np.flatnonzero(~excluded)),
                       names, log, "refitted on all rows")
+        _fits_done()
         for c, cv, refit in zip(todo, cvs, refits, strict=True):
             ref = build_stage(
                 STAGE, root, {"data": data, "candidate": c, "config": config},
@@ -359,13 +395,38 @@ def submit_train(root: str, *, force: bool, data: ArtifactRef,
                        **({"force": True} if force else {}))
 
 
+def _runs_here() -> bool:
+    """Whether the flow's task runner runs tasks on threads of this process (where they
+    share the one fit thread), not on Dask workers (each with its own)."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    ctx = FlowRunContext.get()
+    return ctx is not None and isinstance(ctx.task_runner, ThreadPoolTaskRunner)
+
+
 def train_all(root: str, *, force: bool, data: ArtifactRef,
               candidates: list[CandidateConfig], config: TrainConfig) -> list[ArtifactRef]:
     """Every candidate trained (groups of one shape stacked, in parallel on the task
     runner); their references in the candidates' order."""
     groups = plan_groups(candidates)
-    futures = [submit_train(root, force=force, data=data, candidates=group, config=config)
-               for group in groups]
+    futures = []
+    one_at_a_time = _runs_here()
+    for group in groups:
+        slot = _FitSlot() if one_at_a_time else None  # waits for the previous task's fits
+        token = _SLOT.set(slot)
+        try:
+            future = submit_train(root, force=force, data=data, candidates=group,
+                                  config=config)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        finally:
+            _SLOT.reset(token)
+        if slot is not None:
+            future.add_done_callback(lambda _, slot=slot: slot.release())
+        futures.append(future)
     by_name: dict[str, ArtifactRef] = {}
     for group, future in zip(groups, futures, strict=True):
         result = future.result()

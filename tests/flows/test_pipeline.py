@@ -359,3 +359,20 @@ def test_check_finds_a_real_root_healthy(first_run, capsys):
     assert main(["check", "--artifacts", cfg.artifacts_dir]) == 0
     out = capsys.readouterr().out
     assert "houseprice: check: ok:" in out and " 0 cache records" not in out, out
+
+
+def test_train_task_durations_are_their_own_work_not_a_wait(first_run):
+    """The train tasks share one fit thread: a task enters Running when the thread is free
+    for it, so the durations the dashboard shows add up to about the training's wall time,
+    not to many times it (each task waiting behind the others' fits)."""
+    cfg, _, _ = first_run
+    state = house_price_pipeline(cfg.with_epochs(cfg.candidates[0].epochs + 2),
+                                 return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_task_runs(flow_run_filter=_filter(state))
+                if r.name.startswith("train[") and r.state.name == "Completed"]
+    assert len(runs) >= 2
+    own = sum((r.end_time - r.start_time).total_seconds() for r in runs)
+    wall = (max(r.end_time for r in runs) - min(r.start_time for r in runs)).total_seconds()
+    assert own < 1.5 * wall, (own, wall, [(r.name, r.start_time, r.end_time) for r in runs])
