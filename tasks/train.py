@@ -410,6 +410,8 @@ def train_all(root: str, *, force: bool, data: ArtifactRef,
     """Every candidate trained (groups of one shape stacked, in parallel on the task
     runner); their references in the candidates' order."""
     groups = plan_groups(candidates)
+    for c in candidates:  # all of them waiting, for the terminal display, before any starts
+        progress_hooks.report(c.name, 0.0)
     futures = []
     one_at_a_time = _runs_here()
     for group in groups:
