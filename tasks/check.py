@@ -121,7 +121,7 @@ def _production(root: str) -> list[str]:
 
 def _records(root: str, counts: dict[str, int]) -> list[str]:
     """Prefect's cache records that are not a plain-JSON reference of their key."""
-    from tasks.records import UntrustedRecord, rebuilt_record
+    from tasks.records import UntrustedRecord, is_cache_key, rebuilt_record
 
     problems = []
     if is_url(root):
@@ -139,7 +139,9 @@ def _records(root: str, counts: dict[str, int]) -> list[str]:
             return (folder / name).read_bytes()
 
     for name in names:
-        if name.startswith("."):
+        # Other records (a failed task's exception, keyed at random) are never looked up
+        # as cache hits, and are refused too should anything read them.
+        if not is_cache_key(name):
             continue
         counts["records"] += 1
         try:

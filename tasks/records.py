@@ -12,6 +12,7 @@ over the bad one), with a warning naming the record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -21,10 +22,19 @@ from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.serializers import JSONSerializer
 
 REF_CLASS = "tasks.artifacts.ArtifactRef"
-# houseprice-<stage>-<16 hex version>-<8 hex root key> (see tasks.stage.StageVersionPolicy)
-_KEY = re.compile(r"houseprice-([a-z_]+)-([0-9a-f]{16})-([0-9a-f]{8})")
+# houseprice-<stage>-<16 hex version>-<8 hex root key> (tasks.stage.StageVersionPolicy), and
+# houseprice-train-group-<16 hex digest of its members' versions>-<root key> (a group of
+# torch candidates trained as one stack: tasks.train.GroupVersionPolicy), whose result is
+# the list of its members' references.
+_KEY = re.compile(r"houseprice-(train-group|[a-z_]+)-([0-9a-f]{16})-([0-9a-f]{8})")
+GROUP = "train-group"
 _SERIALIZER = JSONSerializer().model_dump(mode="json")
 log = logging.getLogger("houseprice.records")
+
+
+def is_cache_key(name: str) -> bool:
+    """Whether ``name`` is the key of a stage's cache record (what a cache hit reads)."""
+    return _KEY.fullmatch(name) is not None
 
 
 class UntrustedRecord(ValueError):
@@ -63,16 +73,23 @@ def rebuilt_record(key: str, content: bytes) -> bytes:
         result = json.loads(record.get("result"))
     except (TypeError, ValueError):
         raise UntrustedRecord("its result is not JSON") from None
-    if not isinstance(result, dict) or result.get("__class__") != REF_CLASS:
-        name = result.get("__class__") if isinstance(result, dict) else type(result).__name__
-        raise UntrustedRecord(f"its result is {name!r}, not {REF_CLASS}")
-    data = result.get("data")
-    if not isinstance(data, dict) or set(data) != {"root", "stage", "version"} or not all(
-            isinstance(v, str) for v in data.values()):
-        raise UntrustedRecord("its reference is not (root, stage, version) strings")
     stage, version, root = match.groups()
-    if (data["stage"], data["version"]) != (stage, version) or root_key(data["root"]) != root:
-        raise UntrustedRecord("its reference names another artifact than its key")
+    if stage == GROUP:
+        if not isinstance(result, list) or not result:
+            raise UntrustedRecord(f"its result is not a list of {REF_CLASS}")
+        refs = [_reference(item) for item in result]
+        versions = [r["version"] for r in refs]
+        digest = hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
+        if digest != version or any(r["stage"] != "train" or root_key(r["root"]) != root
+                                    for r in refs):
+            raise UntrustedRecord("its references name other artifacts than its key")
+        body: Any = [{"__class__": REF_CLASS, "data": r} for r in refs]
+    else:
+        data = _reference(result)
+        if (data["stage"], data["version"]) != (stage, version) or root_key(
+                data["root"]) != root:
+            raise UntrustedRecord("its reference names another artifact than its key")
+        body = {"__class__": REF_CLASS, "data": data}
     clean: dict[str, Any] = {
         "metadata": {
             "serializer": _SERIALIZER,
@@ -82,9 +99,21 @@ def rebuilt_record(key: str, content: bytes) -> bytes:
             "prefect_version": str(metadata.get("prefect_version", "")),
             "storage_block_id": None,
         },
-        "result": json.dumps({"__class__": REF_CLASS, "data": data}),
+        "result": json.dumps(body),
     }
     return json.dumps(clean).encode()
+
+
+def _reference(result: Any) -> dict[str, str]:
+    """The (root, stage, version) of one encoded ArtifactRef, or UntrustedRecord."""
+    if not isinstance(result, dict) or result.get("__class__") != REF_CLASS:
+        name = result.get("__class__") if isinstance(result, dict) else type(result).__name__
+        raise UntrustedRecord(f"its result is {name!r}, not {REF_CLASS}")
+    data = result.get("data")
+    if not isinstance(data, dict) or set(data) != {"root", "stage", "version"} or not all(
+            isinstance(v, str) for v in data.values()):
+        raise UntrustedRecord("its reference is not (root, stage, version) strings")
+    return dict(data)
 
 
 class SafeLocalFileSystem(LocalFileSystem):

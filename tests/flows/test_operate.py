@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_failed_cli_run_says_how_to_retry_and_rerun_completes_it_in_place(
     assert proc.returncode == 1
     line = [x for x in out.splitlines() if x.startswith("houseprice: error")][-1]
     assert "stage 'train' failed" in line and "houseprice rerun " in line
-    run_id = line.rsplit("houseprice rerun ", 1)[1].rstrip("'")
+    run_id = re.search(r"'houseprice rerun ([0-9a-f-]{36})'", line).group(1)
     (root / "train").unlink()  # fixed
     proc = houseprice(["rerun", run_id], prefect_server)
     out, _ = proc.communicate(timeout=300)

@@ -113,3 +113,22 @@ def test_the_storage_block_checks_every_read(tmp_path):
     with pytest.raises(UntrustedRecord):
         block.read_path(key)
     assert not marker.exists()
+
+
+def test_a_group_record_is_its_members_references():
+    """A stacked group's record holds its members' references; its key is a digest of
+    their versions, so a record naming other members is a miss."""
+    import hashlib
+
+    root = "/r"
+    versions = ["0123456789abcdef", "fedcba9876543210"]
+    digest = hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
+    refs = [ArtifactRef(root=root, stage="train", version=v) for v in versions]
+    key = f"houseprice-train-group-{digest}-{root_key(root)}"
+    record = ResultRecord(metadata=ResultRecordMetadata(serializer=JSONSerializer()),
+                          result=refs).serialize()
+    assert ResultRecord.deserialize(safe_record(key, record)).result == refs
+    other = ResultRecord(metadata=ResultRecordMetadata(serializer=JSONSerializer()),
+                         result=refs[:1]).serialize()
+    with pytest.raises(UntrustedRecord, match="other artifacts than its key"):
+        safe_record(key, other)
