@@ -79,11 +79,12 @@ _FIT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="houseprice-f
 
 class _FitSlot:
     """The flow's hold on the fit thread for one submitted train task (thread runner only):
-    the flow takes the slot before it submits the task and the task gives it back once its
-    fits are done (or it ends: cached, failed), so the next task is submitted then. A task
-    thus enters Running when the fit thread is free for it, and its dashboard duration is
-    its own work (loading, fitting, writing), not a wait behind other candidates' fits;
-    writing one candidate's artifact still overlaps the next one's fit."""
+    the flow takes the slot before it submits the task and the task gives it back when only
+    its short refit on all rows is left (or it ends: cached, failed), so the next task is
+    submitted then. A task thus enters Running when the fit thread is (nearly) free for it,
+    and its dashboard duration is its own work (loading, fitting, writing), not a wait
+    behind every other candidate's cross-validation; the next task's loading and this one's
+    writing still overlap the fits."""
 
     _slots = threading.Semaphore(1)
 
@@ -214,9 +215,9 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     m, X, outliers, excluded = _rows(data, config, candidate)
     cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
               candidate.name, log)
+    _fits_done()  # only the short refit is left: the next task may start loading
     refit = _fit(lambda: candidate.refit(m.X, m.y, config, np.flatnonzero(~excluded)),
                  candidate.name, log, "refitted on all rows")
-    _fits_done()
     return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log, refit)
 
 
@@ -332,10 +333,10 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         names = ", ".join(c.name for c in todo)
         cvs = _fit(lambda: cross_validate_group(todo, X, m.y, config, folds, fitted,
                                                 progress), names, log)
+        _fits_done()  # only the short refits are left: the next task may start loading
         refits = _fit(lambda: refit_members(todo, m.X, m.y, config,
                                             np.flatnonzero(~excluded)),
                       names, log, "refitted on all rows")
-        _fits_done()
         for c, cv, refit in zip(todo, cvs, refits, strict=True):
             ref = build_stage(
                 STAGE, root, {"data": data, "candidate": c, "config": config},
