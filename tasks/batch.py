@@ -177,7 +177,12 @@ class _Writer:
                 self.pq = pq.ParquetWriter(self.path, table.schema)
             self.pq.write_table(table)
         else:
-            pacsv.write_csv(table, self.fh, pacsv.WriteOptions(include_header=False))
+            # Text Ids as given: unquoted (1461, 001461) unless one needs quotes (a comma, a
+            # quote, a line break), as pandas and Kaggle write them.
+            plain = not _string_typed(ids.type) or not pc.any(
+                pc.match_substring_regex(ids, '[",\r\n]')).as_py()
+            pacsv.write_csv(table, self.fh, pacsv.WriteOptions(
+                include_header=False, quoting_style="none" if plain else "needed"))
 
     def close(self, ids_type: pa.DataType) -> None:
         if self.parquet:

@@ -17,6 +17,7 @@ def model(trained):
 def test_chunked_prediction_equals_one_pass(model, real_data, tmp_path):
     test_csv = real_data / "kaggle_house_pred_test.csv"
     stats = predict_file(model, test_csv, tmp_path / "one.csv", chunk_size=10_000)
+    assert (tmp_path / "one.csv").read_text().splitlines()[1].startswith("1461,")  # unquoted
     predict_file(model, test_csv, tmp_path / "many.csv", chunk_size=97)
     one, many = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "many.csv")
     assert stats["rows"] == 1459 and list(one.columns) == ["Id", "SalePrice"]
@@ -251,6 +252,13 @@ def test_ids_come_back_exactly_as_given(model, real_data, tmp_path):
     predict_file(model, tmp_path / "in.csv", tmp_path / "out.csv", warn=lambda _: None)
     out = pd.read_csv(tmp_path / "out.csv", dtype=str)
     assert out["Id"].tolist() == ["001461", "0042", "42", "A-7"]
+    lines = (tmp_path / "out.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["Id", "001461", "0042", "42", "A-7"]
+    raw["Id"] = ['a,"b"', "2", "3", "4"]  # one that needs quotes: quoted as CSV quotes it
+    raw.to_csv(tmp_path / "quoted.csv", index=False)
+    predict_file(model, tmp_path / "quoted.csv", tmp_path / "q-out.csv", warn=lambda _: None)
+    assert pd.read_csv(tmp_path / "q-out.csv", dtype=str)["Id"].tolist() == [
+        'a,"b"', "2", "3", "4"]
     raw["Id"] = ["0042", "0042", "1", "2"]
     raw.to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(DataError, match="1 Id value.* more than once: 0042"):
