@@ -239,6 +239,15 @@ def refitted(spec: CandidateConfig, final: str) -> bool:
     return final == "refit" or (final == "mixed" and not spec.linear_in_features)
 
 
+def auto_final(estimates: dict[str, float], max_loss: float, speed_floor: bool) -> str:
+    """``select.final = auto``: the fast ``mixed`` form unless it loses more than
+    ``max_loss`` of out-of-fold log RMSE to the fold ensemble; ``mixed`` whenever a speed
+    floor is set (the ensemble of every fold model is the slowest form)."""
+    if speed_floor or estimates["mixed"] <= estimates["ensemble"] + max_loss:
+        return "mixed"
+    return "ensemble"
+
+
 def final_estimates(P: np.ndarray, names: list[str], oof: pd.DataFrame,
                     weights: dict[str, float], specs: dict[str, CandidateConfig],
                     select_on: str) -> dict[str, float]:
@@ -377,12 +386,8 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
         m["blend_weight"] = weights.get(m["candidate"], 0.0)
     estimates = final_estimates(P, names, oof, weights, specs, select.on)
     chosen["final_estimates"] = estimates
-    final = select.final
-    if final == "auto":
-        final = ("mixed" if estimates["mixed"] <= estimates["ensemble"] + select.max_loss
-                 else "ensemble")
-        if final == "ensemble" and floor is not None:
-            final = "mixed"  # the ensemble of every fold model is the slowest form
+    final = (auto_final(estimates, select.max_loss, floor is not None)
+             if select.final == "auto" else select.final)
     chosen["final"] = final
     chosen["predict_rows_per_s"] = round(rows_per_s_of(weights, final))
     # The chosen model's out-of-fold prediction of every row: what the promotion gate

@@ -165,3 +165,55 @@ def test_a_device_that_is_not_there_is_one_line():
             check_device("cuda")
     else:
         assert check_device("cuda") == "cuda"
+
+
+def test_a_tree_compares_the_float32_row_with_the_float64_threshold():
+    """A split at 0.1 (float64): float32(0.1) is above it and goes right, as scikit-learn's
+    own predictor sends it. Rounding the threshold to the nearest float32 would send it left."""
+    from sklearn.tree import DecisionTreeRegressor
+
+    from tasks.plan import Member, _forest_arrays, _predict_forests
+
+    tree = {"feature": np.array([0, 0, 0], np.int32), "threshold": np.array([0.1, 0, 0]),
+            "left": np.array([1, -1, -1], np.int32), "right": np.array([2, -1, -1], np.int32),
+            "value": np.array([0.0, 1.0, 2.0]), "missing_left": np.zeros(3, np.uint8)}
+    member = Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([tree]))
+    x = np.array([np.float32(0.1), np.nextafter(np.float32(0.1), np.float32(0)), 0.0, 0.2],
+                 np.float32)
+    got = _predict_forests([member], x[:, None], "log")
+    want = np.where(x.astype(np.float64) <= 0.1, 1.0, 2.0)  # by hand: float64 comparison
+    np.testing.assert_array_equal(got, want)
+    assert list(want) == [2.0, 1.0, 1.0, 2.0]
+    # scikit-learn's own trees: splits at float64 midpoints between float32 values, some of
+    # which round up to a float32 the row on the right may hold.
+    rounded_up = 0
+    for a in np.float32([0.1, 0.3, 1.7, 12.345, 1000.1]):
+        b = np.float32(a + np.float32(1e-3))
+        sk = DecisionTreeRegressor(max_depth=1).fit(np.array([[a], [b]]), [1.0, 2.0])
+        thr = sk.tree_.threshold[0]
+        up = np.float32(thr) if np.float32(thr) > thr else np.nextafter(np.float32(thr),
+                                                                         np.float32(np.inf))
+        down = np.nextafter(up, np.float32(-np.inf))
+        rounded_up += np.float32(thr) > thr
+        pair = np.array([[down], [up]], np.float32)
+        sk_tree = {**tree, "threshold": np.array([thr, 0.0, 0.0])}
+        member = Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([sk_tree]))
+        np.testing.assert_array_equal(_predict_forests([member], pair, "log"),
+                                      sk.predict(pair))
+        assert list(sk.predict(pair)) == [1.0, 2.0]
+    assert rounded_up  # the case that needs the round-down was among them
+
+
+@pytest.mark.parametrize(("target", "leaves", "want"), [
+    ("log", [-5.0, 11.0], [0.0, 11.0]),  # a log price below 0 is a price below 1
+    ("raw", [0.25, 1e5], [0.0, np.log(1e5)]),  # a raw price below 1 -> 1
+])
+def test_a_members_price_is_clamped_at_1_as_the_book_clamps(target, leaves, want):
+    from tasks.plan import Member, _forest_arrays, _predict_forests
+
+    tree = {"feature": np.array([0, 0, 0], np.int32), "threshold": np.array([0.0, 0, 0]),
+            "left": np.array([1, -1, -1], np.int32), "right": np.array([2, -1, -1], np.int32),
+            "value": np.array([0.0, *leaves]), "missing_left": np.zeros(3, np.uint8)}
+    member = Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([tree]))
+    got = _predict_forests([member], np.array([[-1.0], [1.0]], np.float32), target)
+    np.testing.assert_allclose(got, want)

@@ -83,3 +83,67 @@ def test_a_torn_history_line_is_no_decision_and_the_next_append_is_whole(tmp_pat
     lines = history.read_text().splitlines()
     assert json.loads(lines[-1])["model"] == "bbbb"
     assert read_production(root)["model"] == "bbbb"
+
+
+def _scored(root, name, ids, pred, logy, oof=True):
+    """A select artifact holding out-of-fold predictions of rows ``ids`` (or none)."""
+    import pandas as pd
+
+    def write(out):
+        (out / "model.pt").write_text("m")
+        if oof:
+            pd.DataFrame({"Id": ids, "pred_log_price": pred, "log_price": logy}).to_parquet(
+                out / "oof.parquet")
+
+    artifacts.build(root, "select", name, write, parameters={}, upstream={}, code_version="c")
+    return artifacts.ArtifactRef(root=root, stage="select", version=name)
+
+
+@pytest.fixture
+def duel(tmp_path):
+    """A champion and a challenger scored on the same 200 rows (no new rows), the
+    challenger's errors half the champion's; their log RMSEs computed here by hand."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    ids, logy = np.arange(200), 12 + rng.normal(0, 0.4, 200)
+    noise = rng.normal(0, 0.1, 200)
+    root = str(tmp_path)
+    champion = _scored(root, "aaaa", ids, logy + noise, logy)
+    challenger = _scored(root, "bbbb", ids, logy + noise / 2, logy)
+    by_hand = float(np.sqrt(np.mean(noise ** 2)))
+    return root, champion, challenger, by_hand
+
+
+def test_the_gate_promotes_a_better_challenger_on_the_rows_both_were_scored_on(duel):
+    from tasks.promote import compare
+
+    root, champion, challenger, by_hand = duel
+    d = compare(challenger, champion, challenger, min_improvement=0.0)
+    assert d.promote and d.basis == "shared rows" and d.rows == 200
+    assert d.champion_log_rmse == pytest.approx(by_hand)
+    assert d.challenger_log_rmse == pytest.approx(by_hand / 2)
+    assert "better" in d.reason and d.champion == "aaaa"
+    back = compare(champion, challenger, champion, min_improvement=0.0)  # roles swapped
+    assert not back.promote and back.reason.endswith(": worse")
+
+
+def test_min_improvement_holds_back_a_challenger_better_by_less(duel):
+    from tasks.promote import compare
+
+    root, champion, challenger, by_hand = duel
+    gain = by_hand / 2
+    assert compare(challenger, champion, challenger, gain * 0.9).promote
+    held = compare(challenger, champion, challenger, gain * 1.1)
+    assert not held.promote and "not better enough (needs an improvement of" in held.reason
+
+
+def test_an_unusable_champion_is_replaced(duel):
+    import numpy as np
+
+    from tasks.promote import compare
+
+    root, _, challenger, _ = duel
+    broken = _scored(root, "cccc", np.arange(3), None, None, oof=False)  # no predictions kept
+    d = compare(challenger, broken, challenger, min_improvement=0.0)
+    assert d.promote and d.basis == "champion unusable" and "cccc is not usable" in d.reason

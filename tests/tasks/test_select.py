@@ -13,6 +13,8 @@ from tasks.config import SelectConfig, TrainConfig, candidate
 from tasks.kinds import KINDS
 from tasks.select import (
     CHECKPOINT_FORMAT,
+    auto_final,
+    blend_metrics,
     cross_fitted_blend,
     fit_blend,
     fold_table,
@@ -64,6 +66,64 @@ def test_blend_weights_are_non_negative_and_its_score_is_cross_fitted():
     rmse = lambda p: np.sqrt(np.mean((p - logy) ** 2))  # noqa: E731
     assert rmse(crossed) < min(rmse(good_a), rmse(good_b))
     assert rmse(crossed) >= rmse(P @ w)  # honest: no better than in-sample weights
+
+
+def _three_members(n=300, seed=1):
+    rng = np.random.default_rng(seed)
+    logy = 12 + rng.normal(0, 0.4, n)
+    P = np.column_stack([logy + rng.normal(0, s, n) for s in (0.08, 0.12, 0.2)])
+    return P, logy
+
+
+def test_a_folds_blended_prediction_does_not_move_when_that_folds_prices_do():
+    """Cross-fitting: the weights that predict fold k's rows never saw fold k's prices."""
+    P, logy = _three_members()
+    fold = np.arange(len(logy)) % 5
+    use = np.ones(len(logy), bool)
+    before = cross_fitted_blend(P, logy, fold, use)
+    moved = logy.copy()
+    moved[fold == 2] += np.random.default_rng(2).normal(0, 0.5, (fold == 2).sum())
+    after = cross_fitted_blend(P, moved, fold, use)
+    np.testing.assert_array_equal(after[fold == 2], before[fold == 2])
+    # ... while every other fold's weights did see them, and moved.
+    assert not np.allclose(after[fold != 2], before[fold != 2])
+
+
+def test_the_blends_score_is_that_of_weights_fitted_on_the_other_folds():
+    """An independent computation of the headline score: per fold, scikit-learn's
+    non-negative least squares on the other folds' selection rows, then the RMSE."""
+    from sklearn.linear_model import LinearRegression
+
+    P, logy = _three_members()
+    n = len(logy)
+    fold = np.arange(n) % 4
+    outlier = np.zeros(n, bool)
+    outlier[::37] = True
+    oof = pd.DataFrame({"Id": np.arange(n), "fold": fold, "outlier": outlier, "log_price": logy})
+    got = blend_metrics(P, ["a", "b", "c"], oof, "clean")
+    want = np.empty(n)
+    for k in range(4):
+        rows = (fold != k) & ~outlier
+        fit = LinearRegression(positive=True, fit_intercept=False).fit(P[rows], logy[rows])
+        want[fold == k] = P[fold == k] @ fit.coef_
+    np.testing.assert_allclose(got["oof_pred"], want, rtol=1e-6)
+    assert got["oof_log_rmse_all"] == pytest.approx(np.sqrt(np.mean((want - logy) ** 2)))
+    clean = ~outlier
+    assert got["oof_log_rmse_clean"] == pytest.approx(
+        np.sqrt(np.mean((want[clean] - logy[clean]) ** 2)))
+    full = LinearRegression(positive=True, fit_intercept=False).fit(P[clean], logy[clean])
+    assert list(got["weights"].values()) == pytest.approx(full.coef_.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize(("mixed", "max_loss", "floor", "want"), [
+    (0.1100, 0.0, False, "mixed"),  # no worse: the fast form
+    (0.1104, 0.0005, False, "mixed"),  # worse, within max_loss
+    (0.1106, 0.0005, False, "ensemble"),  # worse by more than max_loss
+    (0.1106, 0.0005, True, "mixed"),  # a speed floor: never the slowest form
+])
+def test_auto_picks_mixed_unless_it_loses_more_than_max_loss(mixed, max_loss, floor, want):
+    estimates = {"ensemble": 0.1100, "mixed": mixed, "refit": 0.1200}
+    assert auto_final(estimates, max_loss, floor) == want
 
 
 def _fake_train(root, name, pred, logy, outlier, kind="ridge", status="ok"):
