@@ -3,6 +3,7 @@ trained pipeline run that several test modules read."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -23,6 +24,10 @@ os.environ["HOUSEPRICE_API_KEEP_S"] = "0"
 os.environ["HOUSEPRICE_ARTIFACTS"] = str(_TMP / "default-artifacts")
 os.environ["HOUSEPRICE_DATA_DIR"] = str(_TMP / "default-cache")
 os.environ["HOUSEPRICE_CACHE"] = str(_TMP / "store-cache")  # local copies of bucket objects
+# The suite runs as on a machine without a GPU, on any machine (device "auto" would train
+# on CUDA, whose float arithmetic differs); the GPU checks ask for it back (``gpu_env``).
+_CUDA_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
 
@@ -32,13 +37,74 @@ TRAIN_CSV = DATA / "kaggle_house_pred_train.csv"
 TEST_CSV = DATA / "kaggle_house_pred_test.csv"
 
 
+# Coverage follows every Python subprocess (pyproject: patch = subprocess). Servers the
+# fixtures start (Prefect's own, moto's) run none of this project's code: left unmeasured,
+# they are not slowed by its tracer.
+_COVERAGE_VARS = ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
+
+
+def unmeasured(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in _COVERAGE_VARS}
+
+
+def gpu_env() -> dict[str, str] | None:
+    """The environment of a subprocess that sees this machine's GPUs, or None without one."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if _CUDA_DEVICES is not None:
+        env["CUDA_VISIBLE_DEVICES"] = _CUDA_DEVICES
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    return env if probe.stdout.strip() == "True" else None
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
+    """A loopback port free just now (bound, then released): for a server started with
+    ``start_server``, which takes another if someone else binds it first."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def refused_port():
+    """A loopback port bound but never listening, for the test's duration: connections to
+    it are refused, and no other process can take it meanwhile."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def start_server(start, ready, log: Path, what: str, attempts: int = 3,
+                 timeout: float = 120.0):
+    """Start a server on a free port: ``start(port)`` returns its Popen (in its own session),
+    ``ready(port)`` whether it answers. A server that exits before answering (its port
+    taken between choosing and binding it) is started again on another port. Returns
+    (port, process); fails the test with the log's tail."""
+    import signal
+    import time
+
+    for _ in range(attempts):
+        port = free_port()
+        proc = start(port)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if ready(port):
+                    return port, proc
+            except OSError:
+                pass
+            time.sleep(0.3)
+        if proc.poll() is None:  # neither answering nor gone: no retry helps
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    pytest.fail(f"{what} did not start: " + log.read_text(errors="replace")[-2000:])
 
 
 class DataServer:
@@ -109,45 +175,48 @@ def prefect_api():
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    saved = {k: os.environ.pop(k) for k in _COVERAGE_VARS if k in os.environ}
+    try:
+        harness = prefect_test_harness(server_startup_timeout=60)
+        harness.__enter__()  # its server subprocess starts here, unmeasured
+    finally:
+        os.environ.update(saved)
+    try:
         yield PREFECT_API_URL.value()
+    finally:
+        harness.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")
 def prefect_server(session_tmp):
     """A real ``prefect server start`` on a free loopback port, with its own PREFECT_HOME
     (bounded wait for health; stopped at the end). Yields its API URL."""
-    import signal
     import subprocess
     import sys
-    import time
     import urllib.request
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(session_tmp / "server-home"),
+    env = {**unmeasured(os.environ), "PREFECT_HOME": str(session_tmp / "server-home"),
            "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    log = open(session_tmp / "prefect-server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
-            pytest.fail("prefect server did not start: "
-                        + (session_tmp / "prefect-server.log").read_text()[-2000:])
-        time.sleep(0.5)
+    path = session_tmp / "prefect-server.log"
+    log = open(path, "w")  # noqa: SIM115 - closed below
+
+    def start(port):
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "server", "start",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def ready(port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+            return r.status == 200
+
+    try:
+        port, proc = start_server(start, ready, path, "prefect server")
+    except BaseException:
+        log.close()
+        raise
+    url = f"http://127.0.0.1:{port}/api"
     yield url
     stop(proc)
     log.close()
@@ -158,6 +227,8 @@ def stop(proc) -> None:
     import signal
     import subprocess
 
+    if proc.poll() is not None:
+        return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
@@ -230,30 +301,29 @@ class S3Server:
         import json
         import subprocess
         import sys
-        import time
         import urllib.request
 
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         # The first 4 requests (the IAM user, its policy and key, below) need no signature;
         # every later one is checked, so wrong credentials are refused as by AWS.
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+        env = {**unmeasured(os.environ), "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
         self.log = open(home / "moto.log", "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
-             str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.close()
-                    pytest.fail("moto server did not start: "
-                                + (home / "moto.log").read_text()[-2000:])
-                time.sleep(0.3)
+
+        def start(port):
+            return subprocess.Popen(
+                [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                 str(port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+        def ready(port):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2).close()
+            return True
+
+        try:
+            self.port, self.proc = start_server(start, ready, home / "moto.log", "moto server")
+        except BaseException:
+            self.log.close()
+            raise
+        self.endpoint = f"http://127.0.0.1:{self.port}"
         import boto3
 
         iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",

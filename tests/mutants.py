@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| mutant | file | planted bug | result | tests run | s |\n|---|---|---|---|---|---|")
     for m, result, seconds in rows:
         tests = ", ".join(t.split("::")[-1] if "::" in t else Path(t).name for t in m.tests)
-        tests = tests if len(tests) < 60 else f"{len(m.tests)} tests of {Path(m.tests[0].split('::')[0]).name}"
+        if len(tests) > 60:
+            tests = f"{len(m.tests)} tests of {Path(m.tests[0].split('::')[0]).name}"
         print(f"| {m.name} | {m.file} | {m.why} | {result} | {tests} | {seconds:.0f} |")
     survived = [m.name for m, r, _ in rows if not r.startswith("caught")]
     print(f"\n{len(rows) - len(survived)} of {len(rows)} caught"

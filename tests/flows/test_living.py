@@ -13,14 +13,16 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks.artifacts import ArtifactError, read_history, read_production
+from tasks.artifacts import ArtifactError, ArtifactRef, read_history, read_production
+from tasks.batch import load_model
 from tasks.feed import make_feed
-from tasks.promote import promote_by_hand, rollback
+from tasks.promote import list_models, promote_by_hand, rollback
 from tests.conftest import TRAIN_CSV, stop, task_states
 
 # Quick linear candidates: the loop, not the accuracy, is under test here.
@@ -44,29 +46,46 @@ def _latest_run(flow_name: str):
     return run
 
 
-@pytest.fixture(scope="module")
-def replay(prefect_server, tmp_path_factory):
-    """``houseprice run`` on a monthly feed, as a user runs it, against the real server:
-    returns (exit code, last line, task states by stage, the flow run)."""
-    tmp = tmp_path_factory.mktemp("living")
+def _loop(tmp: Path, api: str):
+    """``houseprice run`` on a monthly feed under ``tmp``, as a user runs it, against the real
+    server: returns (run, feed, root); ``run`` returns (exit code, last line, task states by
+    stage, the flow run)."""
     feed, root = tmp / "sales", tmp / "artifacts"
 
     def run(overrides=FAST):
         config = tmp / "config.json"
         config.write_text(json.dumps(overrides))
-        env = {**os.environ, "PREFECT_API_URL": prefect_server,
-               "HOUSEPRICE_DATA_DIR": str(tmp / "cache")}
+        env = {**os.environ, "PREFECT_API_URL": api, "HOUSEPRICE_DATA_DIR": str(tmp / "cache")}
         proc = subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--train",
              str(feed), "--data-url", str(TRAIN_CSV.parent), "--artifacts", str(root)],
             env=env, capture_output=True, text=True, timeout=300)
-        with temporary_settings({PREFECT_API_URL: prefect_server}):
+        with temporary_settings({PREFECT_API_URL: api}):
             flow_run = _latest_run("house-price")
             states = task_states(flow_run.id)
         # The summary is stdout's last line; an error, stderr's.
         lines = (proc.stdout if proc.returncode == 0 else proc.stderr).strip().splitlines()
         return proc.returncode, lines[-1] if lines else "", states, flow_run
 
+    return run, feed, root
+
+
+@pytest.fixture
+def replay(prefect_server, tmp_path):
+    """A fresh loop: no feed, no artifacts yet."""
+    return _loop(tmp_path, prefect_server)
+
+
+@pytest.fixture(scope="module")
+def promoted(prefect_server, tmp_path_factory):
+    """A loop with two models, the first production (the second, worse, not promoted);
+    tests that change production put it back."""
+    run, feed, root = _loop(tmp_path_factory.mktemp("promoted"), prefect_server)
+    make_feed(TRAIN_CSV, feed, until="2008-12")
+    for overrides in (FAST, WORSE):
+        code, line, _, _ = run(overrides)
+        assert code == 0, line
+    assert len(list_models(root)) == 2 and read_production(root) is not None
     return run, feed, root
 
 
@@ -98,7 +117,19 @@ def test_replay_trains_promotes_caches_and_gates_on_new_rows(replay):
     decision = read_history(root)[-1]
     assert decision["basis"] == "new rows" and decision["rows"] == sum(more.values()) == 41
     assert decision["champion"] == first["model"]
-    better = decision["challenger_log_rmse"] <= decision["champion_log_rmse"]
+    # The gate's figures, computed here another way: the champion predicts the new months'
+    # files through the batch path; the challenger's out-of-fold predictions of those rows.
+    new_rows = pd.concat([pd.read_csv(f) for f in sorted(feed.glob("2009-0[123].csv"))])
+    truth = np.log(new_rows["SalePrice"].to_numpy())
+    champion = load_model(ArtifactRef(root=str(root), stage="select", version=first["model"]))
+    theirs = np.sqrt(np.mean((champion.predict_frame(new_rows)[0] - truth) ** 2))
+    oof = pd.read_parquet(ArtifactRef(root=str(root), stage="select",
+                                      version=decision["model"]).file("oof.parquet"))
+    ours_pred = oof.set_index("Id").loc[new_rows["Id"].to_numpy(), "pred_log_price"]
+    ours = np.sqrt(np.mean((ours_pred.to_numpy() - truth) ** 2))
+    assert decision["champion_log_rmse"] == pytest.approx(theirs, rel=1e-6)
+    assert decision["challenger_log_rmse"] == pytest.approx(ours, rel=1e-6)
+    better = ours <= theirs  # promote.min_improvement is 0 by default
     assert decision["promoted"] == better
     assert read_production(root)["model"] == (decision["model"] if better else first["model"])
     assert ("promoted to production" if better else "not promoted") in line
@@ -131,10 +162,8 @@ def test_replay_trains_promotes_caches_and_gates_on_new_rows(replay):
     assert len(history) == 4 and [h["promoted"] for h in history][:2] == [True, False]
 
 
-def test_promote_rollback_and_their_errors(replay):
-    from tasks.promote import list_models
-
-    _, _, root = replay
+def test_promote_rollback_and_their_errors(promoted):
+    _, _, root = promoted
     current = read_production(root)["model"]
     other = next(m["version"] for m in list_models(root) if m["version"] != current)
     promote_by_hand(root, other)
@@ -152,38 +181,49 @@ def test_rollback_without_an_earlier_production_model_says_so(tmp_path):
         rollback(str(tmp_path))
 
 
-def test_racing_promotions_leave_one_history_and_a_whole_pointer(trained):
-    """Threads promoting two models at once while a reader reads the pointer: every read
-    is whole JSON naming one of them, and the history has one line per promotion."""
-    cfg, result = trained
-    root = cfg.artifacts_dir
-    version = result["model_version"]
+def test_racing_promotions_leave_one_history_and_a_whole_pointer(promoted):
+    """Threads promoting two different models at once while a reader reads production and
+    the CURRENT pointer: every read is whole and names one model with that model's own
+    fields (never one model's name with the other's predictions), the history has one line
+    per promotion, and production ends as the last line says."""
+    from tasks.artifacts import read_pointer
+
+    _, _, root = promoted
+    first = read_production(root)
+    a, b = (m["version"] for m in list_models(root))
+    for v in (a, b):
+        promote_by_hand(root, v, reason="race")
+    pairs = {e["model"]: e["predictions"] for e in read_history(root)[-2:]}
+    assert set(pairs) == {a, b} and pairs[a] != pairs[b]
     before = len(read_history(root))
     errors, stop = [], threading.Event()
 
     def reader():
         while not stop.is_set():
             try:
-                current = read_production(root)
-                assert current is None or current["model"] == version
-            except Exception as exc:  # noqa: BLE001 - any torn read is the failure
+                for current in (read_production(root), read_pointer(root)):
+                    assert pairs[current["model"]] == current["predictions"], current
+            except Exception as exc:  # noqa: BLE001 - any torn or mixed read is the failure
                 errors.append(exc)
 
-    def writer():
-        for _ in range(10):
+    def writer(version):
+        for _ in range(8):
             promote_by_hand(root, version, reason="race")
 
-    threads = [threading.Thread(target=reader)] + [threading.Thread(target=writer)
-                                                   for _ in range(3)]
+    threads = [threading.Thread(target=reader)] + [
+        threading.Thread(target=writer, args=(v,)) for v in (a, b, a, b)]
     for t in threads:
         t.start()
     for t in threads[1:]:
         t.join()
     stop.set()
     threads[0].join()
-    assert not errors
-    lines = (Path(root) / "production" / "history.jsonl").read_text().splitlines()
-    assert len(lines) == before + 30 and all(json.loads(line)["model"] for line in lines)
+    assert not errors, errors[:3]
+    history = read_history(root)
+    assert len(history) == before + 32
+    assert sorted(e["model"] for e in history[before:]) == sorted([a] * 16 + [b] * 16)
+    assert read_production(root)["model"] == read_pointer(root)["model"] == history[-1]["model"]
+    promote_by_hand(root, first["model"], reason="put back")
 
 
 def _serve_score(api: str, inbox: Path, root: Path, cache: Path, log):
@@ -194,13 +234,12 @@ def _serve_score(api: str, inbox: Path, root: Path, cache: Path, log):
         env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_scoring_deployment_scores_caches_and_raises_drift_events(replay, prefect_server,
+def test_scoring_deployment_scores_caches_and_raises_drift_events(promoted, prefect_server,
                                                                  tmp_path):
     from prefect.deployments import run_deployment
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    _, _, root = replay
-    assert read_production(root) is not None  # the replay promoted a model
+    _, _, root = promoted
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     # Listings like the rows the model was trained on (no drift) ...

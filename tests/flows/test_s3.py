@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import free_port, small_config, stop, task_states, write_config
+from tests.conftest import small_config, start_server, stop, task_states, write_config
 
 # Linear kinds only, few epochs: the point here is where things are stored, not accuracy.
 CANDIDATES = (
@@ -120,29 +121,34 @@ def test_an_unusable_bucket_is_one_line_exit_1_and_nothing_written(s3, tmp_path,
 def dask_cluster(s3, prefect_api, tmp_path):
     """A scheduler and 2 workers, each in its own directory with its own HOME: nothing of
     the flow's working directory, caches or artifacts is visible to them."""
-    port = free_port()
     bin_dir = Path(sys.executable).parent
     procs = []
 
     def start(name, args):
         home = tmp_path / name
-        home.mkdir()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("HOUSEPRICE_", "PREFECT_"))}
         env.update(HOME=str(home), PREFECT_HOME=str(home / "prefect"),
                    PREFECT_API_URL=prefect_api, OMP_NUM_THREADS="1",
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        log = open(home / "log.txt", "w")  # noqa: SIM115 - closed below
+        home.mkdir(exist_ok=True)
+        log = open(home / "log.txt", "a")  # noqa: SIM115 - closed below
         procs.append((subprocess.Popen([str(bin_dir / "dask"), *args], cwd=home, env=env,
                                        stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True), log))
-        return home
+        return home, procs[-1][0]
 
+    def listening(port):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+
+    port, _ = start_server(
+        lambda port: start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port",
+                                         str(port), "--no-dashboard"])[1],
+        listening, tmp_path / "scheduler" / "log.txt", "dask scheduler")
     address = f"tcp://127.0.0.1:{port}"
-    start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(port),
-                        "--no-dashboard"])
     homes = [start(f"worker-{i}", ["worker", address, "--nthreads", "1", "--no-dashboard",
-                                   "--local-directory", "."]) for i in range(2)]
+                                   "--local-directory", "."])[0] for i in range(2)]
     from distributed import Client
 
     try:

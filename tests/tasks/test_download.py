@@ -7,7 +7,7 @@ import pytest
 
 from tasks.config import DataConfig, RemoteFile
 from tasks.download import DownloadError, download, fetch, sha1_file, take_snapshot
-from tests.conftest import free_port
+from tests.conftest import refused_port
 
 TRAIN = RemoteFile(name="kaggle_house_pred_train.csv",
                    sha1="585e9cc93e70b39160e7921475f9bcd7d31219ce")
@@ -68,9 +68,8 @@ def test_http_404_fails_fast_with_url(data_server, tmp_path):
 
 
 def test_connection_refused_is_retried_then_reported(tmp_path):
-    port = free_port()
     logs = []
-    with pytest.raises(DownloadError, match="after 3 attempts") as err:
+    with refused_port() as port, pytest.raises(DownloadError, match="after 3 attempts") as err:
         fetch(TRAIN, f"http://127.0.0.1:{port}/", tmp_path, retries=2, backoff_s=0,
               log=logs.append)
     assert f"127.0.0.1:{port}/{TRAIN.name}" in str(err.value)
