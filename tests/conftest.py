@@ -277,6 +277,17 @@ TEST_CANDIDATES = (
     {"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
     {"name": "hgb", "kind": "hgb", "learning_rate": 0.1, "max_iter": 20},
 )
+# Each kind's own fields, written out (what a checkpoint's model_config holds): no field of
+# another kind.
+OWN_FIELDS = {
+    "linear": {"name", "kind", "exclude_outliers", "batch_size", "clip_grad_norm", "epochs",
+               "init", "lr", "optimizer", "seeds", "weight_decay"},
+    "lasso": {"name", "kind", "exclude_outliers", "alpha", "max_iter"},
+    "ridge": {"name", "kind", "exclude_outliers", "alpha"},
+    "hgb": {"name", "kind", "exclude_outliers", "l2_regularization", "learning_rate", "loss",
+            "max_iter", "max_leaf_nodes", "min_samples_leaf"},
+}
+OWN_FIELDS["mlp"] = OWN_FIELDS["linear"] | {"activation", "dropout", "hidden"}
 TEST_SEARCH = (
     {"base": {"name": "ridge", "kind": "ridge"}, "grid": {"alpha": [3.0, 30.0]}},
 )

@@ -211,3 +211,44 @@ def test_rows_appended_during_a_copy_are_fetched(tmp_path, monkeypatch, appends)
     fetch_file(located, cache, log=lambda _: None)
     assert cache.read_text() == source.read_text()
     assert cache.read_text().count("\n") == 2 + min(appends, 3)
+
+
+def _source_file(path):
+    from tasks.download import SourceFile
+
+    return SourceFile(name=path.name, sha1=sha1_file(path), path=str(path))
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ("Id,Price\n1,caf\xe9\n".encode("latin-1"), "is not a UTF-8 CSV file; export it as CSV"),
+    (b'Id,Price\n1,"10\n', "is not a valid CSV file"),
+    (b"Key,Price\n1,10\n", "has no Id column"),
+    (b"Id,Price\n1,10,7\n", "line 2 has 3 fields, the header has 2"),
+])
+def test_a_file_that_is_no_usable_csv_is_one_line_naming_it(tmp_path, content, words):
+    from tasks.download import merge
+    from tasks.features import DataError
+
+    bad = tmp_path / "2009-01.csv"
+    bad.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        merge((_source_file(bad),), "error", tmp_path / "out.csv")
+    assert str(err.value).startswith("2009-01.csv ") and words in str(err.value)
+    assert len(str(err.value).splitlines()) == 1 and not (tmp_path / "out.csv").exists()
+
+
+def test_a_cached_file_changed_after_its_fetch_is_not_merged(real_data, tmp_path):
+    from tasks.download import Snapshot
+
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    shutil.copyfile(real_data / "kaggle_house_pred_train.csv", train)
+    shutil.copyfile(real_data / "kaggle_house_pred_test.csv", test)
+    snapshot = Snapshot(train=(_source_file(train),), test=(_source_file(test),))
+    with open(train, "a") as fh:  # a row appended in the cache after the snapshot
+        fh.write("9999" + ",1" * 80 + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DownloadError, match=f"cached {train} changed after it was fetched; "
+                                            "run again"):
+        download(snapshot, "error", out)
+    assert list(out.iterdir()) == []

@@ -12,6 +12,7 @@ from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, TrainConfig, candidate, load_config_file
 from tasks.kinds import KINDS
 from tasks.stage import stage_version
+from tests.conftest import OWN_FIELDS
 
 # A minimal valid candidate of every kind, and a field that belongs to another kind.
 MINIMAL = {
@@ -44,6 +45,8 @@ def test_a_foreign_field_is_rejected_naming_candidate_field_and_kind(kind):
 @pytest.mark.parametrize("kind", sorted(MINIMAL))
 def test_a_candidate_holds_only_its_own_fields(kind):
     spec = candidate(name="c", kind=kind, **MINIMAL[kind][0])
+    if kind in OWN_FIELDS:
+        assert set(spec.version_params()) == OWN_FIELDS[kind]
     assert set(spec.version_params()) == set(KINDS[kind].model_fields)
     if kind not in ("linear", "mlp"):
         assert not {"optimizer", "lr", "epochs", "activation"} & set(spec.version_params())

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import torch
 
 from tasks.artifacts import ArtifactRef
 from tasks.config import SelectConfig, TrainConfig, candidate
-from tasks.kinds import KINDS
 from tasks.select import (
     CHECKPOINT_FORMAT,
     auto_final,
@@ -21,6 +21,7 @@ from tasks.select import (
     leaderboard,
     select_model,
 )
+from tests.conftest import OWN_FIELDS
 
 
 def _m(name, scores, oof=None, status="ok"):
@@ -152,17 +153,40 @@ def test_no_healthy_candidate_fails_with_the_reasons(tmp_path):
         select_model(refs, specs, TrainConfig(n_splits=3), SelectConfig(), tmp_path / "out")
 
 
+def _weights_by_hand(cfg, ckpt, selected) -> dict[str, float]:
+    """The selected model's weights from the train artifacts: 1 for a single candidate;
+    for the blend, scikit-learn's non-negative least squares of the candidates' out-of-fold
+    predictions on the selection rows (those with weight 0 left out)."""
+    from sklearn.linear_model import LinearRegression
+
+    if selected != "blend":
+        return {selected: 1.0}
+    refs = {name: ArtifactRef(root=cfg.artifacts_dir, stage="train", version=v)
+            for v, name in ckpt["lineage"]["train_candidates"].items()}
+    frames = {n: pd.read_parquet(ref.file("oof.parquet")) for n, ref in refs.items()
+              if json.loads(ref.file("metrics.json").read_text())["status"] == "ok"}
+    names = list(frames)
+    first = frames[names[0]]
+    rows = ~first["outlier"].to_numpy(bool) if cfg.select.on == "clean" else slice(None)
+    P = np.column_stack([frames[n]["pred_log_price"].to_numpy() for n in names])[rows]
+    fit = LinearRegression(positive=True, fit_intercept=False).fit(
+        P, first["log_price"].to_numpy()[rows])
+    return {n: float(w) for n, w in zip(names, fit.coef_, strict=True) if w > 1e-9}
+
+
 def test_checkpoint_is_self_describing(trained):
     cfg, result = trained
     ref = ArtifactRef(root=cfg.artifacts_dir, stage="select", version=result["model_version"])
     ckpt = torch.load(ref.file("model.pt"), weights_only=True)
     assert ckpt["format"] == CHECKPOINT_FORMAT
     assert {c["candidate"]: c["weight"] for c in ckpt["components"]} == result["components"]
-    assert sum(c["weight"] for c in ckpt["components"]) == pytest.approx(1.0, abs=0.1)
+    weights = {c["candidate"]: c["weight"] for c in ckpt["components"]}
+    assert weights == pytest.approx(_weights_by_hand(cfg, ckpt, result["selected"]),
+                                    abs=1e-6)
     for comp in ckpt["components"]:
         assert comp["model_config"]["name"] == comp["candidate"]
         # only the component's own kind's fields
-        assert set(comp["model_config"]) == set(KINDS[comp["model_config"]["kind"]].model_fields)
+        assert set(comp["model_config"]) == OWN_FIELDS[comp["model_config"]["kind"]]
         # a fold ensemble, or (select.final) one model fitted on all rows
         assert len(comp["folds"]) == (1 if comp["refit"] else
                                       cfg.train.n_splits * cfg.train.repeats)
@@ -175,7 +199,11 @@ def test_checkpoint_is_self_describing(trained):
     lineage = ckpt["lineage"]
     assert lineage["raw_files"]["train"] == {
         "kaggle_house_pred_train.csv": "585e9cc93e70b39160e7921475f9bcd7d31219ce"}
-    assert lineage["data_version"] == ckpt["metrics"].get("data_version", lineage["data_version"])
+    # The data version by hand: SHA-256 of the sorted [name, SHA-1] pairs as compact JSON.
+    pairs = json.dumps([["kaggle_house_pred_train.csv",
+                         "585e9cc93e70b39160e7921475f9bcd7d31219ce"]], separators=(",", ":"))
+    assert lineage["data_version"] == hashlib.sha256(pairs.encode()).hexdigest()[:8]
+    assert result["data_version"] == lineage["data_version"]
     assert set(lineage) >= {"download", "preprocess", "tensorize", "train"}
     assert len(lineage["train"]) == len(cfg.all_candidates())
     # Hashes with names: the lineage says which candidate each train version is, and each

@@ -145,7 +145,16 @@ def test_candidate_metrics_report_both_row_sets():
     m = candidate_metrics(spec, cv, np.log(y), outliers)
     assert (m["n_rows_all"], m["n_rows_clean"]) == (300, 298)
     assert m["status"] == "ok" and m["oof_log_rmse_all"] != m["oof_log_rmse_clean"]
-    assert m["mean_valid_log_rmse"] == pytest.approx(np.mean(cv.valid_log_rmse))
+    # By hand, from each row's out-of-fold prediction: every fold's RMSE, their mean, and
+    # the RMSE over all rows and over the rows that are not outliers.
+    logy, pred = np.log(y), cv.oof_log_price[0]
+    per_fold = [np.sqrt(np.mean((pred[va] - logy[va]) ** 2)) for _, va in cv.folds]
+    assert m["mean_valid_log_rmse"] == pytest.approx(np.mean(per_fold))
+    assert [f["valid_log_rmse"] for f in m["folds"]] == pytest.approx(per_fold)
+    assert m["oof_log_rmse_all"] == pytest.approx(np.sqrt(np.mean((pred - logy) ** 2)))
+    keep = ~outliers
+    assert m["oof_log_rmse_clean"] == pytest.approx(
+        np.sqrt(np.mean((pred[keep] - logy[keep]) ** 2)))
 
 
 def test_worker_that_cannot_see_the_artifact_root_fails_clearly(tmp_path):
@@ -283,13 +292,28 @@ def test_repeats_need_shuffled_folds():
 
 
 def test_learning_curves_are_drawn_with_gaps_and_for_a_candidate_diverged_at_once(tmp_path):
+    import matplotlib.image as plt_image
+
     from tasks.train import plot_curves
 
     nan, inf = float("nan"), float("inf")
-    fine = {"train_log_rmse": [0.5, 0.3, 0.2], "valid_log_rmse": [0.6, inf, 0.25],
-            "grad_norm": [2.0, 1.0, 0.5]}
+    fine = {"train_log_rmse": [0.5, 0.4, 0.3, 0.25, 0.2],
+            "valid_log_rmse": [0.6, 0.5, inf, 0.3, 0.25],  # a gap at epoch 3
+            "grad_norm": [2.0, 1.5, 1.0, 0.7, 0.5]}
     dead = {"train_log_rmse": [nan, inf], "valid_log_rmse": [nan, nan], "grad_norm": [inf, nan]}
-    for name, curves in (("fine", [fine, fine]), ("dead", [dead])):
+    other = {k: [2 * x for x in v] for k, v in fine.items()}  # a second fold's, apart
+    for name, curves in (("fine", [fine, other]), ("dead", [dead])):
         path = tmp_path / f"{name}.png"
         plot_curves(curves, name, path)
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = plt_image.imread(path)[..., :3] * 255  # a PNG that decodes
+        assert image.shape == (320, 800, 3)  # 10 x 4 inches at 80 dpi
+        left, right = image[:, :400], image[:, 400:]
+        # Drawn curves: the series' colours at alpha 0.6 over white, train and valid on the
+        # left, the gradient norm on the right; a candidate dead at once has none.
+        want = {"train": (left, "#1f77b4"), "valid": (left, "#ff7f0e"),
+                "grad": (right, "#2ca02c")}
+        for series, (half, color) in want.items():
+            rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+            blended = 0.6 * rgb + 0.4 * 255
+            n = int((np.abs(half - blended).max(axis=-1) < 6).sum())
+            assert (n > 30) == (name == "fine"), (name, series, n)
