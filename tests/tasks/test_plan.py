@@ -48,9 +48,9 @@ def fitted(kaggle):
     return pre, fold_pres, out
 
 
-def _checkpoint(pre, fold_pres, parts, refit=False):
+def _checkpoint(pre, fold_pres, parts, refit=False, target="log"):
     return {
-        "format": CHECKPOINT_FORMAT, "target": "log", "n_features": len(pre.feature_names_),
+        "format": CHECKPOINT_FORMAT, "target": target, "n_features": len(pre.feature_names_),
         "components": [{"candidate": spec.name, "weight": w,
                         "model_config": spec.model_dump(mode="json"),
                         "folds": [{"members": r}] if refit else [{"members": m} for m in mem]}
@@ -91,6 +91,45 @@ def test_plan_equals_the_members_predicted_one_by_one(fitted, kaggle, kind, refi
     assert not any("@" in col for col in plan.linear_num)
     if kind in ("linear", "lasso", "ridge", "enet"):
         assert not plan.members  # no feature matrix is built at all
+
+
+RAW_KINDS = ("ridge", "hgb", "mlp")
+
+
+@pytest.fixture(scope="module")
+def fitted_raw(kaggle):
+    """A few kinds trained on the raw price (``train.target = raw``), 3 folds."""
+    train, _ = kaggle
+    pre = Preprocessor(**OPTIONS).fit([train])
+    folds = make_folds(len(train), 3, 0, "shuffled")
+    fold_pres = [pre.unfitted().fit([train.iloc[rows]]) for rows, _ in folds]
+    Xs = np.stack([p.transform_as(train, pre.feature_names_) for p in fold_pres])
+    cfg = TrainConfig(repeats=1, n_splits=3, seed=0, target="raw")
+    y = train["SalePrice"].to_numpy(float)
+    out = {}
+    for kind in RAW_KINDS:
+        spec = candidate(name=kind, kind=kind, **MINIMAL[kind][0])
+        cv = spec.cross_validate(Xs, y, cfg, folds, [tr for tr, _ in folds], lambda f: None)
+        out[kind] = (spec, cv.members, None)
+    return pre, fold_pres, out
+
+
+@pytest.mark.parametrize("kind", [*RAW_KINDS, "blend"])
+def test_a_plan_of_raw_price_members_equals_them_predicted_one_by_one(fitted_raw, kaggle,
+                                                                      kind, tmp_path):
+    pre, fold_pres, out = fitted_raw
+    _, test = kaggle
+    parts = ([(w, out[k]) for w, k in zip((0.3, 0.3, 0.4), RAW_KINDS, strict=True)]
+             if kind == "blend" else [(1.0, out[kind])])
+    reference = FittedModel(_checkpoint(pre, fold_pres, parts, target="raw"))
+    compile_plan(reference).save(tmp_path)
+    got, _ = Plan.load(tmp_path).predict_frame(test)
+    want, _ = reference.predict_frame(test)
+    # Within a cent: a raw price is a sum of terms ~1e5 that can cancel to a few hundred, so
+    # float64 rounding in another summation order shows relatively there.
+    np.testing.assert_allclose(np.exp(got), np.exp(want), rtol=1e-6, atol=0.01)
+    if kind in ("ridge", "hgb"):  # fitted enough to price houses (3 epochs of the mlp: not)
+        assert 11.5 < np.median(got) < 12.5
 
 
 def test_a_plan_holding_an_object_array_is_refused(fitted, tmp_path):

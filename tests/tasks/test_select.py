@@ -127,11 +127,11 @@ def test_auto_picks_mixed_unless_it_loses_more_than_max_loss(mixed, max_loss, fl
     assert auto_final(estimates, max_loss, floor) == want
 
 
-def _fake_train(root, name, pred, logy, outlier, kind="ridge", status="ok"):
+def _fake_train(root, name, pred, logy, outlier, kind="ridge", status="ok", folds=3):
     ref = ArtifactRef(root=str(root), stage="train", version=f"{name:0<16}"[:16])
     ref.path.mkdir(parents=True)
     n = len(logy)
-    pd.DataFrame({"Id": np.arange(n), "fold": np.arange(n) % 3, "pred_log_price": pred,
+    pd.DataFrame({"Id": np.arange(n), "fold": np.arange(n) % folds, "pred_log_price": pred,
                   "outlier": outlier, "log_price": logy}).to_parquet(ref.file("oof.parquet"))
     ok = status == "ok"
     rm = float(np.sqrt(np.mean((pred - logy) ** 2)))
@@ -172,6 +172,27 @@ def _weights_by_hand(cfg, ckpt, selected) -> dict[str, float]:
     fit = LinearRegression(positive=True, fit_intercept=False).fit(
         P, first["log_price"].to_numpy()[rows])
     return {n: float(w) for n, w in zip(names, fit.coef_, strict=True) if w > 1e-9}
+
+
+def test_candidates_cut_into_other_folds_are_not_blended(tmp_path):
+    logy = 12 + np.random.default_rng(0).normal(0, 0.3, 30)
+    refs = [_fake_train(tmp_path, "a", logy, logy, np.zeros(30, bool), folds=3),
+            _fake_train(tmp_path, "b", logy, logy, np.zeros(30, bool), folds=5)]
+    specs = [candidate(name=n, kind="ridge") for n in ("a", "b")]
+    with pytest.raises(ValueError, match="trained on different rows or folds; rerun the train"):
+        select_model(refs, specs, TrainConfig(n_splits=3), SelectConfig(), tmp_path / "out")
+
+
+@pytest.mark.parametrize("final", ["mixed", "refit", "auto"])
+def test_a_final_form_needing_refits_that_train_did_not_keep_says_rerun(tmp_path, final):
+    logy = 12 + np.random.default_rng(0).normal(0, 0.3, 30)
+    ref = _fake_train(tmp_path, "a", logy, logy, np.zeros(30, bool))
+    torch.save({"folds": []}, ref.file("models.pt"))  # an artifact from before refits
+    with pytest.raises(ValueError, match=rf"select.final = '{final}', but train artifacts of "
+                                         r"\['a'\] hold no model fitted on all rows; rerun "
+                                         "from train"):
+        select_model([ref], [candidate(name="a", kind="ridge")], TrainConfig(n_splits=3),
+                     SelectConfig(final=final), tmp_path / "out")
 
 
 def test_checkpoint_is_self_describing(trained):
