@@ -102,6 +102,15 @@ def test_latest_pointer_resolves_and_is_checked(tmp_path):
         resolve(tmp_path, "stage", "nope")
 
 
+def test_a_prefix_of_two_versions_is_ambiguous_and_names_both(tmp_path):
+    _build(tmp_path, "ab12cd")
+    _build(tmp_path, "ab34ef")
+    with pytest.raises(ArtifactError, match="stage version 'ab' is ambiguous under .*: it "
+                                            "starts ab12cd, ab34ef; give more characters"):
+        resolve(tmp_path, "stage", "ab")
+    assert resolve(tmp_path, "stage", "ab3").version == "ab34ef"
+
+
 def test_a_candidates_artifact_is_found_by_name_and_the_alias_is_no_version(tmp_path):
     from tasks.artifacts import link_name
 

@@ -284,3 +284,21 @@ def test_an_output_that_cannot_be_a_file_is_one_line_and_nothing_is_left(
     with pytest.raises(DataError, match=r"^--out .*(is a directory|is a file, not a folder)"):
         predict_file(model, real_data / "kaggle_house_pred_test.csv", out)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("absent.csv", None, "input file not found: {path}"),
+    ("rows.xlsx", b"PK\x03\x04", "cannot read {path}: use a .csv or .parquet file"),
+    ("broken.parquet", b"PAR1 not really", "cannot read {path} as Parquet: "),
+    ("empty.csv", b"", "{path} is empty: expected at least a header line"),
+])
+def test_an_input_that_cannot_be_read_is_one_line_and_nothing_is_written(
+        model, tmp_path, name, content, words):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "out" / "p.csv"
+    with pytest.raises(DataError) as err:
+        predict_file(model, path, out)
+    assert str(err.value).startswith(words.format(path=path))
+    assert len(str(err.value).splitlines()) == 1 and not out.parent.exists()

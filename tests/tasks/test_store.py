@@ -146,6 +146,36 @@ def test_production_pointer_history_and_lock_live_in_the_bucket(s3):
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
 
 
+@pytest.mark.parametrize("left", ["old", "torn"])
+def test_a_lock_left_by_a_dead_holder_is_taken_over_a_live_one_waited_for(s3, left):
+    import json
+    import time
+
+    from tasks.store import LOCK_LEASE_S, object_store
+
+    root = f"s3://{s3.bucket()}/hp"
+    store = object_store(root)
+    # A holder that died over a lease ago (or left a torn lock object): taken over at once.
+    stale = (json.dumps({"owner": "dead", "time": time.time() - LOCK_LEASE_S - 5}).encode()
+             if left == "old" else b'{"owner": "de')
+    assert store.write_bytes(stale, "production", ".lock", create=True)
+    started = time.monotonic()
+    with artifacts.production_lock(root):
+        assert store.read_bytes("production", ".lock") != stale
+    assert time.monotonic() - started < 5
+    assert "production/.lock" not in _objects(s3, root)
+    # A live holder's lock: waited for until released.
+    live = json.dumps({"owner": "alive", "time": time.time()}).encode()
+    assert store.write_bytes(live, "production", ".lock", create=True)
+    release = threading.Timer(1.0, lambda: store.delete("production", ".lock"))
+    release.start()
+    started = time.monotonic()
+    with artifacts.production_lock(root):
+        waited = time.monotonic() - started
+    release.join()
+    assert waited >= 0.9
+
+
 def test_abandoned_attempts_of_dead_writers_are_swept_a_live_or_leased_one_kept(s3):
     root = f"s3://{s3.bucket()}/hp"
     dead = f"data-{artifacts._HOST}~999999999-deadbeef"
