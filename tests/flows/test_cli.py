@@ -12,7 +12,7 @@ import pytest
 
 from tasks.artifacts import resolve
 from tasks.config import PROJECT_ROOT
-from tests.conftest import gpu_env, refused_port, write_config
+from tests.conftest import TEST_CSV, gpu_env, refused_port, write_config
 
 
 def houseprice(*args, env_extra=None, api=None, base_env=None):
@@ -291,6 +291,44 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
     assert log.parent == tmp_path / "arts" / "logs" and "Prefect's log: " in proc.stdout
     assert "Task run 'select' - Finished in state Completed()" in log.read_text()
     assert "Finished in state" not in proc.stdout + proc.stderr
+    # --from predict: the stages before it Cached, predict run again in place.
+    again = houseprice("run", "--config", str(tmp_path / "c.json"), "--epochs", "3", "--folds",
+                       "3", "--repeats", "2", "--seed", "1", "--submission", str(sub),
+                       "--from", "predict", env_extra=env, api=prefect_api)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"model {version}" in last_line(again.stdout)
+    text = Path(re.search(r"  log          (\S+)", again.stdout)[1]).read_text()
+    assert "Task run 'predict' - Finished in state Completed()" in text
+    assert "Task run 'select' - Finished in state Cached" in text
+    bad = houseprice("run", "--from", "nowhere", api=prefect_api)
+    assert bad.returncode == 2 and "invalid choice: 'nowhere'" in bad.stderr
+
+
+def test_score_scores_an_inbox_once_and_names_a_file_it_cannot_score(trained, tmp_path):
+    cfg, result = trained
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    listings = pd.read_csv(TEST_CSV)
+    listings.head(50).to_csv(inbox / "ok.csv", index=False)
+    far = listings.iloc[50:80].copy()
+    far["GrLivArea"] *= 10
+    far.to_csv(inbox / "far.csv", index=False)
+    args = ("score", str(inbox), "--artifacts", cfg.artifacts_dir, "--model",
+            result["model_version"], "--drift-threshold", "0.3")
+    proc = houseprice(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = last_line(proc.stdout)
+    assert line.startswith(f"houseprice: scored 2 file(s) with model {result['model_version']}"
+                           "; drift over the threshold in far.csv; predictions: "), line
+    paths = [Path(p) for p in line.split("predictions: ")[1].split(", ")]
+    rows = {len(pd.read_csv(p)) for p in paths}
+    assert rows == {50, 30} and all(list(pd.read_csv(p).columns) == ["Id", "SalePrice"]
+                                    for p in paths)
+    (inbox / "broken.csv").write_text("Id,MSSubClass\n1")
+    proc = houseprice(*args)
+    assert proc.returncode == 1
+    assert "broken.csv" in last_line(proc.stderr) and "1 of 3 inbox file(s)" in last_line(
+        proc.stderr), proc.stderr[-1000:]
 
 
 def test_verbose_keeps_prefects_log_on_the_terminal(prefect_api, data_server, tmp_path):

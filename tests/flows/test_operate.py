@@ -198,3 +198,41 @@ def test_failed_cli_run_says_how_to_retry_and_rerun_completes_it_in_place(
     for stage in ("download", "preprocess", "tensorize"):
         assert states[stage] == ["Cached"], (stage, states)
     assert set(states["train"]) == {"Completed"} and states["predict"] == ["Completed"]
+
+
+def test_serve_both_flows_on_an_interval_registers_two_deployments(prefect_server, tmp_path):
+    from datetime import timedelta
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = write_config(tmp_path / "c.json", artifacts_dir=str(tmp_path / "artifacts"))
+    missing = houseprice(["serve", "--flow", "both", "--interval", "3600", "--config",
+                          str(config)], prefect_server)
+    out, _ = missing.communicate(timeout=60)
+    assert missing.returncode == 1
+    assert "serving the scoring flow needs --inbox SOURCE" in out.strip().splitlines()[-1]
+    proc = houseprice(["serve", "--flow", "both", "--interval", "3600", "--name", "ci-both",
+                       "--inbox", str(inbox), "--config", str(config)], prefect_server)
+    names = ["house-price/ci-both", "house-price-score/ci-both"]
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server}), \
+                get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    deployments = [client.read_deployment_by_name(n) for n in names]
+                    break
+                except Exception:
+                    assert proc.poll() is None and time.monotonic() < deadline, \
+                        proc.stdout.read() if proc.poll() is not None else "timed out"
+                    time.sleep(0.5)
+        for d in deployments:
+            assert [s.schedule.interval for s in d.schedules] == [timedelta(seconds=3600)]
+        score = deployments[1].parameters["config"]
+        assert score["inbox"] == str(inbox) and score["model"] == "production"
+        assert score["artifacts_dir"] == str(tmp_path / "artifacts")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert (f"houseprice: serving deployment(s) {', '.join(names)} on {prefect_server}, "
+            "every 3600 s") in out

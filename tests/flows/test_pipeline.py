@@ -402,3 +402,26 @@ def test_train_task_durations_are_their_own_work_not_a_wait(first_run):
     own = sum((r.end_time - r.start_time).total_seconds() for r in runs)
     wall = (max(r.end_time for r in runs) - min(r.start_time for r in runs)).total_seconds()
     assert own < 1.5 * wall, (own, wall, [(r.name, r.start_time, r.end_time) for r in runs])
+
+
+def test_a_local_dask_cluster_runs_the_pipeline(prefect_api, data_server, tmp_path,
+                                                real_data):
+    """``--task-runner dask`` without an address: a LocalCluster of 2 worker processes
+    trains the candidates; the headline score agrees with its saved predictions."""
+    from flows.pipeline import with_task_runner
+
+    fast = {"candidates": [{"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
+                           {"name": "ridge", "kind": "ridge", "alpha": 10.0}],
+            "search": [], "train": {"n_splits": 3}}
+    cfg = small_config(tmp_path / "arts", data_server.url, tmp_path / "cache", **fast)
+    state = with_task_runner("dask")(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    states = stage_states(state)
+    assert sorted(states["train"]) == ["Completed", "Completed"], states
+    result = state.result()
+    oof = pd.read_parquet(Path(cfg.artifacts_dir) / "select" / result["model_version"]
+                          / "oof.parquet")
+    raw = pd.read_csv(real_data / "kaggle_house_pred_train.csv").set_index("Id")
+    truth = np.log(raw.loc[oof["Id"], "SalePrice"].to_numpy())
+    assert result["oof_log_rmse_all"] == pytest.approx(
+        np.sqrt(np.mean((oof["pred_log_price"].to_numpy() - truth) ** 2)), rel=1e-9)
