@@ -74,6 +74,11 @@ MUTANTS = [
            "return sorted(metrics, key=lambda m: (m[key] is None, m[key] or 0.0))",
            "return sorted(metrics, key=lambda m: (m[key] is None, -(m[key] or 0.0)))",
            FAST_SELECT, "the leaderboard ranks the worst candidate first"),
+    Mutant("folds-unchecked", "tasks/select.py",
+           'if not all(f[c].equals(oof[c]) for c in ("Id", "repeat", "fold") if c in oof):',
+           "if False:", (SELECT,), "candidates cut into other folds are blended"),
+    Mutant("refits-unchecked", "tasks/select.py", "        if stale:\n", "        if False:\n",
+           (SELECT,), "a final form needing refits train did not keep goes ahead"),
     # promote: the gate and the production history
     Mutant("gate-inverted", "tasks/promote.py", "better = theirs - ours >= min_improvement",
            "better = ours - theirs >= min_improvement", (PROMOTE,),

@@ -29,6 +29,9 @@ from tasks.report import CURVES_KEY, METRICS_KEY, MODEL_CARD_KEY
 from tests.conftest import write_config
 
 DEPLOYMENT = "house-price/ci-schedule"
+# Quick candidates for the tests of rerunning: the stages' states, not the models, are checked.
+LINEAR = {"candidates": [{"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
+                         {"name": "ridge", "kind": "ridge", "alpha": 10.0}], "search": []}
 
 
 def houseprice(args, api, **kw):
@@ -116,7 +119,7 @@ def test_failed_run_retried_with_houseprice_rerun_skips_completed_stages(served,
     root.mkdir()
     blocker = root / "train"
     blocker.write_text("a file where the train stage keeps its versions")  # the fault
-    params = {"config": {**config, "artifacts_dir": str(root)}}
+    params = {"config": {**config, **LINEAR, "artifacts_dir": str(root)}}
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         failed = run_deployment(DEPLOYMENT, parameters=params, timeout=300, poll_interval=1)
         assert failed.state.is_failed()
@@ -176,8 +179,8 @@ def test_failed_cli_run_says_how_to_retry_and_rerun_completes_it_in_place(
     root = tmp_path / "artifacts"
     root.mkdir()
     (root / "train").write_text("a file where the train stage keeps its versions")
-    config = write_config(tmp_path / "c.json", train={"n_splits": 3})
-    args = ["run", "--config", str(config), "--epochs", "3", "--artifacts", str(root),
+    config = write_config(tmp_path / "c.json", train={"n_splits": 3}, **LINEAR)
+    args = ["run", "--config", str(config), "--artifacts", str(root),
             "--data-url", data_server.url, "--data-dir", str(tmp_path / "cache")]
     proc = houseprice(args, prefect_server)
     out, _ = proc.communicate(timeout=300)
