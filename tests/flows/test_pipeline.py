@@ -405,10 +405,14 @@ def test_train_task_durations_are_their_own_work_not_a_wait(first_run):
 
 
 def test_a_local_dask_cluster_runs_the_pipeline(prefect_api, data_server, tmp_path,
-                                                real_data):
+                                                real_data, monkeypatch):
     """``--task-runner dask`` without an address: a LocalCluster of 2 worker processes
     trains the candidates; the headline score agrees with its saved predictions."""
     from flows.pipeline import with_task_runner
+
+    # The workers inherit the API from the environment, as under 'houseprice run' (which
+    # sets it); else each would start a Prefect server of its own.
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
 
     fast = {"candidates": [{"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 2000},
                            {"name": "ridge", "kind": "ridge", "alpha": 10.0}],
