@@ -3,6 +3,7 @@ a run triggered on it, Prefect's retry of a failed run, and the dashboard's arti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -237,5 +238,11 @@ def test_serve_both_flows_on_an_interval_registers_two_deployments(prefect_serve
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
+        # Deleted with their scheduled runs: the server is shared with other tests.
+        with temporary_settings({PREFECT_API_URL: prefect_server}), \
+                get_client(sync_client=True) as client:
+            for name in names:
+                with contextlib.suppress(Exception):
+                    client.delete_deployment(client.read_deployment_by_name(name).id)
     assert (f"houseprice: serving deployment(s) {', '.join(names)} on {prefect_server}, "
             "every 3600 s") in out
