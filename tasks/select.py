@@ -19,6 +19,7 @@ Diverged candidates are left out (and listed); if none is healthy the stage fail
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,25 @@ def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on:
     }
 
 
+def fast_enough_blend(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on: str,
+                      rates: dict[str, float], floor: float | None,
+                      speed: Callable[[dict[str, float]], float]) -> dict[str, Any] | None:
+    """The blend of the candidates in ``rates`` (their predict rows/s), as a leaderboard
+    entry with its own measured ``speed``; while it predicts slower than ``floor``, the
+    slowest of its components is left out and the blend fitted again. None when fewer than
+    two candidates are left."""
+    use = list(rates)
+    while len(use) > 1:
+        cols = [names.index(n) for n in use]
+        blend = blend_metrics(P[:, cols], use, oof, select_on)
+        blend["predict_rows_per_s"] = round(speed(blend["weights"]))
+        if floor is None or blend["predict_rows_per_s"] >= floor:
+            return blend
+        parts = [n for n, w in blend["weights"].items() if w > 0]
+        use.remove(min(parts, key=rates.__getitem__))
+    return None
+
+
 def refitted(spec: CandidateConfig, final: str) -> bool:
     """Whether a component's final model is one refit on all rows under ``final``."""
     return final == "refit" or (final == "mixed" and not spec.linear_in_features)
@@ -364,19 +384,9 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                          + "; lower it, or add faster candidates (linear kinds)")
     board = leaderboard(metrics, select.on)
     chosen = leaderboard(pool, select.on)[0]
-    use = [m["candidate"] for m in pool]
-    blend = None
-    while len(use) > 1:
-        cols = [names.index(n) for n in use]
-        blend = blend_metrics(P[:, cols], use, oof, select.on)
-        blend["predict_rows_per_s"] = round(rows_per_s_of(blend["weights"]))
-        if floor is None or blend["predict_rows_per_s"] >= floor:
-            break
-        # Too slow: leave out the slowest component and fit the blend again.
-        parts = [n for n, w in blend["weights"].items() if w > 0]
-        use.remove(min(parts, key=lambda n: next(m["predict_rows_per_s"] for m in pool
-                                                if m["candidate"] == n)))
-        blend = None
+    blend = fast_enough_blend(P, names, oof, select.on,
+                              {m["candidate"]: m["predict_rows_per_s"] for m in pool},
+                              floor, rows_per_s_of)
     if blend is not None:
         if blend[key] < chosen[key]:
             chosen = blend

@@ -74,6 +74,11 @@ MUTANTS = [
            "return sorted(metrics, key=lambda m: (m[key] is None, m[key] or 0.0))",
            "return sorted(metrics, key=lambda m: (m[key] is None, -(m[key] or 0.0)))",
            FAST_SELECT, "the leaderboard ranks the worst candidate first"),
+    Mutant("drop-fastest", "tasks/select.py",
+           "use.remove(min(parts, key=rates.__getitem__))",
+           "use.remove(max(parts, key=rates.__getitem__))", FAST_SELECT + (
+               f"{SELECT}::test_a_blend_too_slow_for_the_floor_leaves_out_its_slowest_"
+               "component",), "a blend too slow for the floor drops its fastest component"),
     Mutant("folds-unchecked", "tasks/select.py",
            'if not all(f[c].equals(oof[c]) for c in ("Id", "repeat", "fold") if c in oof):',
            "if False:", (SELECT,), "candidates cut into other folds are blended"),

@@ -16,6 +16,7 @@ from tasks.select import (
     auto_final,
     blend_metrics,
     cross_fitted_blend,
+    fast_enough_blend,
     fit_blend,
     fold_table,
     leaderboard,
@@ -114,6 +115,28 @@ def test_the_blends_score_is_that_of_weights_fitted_on_the_other_folds():
         np.sqrt(np.mean((want[clean] - logy[clean]) ** 2)))
     full = LinearRegression(positive=True, fit_intercept=False).fit(P[clean], logy[clean])
     assert list(got["weights"].values()) == pytest.approx(full.coef_.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize(("floor", "want"), [
+    (None, {"a", "b", "c"}),  # no floor: every candidate blended
+    (50, {"a", "b", "c"}),  # fast enough as it is (1 / (1/1000 + 1/100 + 1/500) = 76)
+    (300, {"a", "c"}),  # too slow: the slowest, b, left out (333 rows/s)
+    (400, None),  # still too slow without c: one candidate is no blend
+])
+def test_a_blend_too_slow_for_the_floor_leaves_out_its_slowest_component(floor, want):
+    P, logy = _three_members()
+    n = len(logy)
+    oof = pd.DataFrame({"Id": np.arange(n), "fold": np.arange(n) % 4,
+                        "outlier": np.zeros(n, bool), "log_price": logy})
+    rates = {"a": 1000.0, "b": 100.0, "c": 500.0}
+    # A blend predicts as its components one after another.
+    speed = lambda w: 1 / sum(1 / rates[c] for c, x in w.items() if x > 0)  # noqa: E731
+    blend = fast_enough_blend(P, ["a", "b", "c"], oof, "all", rates, floor, speed)
+    if want is None:
+        assert blend is None
+    else:
+        assert {c for c, w in blend["weights"].items() if w > 0} == want
+        assert floor is None or blend["predict_rows_per_s"] >= floor
 
 
 @pytest.mark.parametrize(("mixed", "max_loss", "floor", "want"), [
