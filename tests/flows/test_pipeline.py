@@ -333,13 +333,21 @@ def test_whether_to_fit_the_outliers_is_each_candidates_choice(first_run):
     assert len(plan_groups([by_kind["mlp"], clean[1]])) == 2  # other rows: another stack
     state, _ = run(cfg.model_copy(update={"candidates": (*cfg.candidates, *clean)}))
     assert state.is_completed(), state.message
+    import torch
+
     root = Path(cfg.artifacts_dir)
-    outliers = pd.read_parquet(next((root / "by-name" / "train" / "lasso").glob("oof.parquet")))
+    # This run's train artifacts, from its model's lineage (a by-name alias points at the
+    # latest one built under that name, maybe by another test's config).
+    ckpt = torch.load(root / "select" / state.result()["model_version"] / "model.pt",
+                      weights_only=True)
+    arts = {name: root / "train" / version
+            for version, name in ckpt["lineage"]["train_candidates"].items()}
+    outliers = pd.read_parquet(arts["lasso"] / "oof.parquet")
     outlier_ids = sorted(outliers.loc[outliers["outlier"], "Id"].unique().tolist())
     assert len(outlier_ids) == 2
     for name, left_out in [("lasso", []), ("mlp", []), ("lasso-clean-fit", outlier_ids),
                            ("mlp-clean-fit", outlier_ids)]:
-        art = root / "by-name" / "train" / name
+        art = arts[name]
         assert json.loads((art / "folds.json").read_text())["excluded_from_fit"] == left_out
         metrics = json.loads((art / "metrics.json").read_text())
         assert metrics["n_rows_all"] == 1460 and metrics["oof_log_rmse_all"] is not None
