@@ -204,17 +204,25 @@ def test_a_device_that_is_not_there_is_one_line():
         check_device("cuda")
 
 
+def _one_split(threshold: float, leaves) -> object:
+    """A trees member of one tree: feature 0 <= ``threshold`` -> ``leaves[0]``, else
+    ``leaves[1]``."""
+    from tasks.plan import Member, _forest_arrays
+
+    tree = {"feature": np.zeros(3, np.int32), "threshold": np.array([threshold, 0.0, 0.0]),
+            "left": np.array([1, -1, -1], np.int32), "right": np.array([2, -1, -1], np.int32),
+            "value": np.array([0.0, *leaves]), "missing_left": np.zeros(3, np.uint8)}
+    return Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([tree]))
+
+
 def test_a_tree_compares_the_float32_row_with_the_float64_threshold():
     """A split at 0.1 (float64): float32(0.1) is above it and goes right, as scikit-learn's
     own predictor sends it. Rounding the threshold to the nearest float32 would send it left."""
     from sklearn.tree import DecisionTreeRegressor
 
-    from tasks.plan import Member, _forest_arrays, _predict_forests
+    from tasks.plan import _predict_forests
 
-    tree = {"feature": np.array([0, 0, 0], np.int32), "threshold": np.array([0.1, 0, 0]),
-            "left": np.array([1, -1, -1], np.int32), "right": np.array([2, -1, -1], np.int32),
-            "value": np.array([0.0, 1.0, 2.0]), "missing_left": np.zeros(3, np.uint8)}
-    member = Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([tree]))
+    member = _one_split(0.1, (1.0, 2.0))
     x = np.array([np.float32(0.1), np.nextafter(np.float32(0.1), np.float32(0)), 0.0, 0.2],
                  np.float32)
     got = _predict_forests([member], x[:, None], "log")
@@ -233,8 +241,7 @@ def test_a_tree_compares_the_float32_row_with_the_float64_threshold():
         down = np.nextafter(up, np.float32(-np.inf))
         rounded_up += np.float32(thr) > thr
         pair = np.array([[down], [up]], np.float32)
-        sk_tree = {**tree, "threshold": np.array([thr, 0.0, 0.0])}
-        member = Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([sk_tree]))
+        member = _one_split(thr, (1.0, 2.0))
         np.testing.assert_array_equal(_predict_forests([member], pair, "log"),
                                       sk.predict(pair))
         assert list(sk.predict(pair)) == [1.0, 2.0]
@@ -246,11 +253,8 @@ def test_a_tree_compares_the_float32_row_with_the_float64_threshold():
     ("raw", [0.25, 1e5], [0.0, np.log(1e5)]),  # a raw price below 1 -> 1
 ])
 def test_a_members_price_is_clamped_at_1_as_the_book_clamps(target, leaves, want):
-    from tasks.plan import Member, _forest_arrays, _predict_forests
+    from tasks.plan import _predict_forests
 
-    tree = {"feature": np.array([0, 0, 0], np.int32), "threshold": np.array([0.0, 0, 0]),
-            "left": np.array([1, -1, -1], np.int32), "right": np.array([2, -1, -1], np.int32),
-            "value": np.array([0.0, *leaves]), "missing_left": np.zeros(3, np.uint8)}
-    member = Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([tree]))
+    member = _one_split(0.0, leaves)
     got = _predict_forests([member], np.array([[-1.0], [1.0]], np.float32), target)
     np.testing.assert_allclose(got, want)
