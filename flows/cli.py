@@ -252,6 +252,9 @@ def _main(argv: list[str] | None) -> int:
     # The ephemeral API's telemetry call fails noisily on machines without internet (and can
     # race the fresh SQLite database); a user who wants it sets the variable to true.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Any path that still falls back to Prefect's in-process temporary server: its 20 s
+    # start limit is too short for a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Prefect creates its home without parents; a missing parent makes the ephemeral API
     # fail to start and the run time out with an obscure message.
     if os.environ.get("PREFECT_HOME"):

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from flows.commands.config import ConfigError, build_config, config_error
 from flows.commands.run import RunFailed
-from flows.commands.server import NEEDS_SERVER, check_api
+from flows.commands.server import NEEDS_SERVER, check_api, start_ephemeral_api
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -64,9 +64,13 @@ def score_config(inbox: str, artifacts: str | None, model: str, threshold: float
 
 
 def score(args: argparse.Namespace) -> int:
+    # Prefect's own temporary server gives up after 20 s, which a busy 2-core machine can
+    # exceed; the run command's local API (kept or per-run, waited for 120 s) serves here too.
+    api_ready = start_ephemeral_api()
     config = score_config(args.inbox, args.artifacts, args.model, args.drift_threshold)
     from flows.score import house_price_score
 
+    api_ready()
     state = house_price_score(config, return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, BaseException):
