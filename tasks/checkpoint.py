@@ -39,6 +39,9 @@ class FittedModel:
         self.metrics = checkpoint["metrics"]
         # (weight, config, members per fold, refit: fitted on all rows)
         self.components: list[tuple[float, CandidateConfig, list[list[Member]], bool]] = []
+        # The same members as their kinds saved them (per component, per fold): what each
+        # kind's ``inference_form`` compiles.
+        self.saved_members: list[list[list[dict[str, Any]]]] = []
         for comp in checkpoint["components"]:
             try:
                 spec = candidate(**comp["model_config"])
@@ -49,6 +52,7 @@ class FittedModel:
             folds = [[spec.load_member(m, checkpoint["n_features"], self.target)
                       for m in fold["members"]] for fold in comp["folds"]]
             self.components.append((comp["weight"], spec, folds, bool(comp.get("refit"))))
+            self.saved_members.append([fold["members"] for fold in comp["folds"]])
         self.fold_preprocessors = [Preprocessor.from_dict(d) for d in
                                    checkpoint.get("fold_preprocessors") or []]
         for p in self.fold_preprocessors:

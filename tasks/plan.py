@@ -10,9 +10,12 @@ with ``allow_pickle=False``); predict reads only the plan. What compiling does:
   column ``a*v + b*log1p(v) + m`` where the value is present (0 where it is missing, as the
   imputed feature is 0), per categorical column a lookup by category, and an intercept. No
   one-hot matrix is built for them.
-- **Nonlinear members** (MLPs, trees, kernels) read their own fold's feature matrix, built once
-  per preprocessor from one shared encoding of the chunk; MLPs of one shape are one stacked
-  matrix product per layer; every tree of every member is walked by one compiled loop.
+- **Every other member** is in the form its kind gives (``CandidateConfig.inference_form``):
+  one of the runtimes here (stacked nets, a forest, kernels), or ``generic``, the saved member
+  loaded by its kind at predict time. Nonlinear members read their own fold's feature
+  matrix, built once per preprocessor from one shared encoding of the chunk; MLPs of one
+  shape are one stacked matrix product per layer; every tree of every member is walked by
+  one compiled loop.
 
 The plan predicts what the checkpoint predicts (a test holds them to 1e-6): the one difference
 is that a collapsed linear member's clamp at a log price of 0 (a price of 1) is not applied
@@ -33,16 +36,18 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.features import DataError, Encoded, Preprocessor, TransformReport, column_map
+from tasks.forest import join
+from tasks.kinds.base import Linear
 
 PLAN_FORMAT = "houseprice-plan/1"
 PLAN_JSON, PLAN_ARRAYS = "plan.json", "plan.npz"
-LINEAR_SKLEARN = ("Lasso", "Ridge", "ElasticNet", "LinearRegression")
 
 
 @dataclass(eq=False)  # hashed by identity: a plan's forest is built once (_forest)
-class Member:
-    """One nonlinear fold model: ``kind`` in net | trees | svr | krr, reading the features of
-    preprocessor ``pre`` (0: all rows, k + 1: fold k), its log price weighted by ``scale``."""
+class Term:
+    """One nonlinear fold model in the plan: ``kind`` names its runtime (net | trees | svr |
+    krr | generic), reading the features of preprocessor ``pre`` (0: all rows, k + 1: fold
+    k), its log price weighted by ``scale``."""
 
     kind: str
     pre: int
@@ -65,7 +70,7 @@ class Plan:
     # is present, -offset where it is missing (the one-column-per-category interaction
     # features, collapsed: one lookup instead of a column per category)
     linear_inter: dict[str, np.ndarray] = field(default_factory=dict)
-    members: list[Member] = field(default_factory=list)
+    members: list[Term] = field(default_factory=list)
     # Where the networks' matrix products run: None = NumPy on the CPU (no torch imported);
     # a torch device ("cuda", "cuda:1", or "cpu" to check the torch path) = torch there.
     # Trees stay on the CPU (numba), linear parts are lookups either way.
@@ -118,8 +123,8 @@ class Plan:
                 total += _predict_members(members, X, self.target, self.torch_device)
         return total, enc.report
 
-    def _by_preprocessor(self) -> dict[int, list[Member]]:
-        groups: dict[int, list[Member]] = {}
+    def _by_preprocessor(self) -> dict[int, list[Term]]:
+        groups: dict[int, list[Term]] = {}
         for m in self.members:
             groups.setdefault(m.pre, []).append(m)
         return groups
@@ -176,7 +181,7 @@ class Plan:
         for i, m in enumerate(spec["members"]):
             if m["kind"] not in _PREDICTORS:
                 raise DataError(f"{directory / PLAN_JSON}: unknown member kind {m['kind']!r}")
-            plan.members.append(Member(m["kind"], m["pre"], m["scale"], m["params"],
+            plan.members.append(Term(m["kind"], m["pre"], m["scale"], m["params"],
                                        {a: arrays[f"m{i}_{a}"] for a in m["arrays"]}))
         return plan
 
@@ -192,34 +197,21 @@ def compile_plan(model: Any) -> Plan:
     plan = Plan(target=model.target, preprocessors=pres, describe=label)
     names = model.preprocessor.feature_names_
     at = {n: j for j, n in enumerate(names)}
-    for weight, _, folds, refit in model.components:
+    for (weight, spec, folds, refit), saved in zip(model.components, model.saved_members,
+                                                   strict=True):
         for k, members in enumerate(folds):
             pre = k + 1 if model.reads_fold_features(refit) else 0
-            for member in members:
+            for member, raw in zip(members, saved[k], strict=True):
                 scale = weight / len(folds) / len(members)
-                linear = _linear_form(member) if model.target == "log" else None
-                if linear is not None:
-                    _collapse(plan, *linear, pres[pre], scale, at)
+                form = spec.inference_form(raw, member, len(names), model.target)
+                if isinstance(form, Linear):
+                    _collapse(plan, form.w, form.b, pres[pre], scale, at)
+                elif form.kind in _PREDICTORS:
+                    plan.members.append(Term(form.kind, pre, scale, form.params, form.arrays))
                 else:
-                    plan.members.append(_member(member, pre, scale))
+                    raise DataError(f"kind {spec.kind}: inference form {form.kind!r} is not "
+                                    f"one of the plan's runtimes ({', '.join(_PREDICTORS)})")
     return plan
-
-
-def _linear_form(member: Any) -> tuple[np.ndarray, float] | None:
-    """A linear member's ``(w (d,), b)`` in log price, or None."""
-    from tasks.kinds.base import SklearnMember
-
-    if isinstance(member, SklearnMember):
-        est = member.estimator
-        if type(est).__name__ not in LINEAR_SKLEARN:
-            return None
-        return np.asarray(est.coef_, np.float64).ravel(), float(np.ravel(est.intercept_)[0])
-    layers = _torch_layers(member)
-    if layers is None or len(layers) != 1:
-        return None
-    (W, b), = layers
-    std, mean = float(member.y_std), float(member.y_mean)
-    return std * W[:, 0].astype(np.float64), std * float(b[0]) + mean
 
 
 def _collapse(plan: Plan, w: np.ndarray, b: float, pre: Preprocessor, scale: float,
@@ -251,100 +243,6 @@ def _collapse(plan: Plan, w: np.ndarray, b: float, pre: Preprocessor, scale: flo
         table[hit] += scale * w[where[hit]]
 
 
-def _torch_layers(member: Any) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """A torch member's linear layers as ``(W (in, out) float32, b (out,))``."""
-    model = getattr(member, "model", None)
-    if model is None:
-        return None
-    from torch import nn
-
-    return [(layer.weight.detach().numpy().T.copy(), layer.bias.detach().numpy().copy())
-            for layer in model.modules() if isinstance(layer, nn.Linear)]
-
-
-def _member(member: Any, pre: int, scale: float) -> Member:
-    layers = _torch_layers(member)
-    if layers is not None:
-        from torch import nn
-
-        acts = [type(m).__name__.lower() for m in member.model.modules()
-                if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Tanh)]
-        arrays = {}
-        for i, (W, b) in enumerate(layers):
-            arrays[f"W{i}"], arrays[f"b{i}"] = W, b
-        return Member("net", pre, scale, {"activation": acts[0] if acts else "relu",
-                                          "layers": len(layers),
-                                          "y_mean": float(member.y_mean),
-                                          "y_std": float(member.y_std)}, arrays)
-    est = member.estimator
-    name = type(est).__name__
-    if name in LINEAR_SKLEARN:  # a raw-price target: not collapsed, a one-layer net
-        coef = np.asarray(est.coef_, np.float64).reshape(-1, 1)
-        return Member("net", pre, scale, {"activation": "relu", "layers": 1, "y_mean": 0.0,
-                                          "y_std": 1.0, "float64": True},
-                      {"W0": coef, "b0": np.array([float(np.ravel(est.intercept_)[0])])})
-    if name == "HistGradientBoostingRegressor":
-        trees = [_hgb_tree(p[0].nodes) for p in est._predictors]
-        base = float(np.ravel(est._baseline_prediction)[0])
-        return Member("trees", pre, scale, {"base": base}, _forest_arrays(trees))
-    if name == "GradientBoostingRegressor":
-        lr = est.learning_rate
-        trees = [_sk_tree(t[0].tree_, lr) for t in est.estimators_]
-        probe = np.zeros((1, est.n_features_in_), np.float32)
-        base = float(est._raw_predict_init(probe)[0, 0])
-        return Member("trees", pre, scale, {"base": base}, _forest_arrays(trees))
-    if name == "SVR":
-        return Member("svr", pre, scale, {"gamma": float(est._gamma),
-                                          "intercept": float(est.intercept_[0])},
-                      {"sv": np.asarray(est.support_vectors_, np.float64),
-                       "coef": np.asarray(est.dual_coef_, np.float64).ravel()})
-    if name == "KernelRidge" and est.kernel == "polynomial":
-        gamma = est.gamma if est.gamma is not None else 1.0 / est.X_fit_.shape[1]
-        return Member("krr", pre, scale, {"gamma": float(gamma), "coef0": float(est.coef0),
-                                          "degree": float(est.degree)},
-                      {"X_fit": est.X_fit_, "dual": np.asarray(est.dual_coef_)})
-    raise DataError(f"cannot compile a {name} member into a plan")
-
-
-def _hgb_tree(nodes: np.ndarray) -> dict[str, np.ndarray]:
-    leaf = nodes["is_leaf"].astype(bool)
-    return {"feature": nodes["feature_idx"].astype(np.int32),
-            "threshold": nodes["num_threshold"].astype(np.float64),
-            "left": np.where(leaf, -1, nodes["left"]).astype(np.int32),
-            "right": np.where(leaf, -1, nodes["right"]).astype(np.int32),
-            "value": nodes["value"].astype(np.float64),
-            "missing_left": nodes["missing_go_to_left"].astype(np.uint8)}
-
-
-def _sk_tree(tree: Any, lr: float) -> dict[str, np.ndarray]:
-    left = tree.children_left.astype(np.int32)
-    missing = getattr(tree, "missing_go_to_left", np.zeros(len(left), np.uint8))
-    return {"feature": np.maximum(tree.feature, 0).astype(np.int32),
-            "threshold": tree.threshold.astype(np.float64),
-            "left": left, "right": tree.children_right.astype(np.int32),
-            "value": lr * tree.value[:, 0, 0].astype(np.float64),
-            "missing_left": np.asarray(missing).astype(np.uint8)}
-
-
-def _forest_arrays(trees: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One member's trees as one forest (each tree a forest of one, rooted at node 0)."""
-    return _join([{**t, "roots": np.zeros(1, np.int64)} for t in trees])
-
-
-def _join(forests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Forests concatenated: children indexes and ``roots`` shifted by where each forest's
-    nodes now start (a child of -1, a leaf's, stays -1)."""
-    sizes = [len(f["left"]) for f in forests]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    out = {k: np.concatenate([f[k] for f in forests]) for k in forests[0]}
-    for key in ("left", "right"):
-        out[key] = np.concatenate([np.where(f[key] >= 0, f[key] + o, -1) for f, o in
-                                   zip(forests, offsets, strict=True)]).astype(np.int32)
-    out["roots"] = np.concatenate([f["roots"] + o for f, o in zip(forests, offsets,
-                                                                  strict=True)])
-    return out
-
-
 # --- members' predictions -------------------------------------------------------------
 
 
@@ -354,18 +252,20 @@ def _post(out: np.ndarray, target: str) -> np.ndarray:
     return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
 
 
-def _predict_members(members: list[Member], X: np.ndarray, target: str,
+def _predict_members(members: list[Term], X: np.ndarray, target: str,
                      torch_device: str | None = None) -> np.ndarray:
     total = np.zeros(len(X))
     trees = [m for m in members if m.kind == "trees"]
     if trees:
         total += _predict_forests(trees, X, target)
-    nets: dict[tuple, list[Member]] = {}
+    nets: dict[tuple, list[Term]] = {}
     for m in members:
         if m.kind == "net":
             shape = tuple(m.arrays[f"W{i}"].shape for i in range(m.params["layers"]))
             nets.setdefault((shape, m.params["activation"], m.params.get("float64", False)),
                             []).append(m)
+        elif m.kind == "generic":
+            total += m.scale * _predict_generic(m, X, target)
         elif m.kind != "trees":
             total += m.scale * _post(_PREDICTORS[m.kind](m, X), target)
     for group in nets.values():
@@ -378,7 +278,7 @@ _ACTIVATIONS = {"relu": lambda h: np.maximum(h, 0, out=h),
                 "sigmoid": lambda h: np.reciprocal(1 + np.exp(-h, out=h), out=h)}
 
 
-def _predict_nets(group: list[Member], X: np.ndarray, target: str,
+def _predict_nets(group: list[Term], X: np.ndarray, target: str,
                   torch_device: str | None = None) -> np.ndarray:
     """Nets of one shape as one stacked model: the first layers side by side in one matrix
     product, the later ones batched (in NumPy, or in torch on ``torch_device``)."""
@@ -395,7 +295,7 @@ def _predict_nets(group: list[Member], X: np.ndarray, target: str,
     return total
 
 
-def _forward(group: list[Member], X: np.ndarray) -> np.ndarray:
+def _forward(group: list[Term], X: np.ndarray) -> np.ndarray:
     """The stacked nets' outputs ``(M, n)`` in NumPy."""
     act = _ACTIVATIONS[group[0].params["activation"]]
     (W0, b0), *later = _stacked(tuple(group))
@@ -406,7 +306,7 @@ def _forward(group: list[Member], X: np.ndarray) -> np.ndarray:
     return h[..., 0]
 
 
-def _forward_torch(group: list[Member], X: np.ndarray, device: str) -> np.ndarray:
+def _forward_torch(group: list[Term], X: np.ndarray, device: str) -> np.ndarray:
     """``_forward`` in torch on ``device`` (a GPU): the same stacked weights, moved there
     once per plan; the outputs come back for the same post-processing."""
     import torch
@@ -423,7 +323,7 @@ def _forward_torch(group: list[Member], X: np.ndarray, device: str) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=32)
-def _stacked_on(group: tuple[Member, ...], device: str) -> list[tuple[Any, Any]]:
+def _stacked_on(group: tuple[Term, ...], device: str) -> list[tuple[Any, Any]]:
     import torch
 
     return [(torch.from_numpy(W).to(device), torch.from_numpy(b).to(device))
@@ -446,7 +346,7 @@ def check_device(device: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _stacked(group: tuple[Member, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _stacked(group: tuple[Term, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
     """A group's weights, stacked once per plan (not per chunk): the first layers side by
     side ``(d, M * width)``, the later ones batched ``(M, width, width')``."""
     dtype = np.float64 if group[0].params.get("float64") else np.float32
@@ -458,7 +358,7 @@ def _stacked(group: tuple[Member, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
     return layers
 
 
-def _predict_svr(m: Member, X: np.ndarray) -> np.ndarray:
+def _predict_svr(m: Term, X: np.ndarray) -> np.ndarray:
     X64 = X.astype(np.float64)
     sv = m.arrays["sv"]
     d2 = (X64 ** 2).sum(1)[:, None] + (sv ** 2).sum(1)[None, :] - 2 * X64 @ sv.T
@@ -466,7 +366,7 @@ def _predict_svr(m: Member, X: np.ndarray) -> np.ndarray:
         + m.params["intercept"]
 
 
-def _predict_krr(m: Member, X: np.ndarray) -> np.ndarray:
+def _predict_krr(m: Term, X: np.ndarray) -> np.ndarray:
     # As scikit-learn's polynomial_kernel computes it, in the inputs' own precision.
     K = X @ m.arrays["X_fit"].T
     K *= m.params["gamma"]
@@ -475,10 +375,38 @@ def _predict_krr(m: Member, X: np.ndarray) -> np.ndarray:
     return K @ m.arrays["dual"]
 
 
-_PREDICTORS = {"svr": _predict_svr, "krr": _predict_krr, "net": None, "trees": None}
+@functools.lru_cache(maxsize=64)
+def _generic_member(m: Term, target: str) -> Any:
+    """A ``generic`` term's member, loaded once per plan by its kind: the config is validated
+    as one of the registered kinds (data, not a class name to import), and a skops member
+    loads only trusted types, as it does from the checkpoint."""
+    from tasks.kinds import candidate
+
+    spec = candidate(**m.params["config"])
+    saved = {}
+    for key, how in m.params["fields"].items():
+        arr = m.arrays[key]
+        if how == "bytes":
+            saved[key] = arr.tobytes()
+        elif how == "tensor":
+            import torch
+
+            saved[key] = torch.from_numpy(np.array(arr))
+        else:
+            saved[key] = arr
+    return spec.load_member(saved, int(m.params["n_features"]), target)
 
 
-def _predict_forests(members: list[Member], X: np.ndarray, target: str) -> np.ndarray:
+def _predict_generic(m: Term, X: np.ndarray, target: str) -> np.ndarray:
+    """Already a clamped log price (the kind's own ``log_price``)."""
+    return _generic_member(m, target).log_price(X)
+
+
+_PREDICTORS = {"svr": _predict_svr, "krr": _predict_krr, "net": None, "trees": None,
+               "generic": None}
+
+
+def _predict_forests(members: list[Term], X: np.ndarray, target: str) -> np.ndarray:
     """Every tree of every member in one compiled pass over the rows."""
     from tasks.forest import walk
 
@@ -492,12 +420,12 @@ def _predict_forests(members: list[Member], X: np.ndarray, target: str) -> np.nd
 
 
 @functools.lru_cache(maxsize=8)
-def _forest(members: tuple[Member, ...]) -> tuple[np.ndarray, ...]:
+def _forest(members: tuple[Term, ...]) -> tuple[np.ndarray, ...]:
     """The members' trees as one forest (built once per plan, not per chunk): children made
     global, ``roots`` where each tree starts, ``owner`` its member. Thresholds become the
     largest float32 not above them: for a float32 feature ``x <= t`` holds exactly when it
     holds for the float64 ``t``, and the comparison stays in float32."""
-    cat = _join([m.arrays for m in members])
+    cat = join([m.arrays for m in members])
     owner = np.concatenate([np.full(len(m.arrays["roots"]), j, np.int64)
                             for j, m in enumerate(members)])
     thr = cat["threshold"].astype(np.float32)

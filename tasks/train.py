@@ -299,11 +299,12 @@ def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfi
 
 
 def plan_groups(candidates: list[CandidateConfig]) -> list[list[CandidateConfig]]:
-    """Candidates that can train as one stack (same ``group_key``: torch kinds of one shape)
-    grouped, in first-seen order; every other candidate alone."""
+    """Candidates that can train as one stack (one kind, equal ``stack_key``: the torch kinds
+    of one shape) grouped, in first-seen order; every other candidate alone."""
     groups: dict[Any, list[CandidateConfig]] = {}
     for c in candidates:
-        key = ("group", c.group_key()) if hasattr(c, "group_key") else ("alone", c.name)
+        stack = c.stack_key()
+        key = ("stack", c.kind, stack) if stack is not None else ("alone", c.name)
         groups.setdefault(key, []).append(c)
     return list(groups.values())
 
@@ -321,18 +322,16 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
     """Train the candidates of one group whose artifacts are missing (all with ``force``)
     as one stacked model, then write each one's own artifact; returns every candidate's
     reference. A cached candidate is not retrained when another joins its group."""
-    from tasks.kinds.torch_net import cross_validate_group
-
     refs = [member_ref(root, data, c, config) for c in candidates]
     todo = [c for c, r in zip(candidates, refs, strict=True) if force or not is_complete(r)]
     if todo:
-        m, X, outliers, excluded = _rows(data, config, todo[0])  # one group_key: one rule
+        m, X, outliers, excluded = _rows(data, config, todo[0])  # one stack_key: one rule
         folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme,
                            config.repeats)
         fitted = fit_rows(folds, excluded)
         names = ", ".join(c.name for c in todo)
-        cvs = _fit(lambda: cross_validate_group(todo, X, m.y, config, folds, fitted,
-                                                progress), names, log)
+        cvs = _fit(lambda: type(todo[0]).cross_validate_stack(todo, X, m.y, config, folds, fitted,
+                                                             progress), names, log)
         _fits_done()  # only the short refits are left: the next task may start loading
         refits = _fit(lambda: refit_members(todo, m.X, m.y, config,
                                             np.flatnonzero(~excluded)),

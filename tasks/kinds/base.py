@@ -10,6 +10,15 @@ contract:
   back as plain dicts of tensors/bytes that ``torch.save`` can store in the checkpoint.
 - ``load_member(member, n_features) -> Member``: a saved member back as something with
   ``log_price(X)``.
+- ``inference_form(saved, loaded, target) -> Linear | Runtime``: a member as the compiled
+  plan predicts it (``tasks/plan.py`` keeps the runtimes): a ``Linear`` form collapses into
+  the plan's lookups; a ``Runtime`` form names one of the plan's predictors (``net``,
+  ``trees``, ``svr``, ``krr``) with its arrays. The default is the ``generic`` runtime: the
+  saved member itself, loaded by its kind at predict time, so a new kind predicts end to end
+  the day it is written (and its measured predict speed shows what a compiled form would
+  save).
+- ``stack_key()``: candidates of one kind with equal keys train together in one call of
+  ``cross_validate_stack`` (the torch kinds' stacked networks); ``None`` (the default): alone.
 
 ``code_files`` names the source files (under ``tasks/``) whose text defines what the kind
 computes: they are part of its candidates' train version, so editing one kind's module retrains
@@ -63,18 +72,65 @@ def oof_scores(pred: np.ndarray, logy: np.ndarray, repeat: np.ndarray, clean: np
 
 def refit_members(specs: list[CandidateConfig], X: np.ndarray, y: np.ndarray,
                   train: TrainConfig, rows: np.ndarray) -> list[list[dict[str, Any]]]:
-    """Each of ``specs`` (one kind; torch kinds of one group) fitted once on ``rows``: one
-    fold whose validation rows are its training rows (their score is not used)."""
+    """Each of ``specs`` (one kind, one ``stack_key``) fitted once on ``rows``: one fold whose
+    validation rows are its training rows (their score is not used)."""
     one = train.model_copy(update={"repeats": 1})
     fold = [(rows, rows)]
     with muted():  # its "valid" rows are its training rows: no score to show
-        if len(specs) > 1 or hasattr(specs[0], "group_key"):
-            from tasks.kinds.torch_net import cross_validate_group
-
-            cvs = cross_validate_group(specs, X, y, one, fold, [rows], lambda f: None)
-        else:
-            cvs = [specs[0].cross_validate(X, y, one, fold, [rows], lambda f: None)]
+        cvs = type(specs[0]).cross_validate_stack(specs, X, y, one, fold, [rows],
+                                                  lambda f: None)
     return [cv.members[0] for cv in cvs]
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A member that is a linear function of the features: ``w (d,) . x + b`` in log price
+    (no clamp: the plan sums every linear member into one lookup table)."""
+
+    w: np.ndarray
+    b: float
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A member as one of the plan's runtime predictors: ``kind`` names it, ``params`` (plain
+    JSON) and ``arrays`` (plain NumPy arrays) are all it reads."""
+
+    kind: str
+    params: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+def net_form(layers: list[tuple[np.ndarray, np.ndarray]], activation: str, y_mean: float,
+             y_std: float, float64: bool = False) -> Runtime:
+    """A feed-forward net as the plan's ``net`` runtime: ``layers`` as ``(W (in, out), b)``,
+    the activation between them, the output de-standardized by ``y_std``, ``y_mean``."""
+    arrays = {}
+    for i, (W, b) in enumerate(layers):
+        arrays[f"W{i}"], arrays[f"b{i}"] = W, b
+    params = {"activation": activation, "layers": len(layers), "y_mean": float(y_mean),
+              "y_std": float(y_std)}
+    return Runtime("net", {**params, "float64": True} if float64 else params, arrays)
+
+
+def generic_form(spec: CandidateConfig, saved: dict[str, Any], n_features: int) -> Runtime:
+    """The saved member itself, as plain arrays (bytes as ``uint8``, tensors as arrays), with
+    the candidate's config: the plan loads it through ``spec.load_member`` when it predicts
+    (skops members load only trusted types, as from the checkpoint)."""
+    fields, arrays = {}, {}
+    for key, value in saved.items():
+        if isinstance(value, bytes | bytearray):
+            fields[key], arrays[key] = "bytes", np.frombuffer(value, np.uint8).copy()
+        elif hasattr(value, "detach"):  # a torch tensor
+            fields[key], arrays[key] = "tensor", value.detach().cpu().numpy()
+        elif isinstance(value, np.ndarray):
+            fields[key], arrays[key] = "array", value
+        else:
+            raise TypeError(f"kind {spec.kind}: member field {key!r} is a "
+                            f"{type(value).__name__}; a member without a compiled form must "
+                            "hold bytes or arrays, or the kind must define inference_form")
+    return Runtime("generic", {"config": spec.model_dump(mode="json"), "fields": fields,
+                               "n_features": n_features}, arrays)
 
 
 @dataclass
@@ -124,6 +180,27 @@ class CandidateConfig(Frozen):
     def load_member(self, member: dict[str, Any], n_features: int, target: str) -> Member:
         """A member saved by ``cross_validate`` back as a predictor."""
         raise NotImplementedError
+
+    def inference_form(self, saved: dict[str, Any], loaded: Member, n_features: int,
+                       target: str) -> Linear | Runtime:
+        """How the compiled plan predicts this member (``saved``, as ``cross_validate``
+        saved it; ``loaded``, as ``load_member`` returned it): by default the ``generic``
+        runtime, which loads it with this kind at predict time."""
+        return generic_form(self, saved, n_features)
+
+    def stack_key(self) -> tuple | None:
+        """Candidates whose keys are equal (not None) train as one ``cross_validate_stack``
+        call; None: this candidate trains alone."""
+        return None
+
+    @classmethod
+    def cross_validate_stack(cls, specs: list[CandidateConfig], X: np.ndarray, y: np.ndarray,
+                             train: TrainConfig, folds: Folds, fitted: list[np.ndarray],
+                             on_progress: Callable[[float], None]) -> list[CVResult]:
+        """``cross_validate`` of every candidate of ``specs`` (one ``stack_key``); a kind
+        that trains many at once (one stacked model) overrides this."""
+        return [s.cross_validate(X, y, train, folds, fitted, lambda f, i=i: on_progress(
+            (i + f) / len(specs))) for i, s in enumerate(specs)]
 
     def refit(self, X: np.ndarray, y: np.ndarray, train: TrainConfig, rows: np.ndarray
               ) -> list[dict[str, Any]]:

@@ -5,9 +5,36 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import Field
 
-from tasks.kinds.base import SklearnCandidate
+from tasks.kinds.base import Runtime, SklearnCandidate
+
+
+def _trees_form(trees: list[dict[str, np.ndarray]], base: float) -> Runtime:
+    from tasks.forest import forest_arrays
+
+    return Runtime("trees", {"base": base}, forest_arrays(trees))
+
+
+def _hgb_tree(nodes: np.ndarray) -> dict[str, np.ndarray]:
+    leaf = nodes["is_leaf"].astype(bool)
+    return {"feature": nodes["feature_idx"].astype(np.int32),
+            "threshold": nodes["num_threshold"].astype(np.float64),
+            "left": np.where(leaf, -1, nodes["left"]).astype(np.int32),
+            "right": np.where(leaf, -1, nodes["right"]).astype(np.int32),
+            "value": nodes["value"].astype(np.float64),
+            "missing_left": nodes["missing_go_to_left"].astype(np.uint8)}
+
+
+def _sk_tree(tree: Any, lr: float) -> dict[str, np.ndarray]:
+    left = tree.children_left.astype(np.int32)
+    missing = getattr(tree, "missing_go_to_left", np.zeros(len(left), np.uint8))
+    return {"feature": np.maximum(tree.feature, 0).astype(np.int32),
+            "threshold": tree.threshold.astype(np.float64),
+            "left": left, "right": tree.children_right.astype(np.int32),
+            "value": lr * tree.value[:, 0, 0].astype(np.float64),
+            "missing_left": np.asarray(missing).astype(np.uint8)}
 
 
 class HGBConfig(SklearnCandidate):
@@ -39,6 +66,11 @@ class HGBConfig(SklearnCandidate):
             loss=self.loss,
         )
 
+    def inference_form(self, saved, loaded, n_features, target) -> Runtime:
+        est = loaded.estimator
+        return _trees_form([_hgb_tree(p[0].nodes) for p in est._predictors],
+                           float(np.ravel(est._baseline_prediction)[0]))
+
 
 class GBRConfig(SklearnCandidate):
     """scikit-learn's exact gradient boosting (``GradientBoostingRegressor``), which has the
@@ -66,3 +98,9 @@ class GBRConfig(SklearnCandidate):
             min_samples_leaf=self.min_samples_leaf, subsample=self.subsample,
             random_state=seed,
         )
+
+    def inference_form(self, saved, loaded, n_features, target) -> Runtime:
+        est = loaded.estimator
+        probe = np.zeros((1, est.n_features_in_), np.float32)
+        return _trees_form([_sk_tree(t[0].tree_, est.learning_rate) for t in est.estimators_],
+                           float(est._raw_predict_init(probe)[0, 0]))

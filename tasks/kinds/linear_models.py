@@ -4,16 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import Field
 
-from tasks.kinds.base import SklearnCandidate
+from tasks.kinds.base import Linear, Runtime, SklearnCandidate, net_form
 
 
-class RidgeConfig(SklearnCandidate):
+class LinearSklearn(SklearnCandidate):
+    """A scikit-learn linear model: with a log target it collapses into the plan's linear
+    lookups; with a raw-price one it is a one-layer float64 net (its output is clamped)."""
+
+    linear_in_features: ClassVar[bool] = True
+
+    def inference_form(self, saved, loaded, n_features, target) -> Linear | Runtime:
+        est = loaded.estimator
+        w = np.asarray(est.coef_, np.float64).ravel()
+        b = float(np.ravel(est.intercept_)[0])
+        if target == "log":
+            return Linear(w, b)
+        return net_form([(w.reshape(-1, 1), np.array([b]))], "relu", 0.0, 1.0, float64=True)
+
+
+class RidgeConfig(LinearSklearn):
     """Ridge regression (``sklearn.linear_model.Ridge``)."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
-    linear_in_features: ClassVar[bool] = True
 
     kind: Literal["ridge"] = "ridge"
     alpha: Annotated[float, Field(gt=0, description="L2 penalty strength")] = 1.0
@@ -24,11 +39,10 @@ class RidgeConfig(SklearnCandidate):
         return Ridge(alpha=self.alpha)
 
 
-class LassoConfig(SklearnCandidate):
+class LassoConfig(LinearSklearn):
     """Lasso regression (``sklearn.linear_model.Lasso``, coordinate descent)."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
-    linear_in_features: ClassVar[bool] = True
 
     kind: Literal["lasso"] = "lasso"
     alpha: Annotated[float, Field(gt=0, description="L1 penalty strength")] = 1.0
@@ -41,13 +55,12 @@ class LassoConfig(SklearnCandidate):
         return Lasso(alpha=self.alpha, max_iter=self.max_iter, random_state=seed)
 
 
-class ElasticNetConfig(SklearnCandidate):
+class ElasticNetConfig(LinearSklearn):
     """Elastic net (``sklearn.linear_model.ElasticNet``): lasso's L1 mixed with ridge's L2,
     which keeps groups of correlated columns (the many area and one-hot columns) together
     where lasso picks one."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/linear_models.py")
-    linear_in_features: ClassVar[bool] = True
 
     kind: Literal["enet"] = "enet"
     alpha: Annotated[float, Field(gt=0, description="penalty strength")] = 1e-3
@@ -80,6 +93,12 @@ class SVRConfig(SklearnCandidate):
 
         return SVR(C=self.C, epsilon=self.epsilon, gamma=self.gamma)
 
+    def inference_form(self, saved, loaded, n_features, target) -> Runtime:
+        est = loaded.estimator
+        return Runtime("svr", {"gamma": float(est._gamma), "intercept": float(est.intercept_[0])},
+                       {"sv": np.asarray(est.support_vectors_, np.float64),
+                        "coef": np.asarray(est.dual_coef_, np.float64).ravel()})
+
 
 class KernelRidgeConfig(SklearnCandidate):
     """Kernel ridge regression (``sklearn.kernel_ridge.KernelRidge``) with a polynomial
@@ -97,3 +116,10 @@ class KernelRidgeConfig(SklearnCandidate):
 
         return KernelRidge(alpha=self.alpha, kernel="polynomial", degree=self.degree,
                            coef0=self.coef0)
+
+    def inference_form(self, saved, loaded, n_features, target) -> Runtime:
+        est = loaded.estimator
+        gamma = est.gamma if est.gamma is not None else 1.0 / est.X_fit_.shape[1]
+        return Runtime("krr", {"gamma": float(gamma), "coef0": float(est.coef0),
+                               "degree": float(est.degree)},
+                       {"X_fit": est.X_fit_, "dual": np.asarray(est.dual_coef_)})

@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tasks.kinds.base import CandidateConfig, CVResult, Member, rmse
+from tasks.kinds.base import CandidateConfig, CVResult, Linear, Member, Runtime, net_form, rmse
 
 _CODE = ("kinds/base.py", "kinds/torch_net.py", "engine.py", "models.py")
 
@@ -37,7 +37,25 @@ class TorchCandidate(CandidateConfig):
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
         return cross_validate_group([self], X, y, train, folds, fitted, on_progress)[0]
 
-    def group_key(self) -> tuple:
+    @classmethod
+    def cross_validate_stack(cls, specs, X, y, train, folds, fitted, on_progress
+                             ) -> list[CVResult]:
+        return cross_validate_group(specs, X, y, train, folds, fitted, on_progress)
+
+    def inference_form(self, saved, loaded, n_features, target) -> Linear | Runtime:
+        from torch import nn
+
+        layers = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
+                  for m in loaded.model.modules() if isinstance(m, nn.Linear)]
+        std, mean = float(loaded.y_std), float(loaded.y_mean)
+        if len(layers) == 1 and target == "log":
+            (W, b), = layers
+            return Linear(std * W[:, 0].astype(np.float64), std * float(b[0]) + mean)
+        acts = [type(m).__name__.lower() for m in loaded.model.modules()
+                if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Tanh)]
+        return net_form(layers, acts[0] if acts else "relu", mean, std)
+
+    def stack_key(self) -> tuple:
         """Candidates with equal keys train as one stack: what the engine's models share,
         plus what makes their random streams line up without padding (the number of seeds,
         and whether dropout masks are drawn), so each stream holds one model of each."""
@@ -59,7 +77,7 @@ class TorchCandidate(CandidateConfig):
 
 def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted,
                          on_progress) -> list[CVResult]:
-    """Every candidate of ``specs`` (one ``group_key``), K folds x its seeds each, trained as
+    """Every candidate of ``specs`` (one ``stack_key``), K folds x its seeds each, trained as
     one stacked model; each candidate's result is exactly what training it alone gives (the
     same seeds, batch order and dropout draws)."""
     import torch

@@ -207,12 +207,13 @@ def test_a_device_that_is_not_there_is_one_line():
 def _one_split(threshold: float, leaves) -> object:
     """A trees member of one tree: feature 0 <= ``threshold`` -> ``leaves[0]``, else
     ``leaves[1]``."""
-    from tasks.plan import Member, _forest_arrays
+    from tasks.forest import forest_arrays
+    from tasks.plan import Term
 
     tree = {"feature": np.zeros(3, np.int32), "threshold": np.array([threshold, 0.0, 0.0]),
             "left": np.array([1, -1, -1], np.int32), "right": np.array([2, -1, -1], np.int32),
             "value": np.array([0.0, *leaves]), "missing_left": np.zeros(3, np.uint8)}
-    return Member("trees", 0, 1.0, {"base": 0.0}, _forest_arrays([tree]))
+    return Term("trees", 0, 1.0, {"base": 0.0}, forest_arrays([tree]))
 
 
 def test_a_tree_compares_the_float32_row_with_the_float64_threshold():
