@@ -1,5 +1,5 @@
 """What each candidate kind scores, alone and in cross-fitted blends, on a run's own folds:
-the README's table of kinds.
+the table in docs/accuracy.md.
 
 Reads the newest tensorize artifact under ``--artifacts`` (a default ``houseprice run``'s:
 per-fold preprocessors, 3 repeats x 5 folds), cross-validates each candidate below exactly as

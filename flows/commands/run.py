@@ -395,7 +395,8 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
                  log: Path | None = None) -> str:
     """The end of ``houseprice run`` as a person reads it: the candidates best first (the
     all-rows score, its spread over repeats, the score without the outliers, blend weight,
-    status), the selection, and where everything was written."""
+    predict speed of its compiled plan alone, status), the selection, and where everything
+    was written."""
     from tasks.artifacts import ArtifactRef
     from tasks.folds import cv_label
 
@@ -407,7 +408,8 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
     def score(m: dict[str, Any], key: str) -> str:
         return "—" if m.get(key) is None else f"{m[key]:.4f}"
 
-    rows = [("candidate", "all rows", "± repeats", "w/o outliers", "weight", "status")]
+    rows = [("candidate", "all rows", "± repeats", "w/o outliers", "weight", "rows/s",
+             "status")]
     for m in board[:shown]:
         chosen = m["candidate"] == result["selected"]
         weight = m.get("blend_weight")
@@ -415,6 +417,7 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
             m["candidate"] + (" *" if chosen else ""), score(m, "oof_log_rmse_all"),
             score(m, "oof_log_rmse_all_spread"), score(m, "oof_log_rmse_clean"),
             "" if not weight else f"{weight:.3f}",
+            f"{m['predict_rows_per_s']:,}" if m.get("predict_rows_per_s") else "—",
             "selected" if chosen else m["status"] + (f": {m['reason']}" if m.get("reason")
                                                      else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

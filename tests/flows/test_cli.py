@@ -160,16 +160,15 @@ def test_predict_to_standard_output_and_version(trained, real_data, tmp_path):
     assert version.returncode == 0 and version.stdout.startswith("houseprice 0.")
 
 
-def test_the_readmes_predict_lines_run_as_written(trained, real_data, tmp_path):
-    """Every ``houseprice`` line of the README's Batch predict section, run as written
+def test_the_docs_predict_lines_run_as_written(trained, real_data, tmp_path):
+    """Every ``houseprice`` line of the Batch predict page (docs/predict.md), run as written
     against this session's model: only the input files (made from the Kaggle test file), a
     written model version (this run's instead) and the artifact root are the test's own."""
     import re
     import shlex
 
     cfg, result = trained
-    text = (PROJECT_ROOT / "README.md").read_text()
-    section = text[text.index("## Batch predict"):]
+    section = (PROJECT_ROOT / "docs" / "predict.md").read_text()
     start = section.index("```bash") + len("```bash")
     block = section[start:section.index("```", start)]
     lines = [line.split("#")[0].split("|")[0].strip() for line in block.splitlines()

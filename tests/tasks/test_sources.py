@@ -38,7 +38,7 @@ def _config(tmp_path: Path, train: str, **kw) -> DataConfig:
 
 
 def data_version_by_hand(folder) -> str:
-    """The README's recipe, computed here: the first 8 hex digits of the SHA-256 of the
+    """The recipe in docs/storage.md, computed here: the first 8 hex digits of the SHA-256 of the
     files' sorted [name, SHA-1] pairs as compact JSON."""
     import hashlib
     import json
