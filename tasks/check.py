@@ -14,14 +14,14 @@ from tasks.artifacts import (
     ArtifactError,
     ArtifactRef,
     list_versions,
-    owner_gone,
     production_stack,
     read_history,
     read_pointer,
     read_text,
+    store_of,
     verify,
 )
-from tasks.store import canonical, is_url, object_store, safe_relative
+from tasks.store import TMP_PREFIX, LocalStore, canonical, owner_gone, safe_relative
 
 # Top-level entries of a root that are not stages.
 _NOT_STAGES = {PRODUCTION, BY_NAME, "logs", "submissions"}
@@ -31,7 +31,7 @@ RECORDS = ".prefect-results"
 def check_root(root: str | Path) -> tuple[list[str], dict[str, int]]:
     """(problems, one line each; counts of what was checked)."""
     root = canonical(root)
-    if not is_url(root) and not Path(root).is_dir():
+    if not store_of(root).remote and not Path(root).is_dir():
         raise ArtifactError(f"no artifact root at {root}: pass --artifacts DIR|URL")
     problems: list[str] = []
     counts = {"stages": 0, "versions": 0, "records": 0}
@@ -58,11 +58,7 @@ def check_root(root: str | Path) -> tuple[list[str], dict[str, int]]:
 
 
 def _stages(root: str) -> list[str]:
-    if is_url(root):
-        names = object_store(root).children()
-    else:
-        names = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) \
-            if Path(root).is_dir() else []
+    names = store_of(root).children(folders=True)
     return [n for n in names if not n.startswith(".") and n not in _NOT_STAGES]
 
 
@@ -70,8 +66,8 @@ def _temporaries(root: str, stage: str) -> list[str]:
     """Temporary folders and attempt prefixes whose writer is gone (a live writer's are
     work in progress, not problems)."""
     found = []
-    if is_url(root):
-        store = object_store(root)
+    store = store_of(root)
+    if not isinstance(store, LocalStore):
         for version in store.versions(stage):
             named = (store.read_manifest_quiet(stage, version) or {}).get("prefix")
             for name in store.children(stage, version):
@@ -80,7 +76,7 @@ def _temporaries(root: str, stage: str) -> list[str]:
                     found.append(f"{root}/{stage}/{version}/{name}: an abandoned upload "
                                  "(no manifest names it)")
         return found
-    for tmp in sorted((Path(root) / stage).glob(".tmp-*")):
+    for tmp in sorted(store.path(stage).glob(f"{TMP_PREFIX}*")):
         if owner_gone(tmp.name, lambda tmp=tmp: time.time() - tmp.lstat().st_mtime):
             found.append(f"{tmp}: an abandoned temporary (its writer is gone)")
     return found
@@ -124,28 +120,15 @@ def _records(root: str, counts: dict[str, int]) -> list[str]:
     from tasks.records import UntrustedRecord, is_cache_key, rebuilt_record
 
     problems = []
-    if is_url(root):
-        store = object_store(root)
-        names = store.children(RECORDS)
-        def read(name: str) -> bytes | None:
-            return store.read_bytes(RECORDS, name)
-
-    else:
-        folder = Path(root) / RECORDS
-        names = sorted(p.name for p in folder.iterdir() if p.is_file()) \
-            if folder.is_dir() else []
-
-        def read(name: str) -> bytes | None:
-            return (folder / name).read_bytes()
-
-    for name in names:
+    store = store_of(root)
+    for name in store.children(RECORDS):
         # Other records (a failed task's exception, keyed at random) are never looked up
         # as cache hits, and are refused too should anything read them.
         if not is_cache_key(name):
             continue
         counts["records"] += 1
         try:
-            rebuilt_record(name, read(name) or b"")
+            rebuilt_record(name, store.read_bytes(RECORDS, name) or b"")
         except UntrustedRecord as exc:
             problems.append(f"{root}/{RECORDS}/{name}: {exc} (never loaded: a cache miss)")
     return problems

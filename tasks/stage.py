@@ -24,7 +24,7 @@ from tasks.artifacts import ArtifactRef, is_complete
 from tasks.frozen import Frozen
 from tasks.kinds import CandidateConfig, code_files
 from tasks.records import safe
-from tasks.store import canonical, is_url
+from tasks.store import canonical, open_store
 
 TASKS_DIR = Path(__file__).resolve().parent
 
@@ -173,7 +173,7 @@ def results_storage(root: str | Path) -> LocalFileSystem | RemoteFileSystem:
     root = canonical(root)
     path = f"{root}/.prefect-results"
     name = "houseprice-results-" + hashlib.sha256(path.encode()).hexdigest()[:12]
-    if is_url(root):
+    if open_store(root).remote:
         block = RemoteFileSystem(basepath=path)
     else:
         Path(path).mkdir(parents=True, exist_ok=True)

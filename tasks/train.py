@@ -44,7 +44,7 @@ from tasks.stage import (
     stage_version,
     submit_stage,
 )
-from tasks.store import is_url
+from tasks.store import open_store
 from tasks.tensorize import read_fold_features, read_matrix
 
 STAGE = "train"
@@ -275,7 +275,7 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
 
 
 def _check_root(root: str) -> None:
-    if not is_url(root) and not Path(root).is_dir():
+    if not open_store(root).remote and not Path(root).is_dir():
         # On a Dask worker of another machine: the artifact root must be shared storage.
         raise StageError(f"stage 'train' failed: artifact root {root} is not visible on "
                          f"{socket.gethostname()}; put it on storage every worker mounts, or "

@@ -224,11 +224,11 @@ def prefect_log_to_file(artifacts: str) -> Path:
 
     from prefect.logging.configuration import setup_logging
 
-    from tasks.store import canonical, is_url, local_cache
+    from tasks.store import canonical, local_cache, open_store
 
     setup_logging()  # Prefect's console handler on the root logger (a no-op if done)
     root = canonical(artifacts)
-    path = ((local_cache(root) if is_url(root) else Path(root)) / "logs"
+    path = ((local_cache(root) if open_store(root).remote else Path(root)) / "logs"
             / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log")
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tasks import artifacts
+from tasks import artifacts, store
 from tasks.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
 
 
@@ -168,7 +168,7 @@ def test_leftovers_are_cleaned_by_owner_host_and_pid_or_lease(tmp_path):
     stage.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    host = artifacts._HOST
+    host = store._HOST
     mine_dead = stage / f".tmp-oldversion-{host}~{dead}-0000aaaa"
     mine_dead.mkdir()
     latest_dead = stage / f".tmp-LATEST-{host}~{dead}-0000bbbb"
@@ -180,7 +180,7 @@ def test_leftovers_are_cleaned_by_owner_host_and_pid_or_lease(tmp_path):
     _build(tmp_path)
     left = sorted(p.name for p in stage.iterdir())
     assert left == [other.name, "v1"]
-    old = os.stat(other).st_mtime - artifacts.TMP_LEASE_S - 60
+    old = os.stat(other).st_mtime - store.TMP_LEASE_S - 60
     os.utime(other, (old, old))
     _build(tmp_path, version="v3")
     assert sorted(p.name for p in stage.iterdir()) == ["v1", "v3"]

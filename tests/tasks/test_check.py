@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks import artifacts
+from tasks import artifacts, store
 from tasks.artifacts import ArtifactRef, production_lock, record, set_latest
 
 
@@ -73,7 +73,7 @@ def test_an_abandoned_temporary_is_named_a_live_writers_is_not(tmp_path, capsys)
     root = _root(tmp_path)
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer runs
-    host = artifacts._HOST
+    host = store._HOST
     (root / "select" / f".tmp-cccc-{host}~{dead.pid}-0badf00d").mkdir()
     (root / "select" / f".tmp-dddd-{host}~{os.getpid()}-0badf00d").mkdir()
     code, lines = _check(root, capsys)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tasks import artifacts
+from tasks import artifacts, store
 from tasks.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
 from tasks.store import StoreError, check
 
@@ -151,10 +151,10 @@ def test_a_lock_left_by_a_dead_holder_is_taken_over_a_live_one_waited_for(s3, le
     import json
     import time
 
-    from tasks.store import LOCK_LEASE_S, object_store
+    from tasks.store import LOCK_LEASE_S, open_store
 
     root = f"s3://{s3.bucket()}/hp"
-    store = object_store(root)
+    store = open_store(root)
     # A holder that died over a lease ago (or left a torn lock object): taken over at once.
     stale = (json.dumps({"owner": "dead", "time": time.time() - LOCK_LEASE_S - 5}).encode()
              if left == "old" else b'{"owner": "de')
@@ -178,12 +178,12 @@ def test_a_lock_left_by_a_dead_holder_is_taken_over_a_live_one_waited_for(s3, le
 
 def test_abandoned_attempts_of_dead_writers_are_swept_a_live_or_leased_one_kept(s3):
     root = f"s3://{s3.bucket()}/hp"
-    dead = f"data-{artifacts._HOST}~999999999-deadbeef"
-    live = f"data-{artifacts._HOST}~{os.getpid()}-0badcafe"  # this process: alive
+    dead = f"data-{store._HOST}~999999999-deadbeef"
+    live = f"data-{store._HOST}~{os.getpid()}-0badcafe"  # this process: alive
     other_host = "data-elsewhere~999999999-12345678"  # within its lease
     for version, name in (("v1", dead), ("v7", dead), ("v8", live), ("v9", other_host)):
         s3.fs().pipe(f"{root[5:]}/stage/{version}/{name}/data.txt", b"half")
-    artifacts.object_store(root)._swept.clear()
+    store.open_store(root)._swept.clear()
     _build(root)
     left = _objects(s3, root)
     assert not any(dead in o for o in left)  # of this version and of one never rebuilt
@@ -204,7 +204,7 @@ def test_an_unusable_store_is_one_line(s3, monkeypatch, root, env, words):
     root = root.format(bucket=bucket)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    store.object_store.cache_clear()
+    store._open.cache_clear()
     import fsspec
 
     fsspec.filesystem("s3").clear_instance_cache()
@@ -212,7 +212,7 @@ def test_an_unusable_store_is_one_line(s3, monkeypatch, root, env, words):
         with pytest.raises(StoreError, match=words) as info:
             check(root)
     finally:
-        store.object_store.cache_clear()
+        store._open.cache_clear()
         fsspec.filesystem("s3").clear_instance_cache()
     assert "\n" not in str(info.value)
     assert _objects(s3, f"s3://{bucket}") == []  # nothing written
