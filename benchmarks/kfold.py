@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks.config import TrainConfig, candidate  # noqa: E402
-from tasks.preprocess import fit_preprocessor, read_csv  # noqa: E402
+from tasks.data.features import fit_preprocessor, read_csv  # noqa: E402
 from tasks.train import cross_validate  # noqa: E402
 
 EPOCHS, LR, WD, BATCH, K = 100, 5.0, 0.0, 64, 5

@@ -26,7 +26,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import DATA  # noqa: E402
 from tasks.config import TrainConfig, candidate  # noqa: E402
-from tasks.folds import make_folds  # noqa: E402
+from tasks.data.folds import make_folds  # noqa: E402
 from tasks.kinds.base import oof_scores  # noqa: E402
 from tasks.select import cross_fitted_blend  # noqa: E402
 from tasks.tensorize import FOLD_FEATURES, outlier_ids, read_matrix  # noqa: E402

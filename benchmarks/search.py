@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks.config import TrainConfig, candidate  # noqa: E402
-from tasks.folds import fit_rows, make_folds  # noqa: E402
+from tasks.data.folds import fit_rows, make_folds  # noqa: E402
 from tasks.kinds.torch_net import cross_validate_group  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def features(data: str, cache: str | None) -> tuple[np.ndarray, np.ndarray]:
     if cache and Path(cache).exists():
         with np.load(cache) as f:
             return f["X"], f["y"]
-    from tasks.preprocess import fit_preprocessor, read_csv
+    from tasks.data.features import fit_preprocessor, read_csv
 
     train = read_csv(Path(data) / "kaggle_house_pred_train.csv")
     test = read_csv(Path(data) / "kaggle_house_pred_test.csv")

@@ -18,7 +18,7 @@ from tasks.promote import promote_task
 from tasks.report import name_run, publish_task
 from tasks.select import select_task
 from tasks.stage import run_stage
-from tasks.store import check
+from tasks.storage.store import check
 from tasks.tensorize import tensorize_task
 from tasks.train import train_all
 

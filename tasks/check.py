@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tasks.artifacts import (
+from tasks.storage.artifacts import (
     BY_NAME,
     PRODUCTION,
     ArtifactError,
@@ -21,7 +21,7 @@ from tasks.artifacts import (
     store_of,
     verify,
 )
-from tasks.store import TMP_PREFIX, LocalStore, canonical, owner_gone, safe_relative
+from tasks.storage.store import TMP_PREFIX, LocalStore, canonical, owner_gone, safe_relative
 
 # Top-level entries of a root that are not stages.
 _NOT_STAGES = {PRODUCTION, BY_NAME, "logs", "submissions"}
@@ -117,7 +117,7 @@ def _production(root: str) -> list[str]:
 
 def _records(root: str, counts: dict[str, int]) -> list[str]:
     """Prefect's cache records that are not a plain-JSON reference of their key."""
-    from tasks.records import UntrustedRecord, is_cache_key, rebuilt_record
+    from tasks.storage.records import UntrustedRecord, is_cache_key, rebuilt_record
 
     problems = []
     store = store_of(root)

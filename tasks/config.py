@@ -141,7 +141,7 @@ class PreprocessConfig(_Frozen):
     def _interactions_need_their_columns(self) -> PreprocessConfig:
         if self.derived or not self.interactions:
             return self
-        from tasks.features import DERIVED_SUMS  # pandas and pyarrow: only when needed
+        from tasks.data.features import DERIVED_SUMS  # pandas and pyarrow: only when needed
 
         derived = [s for s in self.interactions if s.split("@")[0] in DERIVED_SUMS]
         if derived:
@@ -170,7 +170,7 @@ class TrainConfig(_Frozen):
         masks come from device generators, so a CUDA model is not the CPU model): ``auto``
         and ``cpu`` on a machine without CUDA share a version, and ``cuda`` there fails
         here, before anything runs, instead of returning the cached CPU model."""
-        from tasks.models import resolve_device
+        from tasks.kinds.nets import resolve_device
 
         return {**super().version_params(), "device": resolve_device(self.device).type}
 

@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import ArtifactRef, read_production, write_json
 from tasks.config import DataConfig, RemoteFile, data_version
+from tasks.data.features import ID, DataError
+from tasks.data.sources import Located, SourceError, list_source
 from tasks.frozen import Frozen
-from tasks.preprocess import ID, DataError
-from tasks.sources import Located, SourceError, list_source
 from tasks.stage import build_stage, failing_as, one_line, stage_task_options
+from tasks.storage.artifacts import ArtifactRef, read_production, write_json
 
 STAGE = "download"
 
@@ -107,7 +107,7 @@ def _fetch_once(location: str, local: Path | None, dest: Path, timeout_s: float,
 def _fetch_object(location: str, dest: Path,
                   validators: dict[str, str] | None) -> dict[str, str] | str:
     """An object-store file: its ETag serves as the validator (one HEAD when unchanged)."""
-    from tasks.store import StoreError, filesystem
+    from tasks.storage.store import StoreError, filesystem
 
     try:
         fs, path = filesystem(location)

@@ -1,5 +1,5 @@
 """Stage 6, batch predict: the Kaggle test rows -> ``submission.csv`` (``Id,SalePrice``), with
-the selected model's compiled plan (``tasks/batch.py`` does the work)."""
+the selected model's compiled plan (``tasks/inference/batch.py`` does the work)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.artifacts import ArtifactRef
-from tasks.batch import drift_path, load_model, predict_file  # noqa: F401 - re-exported
-from tasks.checkpoint import FittedModel  # noqa: F401 - re-exported
 from tasks.config import PredictConfig
-from tasks.features import DataError  # noqa: F401 - re-exported
+from tasks.data.features import DataError  # noqa: F401 - re-exported
+from tasks.inference.batch import drift_path, load_model, predict_file  # noqa: F401 - re-exported
+from tasks.inference.checkpoint import FittedModel  # noqa: F401 - re-exported
 from tasks.stage import build_stage, stage_task_options
+from tasks.storage.artifacts import ArtifactRef
 
 STAGE = "predict"
 

@@ -1,5 +1,5 @@
 """Stage 2, preprocess: fit the standardize / one-hot preprocessor (the book's recipe) on the
-training rows and save it as JSON. The preprocessing itself is ``tasks/features.py``."""
+training rows and save it as JSON. The preprocessing itself is ``tasks/data/features.py``."""
 
 from __future__ import annotations
 
@@ -8,22 +8,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import PreprocessConfig
-from tasks.features import (  # noqa: F401 - re-exported: the stages import them from here
-    ID,
-    TARGET,
-    DataError,
-    Encoded,
-    Preprocessor,
-    TransformReport,
-    category_codes,
-    fit_preprocessor,
-    load_preprocessor,
-    read_csv,
-    validate_training_frame,
-)
+from tasks.data.features import ID, fit_preprocessor, read_csv, validate_training_frame
 from tasks.stage import build_stage, stage_task_options
+from tasks.storage.artifacts import ArtifactRef, write_json
 
 STAGE = "preprocess"
 

@@ -20,7 +20,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import (
+from tasks.config import PromoteConfig
+from tasks.data.features import ID, DataError, read_csv
+from tasks.kinds.base import rmse
+from tasks.storage.artifacts import (
     ArtifactError,
     ArtifactRef,
     production_lock,
@@ -29,10 +32,7 @@ from tasks.artifacts import (
     require,
     set_latest,
 )
-from tasks.config import PromoteConfig
-from tasks.kinds.base import rmse
-from tasks.preprocess import ID, DataError, read_csv
-from tasks.store import canonical
+from tasks.storage.store import canonical
 
 PROMOTION_KEY = "house-price-promotion"
 
@@ -52,7 +52,7 @@ def _champion_predictions(champion: ArtifactRef, raw: ArtifactRef, ids: np.ndarr
                           ) -> np.ndarray:
     """The champion's log-price prediction ``(len(ids),) float64`` of the training rows
     ``ids`` of this run's data, through its own preprocessor."""
-    from tasks.batch import load_model
+    from tasks.inference.batch import load_model
 
     model = load_model(champion)
     rows = read_csv(raw.file("train.csv")).set_index(ID).loc[ids].reset_index()
@@ -155,7 +155,7 @@ def promote_task(model: ArtifactRef, predictions: ArtifactRef, raw: ArtifactRef,
 
 def _predictions_of(root: str, model_version: str) -> str | None:
     """The newest complete predict artifact made from ``model_version``, if any."""
-    from tasks.artifacts import manifests
+    from tasks.storage.artifacts import manifests
 
     found = [(manifest["created"], ref.version) for ref, manifest in manifests(root, "predict")
              if manifest["upstream"].get("model", {}).get("version") == model_version]
@@ -164,8 +164,8 @@ def _predictions_of(root: str, model_version: str) -> str | None:
 
 def promote_by_hand(root: str, version: str, reason: str = "promoted by hand") -> dict:
     """Make select ``version`` production (it must be intact and loadable), logged."""
-    from tasks.artifacts import resolve
-    from tasks.batch import load_model
+    from tasks.inference.batch import load_model
+    from tasks.storage.artifacts import resolve
 
     root = canonical(root)
     try:
@@ -190,7 +190,7 @@ def promote_by_hand(root: str, version: str, reason: str = "promoted by hand") -
 def rollback(root: str) -> dict:
     """Make the production model before the current one production again, logged: a walk
     back through the promotions (C, then B, then A), then a clear "nothing earlier"."""
-    from tasks.artifacts import production_stack, read_history
+    from tasks.storage.artifacts import production_stack, read_history
 
     root = canonical(root)
     with production_lock(root):
@@ -213,7 +213,7 @@ def rollback(root: str) -> dict:
 
 def list_models(root: str) -> list[dict]:
     """Every intact select artifact, oldest first: data version, scores, production mark."""
-    from tasks.artifacts import manifests
+    from tasks.storage.artifacts import manifests
 
     current = read_production(root) or {}
     rows = []

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import ArtifactRef, require
+from tasks.storage.artifacts import ArtifactRef, require
 
 METRICS_KEY = "house-price-metrics"
 MODEL_CARD_KEY = "house-price-model-card"

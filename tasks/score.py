@@ -17,12 +17,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from tasks.artifacts import ArtifactRef, is_complete, resolve, write_json
-from tasks.batch import load_model, predict_file
 from tasks.config import ScoreConfig
+from tasks.data.sources import SourceError, list_source
 from tasks.download import SourceFile, fetch_source, source_folder
-from tasks.sources import SourceError, list_source
+from tasks.inference.batch import load_model, predict_file
 from tasks.stage import build_stage, failing_as, stage_task_options, stage_version
+from tasks.storage.artifacts import ArtifactRef, is_complete, resolve, write_json
 
 STAGE = "score"
 DRIFT_KEY = "house-price-drift"

@@ -29,14 +29,14 @@ import torch
 from prefect import task
 from scipy.optimize import nnls
 
-from tasks.artifacts import ArtifactRef, write_json
-from tasks.checkpoint import CHECKPOINT_FORMAT, FittedModel
 from tasks.config import CandidateConfig, SelectConfig, TrainConfig
-from tasks.folds import cv_label
+from tasks.data.features import read_csv
+from tasks.data.folds import cv_label
+from tasks.inference.checkpoint import CHECKPOINT_FORMAT, FittedModel
+from tasks.inference.plan import compile_plan, rows_per_s
 from tasks.kinds.base import oof_scores, rmse
-from tasks.plan import compile_plan, rows_per_s
-from tasks.preprocess import read_csv
 from tasks.stage import build_stage, stage_task_options
+from tasks.storage.artifacts import ArtifactRef, write_json
 from tasks.tensorize import FOLD_PREPROCESSORS
 
 STAGE = "select"

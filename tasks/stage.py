@@ -19,12 +19,13 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
-from tasks import artifacts, progress
-from tasks.artifacts import ArtifactRef, is_complete
+from tasks import progress
 from tasks.frozen import Frozen
 from tasks.kinds import CandidateConfig, code_files
-from tasks.records import safe
-from tasks.store import canonical, open_store
+from tasks.storage import artifacts
+from tasks.storage.artifacts import ArtifactRef, is_complete
+from tasks.storage.records import safe
+from tasks.storage.store import canonical, open_store, root_key
 
 TASKS_DIR = Path(__file__).resolve().parent
 
@@ -32,13 +33,14 @@ TASKS_DIR = Path(__file__).resolve().parent
 # is fixed by the files' SHA-1 hashes alone, so its code is deliberately not part of it. A
 # train version also holds its candidate's kind's own files (``code_files``), so editing one
 # kind's module retrains that kind only.
-_PREDICT_CODE = ("batch.py", "plan.py", "forest.py", "features.py", "kinds/__init__.py")
+_PREDICT_CODE = ("inference/batch.py", "inference/plan.py", "inference/forest.py",
+                 "data/features.py", "kinds/__init__.py")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
-    "preprocess": ("preprocess.py", "features.py"),
-    "tensorize": ("tensorize.py", "preprocess.py", "features.py", "folds.py"),
-    "train": ("train.py", "folds.py", "kinds/__init__.py"),
-    "select": ("select.py", "checkpoint.py", *_PREDICT_CODE, *code_files()),
+    "preprocess": ("preprocess.py", "data/features.py"),
+    "tensorize": ("tensorize.py", "preprocess.py", "data/features.py", "data/folds.py"),
+    "train": ("train.py", "data/folds.py", "kinds/__init__.py"),
+    "select": ("select.py", "inference/checkpoint.py", *_PREDICT_CODE, *code_files()),
     "predict": ("predict.py", *_PREDICT_CODE),
     "score": ("score.py", *_PREDICT_CODE),
 }
@@ -153,11 +155,6 @@ class StageVersionPolicy(CachePolicy):
     ) -> str | None:
         version = stage_version(self.stage, inputs)
         return f"houseprice-{self.stage}-{version}-{root_key(inputs['root'])}"
-
-
-def root_key(root: str) -> str:
-    """8 hex digits naming an artifact root in cache keys (a copied root is another key)."""
-    return hashlib.sha256(canonical(root).encode()).hexdigest()[:8]
 
 
 @functools.cache

@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import ArtifactRef, write_json
 from tasks.config import FoldSpec
-from tasks.folds import make_folds
-from tasks.preprocess import ID, TARGET, load_preprocessor, read_csv, validate_training_frame
+from tasks.data.features import ID, TARGET, load_preprocessor, read_csv, validate_training_frame
+from tasks.data.folds import make_folds
 from tasks.stage import build_stage, stage_task_options
+from tasks.storage.artifacts import ArtifactRef, write_json
 
 STAGE = "tensorize"
 META_KEY = b"houseprice"

@@ -30,21 +30,20 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 from tasks import progress as progress_hooks
-from tasks.artifacts import ArtifactRef, is_complete, link_name, write_json
 from tasks.config import CandidateConfig, TrainConfig
-from tasks.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
+from tasks.data.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
 from tasks.kinds.base import CVResult, oof_scores, refit_members
 from tasks.stage import (
     StageError,
     build_stage,
     failing_as,
     results_storage,
-    root_key,
     stage_task_options,
     stage_version,
     submit_stage,
 )
-from tasks.store import open_store
+from tasks.storage.artifacts import ArtifactRef, is_complete, link_name, write_json
+from tasks.storage.store import open_store, root_key
 from tasks.tensorize import read_fold_features, read_matrix
 
 STAGE = "train"

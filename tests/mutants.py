@@ -38,11 +38,11 @@ class Mutant:
 
 SELECT = "tests/tasks/test_select.py"
 PROMOTE = "tests/tasks/test_promote.py"
-ENGINE = "tests/tasks/test_engine.py"
-PRE = "tests/tasks/test_preprocess.py"
-PLAN = ("tests/tasks/test_plan.py::test_a_tree_compares_the_float32_row_with_the_float64_"
-        "threshold", "tests/tasks/test_plan.py::test_a_members_price_is_clamped_at_1_as_the_"
-        "book_clamps")
+ENGINE = "tests/tasks/kinds/test_engine.py"
+PRE = "tests/tasks/data/test_features.py"
+_PLAN = "tests/tasks/inference/test_plan.py"
+PLAN = (f"{_PLAN}::test_a_tree_compares_the_float32_row_with_the_float64_threshold",
+        f"{_PLAN}::test_a_members_price_is_clamped_at_1_as_the_book_clamps")
 FAST_SELECT = (f"{SELECT}::test_a_folds_blended_prediction_does_not_move_when_that_folds_"
                "prices_do", f"{SELECT}::test_the_blends_score_is_that_of_weights_fitted_on_"
                "the_other_folds", f"{SELECT}::test_auto_picks_mixed_unless_it_loses_more_"
@@ -100,10 +100,10 @@ MUTANTS = [
     Mutant("rollback-only-model", "tasks/promote.py", "if len(stack) < 2:",
            "if len(stack) < 1:", (PROMOTE,), "rolling back the only model ever is no error"),
     # plan: the compiled inference form
-    Mutant("float32-threshold", "tasks/plan.py",
+    Mutant("float32-threshold", "tasks/inference/plan.py",
            "thr[above] = np.nextafter(thr[above], np.float32(-np.inf))", "pass",
            PLAN, "a row on a rounded-up threshold goes left"),
-    Mutant("plan-clamp", "tasks/plan.py",
+    Mutant("plan-clamp", "tasks/inference/plan.py",
            'return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))',
            'return out if target == "log" else np.log(np.maximum(out, 1.0))',
            PLAN, "a member's log price below 0 is not clamped"),
@@ -116,32 +116,32 @@ MUTANTS = [
            "if False:", ("tests/tasks/test_stage.py",),
            "where an artifact is written changes its version"),
     # artifacts and the store: what a version is, and what a name may be
-    Mutant("hash-unchecked", "tasks/artifacts.py",
+    Mutant("hash-unchecked", "tasks/storage/store.py",
            "if sha256_file(name, opener=opener) != expected:", "if False:",
-           ("tests/tasks/test_artifacts.py",), "a damaged file passes as intact"),
-    Mutant("unsafe-names", "tasks/store.py",
+           ("tests/tasks/storage/test_artifacts.py",), "a damaged file passes as intact"),
+    Mutant("unsafe-names", "tasks/storage/store.py",
            'return isinstance(name, str) and bool(name) and all(',
            'return isinstance(name, str) and bool(name) or all(',
-           ("tests/tasks/test_store.py", "tests/tasks/test_artifacts.py"),
+           ("tests/tasks/storage/test_store.py", "tests/tasks/storage/test_artifacts.py"),
            "a manifest may name a path outside its version"),
     # features: what the models see
-    Mutant("std-ddof0", "tasks/features.py", "std = float(pd.Series(x).std())",
+    Mutant("std-ddof0", "tasks/data/features.py", "std = float(pd.Series(x).std())",
            "std = float(np.nanstd(x))", (PRE,), "standardized with the population std"),
-    Mutant("skew-both-tails", "tasks/features.py",
+    Mutant("skew-both-tails", "tasks/data/features.py",
            "and float(pd.Series(x).skew()) > self.skew_threshold):",
            "and abs(float(pd.Series(x).skew())) > self.skew_threshold):", (PRE,),
            "left-skewed columns are log-transformed too"),
-    Mutant("unseen-as-missing", "tasks/features.py", "code[unseen] = len(cats) + 1",
+    Mutant("unseen-as-missing", "tasks/data/features.py", "code[unseen] = len(cats) + 1",
            "code[unseen] = len(cats)", (PRE,),
            "an unseen category lights the missing-value column"),
     # engine: the stacked training loop equals torch's own
-    Mutant("adam-no-bias-correction", "tasks/engine.py",
+    Mutant("adam-no-bias-correction", "tasks/kinds/engine.py",
            "bc1, bc2_sqrt = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)",
            "bc1, bc2_sqrt = 1.0, 1.0", (ENGINE,), "Adam without bias correction"),
-    Mutant("no-weight-decay", "tasks/engine.py",
+    Mutant("no-weight-decay", "tasks/kinds/engine.py",
            "return torch._foreach_add(grads, self.params, alpha=wd) if wd else grads",
            "return grads", (ENGINE,), "weight decay silently dropped"),
-    Mutant("tanh-grad", "tasks/engine.py",
+    Mutant("tanh-grad", "tasks/kinds/engine.py",
            'return 1 - a * a if name == "tanh" else a * (1 - a)',
            'return 1 - a if name == "tanh" else a * (1 - a)', (ENGINE,),
            "the written-out backward pass of tanh is wrong"),

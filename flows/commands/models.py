@@ -10,10 +10,10 @@ from pathlib import Path
 
 
 def predict(args: argparse.Namespace) -> int:
-    from tasks.artifacts import resolve
-    from tasks.batch import load_model, predict_file
+    from tasks.inference.batch import load_model, predict_file
+    from tasks.inference.plan import check_device
     from tasks.layout import default_artifacts_dir
-    from tasks.plan import check_device
+    from tasks.storage.artifacts import resolve
 
     if args.chunk_size <= 0:
         raise ValueError("--chunk-size must be a positive number of rows")
@@ -34,7 +34,7 @@ def predict(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from tasks.batch import drift_path
+    from tasks.inference.batch import drift_path
 
     with tempfile.TemporaryDirectory(prefix="houseprice-predict-") as tmp:
         out = Path(tmp) / "predictions.csv"
@@ -92,7 +92,7 @@ def check(args: argparse.Namespace) -> int:
     """Print each problem of the store on its own line; exit 1 if there is any."""
     from tasks.check import check_root
     from tasks.layout import default_artifacts_dir
-    from tasks.store import canonical, check
+    from tasks.storage.store import canonical, check
 
     root = canonical(args.artifacts or default_artifacts_dir())
     check(root)  # a missing bucket or refused credentials: one line, as everywhere
@@ -110,8 +110,8 @@ def check(args: argparse.Namespace) -> int:
 
 def make_feed(args: argparse.Namespace) -> int:
     from tasks.config import DataConfig
+    from tasks.data.feed import make_feed
     from tasks.download import fetch
-    from tasks.feed import make_feed
 
     data = DataConfig(**{k: v for k, v in (("url", args.data_url), ("cache_dir", args.data_dir))
                          if v})

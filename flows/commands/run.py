@@ -22,10 +22,10 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)  # validated before anything starts
     if args.quiet:  # read when Prefect is first imported, just below
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from tasks.store import check
+    from tasks.storage.store import check
 
     check(config.artifacts_dir)  # a missing bucket or refused credentials: now, in one line
-    from tasks.models import resolve_device
+    from tasks.kinds.nets import resolve_device
 
     resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
     from flows.pipeline import with_task_runner
@@ -96,7 +96,7 @@ def retryable(error: BaseException | None) -> bool:
     cause is gone: an environment or network failure (a file in the way, a store or server
     that did not answer), not a config or data error (a retry fails the same way)."""
     from tasks.download import DownloadError
-    from tasks.store import StoreError
+    from tasks.storage.store import StoreError
 
     chain, seen = [], error
     while seen is not None and seen not in chain:
@@ -224,7 +224,7 @@ def prefect_log_to_file(artifacts: str) -> Path:
 
     from prefect.logging.configuration import setup_logging
 
-    from tasks.store import canonical, local_cache, open_store
+    from tasks.storage.store import canonical, local_cache, open_store
 
     setup_logging()  # Prefect's console handler on the root logger (a no-op if done)
     root = canonical(artifacts)
@@ -397,8 +397,8 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
     all-rows score, its spread over repeats, the score without the outliers, blend weight,
     predict speed of its compiled plan alone, status), the selection, and where everything
     was written."""
-    from tasks.artifacts import ArtifactRef
-    from tasks.folds import cv_label
+    from tasks.data.folds import cv_label
+    from tasks.storage.artifacts import ArtifactRef
 
     root = config.artifacts_dir
     model = ArtifactRef(root=root, stage="select", version=result["model_version"])
@@ -444,7 +444,7 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
 
 
 def summary(config, result: dict[str, Any]) -> None:
-    from tasks.folds import cv_label
+    from tasks.data.folds import cv_label
 
     parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
     promotion = result["promotion"]

@@ -10,13 +10,13 @@ contract:
   back as plain dicts of tensors/bytes that ``torch.save`` can store in the checkpoint.
 - ``load_member(member, n_features) -> Member``: a saved member back as something with
   ``log_price(X)``.
-- ``inference_form(saved, loaded, target) -> Linear | Runtime``: a member as the compiled
-  plan predicts it (``tasks/plan.py`` keeps the runtimes): a ``Linear`` form collapses into
-  the plan's lookups; a ``Runtime`` form names one of the plan's predictors (``net``,
-  ``trees``, ``svr``, ``krr``) with its arrays. The default is the ``generic`` runtime: the
-  saved member itself, loaded by its kind at predict time, so a new kind predicts end to end
-  the day it is written (and its measured predict speed shows what a compiled form would
-  save).
+- ``inference_form(saved, loaded, n_features, target) -> Linear | Runtime``: a member as
+  the compiled plan predicts it (``tasks/inference/plan.py`` keeps the runtimes): a
+  ``Linear`` form collapses into the plan's lookups; a ``Runtime`` form names one of the
+  plan's predictors (``net``, ``trees``, ``svr``, ``krr``) with its arrays. The default is
+  the ``generic`` runtime: the saved member itself, loaded by its kind at predict time, so a
+  new kind predicts end to end the day it is written (and its measured predict speed shows
+  what a compiled form would save).
 - ``stack_key()``: candidates of one kind with equal keys train together in one call of
   ``cross_validate_stack`` (the torch kinds' stacked networks); ``None`` (the default): alone.
 
@@ -113,6 +113,32 @@ def net_form(layers: list[tuple[np.ndarray, np.ndarray]], activation: str, y_mea
     return Runtime("net", {**params, "float64": True} if float64 else params, arrays)
 
 
+def forest_arrays(trees: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One member's trees (each ``feature, threshold, left, right, value, missing_left``,
+    rooted at node 0) as one forest."""
+    return join([{**t, "roots": np.zeros(1, np.int64)} for t in trees])
+
+
+def join(forests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Forests concatenated: children indexes and ``roots`` shifted by where each forest's
+    nodes now start (a child of -1, a leaf's, stays -1)."""
+    sizes = [len(f["left"]) for f in forests]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    out = {k: np.concatenate([f[k] for f in forests]) for k in forests[0]}
+    for key in ("left", "right"):
+        out[key] = np.concatenate([np.where(f[key] >= 0, f[key] + o, -1) for f, o in
+                                   zip(forests, offsets, strict=True)]).astype(np.int32)
+    out["roots"] = np.concatenate([f["roots"] + o for f, o in zip(forests, offsets,
+                                                                  strict=True)])
+    return out
+
+
+def trees_form(trees: list[dict[str, np.ndarray]], base: float) -> Runtime:
+    """Boosted trees as the plan's ``trees`` runtime: each tree's ``feature, threshold, left,
+    right, value, missing_left`` (rooted at node 0), and the base score they add to."""
+    return Runtime("trees", {"base": base}, forest_arrays(trees))
+
+
 def generic_form(spec: CandidateConfig, saved: dict[str, Any], n_features: int) -> Runtime:
     """The saved member itself, as plain arrays (bytes as ``uint8``, tensors as arrays), with
     the candidate's config: the plan loads it through ``spec.load_member`` when it predicts
@@ -167,7 +193,7 @@ class CandidateConfig(Frozen):
     code_files: ClassVar[tuple[str, ...]] = ()
     renamed: ClassVar[dict[str, str]] = {}
     # A linear function of the features: its fold ensemble collapses into one linear model
-    # at predict time, so select.final = "mixed" keeps it (see tasks/plan.py).
+    # at predict time, so select.final = "mixed" keeps it (see tasks/inference/plan.py).
     linear_in_features: ClassVar[bool] = False
 
     def cross_validate(self, X: np.ndarray, y: np.ndarray, train: TrainConfig, folds: Folds,

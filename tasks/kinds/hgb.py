@@ -8,13 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.kinds.base import Runtime, SklearnCandidate
-
-
-def _trees_form(trees: list[dict[str, np.ndarray]], base: float) -> Runtime:
-    from tasks.forest import forest_arrays
-
-    return Runtime("trees", {"base": base}, forest_arrays(trees))
+from tasks.kinds.base import Runtime, SklearnCandidate, trees_form
 
 
 def _hgb_tree(nodes: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,7 +62,7 @@ class HGBConfig(SklearnCandidate):
 
     def inference_form(self, saved, loaded, n_features, target) -> Runtime:
         est = loaded.estimator
-        return _trees_form([_hgb_tree(p[0].nodes) for p in est._predictors],
+        return trees_form([_hgb_tree(p[0].nodes) for p in est._predictors],
                            float(np.ravel(est._baseline_prediction)[0]))
 
 
@@ -102,5 +96,5 @@ class GBRConfig(SklearnCandidate):
     def inference_form(self, saved, loaded, n_features, target) -> Runtime:
         est = loaded.estimator
         probe = np.zeros((1, est.n_features_in_), np.float32)
-        return _trees_form([_sk_tree(t[0].tree_, est.learning_rate) for t in est.estimators_],
+        return trees_form([_sk_tree(t[0].tree_, est.learning_rate) for t in est.estimators_],
                            float(est._raw_predict_init(probe)[0, 0]))

@@ -1,7 +1,7 @@
 """``linear`` and ``mlp``: the book's networks, trained by the batched K-fold engine.
 
 All K folds x ``seeds`` models of a candidate train together as one stacked model
-(``tasks/engine.py``); a fold's seeds are averaged in log space, at validation as at predict.
+(``tasks/kinds/engine.py``); a fold's seeds are averaged in log space, at validation as at predict.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from tasks.kinds.base import CandidateConfig, CVResult, Linear, Member, Runtime, net_form, rmse
 
-_CODE = ("kinds/base.py", "kinds/torch_net.py", "engine.py", "models.py")
+_CODE = ("kinds/base.py", "kinds/torch_net.py", "kinds/engine.py", "kinds/nets.py")
 
 
 class TorchCandidate(CandidateConfig):
@@ -68,7 +68,7 @@ class TorchCandidate(CandidateConfig):
         return bool(self.hidden) and self.dropout > 0
 
     def load_member(self, member, n_features, target) -> Member:
-        from tasks.models import Regressor
+        from tasks.kinds.nets import Regressor
 
         model = Regressor(self, n_features)
         model.load_state_dict(member["state_dict"])
@@ -82,8 +82,8 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
     same seeds, batch order and dropout draws)."""
     import torch
 
-    from tasks.engine import train_stacked
-    from tasks.models import resolve_device
+    from tasks.kinds.engine import train_stacked
+    from tasks.kinds.nets import resolve_device
 
     device = resolve_device(train.device)
     # X (n, d), or (K, n, d): fold k's rows through the preprocessor fitted on its own rows.
@@ -147,7 +147,7 @@ def _epoch_done(specs: list[TorchCandidate], valid: dict[int, float], progress) 
 
 @dataclass
 class TorchMember:
-    model: Any  # tasks.models.Regressor, in eval mode
+    model: Any  # tasks.kinds.nets.Regressor, in eval mode
     y_mean: float
     y_std: float
     target: str
@@ -155,7 +155,7 @@ class TorchMember:
     def log_price(self, X: np.ndarray) -> np.ndarray:
         import torch
 
-        from tasks.models import log_price
+        from tasks.kinds.nets import log_price
 
         with torch.no_grad():
             out = self.model(torch.from_numpy(X))

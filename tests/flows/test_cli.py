@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.artifacts import resolve
 from tasks.config import PROJECT_ROOT
+from tasks.storage.artifacts import resolve
 from tests.conftest import TEST_CSV, gpu_env, refused_port, write_config
 
 

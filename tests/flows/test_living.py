@@ -19,10 +19,10 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks.artifacts import ArtifactError, ArtifactRef, read_history, read_production
-from tasks.batch import load_model
-from tasks.feed import make_feed
+from tasks.data.feed import make_feed
+from tasks.inference.batch import load_model
 from tasks.promote import list_models, promote_by_hand, rollback
+from tasks.storage.artifacts import ArtifactError, ArtifactRef, read_history, read_production
 from tests.conftest import TRAIN_CSV, stop, task_states
 
 # Quick linear candidates: the loop, not the accuracy, is under test here.
@@ -195,7 +195,7 @@ def test_racing_promotions_leave_one_history_and_a_whole_pointer(promoted):
     the CURRENT pointer: every read is whole and names one model with that model's own
     fields (never one model's name with the other's predictions), the history has one line
     per promotion, and production ends as the last line says."""
-    from tasks.artifacts import read_pointer
+    from tasks.storage.artifacts import read_pointer
 
     _, _, root = promoted
     first = read_production(root)

@@ -272,7 +272,7 @@ def test_from_stage_recomputes_it_and_everything_after(first_run):
                 "mean_valid_log_rmse"):
         assert again[key] == before_result[key], key
     assert (model_dir / "manifest.json").stat().st_mtime_ns > before
-    from tasks.artifacts import ArtifactRef, require
+    from tasks.storage.artifacts import ArtifactRef, require
 
     require(ArtifactRef(root=cfg.artifacts_dir, stage="select",
                         version=first.result()["model_version"]))
@@ -358,7 +358,7 @@ def test_planted_cache_records_run_no_code_and_are_rebuilt(first_run, tmp_path, 
     """A pickle-serializer record and a JSON record naming a foreign class, planted in the
     root's cache records, are misses: nothing runs, the stages run again (finding their
     intact artifacts) and good records replace the planted ones."""
-    from tests.tasks.test_records import foreign_class_record, pickle_record, planted_module
+    from tests.tasks.storage.test_records import foreign_class_record, pickle_record, planted_module
 
     cfg, state, _ = first_run
     records = Path(cfg.artifacts_dir) / ".prefect-results"

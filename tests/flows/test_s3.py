@@ -42,7 +42,7 @@ def bucket_run(s3, prefect_api, data_server, tmp_path_factory):
 
 
 def test_every_stage_is_in_the_bucket_with_its_manifest(s3, bucket_run):
-    from tasks.artifacts import ArtifactRef, verify
+    from tasks.storage.artifacts import ArtifactRef, verify
 
     cfg, state = bucket_run
     result = state.result()
@@ -193,7 +193,7 @@ def test_planted_cache_records_in_the_bucket_run_no_code(s3, bucket_run, tmp_pat
     """Whoever can write the bucket plants a pickle record and a foreign-class JSON record:
     the next run loads neither (no code runs), runs those stages again and completes."""
     from flows.pipeline import house_price_pipeline
-    from tests.tasks.test_records import foreign_class_record, pickle_record, planted_module
+    from tests.tasks.storage.test_records import foreign_class_record, pickle_record, planted_module
 
     cfg, _ = bucket_run
     fs, base = s3.fs(), cfg.artifacts_dir.removeprefix("s3://")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks import artifacts, store
-from tasks.artifacts import ArtifactRef, production_lock, record, set_latest
+from tasks.storage import artifacts, store
+from tasks.storage.artifacts import ArtifactRef, production_lock, record, set_latest
 
 
 def _root(tmp_path: Path) -> Path:
@@ -83,7 +83,7 @@ def test_an_abandoned_temporary_is_named_a_live_writers_is_not(tmp_path, capsys)
 
 
 def test_a_planted_cache_record_is_named(tmp_path, capsys):
-    from tests.tasks.test_records import key_for, pickle_record
+    from tests.tasks.storage.test_records import key_for, pickle_record
 
     root = _root(tmp_path)
     (root / ".prefect-results").mkdir()

@@ -184,8 +184,8 @@ def test_rows_appended_during_a_copy_are_fetched(tmp_path, monkeypatch, appends)
     import os
 
     from tasks import download
+    from tasks.data.sources import Located
     from tasks.download import fetch_file
-    from tasks.sources import Located
 
     source = tmp_path / "rows.csv"
     source.write_text("Id,SalePrice\n1,100\n")
@@ -226,8 +226,8 @@ def _source_file(path):
     (b"Id,Price\n1,10,7\n", "line 2 has 3 fields, the header has 2"),
 ])
 def test_a_file_that_is_no_usable_csv_is_one_line_naming_it(tmp_path, content, words):
+    from tasks.data.features import DataError
     from tasks.download import merge
-    from tasks.features import DataError
 
     bad = tmp_path / "2009-01.csv"
     bad.write_bytes(content)

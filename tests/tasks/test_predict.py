@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.artifacts import resolve
+from tasks.data.features import DataError
 from tasks.predict import FittedModel, predict_file
-from tasks.preprocess import DataError
+from tasks.storage.artifacts import resolve
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +134,9 @@ def test_each_fold_model_reads_rows_through_its_own_folds_preprocessor(model, tr
 
     import numpy as np
 
-    from tasks.artifacts import ArtifactRef
-    from tasks.folds import make_folds
-    from tasks.preprocess import ID
+    from tasks.data.features import ID
+    from tasks.data.folds import make_folds
+    from tasks.storage.artifacts import ArtifactRef
 
     cfg, _ = trained
     upstream = resolve(cfg.artifacts_dir, "select").manifest()["upstream"]["trained"]

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from tasks import artifacts
-from tasks.artifacts import (
+from tasks.promote import rollback
+from tasks.storage import artifacts
+from tasks.storage.artifacts import (
     ArtifactError,
     production_lock,
     read_history,
@@ -16,7 +17,6 @@ from tasks.artifacts import (
     read_production,
     record,
 )
-from tasks.promote import rollback
 
 
 def _models(root, *names):

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.artifacts import resolve
-from tasks.batch import load_model, predict_file
-from tasks.checkpoint import FittedModel
-from tasks.features import DataError, fit_preprocessor, validate_training_frame
+from tasks.data.features import DataError, fit_preprocessor, validate_training_frame
+from tasks.inference.batch import load_model, predict_file
+from tasks.inference.checkpoint import FittedModel
+from tasks.storage.artifacts import resolve
 from tasks.tensorize import training_ids
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tasks.artifacts import ArtifactRef
 from tasks.report import curves_markdown
+from tasks.storage.artifacts import ArtifactRef
 
 
 def _trained(root, name: str, score: float | None, png: bool = True) -> ArtifactRef:

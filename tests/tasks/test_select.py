@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.artifacts import ArtifactRef
 from tasks.config import SelectConfig, TrainConfig, candidate
 from tasks.select import (
     CHECKPOINT_FORMAT,
@@ -22,6 +21,7 @@ from tasks.select import (
     leaderboard,
     select_model,
 )
+from tasks.storage.artifacts import ArtifactRef
 from tests.conftest import OWN_FIELDS
 
 

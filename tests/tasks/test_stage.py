@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.artifacts import ArtifactRef
 from tasks.config import DataConfig, PipelineConfig, TrainConfig, candidate
 from tasks.stage import StageError, failing_as, stage_version
+from tasks.storage.artifacts import ArtifactRef
 
 
 def ref(version):

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.artifacts import ArtifactRef, resolve
 from tasks.select import lineage
+from tasks.storage.artifacts import ArtifactRef, resolve
 from tasks.tensorize import outlier_ids, read_fold_features, write_matrix
 
 

@@ -6,7 +6,7 @@ import torch
 
 from tasks.config import TrainConfig, candidate
 from tasks.kinds.base import skops_loads
-from tasks.models import Regressor, SeededDropout, log_price, log_rmse
+from tasks.kinds.nets import Regressor, SeededDropout, log_price, log_rmse
 from tasks.train import candidate_metrics, cross_validate, make_folds
 
 
@@ -158,8 +158,8 @@ def test_candidate_metrics_report_both_row_sets():
 
 
 def test_worker_that_cannot_see_the_artifact_root_fails_clearly(tmp_path):
-    from tasks.artifacts import ArtifactRef
     from tasks.stage import StageError
+    from tasks.storage.artifacts import ArtifactRef
     from tasks.train import train_task
 
     missing = tmp_path / "not-mounted-here"

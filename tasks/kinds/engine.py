@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tasks.models import Regressor, log_price
+from tasks.kinds.nets import Regressor, log_price
 
 if TYPE_CHECKING:
     from tasks.kinds.torch_net import TorchCandidate

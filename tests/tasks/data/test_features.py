@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.preprocess import (
+from tasks.data.features import (
     DataError,
     Preprocessor,
     fit_preprocessor,
@@ -227,9 +227,9 @@ def test_encoding_arrow_batches_equals_encoding_the_frame(real_data, tmp_path, s
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from tasks.batch import normalize, open_rows
     from tasks.config import PreprocessConfig
-    from tasks.features import ID, read_csv
+    from tasks.data.features import ID, read_csv
+    from tasks.inference.batch import normalize, open_rows
 
     train = read_csv(real_data / "kaggle_house_pred_train.csv").drop(columns=["SalePrice"])
     pre = fit_preprocessor(train, config=PreprocessConfig(**switches))
@@ -277,8 +277,8 @@ def test_text_in_a_numeric_parquet_column_is_the_same_one_line_error(real_data, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.batch import normalize, open_rows
-    from tasks.features import ID, DataError, read_csv
+    from tasks.data.features import ID, DataError, read_csv
+    from tasks.inference.batch import normalize, open_rows
 
     train = read_csv(real_data / "kaggle_house_pred_train.csv").drop(columns=["SalePrice"])
     pre = fit_preprocessor(train)

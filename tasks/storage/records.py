@@ -21,7 +21,9 @@ from typing import Any
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.serializers import JSONSerializer
 
-REF_CLASS = "tasks.artifacts.ArtifactRef"
+from tasks.storage.store import root_key
+
+REF_CLASS = "tasks.storage.artifacts.ArtifactRef"
 # houseprice-<stage>-<16 hex version>-<8 hex root key> (tasks.stage.StageVersionPolicy), and
 # houseprice-train-group-<16 hex digest of its members' versions>-<root key> (a group of
 # torch candidates trained as one stack: tasks.train.GroupVersionPolicy), whose result is
@@ -53,8 +55,6 @@ def safe_record(key: str, content: bytes) -> bytes:
 
 
 def rebuilt_record(key: str, content: bytes) -> bytes:
-    from tasks.stage import root_key
-
     match = _KEY.fullmatch(key.rsplit("/", 1)[-1])
     if match is None:
         raise UntrustedRecord("not a houseprice cache key")

@@ -31,22 +31,3 @@ def walk(X, feature, threshold, left, right, value, missing_left, roots, owner, 
                 j = left[j] if go_left else right[j]
             out[owner[t], i] += value[j]
 
-
-def forest_arrays(trees: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One member's trees (each ``feature, threshold, left, right, value, missing_left``,
-    rooted at node 0) as one forest."""
-    return join([{**t, "roots": np.zeros(1, np.int64)} for t in trees])
-
-
-def join(forests: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Forests concatenated: children indexes and ``roots`` shifted by where each forest's
-    nodes now start (a child of -1, a leaf's, stays -1)."""
-    sizes = [len(f["left"]) for f in forests]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    out = {k: np.concatenate([f[k] for f in forests]) for k in forests[0]}
-    for key in ("left", "right"):
-        out[key] = np.concatenate([np.where(f[key] >= 0, f[key] + o, -1) for f, o in
-                                   zip(forests, offsets, strict=True)]).astype(np.int32)
-    out["roots"] = np.concatenate([f["roots"] + o for f, o in zip(forests, offsets,
-                                                                  strict=True)])
-    return out

@@ -349,7 +349,7 @@ class Preprocessor:
     def encode_table(self, table: pa.Table) -> Encoded:
         """``encode`` straight from Arrow (what batch predict reads), no pandas: the same
         engineered columns, codes and report, column by column in NumPy. Text columns are
-        expected with missing values as nulls (``tasks.batch.normalize``)."""
+        expected with missing values as nulls (``tasks.inference.batch.normalize``)."""
         names = set(table.column_names)
         missing = [c for c in self.columns_ if c not in names]
         if missing:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, TrainConfig, candidate, load_config_file
 from tasks.kinds import KINDS
 from tasks.stage import stage_version
+from tasks.storage.artifacts import ArtifactRef
 from tests.conftest import OWN_FIELDS
 
 # A minimal valid candidate of every kind, and a field that belongs to another kind.

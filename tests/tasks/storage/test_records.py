@@ -10,9 +10,9 @@ import pytest
 from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 from prefect.serializers import JSONSerializer, PickleSerializer
 
-from tasks.artifacts import ArtifactRef
-from tasks.records import SafeLocalFileSystem, UntrustedRecord, safe_record
-from tasks.stage import root_key
+from tasks.storage.artifacts import ArtifactRef
+from tasks.storage.records import SafeLocalFileSystem, UntrustedRecord, safe_record
+from tasks.storage.store import root_key
 
 VERSION = "0123456789abcdef"
 
@@ -75,17 +75,17 @@ def test_a_foreign_class_is_never_imported(tmp_path, monkeypatch):
     marker = tmp_path / "imported"
     monkeypatch.syspath_prepend(str(tmp_path))
     module = planted_module(tmp_path, marker)
-    with pytest.raises(UntrustedRecord, match="not tasks.artifacts.ArtifactRef"):
+    with pytest.raises(UntrustedRecord, match="not tasks.storage.artifacts.ArtifactRef"):
         safe_record(key_for("/r"), foreign_class_record(module))
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("change", [
     lambda r: r["metadata"]["serializer"].update(object_decoder="os.system"),
-    lambda r: r.update(result=json.dumps({"__class__": "tasks.artifacts.ArtifactRef",
+    lambda r: r.update(result=json.dumps({"__class__": "tasks.storage.artifacts.ArtifactRef",
                                           "data": {"root": "/r", "stage": "train",
                                                    "version": VERSION}})),
-    lambda r: r.update(result=json.dumps({"__class__": "tasks.artifacts.ArtifactRef",
+    lambda r: r.update(result=json.dumps({"__class__": "tasks.storage.artifacts.ArtifactRef",
                                           "data": {"root": "/elsewhere", "stage":
                                                    "preprocess", "version": VERSION}})),
     lambda r: r.update(result="[1, 2]"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.preprocess import DataError
+from tasks.data.features import DataError
 
 MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tasks import artifacts, store
-from tasks.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
+from tasks.storage import artifacts, store
+from tasks.storage.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
 
 
 def _build(root, version="v1", payload="hello", calls=None):
@@ -75,7 +75,7 @@ def test_version_without_manifest_is_incomplete(tmp_path):
 def test_killed_writer_leaves_no_complete_looking_version(tmp_path):
     code = f"""
 import os, signal
-from tasks.artifacts import build
+from tasks.storage.artifacts import build
 def write(out):
     (out / "data.txt").write_text("x")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -112,7 +112,7 @@ def test_a_prefix_of_two_versions_is_ambiguous_and_names_both(tmp_path):
 
 
 def test_a_candidates_artifact_is_found_by_name_and_the_alias_is_no_version(tmp_path):
-    from tasks.artifacts import link_name
+    from tasks.storage.artifacts import link_name
 
     refs = []
     for version in ("a" * 16, "b" * 16):

@@ -35,9 +35,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks.features import DataError, Encoded, Preprocessor, TransformReport, column_map
-from tasks.forest import join
-from tasks.kinds.base import Linear
+from tasks.data.features import DataError, Encoded, Preprocessor, TransformReport, column_map
+from tasks.kinds.base import Linear, join
 
 PLAN_FORMAT = "houseprice-plan/1"
 PLAN_JSON, PLAN_ARRAYS = "plan.json", "plan.npz"
@@ -408,7 +407,7 @@ _PREDICTORS = {"svr": _predict_svr, "krr": _predict_krr, "net": None, "trees": N
 
 def _predict_forests(members: list[Term], X: np.ndarray, target: str) -> np.ndarray:
     """Every tree of every member in one compiled pass over the rows."""
-    from tasks.forest import walk
+    from tasks.inference.forest import walk
 
     forest = _forest(tuple(members))
     out = np.zeros((len(members), len(X)))

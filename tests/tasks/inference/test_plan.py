@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.checkpoint import CHECKPOINT_FORMAT, FittedModel
 from tasks.config import TrainConfig, candidate
-from tasks.features import DataError, Preprocessor
-from tasks.folds import make_folds
-from tasks.plan import PLAN_ARRAYS, Plan, compile_plan
-from tests.tasks.test_kinds import MINIMAL
+from tasks.data.features import DataError, Preprocessor
+from tasks.data.folds import make_folds
+from tasks.inference.checkpoint import CHECKPOINT_FORMAT, FittedModel
+from tasks.inference.plan import PLAN_ARRAYS, Plan, compile_plan
+from tests.tasks.kinds.test_kinds import MINIMAL
 
 OPTIONS = {"log1p_skewed": True, "derived": True, "ordinal": True,
            "as_category": ("MSSubClass", "MoSold"),
@@ -153,8 +153,8 @@ def test_a_plan_of_another_format_is_refused(fitted, tmp_path):
 
 
 def test_predict_loads_no_checkpoint_pickles_a_version_without_a_plan_is_refused(tmp_path):
-    from tasks.artifacts import ArtifactRef
-    from tasks.batch import load_model
+    from tasks.inference.batch import load_model
+    from tasks.storage.artifacts import ArtifactRef
 
     (tmp_path / "select" / "0123456789abcdef").mkdir(parents=True)
     (tmp_path / "select" / "0123456789abcdef" / "model.pt").write_bytes(b"pickles")
@@ -169,8 +169,8 @@ def test_the_torch_path_for_a_gpu_and_arrow_batches_predict_the_same(fitted, kag
     """``--device cuda`` runs the networks in torch: checked here with torch on the CPU
     (the same code, another device) against NumPy; and rows as batch predict reads them
     (Arrow, no pandas frame) against the frame."""
-    from tasks.batch import normalize, open_rows
-    from tasks.features import ID
+    from tasks.data.features import ID
+    from tasks.inference.batch import normalize, open_rows
 
     pre, fold_pres, out = fitted
     _, test = kaggle
@@ -194,7 +194,7 @@ def test_the_torch_path_for_a_gpu_and_arrow_batches_predict_the_same(fitted, kag
 def test_a_device_that_is_not_there_is_one_line():
     import torch
 
-    from tasks.plan import check_device
+    from tasks.inference.plan import check_device
 
     assert check_device("cpu") is None  # NumPy: torch never needed
     with pytest.raises(ValueError, match="unknown device 'tpu': use cpu or cuda"):
@@ -207,8 +207,8 @@ def test_a_device_that_is_not_there_is_one_line():
 def _one_split(threshold: float, leaves) -> object:
     """A trees member of one tree: feature 0 <= ``threshold`` -> ``leaves[0]``, else
     ``leaves[1]``."""
-    from tasks.forest import forest_arrays
-    from tasks.plan import Term
+    from tasks.inference.plan import Term
+    from tasks.kinds.base import forest_arrays
 
     tree = {"feature": np.zeros(3, np.int32), "threshold": np.array([threshold, 0.0, 0.0]),
             "left": np.array([1, -1, -1], np.int32), "right": np.array([2, -1, -1], np.int32),
@@ -221,7 +221,7 @@ def test_a_tree_compares_the_float32_row_with_the_float64_threshold():
     own predictor sends it. Rounding the threshold to the nearest float32 would send it left."""
     from sklearn.tree import DecisionTreeRegressor
 
-    from tasks.plan import _predict_forests
+    from tasks.inference.plan import _predict_forests
 
     member = _one_split(0.1, (1.0, 2.0))
     x = np.array([np.float32(0.1), np.nextafter(np.float32(0.1), np.float32(0)), 0.0, 0.2],
@@ -254,7 +254,7 @@ def test_a_tree_compares_the_float32_row_with_the_float64_threshold():
     ("raw", [0.25, 1e5], [0.0, np.log(1e5)]),  # a raw price below 1 -> 1
 ])
 def test_a_members_price_is_clamped_at_1_as_the_book_clamps(target, leaves, want):
-    from tasks.plan import _predict_forests
+    from tasks.inference.plan import _predict_forests
 
     member = _one_split(0.0, leaves)
     got = _predict_forests([member], np.array([[-1.0], [1.0]], np.float32), target)

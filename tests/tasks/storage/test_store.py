@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from tasks import artifacts, store
-from tasks.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
-from tasks.store import StoreError, check
+from tasks.storage import artifacts, store
+from tasks.storage.artifacts import ArtifactError, ArtifactRef, build, resolve, set_latest, verify
+from tasks.storage.store import StoreError, check
 
 
 def _build(root, version="v1", payload="hello", calls=None, force=False, before_commit=None):
@@ -151,7 +151,7 @@ def test_a_lock_left_by_a_dead_holder_is_taken_over_a_live_one_waited_for(s3, le
     import json
     import time
 
-    from tasks.store import LOCK_LEASE_S, open_store
+    from tasks.storage.store import LOCK_LEASE_S, open_store
 
     root = f"s3://{s3.bucket()}/hp"
     store = open_store(root)
@@ -198,7 +198,7 @@ def test_abandoned_attempts_of_dead_writers_are_swept_a_live_or_leased_one_kept(
      "AWS_ENDPOINT_URL"),
 ])
 def test_an_unusable_store_is_one_line(s3, monkeypatch, root, env, words):
-    from tasks import store
+    from tasks.storage import store
 
     bucket = s3.bucket()
     root = root.format(bucket=bucket)
@@ -233,7 +233,7 @@ def test_a_manifest_naming_paths_outside_the_cache_writes_nothing_there(
     is refused in one line and nothing is written outside this machine's cache."""
     import hashlib
 
-    from tasks.store import filesystem
+    from tasks.storage.store import filesystem
 
     root = f"s3://{s3.bucket()}/hp" if scheme == "s3" else f"memory://trav-{where}-{id(tmp_path)}"
     fs, base = filesystem(root)

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from tasks.config import DataConfig
+from tasks.data.features import DataError
+from tasks.data.feed import make_feed
+from tasks.data.sources import SourceError, list_source
 from tasks.download import download, take_snapshot
-from tasks.feed import make_feed
-from tasks.preprocess import DataError
-from tasks.sources import SourceError, list_source
 from tests.conftest import TRAIN_CSV
 
 

@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tasks.artifacts import ArtifactRef, write_json
-from tasks.features import ID, DataError, Preprocessor, _numeric
-from tasks.plan import PLAN_JSON, Plan
+from tasks.data.features import ID, DataError, Preprocessor, _numeric
+from tasks.inference.plan import PLAN_JSON, Plan
+from tasks.storage.artifacts import ArtifactRef, write_json
 
 HEADER = "Id,SalePrice\n"
 # pandas' default missing-value strings (``pandas.read_csv``'s ``na_values``), which the

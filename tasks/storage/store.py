@@ -17,7 +17,7 @@ when its manifest, written last with every file's SHA-256, is there and matches.
   downloaded once, hash-checked against the manifest, and re-checked against the store's
   object ETags on every use (one LIST), so an object overwritten in the bucket is noticed.
 
-Both offer the same small set of operations, which is all ``tasks.artifacts`` speaks: small
+Both offer the same small set of operations, which is all ``tasks.storage.artifacts`` speaks: small
 objects (``read_bytes``, ``write_bytes``, ``append``, ``children``), versions (``versions``,
 ``read_manifest``, ``verify``, ``staging`` then ``publish``, ``version_dir``, ``alias``), an
 exclusive ``lock`` and a ``check`` of the store itself. ``open_store(root)`` chooses one, once
@@ -71,6 +71,11 @@ def canonical(root: str | Path) -> str:
     if is_url(text):
         return text.rstrip("/")
     return str(Path(text).expanduser().resolve())
+
+
+def root_key(root: str | Path) -> str:
+    """8 hex digits naming an artifact root in cache keys (a copied root is another key)."""
+    return hashlib.sha256(canonical(root).encode()).hexdigest()[:8]
 
 
 # A name a manifest, pointer or record hands in (a version, an attempt prefix, a file inside
@@ -219,7 +224,7 @@ def describe(exc: BaseException, url: str, what: str = "artifact store",
 
 
 class Store(Protocol):
-    """What ``tasks.artifacts`` may ask of a store; ``parts`` are path parts under the root,
+    """What ``tasks.storage.artifacts`` may ask of a store; ``parts`` are path parts under the root,
     each checked by the caller (``safe_relative``) when it came from outside."""
 
     root: str

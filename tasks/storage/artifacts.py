@@ -4,9 +4,9 @@ A version only ever appears complete: its manifest (written last) lists the SHA-
 file, so a version without a manifest, or whose files no longer match it, was never complete
 or was damaged later: it is not used, and the next build replaces it. The root is a folder or
 an object store URL (``s3://bucket/prefix``); this module speaks only the store interface of
-``tasks.store`` (``open_store(root)``), which decides how each operation is done there, and a
-reference's ``path`` is the version's folder or a verified local copy. Stages never know
-which.
+``tasks.storage.store`` (``open_store(root)``), which decides how each operation is done
+there, and a reference's ``path`` is the version's folder or a verified local copy. Stages
+never know which.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from tasks.store import (
+from tasks.storage.store import (
     BY_NAME,
     MANIFEST,
     TMP_PREFIX,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tasks.config import candidate
-from tasks.engine import PerModel, StackedOptimizer, train_stacked
-from tasks.models import Regressor
+from tasks.kinds.engine import PerModel, StackedOptimizer, train_stacked
+from tasks.kinds.nets import Regressor
 
 
 def _data(n=120, d=5, seed=0):
@@ -133,7 +133,7 @@ def test_gradient_norm_is_recorded_and_clipping_bounds_each_step():
 def test_models_that_draw_the_same_numbers_share_a_stream():
     """Same seed, rows and dropout-or-not: one stream (one batch gather, one first-layer
     product); a short stream is padded with a copy of its last model."""
-    from tasks.engine import Streams
+    from tasks.kinds.engine import Streams
 
     train, valid = _masks(10, [(0, 5), (0, 5), (5, 10), (0, 5), (0, 5)])
     lay = Streams.of([1, 1, 1, 2, 1], [True, True, True, True, False], train, valid)

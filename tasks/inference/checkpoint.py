@@ -1,7 +1,7 @@
 """The checkpoint select writes (``model.pt``): every component's fold members as their kinds
 saved them, with the preprocessors, loaded back as ``FittedModel`` (the reference predictor:
 each member predicts on its own, as it was scored). Predict uses the compiled plan
-(``tasks/plan.py``); this is what the plan is compiled from and checked against."""
+(``tasks/inference/plan.py``); this is what the plan is compiled from and checked against."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from tasks.features import DataError, Preprocessor, TransformReport
+from tasks.data.features import DataError, Preprocessor, TransformReport
 from tasks.kinds import CandidateConfig, Member, candidate
 
 # /4: per-fold preprocessors; /3: candidates are kinds (each component's model_config holds

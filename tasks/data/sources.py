@@ -78,7 +78,7 @@ def _list_local(text: str, source: str) -> list[Located]:
 
 def _list_store(source: str) -> list[Located]:
     """The files of an object-store source (a prefix ending in ``/``, a glob, or one key)."""
-    from tasks.store import StoreError, describe, filesystem
+    from tasks.storage.store import StoreError, describe, filesystem
 
     try:
         fs, path = filesystem(source)
