@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from flows.commands import models, operate, run
+from flows.commands import feed, operate, registry, run
 from flows.commands.config import ConfigError, config_error
 from tasks.layout import STAGES
 
@@ -261,10 +261,10 @@ def _main(argv: list[str] | None) -> int:
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     try:
         commands = {"run": run.run, "serve": operate.serve, "rerun": operate.rerun,
-                    "predict": models.predict, "score": operate.score, "models": models.models,
-                    "promote": models.promote, "rollback": models.rollback,
-                    "make-feed": models.make_feed, "stop-api": stop_api,
-                    "check": models.check}
+                    "predict": registry.predict, "score": operate.score,
+                    "models": registry.models, "promote": registry.promote,
+                    "rollback": registry.rollback, "make-feed": feed.make_feed,
+                    "stop-api": stop_api, "check": registry.check}
         return commands[args.command](args)
     except ConfigError as exc:
         _trace(args)

@@ -67,7 +67,7 @@ def house_price_pipeline(
                         candidates=list(config.all_candidates()), config=config.train)
     model = run_stage(select_task, root, force=force["select"], trained=trained,
                       candidates=list(config.all_candidates()), config=config.train,
-                      select=config.select)
+                      select=config.select, raw=raw, preprocessor=preprocessor, data=data)
     predictions = run_stage(predict_task, root, force=force["predict"], model=model, raw=raw,
                             config=config.predict)
     promotion = promote_task(model, predictions, raw, config.promote)

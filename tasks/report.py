@@ -7,10 +7,12 @@ import base64
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -117,3 +119,51 @@ def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[Art
         "submission": str(predictions.file("submission.csv")),
         "promotion": promotion,
     }
+
+
+# Matplotlib is not thread-safe (its font-config parsing with pyparsing fails at random when
+# two candidates' threads plot at once: "ParseException ... in parse action"), so one plot
+# at a time per process.
+_PLOT_LOCK = threading.Lock()
+def plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -> None:
+    """The book's learning-curve plot (train and valid log RMSE per epoch, one line a fold),
+    and beside it the mean gradient norm per epoch (vanishing or exploding gradients)."""
+    with _PLOT_LOCK:
+        _plot_curves(curves, title, path)
+
+
+def _plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -> None:
+    # One LineCollection per series and fixed margins instead of a line per fold and
+    # tight_layout: half the time, and a default run draws some 25 of these.
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(10, 4), dpi=80)
+    ax, gx = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.91, wspace=0.28)
+    series = (("train_log_rmse", ax, {"color": "C0"}),
+              ("valid_log_rmse", ax, {"color": "C1", "linestyle": "--"}),
+              ("grad_norm", gx, {"color": "C2"}))
+    for key, axes, style in series:
+        lines = []
+        for c in curves:
+            v = np.asarray(c[key], dtype=np.float64)
+            v[~(np.isfinite(v) & (v > 0))] = np.nan  # a diverged epoch: a gap, not a scale
+            lines.append(np.column_stack([np.arange(1, len(v) + 1), v]))
+        axes.add_collection(LineCollection(lines, alpha=0.6, **style))
+    for axes, keys in ((ax, ("train_log_rmse", "valid_log_rmse")), (gx, ("grad_norm",))):
+        v = np.array([x for c in curves for k in keys for x in c[k]], dtype=np.float64)
+        v = v[np.isfinite(v) & (v > 0)]
+        longest = max((len(c[keys[0]]) for c in curves), default=1)
+        axes.set_xlim(1, max(longest, 2))
+        # Nothing finite (a candidate diverged at once): an empty log axis, not an error.
+        axes.set_ylim(*((v.min() / 1.1, v.max() * 1.1) if v.size else (0.01, 1.0)))
+        axes.set_yscale("log")
+        axes.grid(True, alpha=0.3)
+    ax.set(xlabel="epoch", ylabel="log RMSE", title=title)
+    gx.set(xlabel="epoch", ylabel="gradient norm (mean per step)",
+           title="gradient norm, one line a fold")
+    ax.legend(handles=[Line2D([], [], color="C0", label="train"),
+                       Line2D([], [], color="C1", linestyle="--", label="valid")])
+    fig.savefig(path)

@@ -7,9 +7,12 @@ squares (stacking). Fitting weights and scoring them on the same rows would flat
 so its score is itself cross-fitted: the weights used on fold k's rows are fitted on the other
 folds' rows only. The final weights are then fitted on all rows.
 
-Each component's final model is the ensemble of its K fold models (predictions averaged in log
-space), not a refit on all rows: each fold model was validated as it is, so the ensemble needs
-no untested choice (such as how many epochs suit 25% more rows) and costs no extra training.
+Each component's final form is ``select.final``: ``ensemble`` (its K fold models, predictions
+averaged in log space: each was validated as it is), ``refit`` (one model fitted on all rows,
+as the book's ``train_and_pred``), or ``mixed`` (linear kinds keep the ensemble, which
+collapses into one linear model and costs nothing to predict; other kinds are refitted). The
+default, ``auto``, takes ``mixed`` unless its estimated out-of-fold score loses more than
+``select.max_loss`` to the ensemble's, and says which it took and why in the model card.
 The checkpoint is self-describing: weights, configs, blend weights, preprocessor, metrics and
 lineage back to the raw files' SHA-1.
 
@@ -294,9 +297,13 @@ def final_estimates(P: np.ndarray, names: list[str], oof: pd.DataFrame,
 
 
 def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
-                 config: TrainConfig, select: SelectConfig, out_dir: Path) -> dict[str, Any]:
+                 config: TrainConfig, select: SelectConfig, out_dir: Path, *,
+                 raw: ArtifactRef, preprocessor: ArtifactRef, data: ArtifactRef
+                 ) -> dict[str, Any]:
     """Pick the best candidate or blend by OOF log RMSE on ``select.on`` rows; write
-    ``model.pt``, ``leaderboard.json``, ``model_card.md``."""
+    ``model.pt``, ``leaderboard.json``, ``model_card.md``. ``raw``, ``preprocessor`` and
+    ``data`` are the artifacts the candidates were trained from (the preprocessors go into
+    the checkpoint; the raw training rows time each plan's predict speed)."""
     metrics = [json.loads(ref.file("metrics.json").read_text()) for ref in trained]
     for m in metrics:
         m.pop("curves", None)
@@ -323,17 +330,16 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             raise ValueError(f"select.final = '{select.final}', but train artifacts of "
                              f"{stale} hold no model fitted on all rows; rerun from train "
                              "('houseprice run --from train')")
-    first = refs[names[0]]
-    tensorized = ArtifactRef(root=first.root, **first.manifest()["upstream"]["data"])
-    preprocessor_ref = ArtifactRef(
-        root=first.root, **tensorized.manifest()["upstream"]["preprocessor"]
-    )
-    preprocessor = json.loads(preprocessor_ref.file("preprocessor.json").read_text())
+    trained_on = {ArtifactRef(root=ref.root, **ref.manifest()["upstream"]["data"])
+                  for ref in refs.values()}
+    if trained_on != {data}:
+        raise ValueError(f"train artifacts were made from {sorted(r.version for r in trained_on)}"
+                         f", not the tensorized data {data.version} given; rerun from train")
+    pre = json.loads(preprocessor.file("preprocessor.json").read_text())
     # With per-fold preprocessing, fold k's models read rows through fold k's preprocessor.
-    per_fold = tensorized.file(FOLD_PREPROCESSORS)
+    per_fold = data.file(FOLD_PREPROCESSORS)
     fold_preprocessors = (json.loads(per_fold.read_text())["preprocessors"]
                           if per_fold.is_file() else None)
-    raw = ArtifactRef(root=first.root, **preprocessor_ref.manifest()["upstream"]["raw"])
     timing_rows = read_csv(raw.file("train.csv")).drop(columns=["SalePrice"])
 
     def checkpoint(weights: dict[str, float], final: str,
@@ -346,12 +352,12 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
         return {
             "format": CHECKPOINT_FORMAT,
             "target": config.target,
-            "n_features": len(preprocessor["feature_names"]),
+            "n_features": len(pre["feature_names"]),
             "final": final,
             # [{candidate, weight, model_config, refit, folds: [{members: [...]}]}]: fold
             # members are averaged in log space, then components weighted, at predict time.
             "components": comps,
-            "preprocessor": preprocessor,
+            "preprocessor": pre,
             "fold_preprocessors": (fold_preprocessors if not all(c["refit"] for c in comps)
                                    else None),
             "metrics": chosen,
@@ -414,7 +420,7 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             fold=("fold", "first"), pred_log_price=("pred_log_price", "mean"),
             outlier=("outlier", "first"), log_price=("log_price", "first"))
     chosen_rows.to_parquet(out_dir / "oof.parquet", index=False)
-    lin = lineage(first)
+    lin = lineage(data)
     lin["train"] = sorted(r.version for r in trained)
     # Each train version's candidate, so the card and checkpoint name what the hashes are.
     lin["train_candidates"] = {ref.version: name for name, ref in sorted(refs.items())}
@@ -456,10 +462,14 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
 
 @task(**stage_task_options(STAGE))
 def select_task(trained: list[ArtifactRef], candidates: list[CandidateConfig],
-                config: TrainConfig, select: SelectConfig, root: str,
+                config: TrainConfig, select: SelectConfig, root: str, *, raw: ArtifactRef,
+                preprocessor: ArtifactRef, data: ArtifactRef,
                 force: bool = False) -> ArtifactRef:
     """Choose the best candidate or blend by OOF log RMSE; save a self-describing checkpoint."""
-    inputs = {"trained": trained, "candidates": candidates, "config": config, "select": select}
+    inputs = {"trained": trained, "candidates": candidates, "config": config, "select": select,
+              "raw": raw, "preprocessor": preprocessor, "data": data}
     return build_stage(STAGE, root, inputs,
-                       lambda out: select_model(trained, candidates, config, select, out),
+                       lambda out: select_model(trained, candidates, config, select, out,
+                                                raw=raw, preprocessor=preprocessor,
+                                                data=data),
                        force=force)

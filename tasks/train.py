@@ -1,10 +1,11 @@
-"""Stage 4, train: K-fold cross-validation of one candidate model.
+"""Stage 4, train: K-fold cross-validation of the candidates.
 
-One Prefect task per candidate, so candidates run in parallel on the task runner and a failed
-candidate reruns alone. How a candidate is cross-validated is its kind's business
-(``tasks/kinds``); this stage cuts the folds, scores the result and writes the artifact: the K
-fold models, per-epoch learning curves, out-of-fold predictions, the split, and a PNG of the
-curves.
+One Prefect task per stack (candidates of one kind with equal ``stack_key``, trained as one
+model: the torch kinds' searches) and per other candidate, so tasks run in parallel on the
+task runner and a failed one reruns alone. How a candidate is cross-validated is its kind's
+business (``tasks/kinds``); this stage cuts the folds, scores the result and writes each
+candidate's own artifact: the K fold models, per-epoch learning curves, out-of-fold
+predictions, the split, and a PNG of the curves.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
@@ -33,6 +33,8 @@ from tasks import progress as progress_hooks
 from tasks.config import CandidateConfig, TrainConfig
 from tasks.data.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
 from tasks.kinds.base import CVResult, oof_scores, refit_members
+from tasks.progress import DashboardProgress
+from tasks.report import plot_curves
 from tasks.stage import (
     StageError,
     build_stage,
@@ -64,10 +66,6 @@ def cross_validate(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: 
     return spec.cross_validate(X, y, config, folds, fit_rows(folds, excluded), on_progress)
 
 
-# Matplotlib is not thread-safe (its font-config parsing with pyparsing fails at random when
-# two candidates' threads plot at once: "ParseException ... in parse action"), so one plot
-# at a time per process.
-_PLOT_LOCK = threading.Lock()
 # Every fit of this process runs on one thread, one at a time. Each fit uses every core
 # (torch's and OpenMP's thread pools), so fits side by side only slow each other down; and
 # OpenMP keeps a team of threads per calling thread: with a team for each of the task
@@ -122,50 +120,6 @@ def _fit(fn: Callable[[], Any], what: str, log: Callable[[str], None],
         return out
 
     return _FIT_THREAD.submit(timed).result()
-
-
-def plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -> None:
-    """The book's learning-curve plot (train and valid log RMSE per epoch, one line a fold),
-    and beside it the mean gradient norm per epoch (vanishing or exploding gradients)."""
-    with _PLOT_LOCK:
-        _plot_curves(curves, title, path)
-
-
-def _plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -> None:
-    # One LineCollection per series and fixed margins instead of a line per fold and
-    # tight_layout: half the time, and a default run draws some 25 of these.
-    from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    fig = Figure(figsize=(10, 4), dpi=80)
-    ax, gx = fig.subplots(1, 2)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.91, wspace=0.28)
-    series = (("train_log_rmse", ax, {"color": "C0"}),
-              ("valid_log_rmse", ax, {"color": "C1", "linestyle": "--"}),
-              ("grad_norm", gx, {"color": "C2"}))
-    for key, axes, style in series:
-        lines = []
-        for c in curves:
-            v = np.asarray(c[key], dtype=np.float64)
-            v[~(np.isfinite(v) & (v > 0))] = np.nan  # a diverged epoch: a gap, not a scale
-            lines.append(np.column_stack([np.arange(1, len(v) + 1), v]))
-        axes.add_collection(LineCollection(lines, alpha=0.6, **style))
-    for axes, keys in ((ax, ("train_log_rmse", "valid_log_rmse")), (gx, ("grad_norm",))):
-        v = np.array([x for c in curves for k in keys for x in c[k]], dtype=np.float64)
-        v = v[np.isfinite(v) & (v > 0)]
-        longest = max((len(c[keys[0]]) for c in curves), default=1)
-        axes.set_xlim(1, max(longest, 2))
-        # Nothing finite (a candidate diverged at once): an empty log axis, not an error.
-        axes.set_ylim(*((v.min() / 1.1, v.max() * 1.1) if v.size else (0.01, 1.0)))
-        axes.set_yscale("log")
-        axes.grid(True, alpha=0.3)
-    ax.set(xlabel="epoch", ylabel="log RMSE", title=title)
-    gx.set(xlabel="epoch", ylabel="gradient norm (mean per step)",
-           title="gradient norm, one line a fold")
-    ax.legend(handles=[Line2D([], [], color="C0", label="train"),
-                       Line2D([], [], color="C1", linestyle="--", label="valid")])
-    fig.savefig(path)
 
 
 def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
@@ -288,7 +242,7 @@ def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfi
     finished fold."""
     _check_root(root)
     logger = get_run_logger()
-    progress = _Progress(candidate.name)
+    progress = DashboardProgress(candidate.name)
     ref = build_stage(STAGE, root, {"data": data, "candidate": candidate, "config": config},
                       lambda out: train(data, candidate, config, out, log=logger.info,
                                         progress=progress.update), force=force)
@@ -297,7 +251,7 @@ def train_task(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfi
     return ref
 
 
-def plan_groups(candidates: list[CandidateConfig]) -> list[list[CandidateConfig]]:
+def stack_groups(candidates: list[CandidateConfig]) -> list[list[CandidateConfig]]:
     """Candidates that can train as one stack (one kind, equal ``stack_key``: the torch kinds
     of one shape) grouped, in first-seen order; every other candidate alone."""
     groups: dict[Any, list[CandidateConfig]] = {}
@@ -364,7 +318,7 @@ def train_group_task(data: ArtifactRef, candidates: list[CandidateConfig],
     artifact per candidate, one log line per finished fold of each."""
     _check_root(root)
     logger = get_run_logger()
-    bars = [_Progress(c.name) for c in candidates]
+    bars = [DashboardProgress(c.name) for c in candidates]
 
     def progress(fraction: float) -> None:
         for bar in bars:
@@ -408,7 +362,7 @@ def train_all(root: str, *, force: bool, data: ArtifactRef,
               candidates: list[CandidateConfig], config: TrainConfig) -> list[ArtifactRef]:
     """Every candidate trained (groups of one shape stacked, in parallel on the task
     runner); their references in the candidates' order."""
-    groups = plan_groups(candidates)
+    groups = stack_groups(candidates)
     for c in candidates:  # all of them waiting, for the terminal display, before any starts
         progress_hooks.report(c.name, 0.0)
     futures = []
@@ -434,78 +388,3 @@ def train_all(root: str, *, force: bool, data: ArtifactRef,
         by_name.update(zip((c.name for c in group),
                            result if isinstance(result, list) else [result], strict=True))
     return [by_name[c.name] for c in candidates]
-
-
-class _ProgressSender:
-    """Sends progress-artifact updates from one background thread, so a training loop never
-    waits on the API (a blocking update per bar every 5% cost a group of 7 candidates about
-    as much as its training on 2 cores). The latest value per artifact wins; ``flush``
-    waits until every value given so far has been sent."""
-
-    def __init__(self) -> None:
-        self._pending: dict[Any, float] = {}
-        self._busy = 0
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def put(self, artifact_id: Any, percent: float) -> None:
-        with self._cond:
-            self._pending[artifact_id] = percent
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="progress-sender",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def flush(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if not self._cond.wait_for(lambda: self._pending, timeout=60):
-                    self._thread = None
-                    return
-                artifact_id, percent = self._pending.popitem()
-                self._busy += 1
-            try:
-                update_progress_artifact(artifact_id, percent)
-            except Exception:  # noqa: BLE001 - progress is advisory; training goes on
-                pass
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
-
-
-_SENDER = _ProgressSender()
-
-
-class _Progress:
-    """A dashboard progress artifact for one candidate, updated at most every 5% and every
-    2 s (each update is an API call, and a group updates all its candidates' bars at once),
-    sent in the background (``_ProgressSender``)."""
-
-    MIN_INTERVAL_S = 2.0
-
-    def __init__(self, name: str):
-        self.name = name
-        self.last = 0.0
-        self.last_at = time.monotonic()
-        progress_hooks.report(name, 0.0)
-        self.id = create_progress_artifact(
-            progress=0.0, key=f"train-progress-{name}"[:64].rstrip("-"),
-            description=f"K-fold training of {name}: percent of epochs (or folds) done",
-        )
-
-    def update(self, fraction: float) -> None:
-        progress_hooks.report(self.name, fraction)  # this process's terminal display, if any
-        percent = round(100 * fraction, 1)
-        now = time.monotonic()
-        done = percent >= 100 > self.last
-        if done or (percent - self.last >= 5 and now - self.last_at >= self.MIN_INTERVAL_S):
-            self.last, self.last_at = percent, now
-            _SENDER.put(self.id, percent)
-            if done:
-                _SENDER.flush()  # the dashboard shows 100% before the task ends

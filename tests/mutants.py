@@ -103,7 +103,7 @@ MUTANTS = [
     Mutant("float32-threshold", "tasks/inference/plan.py",
            "thr[above] = np.nextafter(thr[above], np.float32(-np.inf))", "pass",
            PLAN, "a row on a rounded-up threshold goes left"),
-    Mutant("plan-clamp", "tasks/inference/plan.py",
+    Mutant("plan-clamp", "tasks/kinds/base.py",
            'return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))',
            'return out if target == "log" else np.log(np.maximum(out, 1.0))',
            PLAN, "a member's log price below 0 is not clamped"),

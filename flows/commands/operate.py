@@ -25,8 +25,8 @@ def serve(args: argparse.Namespace) -> int:
     check_api(url)
     from prefect import serve
 
+    from flows.inbox import house_price_score
     from flows.pipeline import with_task_runner
-    from flows.score import house_price_score
 
     when = {"cron": args.cron, "interval": args.interval}
     deployments = []
@@ -68,7 +68,7 @@ def score(args: argparse.Namespace) -> int:
     # exceed; the run command's local API (kept or per-run, waited for 120 s) serves here too.
     api_ready = start_ephemeral_api()
     config = score_config(args.inbox, args.artifacts, args.model, args.drift_threshold)
-    from flows.score import house_price_score
+    from flows.inbox import house_price_score
 
     api_ready()
     state = house_price_score(config, return_state=True)

@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.data.features import DataError, Encoded, Preprocessor, TransformReport, column_map
-from tasks.kinds.base import Linear, join
+from tasks.kinds.base import Linear, clamped_log_price, join
 
 PLAN_FORMAT = "houseprice-plan/1"
 PLAN_JSON, PLAN_ARRAYS = "plan.json", "plan.npz"
@@ -245,12 +245,6 @@ def _collapse(plan: Plan, w: np.ndarray, b: float, pre: Preprocessor, scale: flo
 # --- members' predictions -------------------------------------------------------------
 
 
-def _post(out: np.ndarray, target: str) -> np.ndarray:
-    """A member's output -> log price, clamped as the book clamps (a price of at least 1)."""
-    out = out.astype(np.float64)
-    return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
-
-
 def _predict_members(members: list[Term], X: np.ndarray, target: str,
                      torch_device: str | None = None) -> np.ndarray:
     total = np.zeros(len(X))
@@ -266,7 +260,7 @@ def _predict_members(members: list[Term], X: np.ndarray, target: str,
         elif m.kind == "generic":
             total += m.scale * _predict_generic(m, X, target)
         elif m.kind != "trees":
-            total += m.scale * _post(_PREDICTORS[m.kind](m, X), target)
+            total += m.scale * clamped_log_price(_PREDICTORS[m.kind](m, X), target)
     for group in nets.values():
         total += _predict_nets(group, X, target, torch_device)
     return total
@@ -290,7 +284,7 @@ def _predict_nets(group: list[Term], X: np.ndarray, target: str,
         # As the network's own log_price: a raw-price target reads the output as the price.
         y = (out[j] * dtype(m.params["y_std"]) + dtype(m.params["y_mean"])
              if target == "log" else out[j])
-        total += m.scale * _post(y, target)
+        total += m.scale * clamped_log_price(y, target)
     return total
 
 
@@ -414,7 +408,7 @@ def _predict_forests(members: list[Term], X: np.ndarray, target: str) -> np.ndar
     walk(np.ascontiguousarray(X, dtype=np.float32), *forest, out)
     total = np.zeros(len(X))
     for j, m in enumerate(members):
-        total += m.scale * _post(out[j] + m.params["base"], target)
+        total += m.scale * clamped_log_price(out[j] + m.params["base"], target)
     return total
 
 

@@ -13,14 +13,9 @@ from pydantic import BeforeValidator, Field, TypeAdapter
 from pydantic_core import PydanticCustomError
 
 from tasks.kinds.base import CandidateConfig, Member
-from tasks.kinds.hgb import GBRConfig, HGBConfig
-from tasks.kinds.linear_models import (
-    ElasticNetConfig,
-    KernelRidgeConfig,
-    LassoConfig,
-    RidgeConfig,
-    SVRConfig,
-)
+from tasks.kinds.boosting import GBRConfig, HGBConfig
+from tasks.kinds.kernels import KernelRidgeConfig, SVRConfig
+from tasks.kinds.linear_models import ElasticNetConfig, LassoConfig, RidgeConfig
 from tasks.kinds.torch_net import LinearConfig, MLPConfig
 
 KINDS: dict[str, type[CandidateConfig]] = {

@@ -241,11 +241,17 @@ class CandidateConfig(Frozen):
         return "epochs" in type(self).model_fields
 
 
-def sklearn_log_price(estimator: Any, X: np.ndarray, target: str) -> np.ndarray:
-    """A fitted regressor's predictions ``(n,) float64`` as log prices (a log target clamped
-    at 0, a raw one at a price of 1, as the book clamps)."""
-    out = np.asarray(estimator.predict(X), dtype=np.float64)
+def clamped_log_price(out: np.ndarray, target: str) -> np.ndarray:
+    """A model's output ``(n,)`` (a log price, or a price with ``target = "raw"``) as a
+    ``float64`` log price with the book's clamp: a predicted price of at least 1. The one
+    NumPy form of the rule (``tasks.kinds.nets.log_price`` is its torch form)."""
+    out = np.asarray(out, dtype=np.float64)
     return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
+
+
+def sklearn_log_price(estimator: Any, X: np.ndarray, target: str) -> np.ndarray:
+    """A fitted regressor's predictions ``(n,) float64`` as clamped log prices."""
+    return clamped_log_price(estimator.predict(X), target)
 
 
 @dataclass

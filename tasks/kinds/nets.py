@@ -90,7 +90,8 @@ def resolve_device(device: str) -> torch.device:
 
 def log_price(output: torch.Tensor, target: str, y_mean: float | torch.Tensor,
               y_std: float | torch.Tensor) -> torch.Tensor:
-    """Model output -> log(price), with the book's clamp of predicted prices to >= 1.
+    """Model output -> log(price), with the book's clamp of predicted prices to >= 1 (the
+    torch form of ``tasks.kinds.base.clamped_log_price``).
     ``y_mean``/``y_std`` may be per-model ``(M, 1)`` tensors for stacked outputs ``(M, n)``."""
     if target == "log":
         return (output * y_std + y_mean).clamp(min=0.0)

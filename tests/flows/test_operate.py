@@ -163,11 +163,11 @@ def test_prefect_yaml_deploys_both_flows():
     spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
     train, score = spec["deployments"]
     assert train["entrypoint"] == "flows/pipeline.py:house_price_pipeline"
-    assert score["entrypoint"] == "flows/score.py:house_price_score"
+    assert score["entrypoint"] == "flows/inbox.py:house_price_score"
     for dep in (train, score):
         assert dep["work_pool"]["name"] and dep["schedules"][0]["cron"]
+    from flows.inbox import house_price_score
     from flows.pipeline import house_price_pipeline  # the entrypoints resolve
-    from flows.score import house_price_score
     from tasks.config import ScoreConfig
 
     assert house_price_pipeline.name == "house-price"

@@ -324,13 +324,13 @@ def test_whether_to_fit_the_outliers_is_each_candidates_choice(first_run):
     """``exclude_outliers`` on a candidate (what the default search varies): its fits leave
     the two outliers out, the others' do not, and it is still scored on all rows, so select
     compares the two choices on the rows a user meets."""
-    from tasks.train import plan_groups
+    from tasks.train import stack_groups
 
     cfg, _, _ = first_run
     by_kind = {c.kind: c for c in cfg.candidates}
     clean = [by_kind[k].model_copy(update={"name": f"{k}-clean-fit", "exclude_outliers": True})
              for k in ("lasso", "mlp")]
-    assert len(plan_groups([by_kind["mlp"], clean[1]])) == 2  # other rows: another stack
+    assert len(stack_groups([by_kind["mlp"], clean[1]])) == 2  # other rows: another stack
     state, _ = run(cfg.model_copy(update={"candidates": (*cfg.candidates, *clean)}))
     assert state.is_completed(), state.message
     import torch

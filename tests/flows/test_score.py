@@ -34,7 +34,7 @@ def _drift_events(sha1: str, settle_s: float = 3.0) -> list:
 
 
 def test_a_drifting_file_scored_again_raises_its_event_once(trained, tmp_path):
-    from flows.score import house_price_score
+    from flows.inbox import house_price_score
     from tasks.config import ScoreConfig
     from tasks.download import sha1_file
 

@@ -167,13 +167,18 @@ def _fake_train(root, name, pred, logy, outlier, kind="ridge", status="ok", fold
     return ref
 
 
+# The upstream artifacts of a select that fails before it reads them.
+UNREAD = {"raw": None, "preprocessor": None, "data": None}
+
+
 def test_no_healthy_candidate_fails_with_the_reasons(tmp_path):
     logy = np.full(30, 12.0)
     refs = [_fake_train(tmp_path, n, logy, logy, np.zeros(30, bool), status="diverged")
             for n in ("a", "b")]
     specs = [candidate(name=n, kind="ridge") for n in ("a", "b")]
     with pytest.raises(ValueError, match=r"no healthy candidate.*a diverged \(loss became nan\)"):
-        select_model(refs, specs, TrainConfig(n_splits=3), SelectConfig(), tmp_path / "out")
+        select_model(refs, specs, TrainConfig(n_splits=3), SelectConfig(), tmp_path / "out",
+                     **UNREAD)
 
 
 def _weights_by_hand(cfg, ckpt, selected) -> dict[str, float]:
@@ -203,7 +208,8 @@ def test_candidates_cut_into_other_folds_are_not_blended(tmp_path):
             _fake_train(tmp_path, "b", logy, logy, np.zeros(30, bool), folds=5)]
     specs = [candidate(name=n, kind="ridge") for n in ("a", "b")]
     with pytest.raises(ValueError, match="trained on different rows or folds; rerun the train"):
-        select_model(refs, specs, TrainConfig(n_splits=3), SelectConfig(), tmp_path / "out")
+        select_model(refs, specs, TrainConfig(n_splits=3), SelectConfig(), tmp_path / "out",
+                     **UNREAD)
 
 
 @pytest.mark.parametrize("final", ["mixed", "refit", "auto"])
@@ -215,7 +221,7 @@ def test_a_final_form_needing_refits_that_train_did_not_keep_says_rerun(tmp_path
                                          r"\['a'\] hold no model fitted on all rows; rerun "
                                          "from train"):
         select_model([ref], [candidate(name="a", kind="ridge")], TrainConfig(n_splits=3),
-                     SelectConfig(final=final), tmp_path / "out")
+                     SelectConfig(final=final), tmp_path / "out", **UNREAD)
 
 
 def test_checkpoint_is_self_describing(trained):
@@ -332,8 +338,10 @@ def _reselect(trained, tmp_path, keep=None, **select):
         refs = refs[:keep]
     out = tmp_path / (json.dumps(select, sort_keys=True).replace('"', "")[:60] + f"-{keep}")
     out.mkdir()
+    inputs = {k: ArtifactRef(root=cfg.artifacts_dir, **upstream[k])
+              for k in ("raw", "preprocessor", "data")}
     result = select_model(refs, cfg.all_candidates(), cfg.train,
-                          SelectConfig(**select), out)
+                          SelectConfig(**select), out, **inputs)
     return result, json.loads((out / "leaderboard.json").read_text())["leaderboard"]
 
 

@@ -217,13 +217,13 @@ def test_a_diverged_member_of_a_group_stops_alone():
 def test_candidates_that_would_need_padding_are_grouped_apart():
     """A group shares a shape and lines its random streams up one model per candidate: the
     same number of seeds, and all drawing dropout masks or none."""
-    from tasks.train import plan_groups
+    from tasks.train import stack_groups
 
     mk = lambda name, **kw: candidate(name=name, kind="mlp", hidden=(8,), epochs=3, **kw)  # noqa: E731
     cands = [mk("a", dropout=0.1), mk("b", dropout=0.3, lr=1e-2), mk("c", dropout=0.0),
              mk("d", dropout=0.1, seeds=2), mk("e", dropout=0.0, weight_decay=1e-3),
              candidate(name="l", kind="lasso")]
-    groups = [[c.name for c in g] for g in plan_groups(cands)]
+    groups = [[c.name for c in g] for g in stack_groups(cands)]
     assert groups == [["a", "b"], ["c", "e"], ["d"], ["l"]]
 
 
@@ -244,9 +244,9 @@ def test_every_fit_runs_on_the_one_fit_thread_and_logs_its_time():
 def test_progress_is_sent_in_the_background_and_reads_100_when_done(prefect_api):
     from prefect.client.orchestration import get_client
 
-    from tasks.train import _Progress
+    from tasks.progress import DashboardProgress
 
-    bar = _Progress("progress-test")
+    bar = DashboardProgress("progress-test")
     bar.MIN_INTERVAL_S = 0.0
     for fraction in (0.25, 0.5, 1.0):
         bar.update(fraction)  # 1.0 waits until every value given so far has been sent
@@ -294,7 +294,7 @@ def test_repeats_need_shuffled_folds():
 def test_learning_curves_are_drawn_with_gaps_and_for_a_candidate_diverged_at_once(tmp_path):
     import matplotlib.image as plt_image
 
-    from tasks.train import plot_curves
+    from tasks.report import plot_curves
 
     nan, inf = float("nan"), float("inf")
     fine = {"train_log_rmse": [0.5, 0.4, 0.3, 0.25, 0.2],

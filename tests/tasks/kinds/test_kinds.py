@@ -73,7 +73,7 @@ def test_changing_a_field_of_one_kind_leaves_other_kinds_versions_alone():
 
 
 def test_a_kind_version_holds_its_own_code_only():
-    assert "kinds/hgb.py" not in KINDS["lasso"].code_files
+    assert "kinds/boosting.py" not in KINDS["lasso"].code_files
     assert "engine.py" in KINDS["mlp"].code_files and "engine.py" not in KINDS["hgb"].code_files
 
 

@@ -1,6 +1,6 @@
 """The scoring flow: every file of an inbox scored by the production model. Wiring only.
 
-Deployment entrypoint: ``flows/score.py:house_price_score`` (see ``prefect.yaml``).
+Deployment entrypoint: ``flows/inbox.py:house_price_score`` (see ``prefect.yaml``).
 """
 
 # No ``from __future__ import annotations``: Prefect builds the parameter model from these

@@ -35,7 +35,7 @@ class HGBConfig(SklearnCandidate):
     """Gradient-boosted trees on binned features, a fixed number of rounds (no early
     stopping: every fold fits the same model)."""
 
-    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/hgb.py")
+    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/boosting.py")
     # The flat config of old borrowed the network's names for these.
     renamed: ClassVar[dict[str, str]] = {"lr": "learning_rate",
                                          "weight_decay": "l2_regularization"}
@@ -71,7 +71,7 @@ class GBRConfig(SklearnCandidate):
     Huber loss (squared near the target, linear far from it) and per-split feature sampling.
     Several times slower than ``hgb`` on 2 cores, so not in the default search."""
 
-    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/hgb.py")
+    code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/boosting.py")
 
     kind: Literal["gbr"] = "gbr"
     loss: Literal["squared_error", "huber", "absolute_error"] = "huber"
