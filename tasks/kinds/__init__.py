@@ -1,7 +1,10 @@
-"""The model kinds, by name: each one module behind the contract in ``tasks/kinds/base.py``.
+"""The model kinds, by name: each family one module behind the contract in
+``tasks/kinds/base.py``.
 
 To add a kind, write its config class (its own fields, ``kind: Literal["name"]``,
-``cross_validate`` and ``load_member``) in a new module and add one line to ``KINDS``.
+``cross_validate`` and ``load_member``, or a ``make_estimator`` on ``SklearnCandidate``) in a
+new module, import it here and add one line to ``KINDS`` (docs/kinds.md shows one). It
+predicts through the plan's generic runtime until it defines ``inference_form``.
 """
 
 from __future__ import annotations
