@@ -21,8 +21,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from tasks.data.folds import FoldSpec  # noqa: F401 - the tree's sections, all from here
+from tasks.data.settings import PreprocessConfig
 from tasks.frozen import Frozen as _Frozen
 from tasks.kinds import KINDS, Candidate, CandidateConfig, candidate, check_fields
+from tasks.kinds.settings import TrainConfig
 from tasks.layout import PROJECT_ROOT, STAGES, Stage, default_artifacts_dir  # noqa: F401
 
 REGISTRY_PATH = PROJECT_ROOT / "data" / "registry.json"
@@ -83,130 +86,6 @@ class DataConfig(_Frozen):
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     backoff_s: Annotated[float, Field(ge=0)] = 1.0
-
-
-class PreprocessConfig(_Frozen):
-    """Standardize numerics, one-hot categoricals (with a missing-value indicator), and the
-    feature switches. Everything is fitted on the training rows only (unless ``fit_on``)."""
-
-    # The all-rows preprocessor does not depend on it (tensorize's fold matrices do, and
-    # tensorize is given the folds when it is on).
-    _unversioned = frozenset({"per_fold"})
-
-    fit_on: Literal["train", "train+test"] = Field(
-        "train",
-        description="rows the statistics and categories are fitted on; 'train+test' is the "
-        "book's exact (leaky) recipe",
-    )
-    log1p_skewed: bool = Field(
-        True, description="log1p non-negative numeric features whose training skew exceeds "
-        "the threshold (right skew only; left-skewed columns are left as they are)"
-    )
-    skew_threshold: Annotated[float, Field(gt=0)] = 0.75
-    derived: bool = Field(
-        True, description="add total floor area, total baths, porch area, age, remodel age"
-    )
-    ordinal: bool = Field(
-        True, description="quality/condition columns also as ordered numbers (Po=1..Ex=5)"
-    )
-    as_category: tuple[str, ...] = Field(
-        ("MSSubClass",), description="numeric-coded columns to one-hot instead (codes, not "
-        "quantities)",
-    )
-    interactions: tuple[str, ...] = Field(
-        ("TotalSF@Neighborhood",), description="'numeric@categorical' pairs: for each category "
-        "seen in training, a feature that is the numeric value on rows of that category and 0 "
-        "elsewhere (standardized, never log1p), so linear models fit a slope per category: "
-        "a price per square foot by neighbourhood",
-    )
-    per_fold: bool = Field(
-        True, description="cross-validate honestly: fit a preprocessor on each fold's "
-        "training rows (statistics, which columns get log1p, category lists), as "
-        "scikit-learn's Pipeline inside cross_val_score does; each fold model is stored with "
-        "its own preprocessor. False: one preprocessor fitted on every training row, "
-        "validation rows included (the book's way; flatters the score by about 0.002)",
-    )
-
-    @field_validator("interactions")
-    @classmethod
-    def _interactions_are_pairs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for spec in value:
-            parts = spec.split("@")
-            if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{spec!r} is not 'numeric@categorical' (e.g. "
-                                 "'TotalSF@Neighborhood')")
-        return value
-
-    @model_validator(mode="after")
-    def _interactions_need_their_columns(self) -> PreprocessConfig:
-        if self.derived or not self.interactions:
-            return self
-        from tasks.data.features import DERIVED_SUMS  # pandas and pyarrow: only when needed
-
-        derived = [s for s in self.interactions if s.split("@")[0] in DERIVED_SUMS]
-        if derived:
-            raise ValueError(f"interactions {derived} use a derived column: set derived = "
-                             "true, or interactions = []")
-        return self
-
-
-class FoldSpec(_Frozen):
-    """How the training rows are cut into folds: what train and, with ``per_fold``
-    preprocessing, tensorize must agree on."""
-
-    n_splits: int
-    seed: int
-    fold_scheme: str
-    repeats: int = 1
-
-
-class TrainConfig(_Frozen):
-    """K-fold cross-validation settings shared by all candidates."""
-
-    _unversioned = frozenset({"device"})
-
-    def version_params(self) -> dict[str, Any]:
-        """The device a run resolves to is part of what it computes (batch order and dropout
-        masks come from device generators, so a CUDA model is not the CPU model): ``auto``
-        and ``cpu`` on a machine without CUDA share a version, and ``cuda`` there fails
-        here, before anything runs, instead of returning the cached CPU model."""
-        from tasks.kinds.nets import resolve_device
-
-        return {**super().version_params(), "device": resolve_device(self.device).type}
-
-    n_splits: Annotated[int, Field(ge=2, le=100)] = 5
-    seed: int = 0
-    fold_scheme: Literal["shuffled", "contiguous"] = Field(
-        "shuffled", description="'contiguous' reproduces the book's unshuffled folds"
-    )
-    target: Literal["log", "raw"] = Field(
-        "log", description="regress log(SalePrice) or, as the book does, the raw price"
-    )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    exclude_outliers: bool = Field(
-        False, description="leave De Cock's two huge partial sales (GrLivArea > 4000, "
-        "SalePrice < 300000) out of fitting; they are still predicted and scored. Off by "
-        "default: a test set holds such sales too, and a model fitted without them "
-        "extrapolates wildly for the next very large house",
-    )
-    repeats: Annotated[int, Field(ge=1, le=20)] = Field(
-        3, description="repeated K-fold: cut the folds this many times (seeds seed, seed+1, "
-        "...), so each row gets one out-of-fold prediction per repeat; scores are taken over "
-        "all of them (choices 0.001 apart are then not coin flips) and their spread over "
-        "repeats is reported. The final model is the ensemble of all repeats x folds models",
-    )
-
-    @model_validator(mode="after")
-    def _repeats_need_shuffled_folds(self) -> TrainConfig:
-        if self.repeats > 1 and self.fold_scheme != "shuffled":
-            raise ValueError("train.repeats > 1 needs fold_scheme = 'shuffled' (contiguous "
-                             "folds are the same every repeat); set repeats = 1")
-        return self
-
-    @property
-    def folds(self) -> FoldSpec:
-        return FoldSpec(n_splits=self.n_splits, seed=self.seed, fold_scheme=self.fold_scheme,
-                        repeats=self.repeats)
 
 
 class SelectConfig(_Frozen):

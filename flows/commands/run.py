@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.storage.store import check
 
     check(config.artifacts_dir)  # a missing bucket or refused credentials: now, in one line
-    from tasks.kinds.nets import resolve_device
+    from tasks.kinds.settings import resolve_device
 
     resolve_device(config.train.device)  # --device cuda without CUDA: fail now, in one line
     from flows.pipeline import with_task_runner

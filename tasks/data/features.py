@@ -17,16 +17,14 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-if TYPE_CHECKING:
-    from tasks.config import PreprocessConfig
-
+from tasks.data.settings import DERIVED_SUMS, PreprocessConfig
 
 ID = "Id"
 TARGET = "SalePrice"
@@ -136,14 +134,6 @@ QUALITY_SCALE = {"Po": 1, "Fa": 2, "TA": 3, "Gd": 4, "Ex": 5}
 ORDINAL_COLUMNS = ("ExterQual", "ExterCond", "BsmtQual", "BsmtCond", "HeatingQC", "KitchenQual",
                    "FireplaceQu", "GarageQual", "GarageCond", "PoolQC")
 # Well-known derived features: name -> (weights of the source columns), missing counted as 0.
-DERIVED_SUMS = {
-    "TotalSF": {"TotalBsmtSF": 1.0, "1stFlrSF": 1.0, "2ndFlrSF": 1.0},
-    "TotalBath": {"FullBath": 1.0, "HalfBath": 0.5, "BsmtFullBath": 1.0, "BsmtHalfBath": 0.5},
-    "TotalPorchSF": {"OpenPorchSF": 1.0, "EnclosedPorch": 1.0, "3SsnPorch": 1.0,
-                     "ScreenPorch": 1.0, "WoodDeckSF": 1.0},
-    "HouseAge": {"YrSold": 1.0, "YearBuilt": -1.0},
-    "RemodAge": {"YrSold": 1.0, "YearRemodAdd": -1.0},
-}
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tasks.frozen import Frozen
+
 
 def make_folds(n_rows: int, n_splits: int, seed: int, scheme: str, repeats: int = 1
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -50,3 +52,13 @@ def fit_rows(folds: list[tuple[np.ndarray, np.ndarray]], excluded: np.ndarray
              ) -> list[np.ndarray]:
     """Each fold's training rows without the ``excluded`` ``(n,) bool`` rows."""
     return [tr[~excluded[tr]] for tr, _ in folds]
+
+
+class FoldSpec(Frozen):
+    """How the training rows are cut into folds: what train and, with ``per_fold``
+    preprocessing, tensorize must agree on."""
+
+    n_splits: int
+    seed: int
+    fold_scheme: str
+    repeats: int = 1

@@ -31,16 +31,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from pydantic import Field
 
 from tasks.frozen import Frozen, Name
+from tasks.kinds.settings import TrainConfig
 from tasks.progress import muted, report_score
-
-if TYPE_CHECKING:
-    from tasks.config import TrainConfig
 
 Folds = list[tuple[np.ndarray, np.ndarray]]  # per fold: (train_idx, valid_idx) int64
 

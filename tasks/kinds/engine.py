@@ -18,14 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from tasks.kinds.nets import Regressor, log_price
-
-if TYPE_CHECKING:
-    from tasks.kinds.torch_net import TorchCandidate
+from tasks.kinds.nets import NetSpec, Regressor, log_price
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -50,7 +46,7 @@ class PerModel:
     rate, weight decay, dropout, gradient clipping (and init, used once). ``uniform`` when all
     models share them, so the single-candidate path stays as fast as before."""
 
-    def __init__(self, specs: list[TorchCandidate], device: torch.device):
+    def __init__(self, specs: list[NetSpec], device: torch.device):
         shared = {(s.hidden, s.activation, s.batch_size, s.epochs, s.optimizer) for s in specs}
         if len(shared) != 1:
             raise ValueError("stacked models must share hidden, activation, batch_size, "
@@ -68,7 +64,7 @@ class PerModel:
         self.any_clip = any(math.isfinite(c) for c in clip)
 
 
-def _init_stack(specs: list[TorchCandidate], n_features: int, seeds: list[int]
+def _init_stack(specs: list[NetSpec], n_features: int, seeds: list[int]
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Stacked ``(M, in, out)`` weights and ``(M, 1, out)`` biases, model ``m`` initialized
     exactly as a lone ``Regressor`` of ``specs[m]`` seeded with ``seeds[m]`` would be."""
@@ -85,7 +81,7 @@ def _init_stack(specs: list[TorchCandidate], n_features: int, seeds: list[int]
     return weights, biases
 
 
-def _state_dicts(specs: list[TorchCandidate], n_features: int, weights: list[torch.Tensor],
+def _state_dicts(specs: list[NetSpec], n_features: int, weights: list[torch.Tensor],
                  biases: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Unstack into one ``Regressor`` state dict per model (what predict loads)."""
     out = []
@@ -117,7 +113,7 @@ class StackedOptimizer:
     (``_foreach``) form with scalar bias corrections; once a model has skipped a step, each
     model's own step count is used."""
 
-    def __init__(self, params: list[torch.Tensor], spec: TorchCandidate, hyper: PerModel,
+    def __init__(self, params: list[torch.Tensor], spec: NetSpec, hyper: PerModel,
                  shapes: list[tuple[int, ...] | None] | None = None):
         self.params, self.spec, self.hyper = params, spec, hyper
         self.shapes = shapes or [None] * len(params)
@@ -423,7 +419,7 @@ def _batch_plans(sizes: list[int], batch: int, device: torch.device
 
 
 def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
-                  valid_mask: torch.Tensor, spec: TorchCandidate | list[TorchCandidate],
+                  valid_mask: torch.Tensor, spec: NetSpec | list[NetSpec],
                   target: str, seeds: list[int],
                   on_epoch: Callable[[int, dict[int, float]], None] | None = None,
                   groups: list[int] | None = None,

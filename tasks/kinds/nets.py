@@ -8,13 +8,30 @@ so seeding that one would not make a run reproducible.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from tasks.kinds.torch_net import TorchCandidate
+
+class NetSpec(Protocol):
+    """What the networks and the engine read of a torch candidate (``TorchCandidate`` is
+    one): its layers and how it trains."""
+
+    hidden: tuple[int, ...]
+    activation: str
+    dropout: float
+    init: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    seeds: int
+    clip_grad_norm: float | None
+
+    @property
+    def draws_dropout(self) -> bool: ...
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
@@ -37,7 +54,7 @@ class SeededDropout(nn.Module):
 class Regressor(nn.Module):
     """``(n, n_features) float32 -> (n,) float32``: linear, or an MLP with dropout."""
 
-    def __init__(self, spec: TorchCandidate, n_features: int,
+    def __init__(self, spec: NetSpec, n_features: int,
                  generator: torch.Generator | None = None,
                  dropout_generator: torch.Generator | None = None):
         """``generator`` (a CPU generator) draws the initial weights, so they are the same on
@@ -78,14 +95,6 @@ def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> Non
             b.zero_()
         else:
             raise ValueError(f"unknown init scheme {scheme!r}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available; use auto or cpu")
-    return torch.device(device)
 
 
 def log_price(output: torch.Tensor, target: str, y_mean: float | torch.Tensor,

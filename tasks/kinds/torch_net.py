@@ -83,7 +83,7 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
     import torch
 
     from tasks.kinds.engine import train_stacked
-    from tasks.kinds.nets import resolve_device
+    from tasks.kinds.settings import resolve_device
 
     device = resolve_device(train.device)
     # X (n, d), or (K, n, d): fold k's rows through the preprocessor fitted on its own rows.
