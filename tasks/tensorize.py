@@ -95,14 +95,17 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
         test = read_csv(raw.file("test.csv")) if fit_on == "train+test" else None
         splits = make_folds(len(train), folds.n_splits, folds.seed, folds.fold_scheme,
                             folds.repeats)
-        stacked = np.empty((len(splits), *X.shape), dtype=np.float32)
+        # Written fold by fold into the file (memory holds one fold's matrix, not K of them).
+        stacked = np.lib.format.open_memmap(out_dir / FOLD_FEATURES, mode="w+",
+                                            dtype=np.float32, shape=(len(splits), *X.shape))
         fitted = []
         for k, (rows, _) in enumerate(splits):
             frames = [train.iloc[rows]] + ([] if test is None else [test])
             fold_pre = pre.unfitted().fit(frames)
             stacked[k] = fold_pre.transform_as(train, pre.feature_names_)
             fitted.append(fold_pre.to_dict())
-        np.save(out_dir / FOLD_FEATURES, stacked)
+        stacked.flush()
+        del stacked
         write_json(out_dir / FOLD_PREPROCESSORS,
                    {"folds": folds.model_dump(mode="json"), "preprocessors": fitted})
         out["fold_preprocessors"] = len(fitted)
@@ -118,7 +121,8 @@ def read_fold_features(data: ArtifactRef, folds: FoldSpec) -> np.ndarray | None:
     if saved != folds.model_dump(mode="json"):
         raise ValueError(f"tensorize {data.version} holds folds {saved}, train cuts "
                          f"{folds.model_dump(mode='json')}; rerun from tensorize")
-    return np.load(data.file(FOLD_FEATURES))
+    # Memory-mapped: a kind that fits fold by fold reads one fold's matrix at a time.
+    return np.load(data.file(FOLD_FEATURES), mmap_mode="r")
 
 
 def outlier_ids(train: pd.DataFrame) -> list[int]:

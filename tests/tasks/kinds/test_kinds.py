@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,7 +75,11 @@ def test_changing_a_field_of_one_kind_leaves_other_kinds_versions_alone():
 
 def test_a_kind_version_holds_its_own_code_only():
     assert "kinds/boosting.py" not in KINDS["lasso"].code_files
-    assert "engine.py" in KINDS["mlp"].code_files and "engine.py" not in KINDS["hgb"].code_files
+    assert "kinds/engine.py" in KINDS["mlp"].code_files
+    assert "kinds/engine.py" not in KINDS["hgb"].code_files
+    tasks_dir = Path(__file__).resolve().parents[3] / "tasks"
+    for kind, cls in KINDS.items():  # every named file exists (a moved module would not)
+        assert all((tasks_dir / f).is_file() for f in cls.code_files), (kind, cls.code_files)
 
 
 @pytest.mark.parametrize(
@@ -208,3 +213,24 @@ def test_a_checkpoint_member_with_a_foreign_type_is_refused_without_building_it(
     with pytest.raises(UntrustedCheckpoint, match="pickled member .* never loaded"):
         spec.load_member({"sklearn": pickle.dumps(est)}, 4, "log")
     assert spec.load_member(member, 4, "log").log_price(X).shape == (60,)
+
+
+@pytest.mark.parametrize("fields", [{"kind": "lasso", "alpha": 5e-4, "max_iter": 50_000},
+                                    {"kind": "enet", "alpha": 1e-3, "l1_ratio": 0.5,
+                                     "max_iter": 50_000}])
+def test_gram_based_linear_kinds_fit_what_scikit_learn_fits_over_the_rows(fields):
+    """Lasso and elastic net run coordinate descent over XᵀX (cost per iteration free of the
+    row count): converged, the same model as scikit-learn's descent over the rows."""
+    from sklearn.base import clone
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 40))
+    X[:, 5] = X[:, 4] + 0.01 * rng.normal(size=3000)  # correlated, as area columns are
+    y = X[:, :8] @ rng.normal(size=8) + 0.3 * rng.normal(size=3000) + 12
+    est = candidate(name="c", **fields).make_estimator(seed=0)
+    assert est.precompute is True
+    est.set_params(tol=1e-10)  # converged: the one optimum, whichever way it is reached
+    rows = clone(est).set_params(precompute=False).fit(X, y)
+    gram = est.fit(X, y)
+    assert np.allclose(gram.coef_, rows.coef_, atol=1e-6)
+    assert abs(gram.intercept_ - rows.intercept_) < 1e-6

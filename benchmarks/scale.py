@@ -1,0 +1,141 @@
+"""How a cold ``houseprice run`` grows with the number of training rows: wall seconds per
+stage, peak RSS and artifact size, per row count and config.
+
+    python benchmarks/scale.py [--rows 1460 14600 146000 1460000] [--config configs/fast.toml ...]
+
+The training files are made from the Kaggle rows: N rows drawn with replacement (seed 0), each
+area column and the price multiplied by exp(e), e ~ N(0, 0.03) drawn per value and rounded as
+the file writes them, Ids from 10,000,001 on (never the test file's); 1,460 rows is the Kaggle
+file itself. The Kaggle test file is predicted. Each run is a fresh process with an empty
+artifact root, download cache and Prefect home (its own Prefect API server, so a run's
+start-up is in its time).
+
+Prints a line per run as it ends, then one JSON line per run: ``rows``, ``config``,
+``wall_s``, ``stages_s`` (each stage from the previous one's end to its own; train: every
+candidate's task), ``peak_rss_mib`` (the largest process of the run: the flow's), and
+``artifacts_mib``. The figures are this machine's; say which when quoting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, ROOT, cli_env  # noqa: E402
+
+TRAIN_CSV = DATA / "kaggle_house_pred_train.csv"
+AREAS = ("LotArea", "MasVnrArea", "BsmtFinSF1", "BsmtFinSF2", "BsmtUnfSF", "TotalBsmtSF",
+         "1stFlrSF", "2ndFlrSF", "LowQualFinSF", "GrLivArea", "GarageArea", "WoodDeckSF",
+         "OpenPorchSF", "EnclosedPorch", "3SsnPorch", "ScreenPorch", "PoolArea", "LotFrontage")
+STAGES = ("download", "preprocess", "tensorize", "train", "select", "predict")
+
+
+def make_rows(n: int, out: Path, seed: int = 0) -> Path:
+    """``n`` training rows resampled from the Kaggle file (see the module), as CSV."""
+    if n == 1460:
+        return TRAIN_CSV
+    base = pd.read_csv(TRAIN_CSV)
+    rng = np.random.default_rng(seed)
+    rows = base.iloc[rng.integers(0, len(base), n)].reset_index(drop=True)
+    for col in (*AREAS, "SalePrice"):
+        if col in rows:
+            jitter = np.exp(rng.normal(0.0, 0.03, n))
+            rows[col] = (rows[col] * jitter).round()
+    rows["SalePrice"] = rows["SalePrice"].astype("int64")
+    rows["Id"] = np.arange(10_000_001, 10_000_001 + n)
+    rows.to_csv(out, index=False)
+    return out
+
+
+def stage_seconds(log: str, start: float) -> dict[str, float]:
+    """Per stage, from the previous stage's end (the run's start first) to its last task's
+    end, read from the timestamps of Prefect's "Finished in state" lines."""
+    day = dt.date.today()
+    ends: dict[str, float] = {}
+    for m in re.finditer(r"^(\d\d:\d\d:\d\d\.\d+) \| \w+ +\| Task run '([a-z]+)[^']*' - "
+                         r"Finished in state", log, re.M):
+        t = dt.datetime.combine(day, dt.time.fromisoformat(m[1])).timestamp()
+        ends[m[2]] = max(ends.get(m[2], 0.0), t)
+    out, last = {}, start
+    for stage in STAGES:
+        if stage in ends:
+            out[stage] = round(ends[stage] - last, 1)
+            last = ends[stage]
+    return out
+
+
+def run_once(rows: int, config: str | None, tmp: Path) -> dict:
+    train = make_rows(rows, tmp / f"train-{rows}.csv")
+    env = cli_env(tmp / "prefect")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--verbose", "--data-url", str(DATA),
+           "--train", str(train), "--artifacts", str(tmp / "arts"), "--data-dir",
+           str(tmp / "cache")]
+    if config:
+        cmd += ["--config", config]
+    start = time.time()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        sys.exit(f"{rows} rows, {config or 'default'}: failed: " + " | ".join(tail))
+    # The largest process this benchmark has waited for (the flow's: its server is smaller).
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    size = sum(p.stat().st_size for p in (tmp / "arts").rglob("*") if p.is_file())
+    summary = proc.stdout.strip().splitlines()[-1]
+    score = re.search(r"out-of-fold log RMSE ([0-9.]+)", summary)
+    return {"rows": rows, "config": config or "default", "wall_s": round(wall, 1),
+            "stages_s": stage_seconds(proc.stdout + proc.stderr, start),
+            "peak_rss_mib": round(peak), "artifacts_mib": round(size / 2**20, 1),
+            "oof_log_rmse_all": float(score[1]) if score else None,
+            "cpus": os.cpu_count()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1460, 14600, 146000, 1460000])
+    parser.add_argument("--config", nargs="+", default=["configs/fast.toml", None],
+                        help="configs to run (the default config: 'default')")
+    args = parser.parse_args()
+    configs = [None if c in (None, "default") else c for c in args.config]
+    results = []
+    for config in configs:
+        for rows in args.rows:
+            # A fresh process tree per run: ru_maxrss of children is a high-water mark, so
+            # each run is measured from a child of its own.
+            with tempfile.TemporaryDirectory() as tmp:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", str(rows), config or "default", tmp],
+                    capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(out.stderr.strip() or out.stdout.strip())
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                shutil.rmtree(tmp, ignore_errors=True)
+            print(f"{rows:>9,} rows, {result['config']}: {result['wall_s']} s, "
+                  f"{result['peak_rss_mib']} MiB peak, {result['artifacts_mib']} MiB of "
+                  f"artifacts, stages {result['stages_s']}", flush=True)
+            results.append(result)
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--one":
+        rows, config, tmp = int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+        print(json.dumps(run_once(rows, None if config == "default" else config, tmp)))
+    else:
+        main()
