@@ -11,8 +11,9 @@ artifact root, download cache and Prefect home (its own Prefect API server, so a
 start-up is in its time).
 
 Prints a line per run as it ends, then one JSON line per run: ``rows``, ``config``,
-``wall_s``, ``stages_s`` (each stage from the previous one's end to its own; train: every
-candidate's task), ``peak_rss_mib`` (the largest process of the run: the flow's), and
+``wall_s``, ``stages_s`` (each stage from the previous one's end to its own; download from
+the process's start, so it holds the start-up: imports and the Prefect API server; train:
+every candidate's task), ``peak_rss_mib`` (the largest process of the run: the flow's), and
 ``artifacts_mib``. The figures are this machine's; say which when quoting them.
 """
 

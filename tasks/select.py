@@ -36,7 +36,7 @@ from tasks.config import CandidateConfig, SelectConfig, TrainConfig
 from tasks.data.features import read_csv
 from tasks.data.folds import cv_label
 from tasks.inference.checkpoint import CHECKPOINT_FORMAT, FittedModel
-from tasks.inference.plan import compile_plan, rows_per_s
+from tasks.inference.plan import TIMING_ROWS, compile_plan, rows_per_s
 from tasks.kinds.base import oof_scores, rmse
 from tasks.stage import build_stage, stage_task_options
 from tasks.storage.artifacts import ArtifactRef, write_json
@@ -340,7 +340,8 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
     per_fold = data.file(FOLD_PREPROCESSORS)
     fold_preprocessors = (json.loads(per_fold.read_text())["preprocessors"]
                           if per_fold.is_file() else None)
-    timing_rows = read_csv(raw.file("train.csv")).drop(columns=["SalePrice"])
+    # As many rows as a speed is timed on (not the whole file: it may hold millions).
+    timing_rows = read_csv(raw.file("train.csv"), nrows=TIMING_ROWS).drop(columns=["SalePrice"])
 
     def checkpoint(weights: dict[str, float], final: str,
                    chosen: dict[str, Any] | None = None) -> dict[str, Any]:

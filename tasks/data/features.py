@@ -48,11 +48,12 @@ class DataError(ValueError):
     """Input rows that cannot be used, with what is wrong and where."""
 
 
-def read_csv(path: str | Path) -> pd.DataFrame:
-    """Read a raw Kaggle-shaped CSV ('NA' is missing, as in the book)."""
+def read_csv(path: str | Path, nrows: int | None = None) -> pd.DataFrame:
+    """Read a raw Kaggle-shaped CSV ('NA' is missing, as in the book); its first ``nrows``
+    rows only, when given."""
     path = Path(path)
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, nrows=nrows)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty: expected a header and rows") from None
 

@@ -428,7 +428,10 @@ def _forest(members: tuple[Term, ...]) -> tuple[np.ndarray, ...]:
             cat["roots"], owner)
 
 
-def rows_per_s(plan: Plan, frame: pd.DataFrame, rows: int = 8192) -> float:
+TIMING_ROWS = 8192
+
+
+def rows_per_s(plan: Plan, frame: pd.DataFrame, rows: int = TIMING_ROWS) -> float:
     """Measured prediction speed: ``frame``'s rows repeated to ``rows``, predicted once to
     warm up, then timed (best of 3)."""
     reps = -(-rows // len(frame))

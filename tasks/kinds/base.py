@@ -157,6 +157,18 @@ def generic_form(spec: CandidateConfig, saved: dict[str, Any], n_features: int) 
                                "n_features": n_features}, arrays)
 
 
+class TooManyRows(ValueError):
+    """A kind was given more training rows than it can take."""
+
+
+def check_rows(spec: CandidateConfig, n: int) -> None:
+    """One line when ``spec``'s kind cannot take ``n`` training rows."""
+    if spec.max_rows is not None and n > spec.max_rows:
+        raise TooManyRows(f"candidate '{spec.name}': kind {spec.kind} takes at most "
+                          f"{spec.max_rows:,} training rows, the data has {n:,} (its time and "
+                          f"memory grow with their square); {spec.instead}")
+
+
 @dataclass
 class CVResult:
     """One candidate's K-fold cross-validation."""
@@ -190,6 +202,10 @@ class CandidateConfig(Frozen):
         "scores on all rows")
     code_files: ClassVar[tuple[str, ...]] = ()
     renamed: ClassVar[dict[str, str]] = {}
+    # The most training rows this kind takes (None: no limit): a kernel machine's time and
+    # memory grow with the square of the rows, so above it the kind refuses in one line.
+    max_rows: ClassVar[int | None] = None
+    instead: ClassVar[str] = ""  # what to use above max_rows
     # A linear function of the features: its fold ensemble collapses into one linear model
     # at predict time, so select.final = "mixed" keeps it (see tasks/inference/plan.py).
     linear_in_features: ClassVar[bool] = False
@@ -330,6 +346,7 @@ class SklearnCandidate(CandidateConfig):
         raise NotImplementedError
 
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
+        check_rows(self, len(y))  # before any fit: the refit on all rows would take them all
         logy = np.log(y)
         target = logy if train.target == "log" else y
         oof = np.full((train.repeats, len(y)), np.nan)

@@ -17,6 +17,8 @@ class SVRConfig(SklearnCandidate):
     sales pull it less than squared error does."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/kernels.py")
+    max_rows: ClassVar[int | None] = 20_000
+    instead: ClassVar[str] = "leave it out of the candidates, or use hgb or mlp"
 
     kind: Literal["svr"] = "svr"
     C: Annotated[float, Field(gt=0, description="inverse regularization strength")] = 20.0
@@ -41,6 +43,8 @@ class KernelRidgeConfig(SklearnCandidate):
     kernel: ridge on every pairwise product of the features, without building them."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/kernels.py")
+    max_rows: ClassVar[int | None] = 20_000  # its n x n kernel: 3.2 GB at the limit
+    instead: ClassVar[str] = "leave it out of the candidates, or use hgb or mlp"
 
     kind: Literal["krr"] = "krr"
     alpha: Annotated[float, Field(gt=0, description="L2 penalty strength")] = 0.6

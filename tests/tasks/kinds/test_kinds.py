@@ -234,3 +234,20 @@ def test_gram_based_linear_kinds_fit_what_scikit_learn_fits_over_the_rows(fields
     gram = est.fit(X, y)
     assert np.allclose(gram.coef_, rows.coef_, atol=1e-6)
     assert abs(gram.intercept_ - rows.intercept_) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["svr", "krr"])
+def test_a_kernel_kind_refuses_more_rows_than_it_can_take_in_one_line(kind):
+    from tasks.kinds.base import TooManyRows
+
+    spec = candidate(name="k", kind=kind)
+    n = spec.max_rows + 1
+    X, y = np.zeros((n, 2), np.float32), np.full(n, 1e5)
+    rows = np.arange(n)
+    with pytest.raises(TooManyRows) as info:
+        spec.cross_validate(X, y, TrainConfig(repeats=1), [(rows, rows)], [rows],
+                            lambda f: None)
+    assert str(info.value) == (
+        f"candidate 'k': kind {kind} takes at most 20,000 training rows, the data has "
+        "20,001 (its time and memory grow with their square); leave it out of the "
+        "candidates, or use hgb or mlp")
