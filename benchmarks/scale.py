@@ -11,7 +11,8 @@ artifact root, download cache and Prefect home (its own Prefect API server, so a
 start-up is in its time).
 
 Prints a line per run as it ends, then one JSON line per run: ``rows``, ``config``,
-``wall_s``, ``stages_s`` (each stage from the previous one's end to its own; download from
+``wall_s``, ``cpu_s`` (user and system seconds of all its processes: on a shared machine
+steadier than wall time), ``stages_s`` (each stage from the previous one's end to its own; download from
 the process's start, so it holds the start-up: imports and the Prefect API server; train:
 every candidate's task), ``peak_rss_mib`` (the largest process of the run: the flow's), and
 ``artifacts_mib``. The figures are this machine's; say which when quoting them.
@@ -95,11 +96,14 @@ def run_once(rows: int, config: str | None, tmp: Path) -> dict:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
         sys.exit(f"{rows} rows, {config or 'default'}: failed: " + " | ".join(tail))
     # The largest process this benchmark has waited for (the flow's: its server is smaller).
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss / 1024
+    cpu = usage.ru_utime + usage.ru_stime  # of every process of the run: less noisy than wall
     size = sum(p.stat().st_size for p in (tmp / "arts").rglob("*") if p.is_file())
     summary = proc.stdout.strip().splitlines()[-1]
     score = re.search(r"out-of-fold log RMSE ([0-9.]+)", summary)
     return {"rows": rows, "config": config or "default", "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
             "stages_s": stage_seconds(proc.stdout + proc.stderr, start),
             "peak_rss_mib": round(peak), "artifacts_mib": round(size / 2**20, 1),
             "oof_log_rmse_all": float(score[1]) if score else None,
