@@ -12,10 +12,11 @@ start-up is in its time).
 
 Prints a line per run as it ends, then one JSON line per run: ``rows``, ``config``,
 ``wall_s``, ``cpu_s`` (user and system seconds of all its processes: on a shared machine
-steadier than wall time), ``stages_s`` (each stage from the previous one's end to its own; download from
-the process's start, so it holds the start-up: imports and the Prefect API server; train:
-every candidate's task), ``peak_rss_mib`` (the largest process of the run: the flow's), and
-``artifacts_mib``. The figures are this machine's; say which when quoting them.
+steadier than wall time), ``stages_s`` (each stage from the previous one's end to its own;
+download from the process's start, so it holds the start-up: imports and the Prefect API
+server; train: every candidate's task), ``peak_rss_mib`` (the largest process of the run:
+the flow's), and ``artifacts_mib``. The figures are this machine's; say which when quoting
+them.
 """
 
 from __future__ import annotations

@@ -48,6 +48,9 @@ KEEP_DEFAULT_S = 600.0
 # The settings that shape the server it starts (a server is kept per distinct set of them).
 _SERVER_SETTINGS = ("PREFECT_SERVER_", "PREFECT_API_DATABASE_", "PREFECT_API_SERVICES_",
                     "PREFECT_PROFILE", "PREFECT_MEMO_STORE_PATH")
+# ... except how a client starts and waits for Prefect's own temporary server (the CLI sets
+# its start limit): no setting of a kept server.
+_CLIENT_SETTINGS = ("PREFECT_SERVER_EPHEMERAL_",)
 
 
 def keep_seconds() -> float:
@@ -186,7 +189,8 @@ def kept_record(home: Path | None = None) -> tuple[Path, Path]:
     from importlib.metadata import version
 
     home = (home or prefect_home()).absolute()  # the server's argument: one spelling
-    shaping = sorted((k, v) for k, v in os.environ.items() if k.startswith(_SERVER_SETTINGS))
+    shaping = sorted((k, v) for k, v in os.environ.items()
+                     if k.startswith(_SERVER_SETTINGS) and not k.startswith(_CLIENT_SETTINGS))
     key = hashlib.sha256(json.dumps([version("prefect"), sys.executable, shaping]).encode())
     return (home / f"houseprice-api-{key.hexdigest()[:12]}.json",
             home / "houseprice-api.lock")
