@@ -35,6 +35,7 @@ from tasks.storage.store import (
     read_manifest_at,
     safe_relative,
     sha256_file,
+    store_at,
     verify_dir,
 )
 
@@ -70,7 +71,10 @@ class ArtifactRef(BaseModel):
 
     @property
     def store(self) -> Store:
-        return store_of(self.root)
+        try:
+            return store_at(self.root)  # the root is canonical already (see _canonical)
+        except StoreError as exc:
+            raise ArtifactError(str(exc)) from None
 
     @property
     def remote(self) -> bool:

@@ -163,6 +163,14 @@ def owner_gone(name: str, age: Callable[[], float]) -> bool:
     return False
 
 
+def _fresh_folder(parent: Path, name: str) -> Path:
+    """``parent/name``, made new, after sweeping ``parent`` of abandoned temporaries."""
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(parent)
+    (parent / name).mkdir()
+    return parent / name
+
+
 def remove_abandoned(folder: Path) -> None:
     """Remove every abandoned temporary entry of ``folder`` (any version's, LATEST's,
     a name alias's), not only those of the version being built."""
@@ -333,11 +341,7 @@ class LocalStore:
     def staging(self, stage: str, name: str) -> Path:
         """A temporary folder beside the versions, renamed into place when complete; those
         left by dead processes are removed."""
-        stage_dir = self.path(stage)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(stage_dir)
-        (stage_dir / name).mkdir()
-        return stage_dir / name
+        return _fresh_folder(self.path(stage), name)
 
     def publish(self, tmp: Path, stage: str, version: str, manifest: dict[str, Any],
                 replace: bool, owner: str) -> None:
@@ -648,11 +652,7 @@ class ObjectStore:
     def staging(self, stage: str, name: str) -> Path:
         """A local folder to build a version in (its files are uploaded from there); those
         left by dead processes are removed."""
-        folder = self.cache / ".staging"
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(folder)
-        (folder / name).mkdir()
-        return folder / name
+        return _fresh_folder(self.cache / ".staging", name)
 
     def publish(self, tmp: Path, stage: str, version: str, manifest: dict[str, Any],
                 replace: bool, owner: str) -> None:
@@ -760,13 +760,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 @functools.cache
-def _open(root: str) -> Store:
+def store_at(root: str) -> Store:
+    """The store of a root already spelled canonically (an ``ArtifactRef``'s): no path
+    resolution per call."""
     return ObjectStore(root) if is_url(root) else LocalStore(root)
 
 
 def open_store(root: str | Path) -> Store:
     """The store of ``root``, chosen once per root from its spelling (see the module)."""
-    return _open(canonical(root))
+    return store_at(canonical(root))
 
 
 def check(root: str | Path) -> None:

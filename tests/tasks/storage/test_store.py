@@ -204,7 +204,7 @@ def test_an_unusable_store_is_one_line(s3, monkeypatch, root, env, words):
     root = root.format(bucket=bucket)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    store._open.cache_clear()
+    store.store_at.cache_clear()
     import fsspec
 
     fsspec.filesystem("s3").clear_instance_cache()
@@ -212,7 +212,7 @@ def test_an_unusable_store_is_one_line(s3, monkeypatch, root, env, words):
         with pytest.raises(StoreError, match=words) as info:
             check(root)
     finally:
-        store._open.cache_clear()
+        store.store_at.cache_clear()
         fsspec.filesystem("s3").clear_instance_cache()
     assert "\n" not in str(info.value)
     assert _objects(s3, f"s3://{bucket}") == []  # nothing written
