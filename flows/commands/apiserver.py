@@ -19,15 +19,26 @@ from typing import Any
 
 class IdleExit:
     """ASGI wrapper: counts open requests and websockets, remembers when the last one ended,
-    and tells the server to stop after ``keep_s`` seconds with none."""
+    and tells the server to stop after ``keep_s`` seconds with none. From the moment it
+    decides to stop, it is closing: its record is removed first (``on_close``), so no run
+    finds it any more, and a request that still arrives (a run that found it just before)
+    gets 503, which the run's wait reads as not ready: it waits for the exit and starts
+    another server, instead of running on one that is about to go."""
 
-    def __init__(self, app: Any, keep_s: float) -> None:
-        self.app, self.keep_s = app, keep_s
+    def __init__(self, app: Any, keep_s: float, on_close: Any = lambda: None) -> None:
+        self.app, self.keep_s, self.on_close = app, keep_s, on_close
         self.open, self.last = 0, time.monotonic()
+        self.closing = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
+        if self.closing:
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"text/plain")]})
+                await send({"type": "http.response.body", "body": b"closing"})
+            return None
         self.open += 1
         try:
             await self.app(scope, receive, send)
@@ -42,6 +53,8 @@ class IdleExit:
         while not server.should_exit:
             await asyncio.sleep(min(1.0, self.keep_s / 4 + 0.05))
             if self.idle():
+                self.closing = True
+                self.on_close()
                 server.should_exit = True
 
 
@@ -61,7 +74,7 @@ def main(argv: list[str]) -> int:
                 finally:
                     forget(record, lock)
 
-    app = IdleExit(create_app(), keep_s)
+    app = IdleExit(create_app(), keep_s, on_close=lambda: forget(record, lock))
     server = Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                    lifespan="on"))
 

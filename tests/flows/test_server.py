@@ -221,3 +221,42 @@ def test_a_copied_home_neither_uses_nor_stops_the_other_homes_kept_api(home, tmp
         stop_kept_api(home)
         stop_kept_api(tmp_path / "copy")
     assert not _running_server(pid)
+
+
+def test_a_kept_api_that_decides_to_exit_forgets_itself_first_and_refuses_new_requests():
+    """The race of a run that finds the kept server just as it goes idle: the server removes
+    its record before it stops, and answers 503 (not ready) from then on, so that run's wait
+    starts another server instead of running on this one."""
+    import asyncio
+
+    from flows.commands.apiserver import IdleExit
+
+    served, closed = [], []
+
+    async def app(scope, receive, send):
+        served.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    class FakeServer:
+        should_exit = False
+
+    async def request(wrapper, path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await wrapper({"type": "http", "path": path}, None, send)
+        return sent[0]["status"]
+
+    async def scenario():
+        wrapper = IdleExit(app, keep_s=0.01, on_close=lambda: closed.append(True))
+        assert await request(wrapper, "/health") == 200
+        server = FakeServer()
+        await asyncio.wait_for(wrapper.watch(server), timeout=5)
+        return wrapper, server, await request(wrapper, "/api/health")
+
+    wrapper, server, status = asyncio.run(scenario())
+    assert server.should_exit and wrapper.closing and closed == [True]
+    assert status == 503 and served == ["/health"]
