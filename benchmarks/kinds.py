@@ -29,7 +29,8 @@ from tasks.config import TrainConfig, candidate  # noqa: E402
 from tasks.data.folds import make_folds  # noqa: E402
 from tasks.kinds.base import oof_scores  # noqa: E402
 from tasks.select import cross_fitted_blend  # noqa: E402
-from tasks.tensorize import FOLD_FEATURES, outlier_ids, read_matrix  # noqa: E402
+from tasks.storage.artifacts import ArtifactRef  # noqa: E402
+from tasks.tensorize import outlier_ids, read_fold_features, read_matrix  # noqa: E402
 
 CANDIDATES = [
     {"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 5000},
@@ -66,8 +67,10 @@ def main() -> None:
     args = ap.parse_args()
     data = newest(args.artifacts)
     matrix = read_matrix(data / "train.parquet")
-    X = np.load(data / FOLD_FEATURES) if (data / FOLD_FEATURES).is_file() else matrix.X
     train = TrainConfig()
+    maps = read_fold_features(ArtifactRef(root=str(data.parents[1]), stage="tensorize",
+                                          version=data.name), train.folds)
+    X = matrix.X if maps is None else maps
     from tasks.train import cross_validate
 
     raw = pd.read_csv(DATA / "kaggle_house_pred_train.csv")

@@ -6,10 +6,11 @@ version, so the file describes itself.
 
 With per-fold preprocessing (``preprocess.per_fold``, the default) the artifact also holds,
 for the folds train will cut, one preprocessor fitted on each fold's training rows
-(``fold_preprocessors.json``) and every row through each of them (``fold_features.npy``,
-``(K, n_rows, n_features) float32``, laid out as ``train.parquet``'s features: a category a
-fold never saw is a zero column). Cross-validation then fits nothing on a fold's validation
-rows, and train stays a consumer of matrices.
+(``fold_preprocessors.json``), and every row through each of them as a map of one base
+matrix (``fold_base.npy``, ``(n_rows, n_features + a few) float32``, and ``fold_maps.json``;
+see ``tasks.data.foldmaps``): laid out as ``train.parquet``'s features, a category a fold
+never saw is a zero column. Cross-validation then fits nothing on a fold's validation rows,
+and the artifact holds the matrix about twice, not once per fold.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from prefect import task
 
 from tasks.config import FoldSpec
 from tasks.data.features import ID, TARGET, load_preprocessor, read_csv, validate_training_frame
+from tasks.data.foldmaps import FoldMaps, base_columns, fold_maps, write_base
 from tasks.data.folds import make_folds
 from tasks.stage import build_stage, stage_task_options
 from tasks.storage.artifacts import ArtifactRef, write_json
 
 STAGE = "tensorize"
 META_KEY = b"houseprice"
-FOLD_FEATURES = "fold_features.npy"
+FOLD_BASE = "fold_base.npy"
+FOLD_MAPS = "fold_maps.json"
 FOLD_PREPROCESSORS = "fold_preprocessors.json"
 
 
@@ -82,7 +85,8 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
     train = read_csv(raw.file("train.csv"))
     validate_training_frame(train, "train.csv")
     pre = load_preprocessor(preprocessor.file("preprocessor.json"))
-    X, _ = pre.transform(train)
+    enc = pre.encode(train)
+    X = pre.features(enc, pre.categories_, pre.feature_names_)
     outliers = outlier_ids(train)
     write_matrix(
         out_dir / "train.parquet", training_ids(train), X, train[TARGET].to_numpy(float),
@@ -95,34 +99,34 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
         test = read_csv(raw.file("test.csv")) if fit_on == "train+test" else None
         splits = make_folds(len(train), folds.n_splits, folds.seed, folds.fold_scheme,
                             folds.repeats)
-        # Written fold by fold into the file (memory holds one fold's matrix, not K of them).
-        stacked = np.lib.format.open_memmap(out_dir / FOLD_FEATURES, mode="w+",
-                                            dtype=np.float32, shape=(len(splits), *X.shape))
-        fitted = []
-        for k, (rows, _) in enumerate(splits):
-            frames = [train.iloc[rows]] + ([] if test is None else [test])
-            fold_pre = pre.unfitted().fit(frames)
-            stacked[k] = fold_pre.transform_as(train, pre.feature_names_)
-            fitted.append(fold_pre.to_dict())
-        stacked.flush()
-        del stacked
+        fitted = [pre.unfitted().fit([train.iloc[rows]] + ([] if test is None else [test]))
+                  for rows, _ in splits]
+        missing, flipped = base_columns(pre, fitted, enc)
+        base = write_base(out_dir / FOLD_BASE, X, pre, enc, missing, flipped)
+        maps = fold_maps(pre, fitted, missing, flipped, base)
+        del base
+        write_json(out_dir / FOLD_MAPS, {**maps.to_dict(), "presence": missing,
+                                         "other_form": flipped})
         write_json(out_dir / FOLD_PREPROCESSORS,
-                   {"folds": folds.model_dump(mode="json"), "preprocessors": fitted})
+                   {"folds": folds.model_dump(mode="json"),
+                    "preprocessors": [f.to_dict() for f in fitted]})
         out["fold_preprocessors"] = len(fitted)
     return out
 
 
-def read_fold_features(data: ArtifactRef, folds: FoldSpec) -> np.ndarray | None:
-    """``(K, n, d)`` each fold's rows through its own preprocessor, or None when the
-    artifact has none (``preprocess.per_fold = false``). The folds must be train's."""
-    if not data.file(FOLD_FEATURES).is_file():
+def read_fold_features(data: ArtifactRef, folds: FoldSpec) -> FoldMaps | None:
+    """``(K, n, d)`` each fold's rows through its own preprocessor (maps of one base
+    matrix), or None when the artifact has none (``preprocess.per_fold = false``). The folds
+    must be train's."""
+    if not data.file(FOLD_MAPS).is_file():
         return None
     saved = json.loads(data.file(FOLD_PREPROCESSORS).read_text())["folds"]
     if saved != folds.model_dump(mode="json"):
         raise ValueError(f"tensorize {data.version} holds folds {saved}, train cuts "
                          f"{folds.model_dump(mode='json')}; rerun from tensorize")
-    # Memory-mapped: a kind that fits fold by fold reads one fold's matrix at a time.
-    return np.load(data.file(FOLD_FEATURES), mmap_mode="r")
+    # Memory-mapped: a fold's matrix is built when asked, from the rows it needs.
+    base = np.load(data.file(FOLD_BASE), mmap_mode="r", allow_pickle=False)
+    return FoldMaps.from_dict(json.loads(data.file(FOLD_MAPS).read_text()), base)
 
 
 def outlier_ids(train: pd.DataFrame) -> list[int]:

@@ -19,8 +19,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from tasks.data.foldmaps import FoldMaps
 from tasks.kinds.nets import NetSpec, Regressor, log_price
 
 ADAM_BETAS = (0.9, 0.999)
@@ -252,6 +254,49 @@ class Streams:
         return Streams(len(members), C, torch.tensor(flat), torch.tensor(first))
 
 
+class TorchFolds:
+    """``FoldMaps`` on the training device: the base matrix once, and fold ``f``'s features
+    of the rows a batch or an evaluation needs, built when read (``K`` fold matrices are
+    never held at once). ``folds[f]`` reads like that fold's ``(n, d)`` matrix."""
+
+    def __init__(self, maps: FoldMaps, device: torch.device):
+        self.base = torch.from_numpy(np.array(maps.base, dtype=np.float32)).to(device)
+        self.src = torch.as_tensor(maps.src, device=device)
+        self.pres = torch.as_tensor(maps.pres, device=device)
+        self.scale = torch.as_tensor(maps.scale, dtype=torch.float32, device=device)
+        self.shift = torch.as_tensor(maps.shift, dtype=torch.float32, device=device)
+        self.shape = maps.shape
+        self.dtype, self.device = torch.float32, device
+
+    def rows(self, f: int, rows: slice | torch.Tensor) -> torch.Tensor:
+        B = self.base[rows]
+        return B[:, self.src[f]] * self.scale[f] + B[:, self.pres[f]] * self.shift[f]
+
+    def batch(self, feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx (S, B)`` of stream ``s`` through fold ``feats[s]``: ``(S, B, d)``."""
+        S, n_rows = idx.shape
+        d = self.src.shape[1]
+        B = self.base.index_select(0, idx.reshape(-1)).view(S, n_rows, -1)
+        src = self.src[feats].unsqueeze(1).expand(S, n_rows, d)
+        pres = self.pres[feats].unsqueeze(1).expand(S, n_rows, d)
+        return (B.gather(2, src) * self.scale[feats].unsqueeze(1)).add_(
+            B.gather(2, pres) * self.shift[feats].unsqueeze(1))
+
+    def __getitem__(self, f: int) -> _FoldRows:
+        return _FoldRows(self, f)
+
+
+class _FoldRows:
+    """Fold ``f``'s ``(n, d)`` matrix, built for the rows sliced."""
+
+    def __init__(self, folds: TorchFolds, f: int):
+        self.folds, self.f = folds, f
+        self.shape = folds.shape[1:]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.folds.rows(self.f, rows)
+
+
 def _first_layer(X: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Each stream's batch ``X (S, B, d)`` times the first layer's ``w (S, d, C, out)`` plus
     ``b (S * C, 1, out)``: ``(S, B, C, out)``, one product per stream for all its models.
@@ -442,7 +487,9 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     only when every candidate has diverged.
     """
     device = X.device
-    X = X if X.dim() == 3 else X.unsqueeze(0)
+    folds = X if isinstance(X, TorchFolds) else None  # fold matrices built batch by batch
+    if folds is None:
+        X = X if X.dim() == 3 else X.unsqueeze(0)
     M0, (F, n, d) = len(seeds), X.shape
     specs0 = list(spec) if isinstance(spec, list | tuple) else [spec] * M0
     groups0 = groups or [0] * M0
@@ -486,8 +533,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     stream_seeds = [seeds[s * C] for s in range(S)]
     # A stream's rows are gathered from its own feature matrix: rows of X (F * n, d) offset.
     stream_features = [features0[pos[s * C]] for s in range(S)]
-    X_rows = X.reshape(F * n, d)
-    offset = torch.tensor(stream_features, device=device).mul_(n).view(S, 1)
+    feats = torch.tensor(stream_features, device=device)
+    if folds is None:
+        X_rows = X.reshape(F * n, d)
+        offset = feats.mul(n).view(S, 1)
     gens = [torch.Generator(device=device).manual_seed(sd) for sd in stream_seeds]
     draws = [draws0[pos[s * C]] for s in range(S)]
     rates = None
@@ -538,7 +587,8 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                        torch.arange(size, width, device=device)])  # padding stays last
             for g, size in zip(gens, sizes, strict=True)])
         idx = rows.gather(1, order)  # (S, width) each stream's rows in this epoch's order
-        idx_x = idx + offset if F > 1 else idx  # the same rows of the stream's own matrix
+        if folds is None:  # the same rows of the stream's own matrix
+            idx_x = idx + offset if F > 1 else idx
         # (S, width, C): a batch's targets are then one slice
         y_epoch = y_fit.gather(1, idx.repeat_interleave(C, 0)).view(S, C, width).transpose(
             1, 2).contiguous()
@@ -546,7 +596,8 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         all_alive = bool(alive.all())
         alive_dev = alive.to(device)
         for lo, hi, weight, active, counts in plans:
-            X_batch = X_rows.index_select(0, idx_x[:, lo:hi].reshape(-1)).view(S, hi - lo, d)
+            X_batch = (folds.batch(feats, idx[:, lo:hi]) if folds is not None else
+                       X_rows.index_select(0, idx_x[:, lo:hi].reshape(-1)).view(S, hi - lo, d))
             # Forward and backward; the sum of each model's own mean loss keeps their
             # gradients apart.
             grads = forward_backward(

@@ -82,7 +82,8 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
     same seeds, batch order and dropout draws)."""
     import torch
 
-    from tasks.kinds.engine import train_stacked
+    from tasks.data.foldmaps import FoldMaps
+    from tasks.kinds.engine import TorchFolds, train_stacked
     from tasks.kinds.settings import resolve_device
 
     device = resolve_device(train.device)
@@ -101,7 +102,8 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         train_mask[m, fitted[k]] = True
         valid_mask[m, folds[k][1]] = True
     res = train_stacked(
-        torch.tensor(X, dtype=torch.float32, device=device),
+        TorchFolds(X, device) if isinstance(X, FoldMaps)
+        else torch.tensor(X, dtype=torch.float32, device=device),
         torch.tensor(y, dtype=torch.float32, device=device),
         train_mask.to(device), valid_mask.to(device), [specs[c] for c, _, _ in models],
         train.target, seeds, on_epoch=lambda e, valid: _epoch_done(

@@ -7,6 +7,7 @@ import pytest
 from tasks.data.features import DataError
 from tasks.predict import FittedModel, predict_file
 from tasks.storage.artifacts import resolve
+from tasks.tensorize import read_fold_features
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,12 @@ def test_each_fold_model_reads_rows_through_its_own_folds_preprocessor(model, tr
         assert pre.numeric_ == alone.numeric_ and pre.categories_ == alone.categories_
         assert sorted(pre.log1p_) == sorted(alone.log1p_)
         assert pre.numeric_ != model.preprocessor.numeric_
-    assert np.load(data.file("fold_features.npy")).shape == (
-        n_folds, len(train), len(model.preprocessor.feature_names_))
+    maps = read_fold_features(data, cfg.train.folds)
+    assert maps.shape == (n_folds, len(train), len(model.preprocessor.feature_names_))
+    # the base holds the matrix and a few columns, not a matrix per fold
+    assert maps.base.shape[1] < 1.2 * len(model.preprocessor.feature_names_)
+    np.testing.assert_allclose(maps[n_folds - 1], model.fold_preprocessors[-1].transform_as(
+        train, model.preprocessor.feature_names_), rtol=1e-5, atol=2e-5)
     by_name = {json.loads(r.file("metrics.json").read_text())["candidate"]: r for r in refs}
     ensembles = [(spec, members) for _, spec, members, refit in model.components if not refit]
     assert ensembles  # (linear kinds stay fold ensembles under every select.final but refit)

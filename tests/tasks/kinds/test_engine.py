@@ -170,3 +170,33 @@ def test_models_on_their_own_fold_features_equal_each_trained_alone(hidden):
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="feature matrix 3 of 3"):
         train_stacked(Xf, y, train[:1], valid[:1], specs[0], "log", [1], features=[3])
+
+
+@pytest.mark.parametrize("hidden", [(), (8,)])
+def test_fold_maps_built_batch_by_batch_train_what_the_fold_matrices_train(hidden):
+    """Per-fold features as maps of one base (``TorchFolds``): each batch's rows are built
+    for its stream's fold; the models equal those trained on the materialized matrices."""
+    from tasks.data.foldmaps import FoldMaps
+    from tasks.kinds.engine import TorchFolds
+
+    X, y = _data()
+    n, d = X.shape
+    rng = np.random.default_rng(3)
+    base = np.concatenate([X.numpy(), np.ones((n, 1), np.float32),
+                           (rng.random((n, 1)) > 0.2).astype(np.float32)], 1)
+    F = 3
+    pres = np.full((F, d), d)
+    pres[:, 0] = d + 1
+    maps = FoldMaps(base, np.tile(np.arange(d), (F, 1)), rng.uniform(0.5, 2, (F, d)), pres,
+                    rng.normal(size=(F, d)))
+    Xf = torch.from_numpy(np.stack([maps[k] for k in range(F)]))
+    kind = {"kind": "mlp", "hidden": hidden, "dropout": 0.2} if hidden else {"kind": "linear"}
+    spec = candidate(name="c", lr=0.01, weight_decay=1e-3, epochs=3, batch_size=16, **kind)
+    train, valid = _masks(n, [(0, 40), (40, 80), (80, 120)])
+    args = (y, train, valid, spec, "log", [7, 8, 9])
+    built = train_stacked(TorchFolds(maps, torch.device("cpu")), *args, features=[0, 1, 2])
+    held = train_stacked(Xf, *args, features=[0, 1, 2])
+    torch.testing.assert_close(built.pred_log_price, held.pred_log_price, rtol=1e-5, atol=1e-5)
+    for a, b in zip(built.state_dicts, held.state_dicts, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

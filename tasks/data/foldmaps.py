@@ -1,0 +1,235 @@
+"""Each fold's features as a map of one matrix, instead of one matrix per fold.
+
+A fold's preprocessor differs from the all-rows one only in its statistics: its means and
+standard deviations, which columns it takes log1p of, which categories it saw. Standardizing
+is affine, so fold ``k``'s feature ``j`` is
+
+    X_k[:, j] = scale[k, j] * B[:, src[k, j]] + shift[k, j] * B[:, pres[k, j]]
+
+of one base matrix ``B (n, D) float32``: the all-rows features ``X (n, d)``, then a column of
+ones, a presence column (1 present, 0 missing) per numeric feature with missing values, and
+a column per numeric feature that some fold transforms the other way round (log1p or not)
+than the all-rows preprocessor (that form's raw value, 0 where missing). A feature the fold
+never saw (a category absent from its rows) has scale 0 and shift 0: a column of zeros, as
+its own preprocessor gives.
+
+So tensorize writes ``B`` once (``(d + a few) / d`` times the matrix, not ``K * R`` times),
+a kind that fits fold by fold builds one fold's matrix at a time (``FoldMaps[k]``), the torch
+engine builds each batch's rows, and linear kinds go further: with ``A_k`` the ``(D, d)``
+matrix of the map, ``X_kᵀ X_k = A_kᵀ (BᵀB) A_k``, and ``BᵀB`` over a fold's training rows is
+the all-rows Gram minus its validation rows' (``fold_grams``), one pass over the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.data.features import Encoded, Preprocessor
+
+MAPS_FORMAT = "houseprice-fold-maps/1"
+
+
+@dataclass(frozen=True)
+class FoldMaps:
+    """``(F, n, d)`` fold features of one base matrix; ``maps[k]`` is fold ``k``'s ``(n, d)``
+    float32 matrix, built when asked (it reads like the stacked array it replaces)."""
+
+    base: np.ndarray  # (n, D) float32, often memory-mapped
+    src: np.ndarray  # (F, d) int64: the base column each feature scales
+    scale: np.ndarray  # (F, d) float64
+    pres: np.ndarray  # (F, d) int64: the base column its shift is multiplied by
+    shift: np.ndarray  # (F, d) float64
+
+    ndim = 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.src.shape[0], self.base.shape[0], self.src.shape[1])
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.rows(k, slice(None))
+
+    def rows(self, k: int, rows: Any) -> np.ndarray:
+        """Fold ``k``'s features of ``rows`` (a slice or index array), ``(m, d) float32``."""
+        B = self.base[rows]
+        out = B[:, self.src[k]] * self.scale[k].astype(np.float32)
+        out += B[:, self.pres[k]] * self.shift[k].astype(np.float32)
+        return out
+
+    def matrix(self, k: int) -> np.ndarray:
+        """``A_k (D, d)``: fold ``k``'s features are ``B @ A_k``."""
+        A = np.zeros((self.base.shape[1], self.src.shape[1]))
+        cols = np.arange(self.src.shape[1])
+        np.add.at(A, (self.src[k], cols), self.scale[k])
+        np.add.at(A, (self.pres[k], cols), self.shift[k])
+        return A
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": MAPS_FORMAT, "src": self.src.tolist(), "scale": self.scale.tolist(),
+                "pres": self.pres.tolist(), "shift": self.shift.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], base: np.ndarray) -> FoldMaps:
+        if d.get("format") != MAPS_FORMAT:
+            raise ValueError(f"not a {MAPS_FORMAT} record (format={d.get('format')!r})")
+        src = np.asarray(d["src"], dtype=np.int64)
+        pres = np.asarray(d["pres"], dtype=np.int64)
+        scale = np.asarray(d["scale"], dtype=np.float64)
+        shift = np.asarray(d["shift"], dtype=np.float64)
+        D = base.shape[1]
+        if not (src.shape == pres.shape == scale.shape == shift.shape and src.ndim == 2):
+            raise ValueError("fold maps: src, scale, pres and shift differ in shape")
+        if src.size and (min(src.min(), pres.min()) < 0 or max(src.max(), pres.max()) >= D):
+            raise ValueError(f"fold maps name a base column outside 0..{D - 1}")
+        return cls(base=base, src=src, scale=scale, pres=pres, shift=shift)
+
+
+def base_columns(pre: Preprocessor, folds: list[Preprocessor], enc: Encoded
+                 ) -> tuple[list[str], list[str]]:
+    """The extra base columns ``B`` needs after the all-rows features: the numeric features
+    with missing values (a presence column each), and those some fold transforms the other
+    way round (log1p or not) than ``pre`` (their raw form each)."""
+    numeric = {**enc.numeric, **pre._interact(enc.numeric, enc.codes, pre.categories_)}
+    missing = [c for c in pre.numeric_ if np.isnan(numeric[c]).any()]
+    flipped = [c for c in pre.numeric_
+               if any(c in f.numeric_ and (c in f.log1p_) != (c in pre.log1p_) for f in folds)]
+    return missing, flipped
+
+
+def write_base(path: Path, X: np.ndarray, pre: Preprocessor, enc: Encoded,
+               missing: list[str], flipped: list[str]) -> np.ndarray:
+    """``B``: ``X``, ones, a presence column per ``missing`` feature, then each ``flipped``
+    feature in the other form (log1p where ``pre`` has none, raw where it has), 0 where
+    missing; written memory-mapped to ``path`` (float32 ``.npy``)."""
+    n, d = X.shape
+    base = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                     shape=(n, d + 1 + len(missing) + len(flipped)))
+    base[:, :d] = X
+    base[:, d] = 1.0
+    numeric = {**enc.numeric, **pre._interact(enc.numeric, enc.codes, pre.categories_)}
+    for i, col in enumerate(missing):
+        base[:, d + 1 + i] = ~np.isnan(numeric[col])
+    for i, col in enumerate(flipped):
+        values = numeric[col]
+        other = values if col in pre.log1p_ else np.log1p(np.clip(values, 0.0, None))
+        base[:, d + 1 + len(missing) + i] = np.nan_to_num(other, nan=0.0)
+    base.flush()
+    return base
+
+
+def fold_maps(pre: Preprocessor, folds: list[Preprocessor], missing: list[str],
+              flipped: list[str], base: np.ndarray) -> FoldMaps:
+    """Each fold preprocessor's features as a map of ``base`` (see the module)."""
+    names = pre.feature_names_
+    d = len(names)
+    ones = d
+    present = {c: d + 1 + i for i, c in enumerate(missing)}
+    other = {c: d + 1 + len(missing) + i for i, c in enumerate(flipped)}
+    F = len(folds)
+    src = np.tile(np.arange(d, dtype=np.int64), (F, 1))
+    pres = np.full((F, d), ones, dtype=np.int64)
+    scale = np.zeros((F, d))
+    shift = np.zeros((F, d))
+    for k, f in enumerate(folds):
+        own = set(f.feature_names_)
+        for j, name in enumerate(names):
+            if name not in own:
+                continue  # a category (or its slope) the fold never saw: zeros
+            if name not in pre.numeric_:
+                scale[k, j] = 1.0  # one-hot: the same 0/1 column
+                continue
+            m_g, s_g = pre.numeric_[name]
+            m_f, s_f = f.numeric_[name]
+            pres[k, j] = present.get(name, ones)
+            if (name in f.log1p_) == (name in pre.log1p_):
+                # (g(v) - m_f) / s_f = X * s_g / s_f + (m_g - m_f) / s_f where present
+                scale[k, j] = s_g / s_f
+                shift[k, j] = (m_g - m_f) / s_f
+            else:
+                src[k, j] = other[name]
+                scale[k, j] = 1.0 / s_f
+                shift[k, j] = -m_f / s_f
+    return FoldMaps(base=base, src=src, scale=scale, pres=pres, shift=shift)
+
+
+@dataclass(frozen=True)
+class FoldGrams:
+    """Per fold, the sums a penalized least-squares fit needs over its training rows, of
+    the features ``X_k`` and the target ``t``: count, ``Σx``, ``XᵀX``, ``Xᵀt``, ``Σt``,
+    ``Σt²`` (float64)."""
+
+    n: np.ndarray  # (F,)
+    sx: np.ndarray  # (F, d)
+    xx: np.ndarray  # (F, d, d)
+    xt: np.ndarray  # (F, d)
+    st: np.ndarray  # (F,)
+    tt: np.ndarray  # (F,)
+
+
+def block_sums(base: np.ndarray, t: np.ndarray, blocks: np.ndarray, n_blocks: int,
+               chunk: int = 65_536) -> np.ndarray:
+    """``[B t]ᵀ[B t]`` over the rows of each block (``blocks[i]``, -1 for none),
+    ``(n_blocks, D + 1, D + 1)`` float64, in one pass over ``base`` in chunks of rows (a
+    memory-mapped base is read once, and never held whole as float64)."""
+    D = base.shape[1]
+    out = np.zeros((n_blocks, D + 1, D + 1))
+    for lo in range(0, base.shape[0], chunk):
+        hi = min(lo + chunk, base.shape[0])
+        g = blocks[lo:hi]
+        Z = np.empty((hi - lo, D + 1))
+        Z[:, :D] = base[lo:hi]
+        Z[:, D] = t[lo:hi]
+        for b in np.unique(g[g >= 0]):
+            Zb = Z[g == b]
+            out[b] += Zb.T @ Zb
+    return out
+
+
+def repeats_of(folds: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[list[int]]:
+    """The folds grouped by repeat: consecutive folds with disjoint validation rows."""
+    out: list[list[int]] = []
+    seen = np.ones(n, dtype=bool)  # the first fold starts a repeat
+    for k, (_, va) in enumerate(folds):
+        if seen[va].any():
+            out.append([])
+            seen[:] = False
+        out[-1].append(k)
+        seen[va] = True
+    return out
+
+
+def fold_grams(maps: FoldMaps, t: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+               excluded: np.ndarray) -> FoldGrams:
+    """``FoldGrams`` of each fold's training rows (without the ``excluded`` ones) through its
+    own map, by subtraction: per repeat, one pass over the base sums each validation block
+    (its fitted rows only); a fold's training sums are the other blocks' sums."""
+    n, D = maps.base.shape
+    d = maps.src.shape[1]
+    F = len(folds)
+    out = {key: [] for key in ("n", "sx", "xx", "xt", "st", "tt")}
+    per_fold: list[np.ndarray] = [np.empty(0)] * F
+    for ks in repeats_of(folds, n):
+        blocks = np.full(n, -1, dtype=np.int64)
+        for i, k in enumerate(ks):
+            blocks[folds[k][1]] = i
+        blocks[excluded] = -1
+        sums = block_sums(maps.base, t, blocks, len(ks))
+        total = sums.sum(0)
+        for i, k in enumerate(ks):
+            per_fold[k] = total - sums[i]
+    for k in range(F):
+        Z, A = per_fold[k], maps.matrix(k)
+        out["n"].append(Z[d, d])  # the ones column: its square sums to the count
+        out["sx"].append(A.T @ Z[:D, d])
+        out["xx"].append(A.T @ Z[:D, :D] @ A)
+        out["xt"].append(A.T @ Z[:D, D])
+        out["st"].append(Z[d, D])
+        out["tt"].append(Z[D, D])
+    return FoldGrams(**{key: np.array(v) for key, v in out.items()})

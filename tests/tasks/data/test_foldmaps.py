@@ -1,0 +1,96 @@
+"""Each fold's features as a map of one base matrix equal its own preprocessor's, and the
+per-fold sums by subtraction equal those summed fold by fold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.data.features import Preprocessor, fit_preprocessor, read_csv
+from tasks.data.foldmaps import FoldMaps, base_columns, fold_grams, fold_maps, write_base
+from tasks.data.folds import fit_rows, make_folds
+from tasks.data.settings import PreprocessConfig
+
+
+def build(train: pd.DataFrame, pre: Preprocessor, splits, tmp_path):
+    enc = pre.encode(train)
+    X = pre.features(enc, pre.categories_, pre.feature_names_)
+    folds = [pre.unfitted().fit([train.iloc[tr]]) for tr, _ in splits]
+    missing, flipped = base_columns(pre, folds, enc)
+    base = write_base(tmp_path / "base.npy", X, pre, enc, missing, flipped)
+    return folds, fold_maps(pre, folds, missing, flipped, base), flipped
+
+
+def adversarial(n: int = 120, seed: int = 0) -> pd.DataFrame:
+    """A constant column, a category in one fold's rows only, missing values, a column
+    skewed in some folds only (an extreme value in a few rows), a level seen once."""
+    rng = np.random.default_rng(seed)
+    area = rng.normal(1000, 100, n).round()
+    area[rng.choice(n, 10, replace=False)] = np.nan
+    spiky = rng.normal(50, 5, n).clip(0)
+    spiky[0] = 5000  # the first row: the fold validating it is not skewed
+    zone = rng.choice(["RL", "RM"], n).astype(object)
+    zone[1] = "FV"  # one row: the fold validating it never sees the level
+    zone[rng.choice(n, 8, replace=False)] = None
+    return pd.DataFrame({
+        "Id": np.arange(1, n + 1), "Area": area, "Const": 7.0, "Spiky": spiky,
+        "Zone": pd.array(zone, dtype="str"),
+        "SalePrice": rng.lognormal(12, 0.3, n).round(),
+    })
+
+
+@pytest.mark.parametrize("scheme", ["shuffled", "contiguous"])
+def test_fold_maps_equal_each_fold_preprocessor_on_adversarial_rows(tmp_path, scheme):
+    train = adversarial()
+    pre = Preprocessor(log1p_skewed=True, skew_threshold=0.75).fit([train])
+    splits = make_folds(len(train), 5, 0, scheme)
+    folds, maps, flipped = build(train, pre, splits, tmp_path)
+    assert "Spiky" in flipped  # some fold decides log1p the other way round
+    assert any("Zone_FV" not in f.feature_names_ for f in folds)
+    for k, f in enumerate(folds):
+        want = f.transform_as(train, pre.feature_names_)
+        np.testing.assert_allclose(maps[k], want, rtol=1e-5, atol=2e-5)
+        rows = np.array([5, 0, 77])
+        np.testing.assert_allclose(maps.rows(k, rows), want[rows], rtol=1e-5, atol=2e-5)
+    assert maps.shape == (5, len(train), len(pre.feature_names_))
+
+
+def test_fold_maps_equal_each_fold_preprocessor_on_the_kaggle_rows(real_data, tmp_path):
+    train = read_csv(real_data / "kaggle_house_pred_train.csv")
+    pre = fit_preprocessor(train, config=PreprocessConfig())
+    splits = make_folds(len(train), 5, 0, "shuffled", repeats=2)
+    folds, maps, _ = build(train, pre, splits, tmp_path)
+    for k in (0, 6):
+        want = folds[k].transform_as(train, pre.feature_names_)
+        np.testing.assert_allclose(maps[k], want, rtol=1e-5, atol=2e-5)
+
+
+def test_fold_maps_refuse_a_record_naming_columns_outside_the_base():
+    base = np.zeros((3, 4), np.float32)
+    good = {"format": "houseprice-fold-maps/1", "src": [[0, 1]], "scale": [[1.0, 1.0]],
+            "pres": [[2, 2]], "shift": [[0.0, 0.0]]}
+    assert FoldMaps.from_dict(good, base).shape == (1, 3, 2)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        FoldMaps.from_dict({**good, "src": [[0, 9]]}, base)
+    with pytest.raises(ValueError, match="not a houseprice-fold-maps"):
+        FoldMaps.from_dict({**good, "format": "x"}, base)
+
+
+def test_fold_sums_by_subtraction_equal_the_sums_fold_by_fold(tmp_path):
+    train = adversarial(200, seed=1)
+    pre = Preprocessor(log1p_skewed=True).fit([train])
+    splits = make_folds(len(train), 4, 3, "shuffled", repeats=2)
+    _, maps, _ = build(train, pre, splits, tmp_path)
+    t = np.log(train["SalePrice"].to_numpy())
+    excluded = np.zeros(len(train), bool)
+    excluded[[4, 50, 51]] = True  # left out of every fit, as outliers are
+    sums = fold_grams(maps, t, splits, excluded)
+    for k, tr in enumerate(fit_rows(splits, excluded)):
+        X = maps.base[tr].astype(np.float64) @ maps.matrix(k)  # maps[k] in float64
+        np.testing.assert_allclose(X, maps[k][tr], rtol=1e-5, atol=1e-5)
+        assert sums.n[k] == len(tr)
+        np.testing.assert_allclose(sums.sx[k], X.sum(0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(sums.xx[k], X.T @ X, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(sums.xt[k], X.T @ t[tr], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose([sums.st[k], sums.tt[k]], [t[tr].sum(), t[tr] @ t[tr]])
