@@ -166,6 +166,7 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     ``models.pt`` (fold models), ``metrics.json`` (scores, curves), ``oof.parquet``,
     ``folds.json`` and, for torch candidates, ``learning_curves.png``."""
     m, X, outliers, excluded = _rows(data, config, candidate)
+    _note_budget([candidate], len(m.y), excluded, config, log)
     cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
               candidate.name, log)
     _fits_done()  # only the short refit is left: the next task may start loading
@@ -185,6 +186,16 @@ def _rows(data: ArtifactRef, config: TrainConfig, candidate: CandidateConfig):
                else candidate.exclude_outliers)
     excluded = outliers if exclude else np.zeros(len(m.ids), bool)
     return m, (m.X if per_fold is None else per_fold), outliers, excluded
+
+
+def _note_budget(candidates: list[CandidateConfig], n: int, excluded: np.ndarray,
+                 config: TrainConfig, log: Callable[[str], None]) -> None:
+    """Log each candidate's training cut to its budget on a fold's fitted rows."""
+    folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme, config.repeats)
+    n_fit = max(len(rows) for rows in fit_rows(folds, excluded))
+    for c in candidates:
+        if note := c.budget_note(n_fit):
+            log(note)
 
 
 def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: CandidateConfig,
@@ -282,6 +293,7 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme,
                            config.repeats)
         fitted = fit_rows(folds, excluded)
+        _note_budget(todo, len(m.y), excluded, config, log)
         names = ", ".join(c.name for c in todo)
         cvs = _fit(lambda: type(todo[0]).cross_validate_stack(todo, X, m.y, config, folds, fitted,
                                                              progress), names, log)

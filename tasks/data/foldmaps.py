@@ -23,6 +23,7 @@ the all-rows Gram minus its validation rows' (``fold_grams``), one pass over the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,23 @@ class FoldMaps:
         return self.rows(k, slice(None))
 
     def rows(self, k: int, rows: Any) -> np.ndarray:
-        """Fold ``k``'s features of ``rows`` (a slice or index array), ``(m, d) float32``."""
+        """Fold ``k``'s features of ``rows`` (a slice or index array), ``(m, d) float32``:
+        the all-rows features scaled, plus the few extra columns times their weights."""
+        diag, extra = self.split
         B = self.base[rows]
-        out = B[:, self.src[k]] * self.scale[k].astype(np.float32)
-        out += B[:, self.pres[k]] * self.shift[k].astype(np.float32)
+        d = diag.shape[1]
+        out = B[:, :d] * diag[k]
+        out += B[:, d:] @ extra[k]
         return out
+
+    @cached_property
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The maps as ``(F, d)`` scales of the all-rows features (the top of every ``A_k``
+        is diagonal) and ``(F, E, d)`` weights of the ``E`` extra columns, float32."""
+        F, d = self.src.shape
+        A = np.stack([self.matrix(k) for k in range(F)])
+        return (np.ascontiguousarray(A[:, np.arange(d), np.arange(d)], dtype=np.float32),
+                np.ascontiguousarray(A[:, d:, :], dtype=np.float32))
 
     def matrix(self, k: int) -> np.ndarray:
         """``A_k (D, d)``: fold ``k``'s features are ``B @ A_k``."""
@@ -86,8 +99,13 @@ class FoldMaps:
         D = base.shape[1]
         if not (src.shape == pres.shape == scale.shape == shift.shape and src.ndim == 2):
             raise ValueError("fold maps: src, scale, pres and shift differ in shape")
+        d = src.shape[1]
         if src.size and (min(src.min(), pres.min()) < 0 or max(src.max(), pres.max()) >= D):
             raise ValueError(f"fold maps name a base column outside 0..{D - 1}")
+        # a feature reads its own all-rows column or an extra one; a shift, an extra one
+        own = src == np.arange(d)
+        if not ((own | (src >= d)).all() and (pres >= d).all()):
+            raise ValueError(f"fold maps read another feature's column (of the first {d})")
         return cls(base=base, src=src, scale=scale, pres=pres, shift=shift)
 
 

@@ -228,6 +228,11 @@ class CandidateConfig(Frozen):
         runtime, which loads it with this kind at predict time."""
         return generic_form(self, saved, n_features)
 
+    def budget_note(self, n_rows: int) -> str | None:
+        """A line saying how this candidate's training is cut to its budget on ``n_rows``
+        fitted rows (None: it is not)."""
+        return None
+
     def stack_key(self) -> tuple | None:
         """Candidates whose keys are equal (not None) train as one ``cross_validate_stack``
         call; None: this candidate trains alone."""

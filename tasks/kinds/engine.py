@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tasks.data.foldmaps import FoldMaps
-from tasks.kinds.nets import NetSpec, Regressor, log_price
+from tasks.kinds.nets import NetSpec, Regressor, epochs_within, log_price
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -49,10 +49,11 @@ class PerModel:
     models share them, so the single-candidate path stays as fast as before."""
 
     def __init__(self, specs: list[NetSpec], device: torch.device):
-        shared = {(s.hidden, s.activation, s.batch_size, s.epochs, s.optimizer) for s in specs}
+        shared = {(s.hidden, s.activation, s.batch_size, s.epochs, s.max_steps, s.optimizer)
+                  for s in specs}
         if len(shared) != 1:
             raise ValueError("stacked models must share hidden, activation, batch_size, "
-                             "epochs and optimizer")
+                             "epochs, max_steps and optimizer")
         self.specs = specs
         self.lr_list = [s.lr for s in specs]
         self.wd_list = [s.weight_decay for s in specs]
@@ -257,30 +258,29 @@ class Streams:
 class TorchFolds:
     """``FoldMaps`` on the training device: the base matrix once, and fold ``f``'s features
     of the rows a batch or an evaluation needs, built when read (``K`` fold matrices are
-    never held at once). ``folds[f]`` reads like that fold's ``(n, d)`` matrix."""
+    never held at once): the all-rows features times the fold's scales, plus the few extra
+    columns (ones, presence, other forms) times their weights. ``folds[f]`` reads like
+    that fold's ``(n, d)`` matrix."""
 
     def __init__(self, maps: FoldMaps, device: torch.device):
+        diag, extra = maps.split
         self.base = torch.from_numpy(np.array(maps.base, dtype=np.float32)).to(device)
-        self.src = torch.as_tensor(maps.src, device=device)
-        self.pres = torch.as_tensor(maps.pres, device=device)
-        self.scale = torch.as_tensor(maps.scale, dtype=torch.float32, device=device)
-        self.shift = torch.as_tensor(maps.shift, dtype=torch.float32, device=device)
+        self.diag = torch.from_numpy(diag).to(device)  # (F, d)
+        self.extra = torch.from_numpy(extra).to(device)  # (F, E, d)
+        self.d = diag.shape[1]
         self.shape = maps.shape
         self.dtype, self.device = torch.float32, device
 
     def rows(self, f: int, rows: slice | torch.Tensor) -> torch.Tensor:
         B = self.base[rows]
-        return B[:, self.src[f]] * self.scale[f] + B[:, self.pres[f]] * self.shift[f]
+        return torch.addmm(B[:, :self.d] * self.diag[f], B[:, self.d:], self.extra[f])
 
     def batch(self, feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx (S, B)`` of stream ``s`` through fold ``feats[s]``: ``(S, B, d)``."""
         S, n_rows = idx.shape
-        d = self.src.shape[1]
         B = self.base.index_select(0, idx.reshape(-1)).view(S, n_rows, -1)
-        src = self.src[feats].unsqueeze(1).expand(S, n_rows, d)
-        pres = self.pres[feats].unsqueeze(1).expand(S, n_rows, d)
-        return (B.gather(2, src) * self.scale[feats].unsqueeze(1)).add_(
-            B.gather(2, pres) * self.shift[feats].unsqueeze(1))
+        return torch.baddbmm(B[..., :self.d] * self.diag[feats].unsqueeze(1),
+                             B[..., self.d:], self.extra[feats])
 
     def __getitem__(self, f: int) -> _FoldRows:
         return _FoldRows(self, f)
@@ -563,6 +563,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     rows = torch.where(stream_mask, torch.arange(n, device=device), n).sort(1).values[:, :width]
     rows = rows.clamp(max=n - 1)
     plans = _batch_plans(sizes, spec.batch_size, device)
+    epochs = epochs_within(spec, width)  # the step budget cuts epochs on many rows
     own_batches = torch.tensor([sum(c[s] > 0 for *_, c in plans) for s in range(S)],
                                device=device).clamp(min=1).repeat_interleave(C)
 
@@ -575,10 +576,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             va = ((err * valid_mask).sum(1) / n_valid).sqrt()
         return tr, va, pred
 
-    curves = {k: torch.zeros(M, spec.epochs, dtype=torch.float64)
+    curves = {k: torch.zeros(M, epochs, dtype=torch.float64)
               for k in ("train_log_rmse", "valid_log_rmse", "grad_norm")}
     epoch = 0
-    for epoch in range(spec.epochs):
+    for epoch in range(epochs):
         # Minibatches indexed from tensors already in memory: no DataLoader. Each stream
         # draws its own permutation (the same order as each of its models alone); a batch
         # gathers its rows once per stream.

@@ -29,9 +29,19 @@ class NetSpec(Protocol):
     batch_size: int
     seeds: int
     clip_grad_norm: float | None
+    max_steps: int | None
 
     @property
     def draws_dropout(self) -> bool: ...
+
+def epochs_within(spec: NetSpec, n_rows: int) -> int:
+    """The epochs ``spec`` trains on ``n_rows`` rows: its own, or as many as ``max_steps``
+    steps of ``batch_size`` rows allow (at least one)."""
+    if spec.max_steps is None:
+        return spec.epochs
+    per_epoch = -(-n_rows // spec.batch_size)
+    return max(1, min(spec.epochs, spec.max_steps // max(per_epoch, 1)))
+
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
