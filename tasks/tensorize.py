@@ -60,10 +60,15 @@ def write_matrix(path: Path, ids: np.ndarray, X: np.ndarray, y: np.ndarray,
     pq.write_table(table, path)
 
 
-def read_matrix(path: Path) -> Matrix:
-    table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[META_KEY])
+def read_matrix(path: Path, features: bool = True) -> Matrix:
+    """The matrix ``write_matrix`` wrote; without ``features``, its Ids, prices and metadata
+    only (``X`` has no columns: the caller reads the features elsewhere)."""
+    meta = json.loads(pq.read_schema(path).metadata[META_KEY])
     names = meta["feature_names"]
+    table = pq.read_table(path, columns=None if features else [ID, TARGET])
+    if not features:
+        return Matrix(ids=table.column(ID).to_numpy(), X=np.empty((table.num_rows, 0),
+                      np.float32), y=table.column(TARGET).to_numpy(), meta=meta)
     X = np.empty((table.num_rows, len(names)), dtype=np.float32)
     for j, name in enumerate(names):
         X[:, j] = table.column(name).to_numpy()

@@ -31,6 +31,7 @@ from prefect.context import TaskRunContext
 
 from tasks import progress as progress_hooks
 from tasks.config import CandidateConfig, TrainConfig
+from tasks.data.foldmaps import FoldMaps
 from tasks.data.folds import fit_rows, make_folds  # noqa: F401 - part of this module's API
 from tasks.kinds.base import CVResult, oof_scores, refit_members
 from tasks.progress import DashboardProgress
@@ -165,32 +166,36 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     """Cross-validate ``candidate`` on the tensorized training rows; write the train artifact:
     ``models.pt`` (fold models), ``metrics.json`` (scores, curves), ``oof.parquet``,
     ``folds.json`` and, for torch candidates, ``learning_curves.png``."""
-    m, X, outliers, excluded = _rows(data, config, candidate)
+    m, X, X_all, outliers, excluded = _rows(data, config, candidate)
     _note_budget([candidate], len(m.y), excluded, config, log)
     cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
               candidate.name, log)
     _fits_done()  # only the short refit is left: the next task may start loading
-    refit = _fit(lambda: candidate.refit(m.X, m.y, config, np.flatnonzero(~excluded)),
+    refit = _fit(lambda: candidate.refit(X_all, m.y, config, np.flatnonzero(~excluded)),
                  candidate.name, log, "refitted on all rows")
     return write_artifact(m, outliers, excluded, candidate, config, cv, out_dir, log, refit)
 
 
 def _rows(data: ArtifactRef, config: TrainConfig, candidate: CandidateConfig):
     """The tensorized rows; the features the folds see (``(K, n, d)``, each fold's own
-    preprocessing, or the all-rows ``(n, d)``); which rows are outliers, and which are left
-    out of ``candidate``'s fitting."""
-    m = read_matrix(data.file("train.parquet"))
+    preprocessing, or the all-rows ``(n, d)``) and the all-rows features (with per-fold
+    maps, the base's first columns: not read again from Parquet, and not copied); which
+    rows are outliers, and which are left out of ``candidate``'s fitting."""
     per_fold = read_fold_features(data, config.folds)
+    m = read_matrix(data.file("train.parquet"), features=per_fold is None)
+    X_all = m.X if per_fold is None else FoldMaps.identity(per_fold.base, per_fold.shape[2])
     outliers = np.isin(m.ids, m.meta.get("outlier_ids", []))
     exclude = (config.exclude_outliers if candidate.exclude_outliers is None
                else candidate.exclude_outliers)
     excluded = outliers if exclude else np.zeros(len(m.ids), bool)
-    return m, (m.X if per_fold is None else per_fold), outliers, excluded
+    return m, (m.X if per_fold is None else per_fold), X_all, outliers, excluded
 
 
 def _note_budget(candidates: list[CandidateConfig], n: int, excluded: np.ndarray,
                  config: TrainConfig, log: Callable[[str], None]) -> None:
     """Log each candidate's training cut to its budget on a fold's fitted rows."""
+    if not any(c.epochs_field for c in candidates):
+        return
     folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme, config.repeats)
     n_fit = max(len(rows) for rows in fit_rows(folds, excluded))
     for c in candidates:
@@ -289,8 +294,8 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
     refs = [member_ref(root, data, c, config) for c in candidates]
     todo = [c for c, r in zip(candidates, refs, strict=True) if force or not is_complete(r)]
     if todo:
-        m, X, outliers, excluded = _rows(data, config, todo[0])  # one stack_key: one rule
-        folds = make_folds(len(m.X), config.n_splits, config.seed, config.fold_scheme,
+        m, X, X_all, outliers, excluded = _rows(data, config, todo[0])  # one rule per stack
+        folds = make_folds(len(m.y), config.n_splits, config.seed, config.fold_scheme,
                            config.repeats)
         fitted = fit_rows(folds, excluded)
         _note_budget(todo, len(m.y), excluded, config, log)
@@ -298,7 +303,7 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         cvs = _fit(lambda: type(todo[0]).cross_validate_stack(todo, X, m.y, config, folds, fitted,
                                                              progress), names, log)
         _fits_done()  # only the short refits are left: the next task may start loading
-        refits = _fit(lambda: refit_members(todo, m.X, m.y, config,
+        refits = _fit(lambda: refit_members(todo, X_all, m.y, config,
                                             np.flatnonzero(~excluded)),
                       names, log, "refitted on all rows")
         for c, cv, refit in zip(todo, cvs, refits, strict=True):

@@ -76,6 +76,19 @@ class FoldMaps:
         return (np.ascontiguousarray(A[:, np.arange(d), np.arange(d)], dtype=np.float32),
                 np.ascontiguousarray(A[:, d:, :], dtype=np.float32))
 
+    @classmethod
+    def identity(cls, base: np.ndarray, d: int) -> FoldMaps:
+        """One fold whose features are the base's first ``d`` columns (the all-rows
+        features) as they are: the all-rows matrix without a copy of it."""
+        return cls(base=base, src=np.arange(d)[None, :], scale=np.ones((1, d)),
+                   pres=np.full((1, d), d), shift=np.zeros((1, d)))
+
+    def predict(self, k: int, rows: np.ndarray, w: np.ndarray, b: float,
+                chunk: int = 65_536) -> np.ndarray:
+        """``X_k[rows] @ w + b`` in float64, built a chunk of rows at a time."""
+        return np.concatenate([self.rows(k, rows[lo:lo + chunk]).astype(np.float64) @ w + b
+                               for lo in range(0, len(rows), chunk)] or [np.zeros(0)])
+
     def matrix(self, k: int) -> np.ndarray:
         """``A_k (D, d)``: fold ``k``'s features are ``B @ A_k``."""
         A = np.zeros((self.base.shape[1], self.src.shape[1]))
@@ -233,7 +246,16 @@ def fold_grams(maps: FoldMaps, t: np.ndarray, folds: list[tuple[np.ndarray, np.n
     F = len(folds)
     out = {key: [] for key in ("n", "sx", "xx", "xt", "st", "tt")}
     per_fold: list[np.ndarray] = [np.empty(0)] * F
+    for k, (tr, va) in enumerate(folds):
+        if len(tr) + len(va) > n or np.isin(va[:64], tr).any():
+            # not a cut (a refit: its rows both fit and score): summed over its rows
+            blocks = np.full(n, -1, dtype=np.int64)
+            blocks[tr] = 0
+            blocks[excluded] = -1
+            per_fold[k] = block_sums(maps.base, t, blocks, 1)[0]
     for ks in repeats_of(folds, n):
+        if per_fold[ks[0]].size:
+            continue
         blocks = np.full(n, -1, dtype=np.int64)
         for i, k in enumerate(ks):
             blocks[folds[k][1]] = i

@@ -16,6 +16,7 @@ step, as it would alone.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -264,7 +265,11 @@ class TorchFolds:
 
     def __init__(self, maps: FoldMaps, device: torch.device):
         diag, extra = maps.split
-        self.base = torch.from_numpy(np.array(maps.base, dtype=np.float32)).to(device)
+        base = np.asarray(maps.base, dtype=np.float32)
+        with warnings.catch_warnings():  # a read-only map: only ever read here
+            warnings.simplefilter("ignore", UserWarning)
+            # on the CPU the memory-mapped file itself, not a copy of it
+            self.base = torch.from_numpy(base).to(device)
         self.diag = torch.from_numpy(diag).to(device)  # (F, d)
         self.extra = torch.from_numpy(extra).to(device)  # (F, E, d)
         self.d = diag.shape[1]

@@ -57,7 +57,7 @@ class LinearSklearn(SklearnCandidate):
         for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
             seed = train.seed * 1000 + k
             w, b = self._fit_sums(sums, k, seed)
-            p_va = clamped_log_price(X.rows(k, va).astype(np.float64) @ w + b, train.target)
+            p_va = clamped_log_price(X.predict(k, va, w, b), train.target)
             oof[k // train.n_splits, va] = p_va  # folds are repeat-major
             members.append([{"skops": skops_dumps(self._estimator(w, b, seed))}])
             train_rmse.append(self._train_rmse(sums, k, w, b, X, tr, logy, train.target))
@@ -85,10 +85,7 @@ class LinearSklearn(SklearnCandidate):
             sse = (sums.tt[k] - 2 * (w @ sums.xt[k] + b * sums.st[k]) + w @ sums.xx[k] @ w
                    + 2 * b * (w @ sums.sx[k]) + sums.n[k] * b * b)
             return float(np.sqrt(max(sse, 0.0) / sums.n[k]))
-        pred = np.concatenate([
-            clamped_log_price(X.rows(k, rows[lo:lo + 65_536]).astype(np.float64) @ w + b,
-                              target) for lo in range(0, len(rows), 65_536)])
-        return rmse(pred, logy[rows])
+        return rmse(clamped_log_price(X.predict(k, rows, w, b), target), logy[rows])
 
     def _estimator(self, w: np.ndarray, b: float, seed: int) -> Any:
         """The scikit-learn estimator these coefficients are (what a fold model saves)."""

@@ -61,3 +61,19 @@ def test_gram_fits_equal_scikit_learn_fitted_fold_by_fold(fields, target):
         saved = spec.load_member(cv.members[k][0], maps.shape[2], target)
         np.testing.assert_allclose(saved.log_price(Xk[va].astype(np.float32)),
                                    cv.oof_log_price[k // 3, va], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ridge", "lasso"])
+def test_a_refit_on_the_all_rows_map_equals_scikit_learn_on_the_matrix(kind):
+    """The final model on every kept row, from the base's all-rows columns without a copy
+    (one fold whose rows both fit and score): scikit-learn's fit on that matrix."""
+    maps, y = synthetic_maps()
+    d = maps.shape[2]
+    X_all = FoldMaps.identity(maps.base, d)
+    spec = candidate(name="c", kind=kind, alpha=2e-3 if kind == "lasso" else 3.0)
+    rows = np.setdiff1d(np.arange(len(y)), [3, 400])
+    member = spec.refit(X_all, y, TrainConfig(), rows)
+    X = maps.base[:, :d]
+    want = spec.make_estimator(seed=0).fit(X[rows].astype(np.float64), np.log(y[rows]))
+    got = spec.load_member(member[0], d, "log")
+    np.testing.assert_allclose(got.log_price(X), want.predict(X), atol=2e-5)
