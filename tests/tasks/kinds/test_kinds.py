@@ -251,3 +251,13 @@ def test_a_kernel_kind_refuses_more_rows_than_it_can_take_in_one_line(kind):
         f"candidate 'k': kind {kind} takes at most 20,000 training rows, the data has "
         "20,001 (its time and memory grow with their square); leave it out of the "
         "candidates, or use hgb or mlp")
+
+
+def test_a_torch_kind_says_when_its_step_budget_cuts_its_epochs():
+    spec = candidate(name="net", kind="linear", epochs=100, batch_size=64, max_steps=2000)
+    assert spec.budget_note(1000) is None  # 16 batches x 100 epochs: within 2,000 steps
+    assert spec.budget_note(160_000) == (
+        "net: 100 epochs cut to 1 by max_steps=2,000 (2,500 batches of 64 rows per epoch); "
+        "set max_steps higher (or none) to train every epoch")
+    assert candidate(name="n", kind="linear", max_steps=None).budget_note(10**7) is None
+    assert candidate(name="l", kind="lasso", alpha=1e-3).budget_note(10**7) is None
