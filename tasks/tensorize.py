@@ -10,7 +10,7 @@ for the folds train will cut, one preprocessor fitted on each fold's training ro
 matrix (``fold_base.npy``, ``(n_rows, n_features + a few) float32``, and ``fold_maps.json``;
 see ``tasks.data.foldmaps``): laid out as ``train.parquet``'s features, a category a fold
 never saw is a zero column. Cross-validation then fits nothing on a fold's validation rows,
-and the artifact holds the matrix about twice, not once per fold.
+and the artifact holds the matrix about twice (Parquet and base), not once per fold.
 """
 
 from __future__ import annotations
