@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, ROOT, cli_env  # noqa: E402
+# The repository root, not this folder: this folder's ``dask.py`` would hide the package
+# from a process that imports this module (the test suite does).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import DATA, ROOT, cli_env  # noqa: E402
 
 TRAIN_CSV = DATA / "kaggle_house_pred_train.csv"
 AREAS = ("LotArea", "MasVnrArea", "BsmtFinSF1", "BsmtFinSF2", "BsmtUnfSF", "TotalBsmtSF",

@@ -191,7 +191,7 @@ def no_heartbeats(local: bool):
     return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
-def recorded(flow_run_id: Any, final: bool = True, wait_s: float = 5.0,
+def recorded(flow_run_id: Any, final: bool = True, wait_s: float = 15.0,
              every_s: float = 0.02) -> list[Any]:
     """The task runs of a flow run, read from the API once it has recorded the end of every
     one (or after ``wait_s``, as they are then). Task runs report their states as events,
