@@ -28,7 +28,13 @@ from prefect import task
 
 from tasks.config import FoldSpec
 from tasks.data.features import ID, TARGET, load_preprocessor, read_csv, validate_training_frame
-from tasks.data.foldmaps import FoldMaps, base_columns, fold_maps, write_base
+from tasks.data.foldmaps import (
+    FoldMaps,
+    base_columns,
+    fold_maps,
+    fold_preprocessors,
+    write_base,
+)
 from tasks.data.folds import make_folds
 from tasks.stage import build_stage, stage_task_options
 from tasks.storage.artifacts import ArtifactRef, write_json
@@ -101,13 +107,16 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
     out = {"n_rows": int(X.shape[0]), "n_features": int(X.shape[1]),
            "n_outliers": len(outliers), "fold_preprocessors": 0}
     if folds is not None:
-        test = read_csv(raw.file("test.csv")) if fit_on == "train+test" else None
+        extra = None
+        if fit_on == "train+test":
+            tenc = pre.encode(read_csv(raw.file("test.csv")))
+            extra = (pre.numeric_columns(tenc), tenc.codes)
         splits = make_folds(len(train), folds.n_splits, folds.seed, folds.fold_scheme,
                             folds.repeats)
-        fitted = [pre.unfitted().fit([train.iloc[rows]] + ([] if test is None else [test]))
-                  for rows, _ in splits]
-        missing, flipped = base_columns(pre, fitted, enc)
-        base = write_base(out_dir / FOLD_BASE, X, pre, enc, missing, flipped)
+        numeric = pre.numeric_columns(enc)
+        fitted = fold_preprocessors(pre, numeric, enc.codes, splits, extra)
+        missing, flipped = base_columns(pre, fitted, numeric)
+        base = write_base(out_dir / FOLD_BASE, X, pre, numeric, missing, flipped)
         maps = fold_maps(pre, fitted, missing, flipped, base)
         del base
         write_json(out_dir / FOLD_MAPS, {**maps.to_dict(), "presence": missing,

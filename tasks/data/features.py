@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.data.settings import DERIVED_SUMS, PreprocessConfig
+from tasks.data.statistics import Moments, Summary, log_form
 
 ID = "Id"
 TARGET = "SalePrice"
@@ -221,38 +222,50 @@ class Preprocessor:
     def fit(self, frames: Iterable[pd.DataFrame]) -> Preprocessor:
         """Learn statistics from the feature columns of ``frames`` (no Id, no SalePrice)."""
         raw = pd.concat(list(frames), ignore_index=True)
-        self.columns_ = [c for c in raw.columns if c not in (ID, TARGET)]
         features = self._engineer(raw)
-        self.numeric_, self.categories_, self.range_, self.log1p_ = {}, {}, {}, []
+        numeric: dict[str, np.ndarray] = {}
+        self.categories_ = {}
         for col in features.columns:
             values = features[col]
             if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-                x = values.to_numpy(dtype=np.float64, na_value=np.nan)
-                lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
-                self.range_[col] = (lo, hi)
-                # Right skew only: log1p compresses the long right tail, and would stretch a
-                # left-skewed column's tail further (basement quality: skew -1.29 -> -3.61).
-                if (self.log1p_skewed and lo >= 0
-                        and float(pd.Series(x).skew()) > self.skew_threshold):
-                    self.log1p_.append(col)
-                    x = np.log1p(x)
-                self._fit_numeric(col, x)
+                numeric[col] = values.to_numpy(dtype=np.float64, na_value=np.nan)
             else:
                 self.categories_[col] = sorted(values.dropna().astype(str).unique().tolist())
-        if not self.interactions:
-            return self
-        numeric = {col: _numeric(features, col) for col in self.numeric_}
-        codes = {col: category_codes(features[col], cats)
-                 for col, cats in self.categories_.items()}
-        for name, x in self._interact(numeric, codes, self.categories_).items():
-            self.range_[name] = (float(np.nanmin(x)), float(np.nanmax(x)))
-            self._fit_numeric(name, x)  # never log1p: a slope, zero for other categories
-        return self
+        slopes: dict[str, np.ndarray] = {}
+        if self.interactions:
+            codes = {col: category_codes(features[col], cats)
+                     for col, cats in self.categories_.items()}
+            slopes = self._interact(numeric, codes, self.categories_)
+        one, every = np.zeros((1, len(raw)), dtype=np.int64), np.ones(1, dtype=bool)
+        return self.learn(
+            [c for c in raw.columns if c not in (ID, TARGET)], self.categories_,
+            Moments.gather(numeric, one, 1).over(every),
+            Moments.gather(numeric, one, 1, log_form).over(every) if self.log1p_skewed
+            else None,
+            Moments.gather(slopes, one, 1).over(every))
 
-    def _fit_numeric(self, col: str, x: np.ndarray) -> None:
-        std = float(pd.Series(x).std())
-        # A constant (or single-valued) column: keep it at 0 rather than divide by 0.
-        self.numeric_[col] = (float(np.nanmean(x)), std if std > 0 else 1.0)
+    def learn(self, columns: list[str], categories: dict[str, list[str]], raw: Summary,
+              logged: Summary | None, slopes: Summary) -> Preprocessor:
+        """Set the fitted state from column statistics (``fit``'s of all the rows, or a
+        fold's): ``raw`` of the numeric features, ``logged`` of their ``log_form`` (given
+        with ``log1p_skewed``), ``slopes`` of the ``interactions`` columns."""
+        self.columns_ = list(columns)
+        self.categories_ = categories
+        self.numeric_, self.range_, self.log1p_ = {}, {}, []
+        for j, col in enumerate(raw.names):
+            lo, hi = float(raw.lo[j]), float(raw.hi[j])
+            self.range_[col] = (lo, hi)
+            stats = raw
+            # Right skew only: log1p compresses the long right tail, and would stretch a
+            # left-skewed column's tail further (basement quality: skew -1.29 -> -3.61).
+            if logged is not None and lo >= 0 and raw.skew[j] > self.skew_threshold:
+                self.log1p_.append(col)
+                stats = logged
+            self.numeric_[col] = (float(stats.mean[j]), float(stats.std[j]))
+        for j, name in enumerate(slopes.names):  # never log1p: a slope, 0 for other levels
+            self.range_[name] = (float(slopes.lo[j]), float(slopes.hi[j]))
+            self.numeric_[name] = (float(slopes.mean[j]), float(slopes.std[j]))
+        return self
 
     def interaction_levels(self, categories: dict[str, list[str]] | None = None
                            ) -> Iterator[tuple[str, str, str, int, str]]:
@@ -282,6 +295,11 @@ class Preprocessor:
                                     f"{what} feature {col!r}; fix the config")
         return {name: np.where(codes[cat] == code, numeric[num], 0.0)
                 for _, num, cat, code, name in self.interaction_levels(categories)}
+
+    def numeric_columns(self, enc: Encoded) -> dict[str, np.ndarray]:
+        """Every numeric feature of encoded rows before its standardizing (float64, NaN
+        where missing): the engineered numerics and the ``interactions`` slopes."""
+        return {**enc.numeric, **self._interact(enc.numeric, enc.codes, self.categories_)}
 
     @property
     def feature_names_(self) -> list[str]:
@@ -439,7 +457,7 @@ class Preprocessor:
         """One numeric column's feature: log1p (if chosen), standardized, missing -> 0."""
         mean, std = self.numeric_[col]
         if col in self.log1p_:
-            values = np.log1p(np.clip(values, 0.0, None))
+            values = log_form(values)
         return np.nan_to_num((values - mean) / std, nan=0.0)
 
     def features(self, enc: Encoded, categories: dict[str, list[str]],

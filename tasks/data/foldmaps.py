@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data.features import Encoded, Preprocessor
+from tasks.data.features import Preprocessor, interaction_name
+from tasks.data.statistics import Moments, category_counts, log_form
 
 MAPS_FORMAT = "houseprice-fold-maps/1"
 
@@ -122,19 +123,19 @@ class FoldMaps:
         return cls(base=base, src=src, scale=scale, pres=pres, shift=shift)
 
 
-def base_columns(pre: Preprocessor, folds: list[Preprocessor], enc: Encoded
+def base_columns(pre: Preprocessor, folds: list[Preprocessor], numeric: dict[str, np.ndarray]
                  ) -> tuple[list[str], list[str]]:
     """The extra base columns ``B`` needs after the all-rows features: the numeric features
-    with missing values (a presence column each), and those some fold transforms the other
-    way round (log1p or not) than ``pre`` (their raw form each)."""
-    numeric = {**enc.numeric, **pre._interact(enc.numeric, enc.codes, pre.categories_)}
+    (``pre.numeric_columns`` of the rows) with missing values (a presence column each), and
+    those some fold transforms the other way round (log1p or not) than ``pre`` (their raw
+    form each)."""
     missing = [c for c in pre.numeric_ if np.isnan(numeric[c]).any()]
     flipped = [c for c in pre.numeric_
                if any(c in f.numeric_ and (c in f.log1p_) != (c in pre.log1p_) for f in folds)]
     return missing, flipped
 
 
-def write_base(path: Path, X: np.ndarray, pre: Preprocessor, enc: Encoded,
+def write_base(path: Path, X: np.ndarray, pre: Preprocessor, numeric: dict[str, np.ndarray],
                missing: list[str], flipped: list[str]) -> np.ndarray:
     """``B``: ``X``, ones, a presence column per ``missing`` feature, then each ``flipped``
     feature in the other form (log1p where ``pre`` has none, raw where it has), 0 where
@@ -144,15 +145,91 @@ def write_base(path: Path, X: np.ndarray, pre: Preprocessor, enc: Encoded,
                                      shape=(n, d + 1 + len(missing) + len(flipped)))
     base[:, :d] = X
     base[:, d] = 1.0
-    numeric = {**enc.numeric, **pre._interact(enc.numeric, enc.codes, pre.categories_)}
     for i, col in enumerate(missing):
         base[:, d + 1 + i] = ~np.isnan(numeric[col])
     for i, col in enumerate(flipped):
         values = numeric[col]
-        other = values if col in pre.log1p_ else np.log1p(np.clip(values, 0.0, None))
+        other = values if col in pre.log1p_ else log_form(values)
         base[:, d + 1 + len(missing) + i] = np.nan_to_num(other, nan=0.0)
     base.flush()
     return base
+
+
+def fold_groups(folds: list[tuple[np.ndarray, np.ndarray]], n: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each fold's validation rows as a group: ``labels (R, n)``, each row's fold in each
+    repeat (-1 in none), and ``take (F, F + 1) bool``, the groups a fold trains on: the other
+    folds of its repeat, and group ``F`` (rows every fold fits on). Refuses folds whose
+    training rows are not exactly the other folds' rows of the repeat."""
+    F = len(folds)
+    reps = repeats_of(folds, n)
+    labels = np.full((len(reps), n), -1, dtype=np.int64)
+    take = np.zeros((F, F + 1), dtype=bool)
+    take[:, F] = True
+    for r, ks in enumerate(reps):
+        for k in ks:
+            labels[r, folds[k][1]] = k
+        used = int((labels[r] >= 0).sum())
+        for k in ks:
+            tr, va = folds[k]
+            if len(tr) + len(va) != used or (labels[r, tr] < 0).any() or (
+                    labels[r, tr] == k).any():
+                raise ValueError(f"fold {k} does not train on the other folds' rows; "
+                                 "per-fold statistics need folds that cut the rows")
+            take[k, ks] = True
+            take[k, k] = False
+    return labels, take
+
+
+def fold_preprocessors(pre: Preprocessor, numeric: dict[str, np.ndarray],
+                       codes: dict[str, np.ndarray], folds: list[tuple[np.ndarray, np.ndarray]],
+                       extra: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+                       ) -> list[Preprocessor]:
+    """Each fold's own preprocessor, as ``pre.unfitted().fit`` on the fold's training rows
+    (and on ``extra``'s rows, which every fold fits on: the test rows with ``fit_on =
+    "train+test"``) learns it, from statistics per validation block gathered in one pass
+    (``tasks.data.statistics``): no copy of the rows per fold.
+
+    ``numeric``: ``pre.numeric_columns`` of the rows; ``codes``: each categorical's codes
+    among ``pre``'s categories (missing: one past them), as ``pre.encode`` gives them;
+    ``extra``: the same two of the extra rows."""
+    F = len(folds)
+    n = _n_rows(numeric, codes)
+    labels, take = fold_groups(folds, n)
+    slope_names = [name for *_, name in pre.interaction_levels()]
+    raw_names = [c for c in pre.numeric_ if c not in set(slope_names)]
+
+    def moments(names: list[str], form=None) -> Moments:
+        m = Moments.gather({c: numeric[c] for c in names}, labels, F + 1, form)
+        if extra is None:
+            return m
+        every = np.full((1, _n_rows(*extra)), F, dtype=np.int64)
+        return m + Moments.gather({c: extra[0][c] for c in names}, every, F + 1, form,
+                                  m.center)
+
+    raw = moments(raw_names)
+    logged = moments(raw_names, log_form) if pre.log1p_skewed else None
+    slopes = moments(slope_names)
+    counts = {}
+    for col, cats in pre.categories_.items():
+        counts[col] = category_counts(codes[col], len(cats) + 2, labels, F + 1)
+        if extra is not None:
+            counts[col][F] += np.bincount(extra[1][col], minlength=len(cats) + 2)
+    out = []
+    for k in range(F):
+        seen = {col: [cats[j] for j in np.flatnonzero(counts[col][take[k]].sum(0)[:len(cats)])]
+                for col, cats in pre.categories_.items()}
+        known = {interaction_name(num, cat, level) for spec in pre.interactions
+                 for num, cat in [spec.split("@")] for level in seen.get(cat, ())}
+        known = [name for name in slope_names if name in known]
+        out.append(pre.unfitted().learn(
+            pre.columns_, seen, raw.over(take[k]),
+            None if logged is None else logged.over(take[k]), slopes.over(take[k]).only(known)))
+    return out
+
+
+def _n_rows(numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray]) -> int:
+    return len(next(iter({**numeric, **codes}.values()), ()))
 
 
 def fold_maps(pre: Preprocessor, folds: list[Preprocessor], missing: list[str],

@@ -17,8 +17,9 @@ def build(train: pd.DataFrame, pre: Preprocessor, splits, tmp_path):
     enc = pre.encode(train)
     X = pre.features(enc, pre.categories_, pre.feature_names_)
     folds = [pre.unfitted().fit([train.iloc[tr]]) for tr, _ in splits]
-    missing, flipped = base_columns(pre, folds, enc)
-    base = write_base(tmp_path / "base.npy", X, pre, enc, missing, flipped)
+    numeric = pre.numeric_columns(enc)
+    missing, flipped = base_columns(pre, folds, numeric)
+    base = write_base(tmp_path / "base.npy", X, pre, numeric, missing, flipped)
     return folds, fold_maps(pre, folds, missing, flipped, base), flipped
 
 
