@@ -2,6 +2,7 @@
 stage, peak RSS and artifact size, per row count and config.
 
     python benchmarks/scale.py [--rows 1460 14600 146000 1460000] [--config configs/fast.toml ...]
+                               [--task-runner dask]
 
 The training files are made from the Kaggle rows: N rows drawn with replacement (seed 0), each
 area column and the price multiplied by exp(e), e ~ N(0, 0.03) drawn per value and rounded as
@@ -83,12 +84,12 @@ def stage_seconds(log: str, start: float) -> dict[str, float]:
     return out
 
 
-def run_once(rows: int, config: str | None, tmp: Path) -> dict:
+def run_once(rows: int, config: str | None, tmp: Path, runner: str = "threads") -> dict:
     train = make_rows(rows, tmp / f"train-{rows}.csv")
     env = cli_env(tmp / "prefect")
     cmd = [sys.executable, "-m", "flows.cli", "run", "--verbose", "--data-url", str(DATA),
            "--train", str(train), "--artifacts", str(tmp / "arts"), "--data-dir",
-           str(tmp / "cache")]
+           str(tmp / "cache"), "--task-runner", runner]
     if config:
         cmd += ["--config", config]
     start = time.time()
@@ -105,7 +106,8 @@ def run_once(rows: int, config: str | None, tmp: Path) -> dict:
     size = sum(p.stat().st_size for p in (tmp / "arts").rglob("*") if p.is_file())
     summary = proc.stdout.strip().splitlines()[-1]
     score = re.search(r"out-of-fold log RMSE ([0-9.]+)", summary)
-    return {"rows": rows, "config": config or "default", "wall_s": round(wall, 1),
+    return {"rows": rows, "config": config or "default", "task_runner": runner,
+            "wall_s": round(wall, 1),
             "cpu_s": round(cpu, 1),
             "stages_s": stage_seconds(proc.stdout + proc.stderr, start),
             "peak_rss_mib": round(peak), "artifacts_mib": round(size / 2**20, 1),
@@ -118,6 +120,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1460, 14600, 146000, 1460000])
     parser.add_argument("--config", nargs="+", default=["configs/fast.toml", None],
                         help="configs to run (the default config: 'default')")
+    parser.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
+                        help="dask: two local workers, each opening the matrix from the "
+                        "artifact store")
     args = parser.parse_args()
     configs = [None if c in (None, "default") else c for c in args.config]
     results = []
@@ -127,7 +132,8 @@ def main() -> None:
             # each run is measured from a child of its own.
             with tempfile.TemporaryDirectory() as tmp:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--one", str(rows), config or "default", tmp],
+                    [sys.executable, __file__, "--one", str(rows), config or "default", tmp,
+                     args.task_runner],
                     capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(out.stderr.strip() or out.stdout.strip())
@@ -142,8 +148,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--one":
-        rows, config, tmp = int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-        print(json.dumps(run_once(rows, None if config == "default" else config, tmp)))
+    if len(sys.argv) == 6 and sys.argv[1] == "--one":
+        rows, config, tmp, runner = int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), sys.argv[5]
+        print(json.dumps(run_once(rows, None if config == "default" else config, tmp, runner)))
     else:
         main()

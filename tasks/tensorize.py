@@ -97,7 +97,8 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
     validate_training_frame(train, "train.csv")
     pre = load_preprocessor(preprocessor.file("preprocessor.json"))
     enc = pre.encode(train)
-    X = pre.features(enc, pre.categories_, pre.feature_names_)
+    # Column-major (no transposed copy): Parquet takes each feature's column as it is.
+    X = pre.features(enc, pre.categories_, pre.feature_names_, contiguous=False)
     outliers = outlier_ids(train)
     write_matrix(
         out_dir / "train.parquet", training_ids(train), X, train[TARGET].to_numpy(float),

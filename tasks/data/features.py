@@ -80,13 +80,16 @@ def validate_training_frame(df: pd.DataFrame, source: str = "training data",
     for col in df.columns:
         if col in (ID, TARGET) or pd.api.types.is_numeric_dtype(df[col]):
             continue
-        values = df[col].dropna().astype("string").str.strip()
-        parsed = pd.to_numeric(values, errors="coerce")
+        # Each distinct text parsed once (a category column has a few dozen among a
+        # million rows), weighted by how many rows hold it.
+        text = df[col].astype("string").str.strip()
+        counts = text.dropna().value_counts(sort=False)
+        number = pd.to_numeric(counts.index.to_series(), errors="coerce").notna().to_numpy()
         # A column that is numbers but for a few entries: stray text, not a category.
-        if parsed.notna().mean() >= 0.9 and parsed.isna().any():
-            pos = parsed.index[parsed.isna()][0]
-            raise DataError(f"{source}: column {col} is numeric but has {values[pos]!r} at "
-                            f"Id={df.loc[pos, ID]}; fix or blank that value")
+        if counts[number].sum() >= 0.9 * counts.sum() and not number.all():
+            pos = int(np.flatnonzero(text.isin(counts.index[~number]).to_numpy(bool))[0])
+            raise DataError(f"{source}: column {col} is numeric but has {text.iloc[pos]!r} "
+                            f"at Id={df[ID].iloc[pos]}; fix or blank that value")
     if not pd.api.types.is_numeric_dtype(df[TARGET]):
         bad = pd.to_numeric(df[TARGET], errors="coerce").isna() & df[TARGET].notna()
         row = df.loc[bad, ID].iloc[0]

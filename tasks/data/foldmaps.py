@@ -143,7 +143,8 @@ def write_base(path: Path, X: np.ndarray, pre: Preprocessor, numeric: dict[str, 
     n, d = X.shape
     base = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
                                      shape=(n, d + 1 + len(missing) + len(flipped)))
-    base[:, :d] = X
+    for lo in range(0, n, 65_536):  # a block of rows at a time: ``X`` may be column-major
+        base[lo:lo + 65_536, :d] = X[lo:lo + 65_536]
     base[:, d] = 1.0
     for i, col in enumerate(missing):
         base[:, d + 1 + i] = ~np.isnan(numeric[col])

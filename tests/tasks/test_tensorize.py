@@ -37,3 +37,58 @@ def test_the_outlier_rule_needs_the_living_area():
                          "GrLivArea": [4500, 1000]})
     assert outlier_ids(rows) == [1]  # over 4000 square feet for under 300,000
     assert outlier_ids(rows.drop(columns="GrLivArea")) == []
+
+
+FULL_DISK = """
+import json, resource, signal, sys
+from tasks.config import FoldSpec
+from tasks.storage.artifacts import ArtifactRef
+from tasks.tensorize import tensorize_task
+
+root, raw, pre, folds = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+# Every file this process writes stops at 1 MiB, as on a disk with 1 MiB left: the write
+# fails with an OSError (SIGXFSZ ignored), as writing to a full disk does.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    tensorize_task.fn(ArtifactRef(root=root, stage="download", version=raw),
+                      ArtifactRef(root=root, stage="preprocess", version=pre), root,
+                      FoldSpec(**folds))
+except Exception as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+def test_a_full_disk_fails_tensorize_in_one_line_with_nothing_half_written(trained, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tasks.storage.artifacts import is_complete
+    from tasks.tensorize import tensorize_task
+
+    cfg, result = trained
+    versions = lineage(resolve(cfg.artifacts_dir, "select", result["model_version"]))
+    root = tmp_path / "arts"
+    for stage in ("download", "preprocess"):
+        shutil.copytree(f"{cfg.artifacts_dir}/{stage}/{versions[stage][0]}",
+                        root / stage / versions[stage][0], symlinks=True)
+    raw, pre = (ArtifactRef(root=str(root), stage=s, version=versions[s][0])
+                for s in ("download", "preprocess"))
+    folds = cfg.train.folds
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(root), raw.version, pre.version,
+         folds.model_dump_json()], capture_output=True, text=True, timeout=300,
+        cwd=os.getcwd(), env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = proc.stdout.strip()
+    assert "\n" not in line
+    assert line.startswith("stage 'tensorize' failed: ") and "File too large" in line
+    # Nothing half-written: no version, no temporary folder; the inputs are whole.
+    assert [p.name for p in (root / "tensorize").iterdir()] == []
+    assert is_complete(raw) and is_complete(pre)
+    # With room again, the same stage builds.
+    ref = tensorize_task.fn(raw, pre, str(root), folds)
+    assert is_complete(ref) and (root / "tensorize" / ref.version / "fold_base.npy").is_file()

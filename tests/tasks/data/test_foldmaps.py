@@ -76,6 +76,13 @@ def test_fold_maps_refuse_a_record_naming_columns_outside_the_base():
         FoldMaps.from_dict({**good, "src": [[0, 9]]}, base)
     with pytest.raises(ValueError, match="not a houseprice-fold-maps"):
         FoldMaps.from_dict({**good, "format": "x"}, base)
+    # feature 0 scaling feature 1's all-rows column: another feature's values, refused
+    with pytest.raises(ValueError, match="read another feature's column"):
+        FoldMaps.from_dict({**good, "src": [[1, 1]]}, base)
+    with pytest.raises(ValueError, match="read another feature's column"):
+        FoldMaps.from_dict({**good, "pres": [[0, 2]]}, base)  # a shift by a feature
+    with pytest.raises(ValueError, match="differ in shape"):
+        FoldMaps.from_dict({**good, "scale": [[1.0]]}, base)
 
 
 def test_fold_sums_by_subtraction_equal_the_sums_fold_by_fold(tmp_path):
