@@ -33,14 +33,17 @@ TASKS_DIR = Path(__file__).resolve().parent
 # is fixed by the files' SHA-1 hashes alone, so its code is deliberately not part of it. A
 # train version also holds its candidate's kind's own files (``code_files``), so editing one
 # kind's module retrains that kind only.
+_FEATURES = ("data/features.py", "data/settings.py", "data/statistics.py")
 _PREDICT_CODE = ("inference/batch.py", "inference/plan.py", "inference/forest.py",
-                 "data/features.py", "kinds/__init__.py")
+                 *_FEATURES, "kinds/__init__.py")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
-    "preprocess": ("preprocess.py", "data/features.py"),
-    "tensorize": ("tensorize.py", "preprocess.py", "data/features.py", "data/folds.py"),
-    "train": ("train.py", "data/folds.py", "kinds/__init__.py"),
-    "select": ("select.py", "inference/checkpoint.py", *_PREDICT_CODE, *code_files()),
+    "preprocess": ("preprocess.py", *_FEATURES),
+    "tensorize": ("tensorize.py", "preprocess.py", *_FEATURES, "data/folds.py",
+                  "data/foldmaps.py"),
+    "train": ("train.py", "data/folds.py", "data/foldmaps.py", *_FEATURES, "kinds/__init__.py"),
+    "select": ("select.py", "inference/checkpoint.py", "data/folds.py", "data/foldmaps.py",
+               *_PREDICT_CODE, *code_files()),
     "predict": ("predict.py", *_PREDICT_CODE),
     "score": ("score.py", *_PREDICT_CODE),
 }

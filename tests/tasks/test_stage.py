@@ -93,3 +93,31 @@ def test_a_library_upgrade_gives_new_versions(monkeypatch):
         stage.code_version.cache_clear()
     changed = {s for s in before if before[s] != after[s]}
     assert changed == {"train", "select"}
+
+
+def _data_imports(path):
+    """The ``tasks.data`` modules a source file imports, as paths under ``tasks/``."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks.data."):
+            out.add(node.module.removeprefix("tasks.").replace(".", "/") + ".py")
+    return out
+
+
+def test_every_data_module_a_stage_reads_is_in_its_code_version():
+    """Editing a data module a stage's code imports (directly or through another) gives
+    that stage a new version, instead of reusing what the old code wrote."""
+    from tasks import stage
+
+    for name, files in stage.STAGE_CODE.items():
+        seen, todo = set(files), list(files)
+        while todo:
+            for dep in _data_imports(stage.TASKS_DIR / todo.pop()):
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        missing = {f for f in seen if f.startswith("data/")} - set(files)
+        if name != "download":  # its output is fixed by the files' hashes alone
+            assert not missing, (name, sorted(missing))
