@@ -45,7 +45,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "select": ("select.py", "inference/checkpoint.py", "data/folds.py", "data/foldmaps.py",
                *_PREDICT_CODE, *code_files()),
     "predict": ("predict.py", *_PREDICT_CODE),
-    "score": ("score.py", *_PREDICT_CODE),
+    "score": ("score.py", "data/sources.py", *_PREDICT_CODE),
 }
 # The libraries whose arithmetic shapes what a stage writes (major.minor): an upgrade gives
 # new versions instead of silently reusing artifacts and checkpoints built by the old ones.
