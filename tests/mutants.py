@@ -40,6 +40,7 @@ SELECT = "tests/tasks/test_select.py"
 PROMOTE = "tests/tasks/test_promote.py"
 ENGINE = "tests/tasks/kinds/test_engine.py"
 PRE = "tests/tasks/data/test_features.py"
+STATS = "tests/tasks/data/test_statistics.py"
 _PLAN = "tests/tasks/inference/test_plan.py"
 PLAN = (f"{_PLAN}::test_a_tree_compares_the_float32_row_with_the_float64_threshold",
         f"{_PLAN}::test_a_members_price_is_clamped_at_1_as_the_book_clamps")
@@ -125,12 +126,21 @@ MUTANTS = [
            ("tests/tasks/storage/test_store.py", "tests/tasks/storage/test_artifacts.py"),
            "a manifest may name a path outside its version"),
     # features: what the models see
-    Mutant("std-ddof0", "tasks/data/features.py", "std = float(pd.Series(x).std())",
-           "std = float(np.nanstd(x))", (PRE,), "standardized with the population std"),
+    Mutant("std-ddof0", "tasks/data/statistics.py", "std = np.sqrt(m2 / (n - 1))",
+           "std = np.sqrt(m2 / n)", (PRE, STATS), "standardized with the population std"),
     Mutant("skew-both-tails", "tasks/data/features.py",
-           "and float(pd.Series(x).skew()) > self.skew_threshold):",
-           "and abs(float(pd.Series(x).skew())) > self.skew_threshold):", (PRE,),
+           "and raw.skew[j] > self.skew_threshold:",
+           "and abs(raw.skew[j]) > self.skew_threshold:", (PRE, STATS),
            "left-skewed columns are log-transformed too"),
+    Mutant("skew-unadjusted", "tasks/data/statistics.py",
+           "n * np.sqrt(n - 1) / (n - 2) * m3 / m2 ** 1.5", "n * np.sqrt(n) * m3 / m2 ** 1.5",
+           (STATS,), "the biased skewness: log1p chosen on other columns than pandas'"),
+    Mutant("fold-fits-its-own-rows", "tasks/data/foldmaps.py", "take[k, k] = False",
+           "take[k, k] = True", (STATS,),
+           "a fold's preprocessor sees its validation rows (leaky, as one fit on all rows)"),
+    Mutant("fold-without-test-rows", "tasks/data/foldmaps.py", "take[:, F] = True",
+           "take[:, F] = False", (STATS,),
+           "fit_on = train+test: the fold preprocessors leave the test rows out"),
     Mutant("unseen-as-missing", "tasks/data/features.py", "code[unseen] = len(cats) + 1",
            "code[unseen] = len(cats)", (PRE,),
            "an unseen category lights the missing-value column"),
