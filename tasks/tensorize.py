@@ -97,12 +97,13 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
     validate_training_frame(train, "train.csv")
     pre = load_preprocessor(preprocessor.file("preprocessor.json"))
     enc = pre.encode(train)
+    n_rows, ids, outliers = len(train), training_ids(train), outlier_ids(train)
+    y = train[TARGET].to_numpy(float)
+    del train  # what follows reads the encoded rows: the frame's memory goes back first
     # Column-major (no transposed copy): Parquet takes each feature's column as it is.
     X = pre.features(enc, pre.categories_, pre.feature_names_, contiguous=False)
-    outliers = outlier_ids(train)
     write_matrix(
-        out_dir / "train.parquet", training_ids(train), X, train[TARGET].to_numpy(float),
-        pre.feature_names_,
+        out_dir / "train.parquet", ids, X, y, pre.feature_names_,
         {"preprocessor_version": preprocessor.version, "outlier_ids": outliers},
     )
     out = {"n_rows": int(X.shape[0]), "n_features": int(X.shape[1]),
@@ -112,7 +113,7 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
         if fit_on == "train+test":
             tenc = pre.encode(read_csv(raw.file("test.csv")))
             extra = (pre.numeric_columns(tenc), tenc.codes)
-        splits = make_folds(len(train), folds.n_splits, folds.seed, folds.fold_scheme,
+        splits = make_folds(n_rows, folds.n_splits, folds.seed, folds.fold_scheme,
                             folds.repeats)
         numeric = pre.numeric_columns(enc)
         fitted = fold_preprocessors(pre, numeric, enc.codes, splits, extra)

@@ -365,7 +365,8 @@ def _eval_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
     in chunks of rows that keep the hidden activations under about 16 MB."""
     S, _, C, _ = weights[0].shape
     widest = max(w.shape[-1] for w in weights)
-    chunk = max(128, (1 << 22) // (S * C * widest))
+    # ... and the chunk's inputs under 64 MB: rows built from fold maps are new memory
+    chunk = max(128, min((1 << 22) // (S * C * widest), (1 << 24) // X.shape[1]))
     parts = []
     for lo in range(0, X.shape[0], chunk):
         h = _first_layer_shared(X[lo:lo + chunk], weights[0], biases[0])
