@@ -3,6 +3,7 @@ stage, peak RSS and artifact size, per row count and config.
 
     python benchmarks/scale.py [--rows 1460 14600 146000 1460000] [--config configs/fast.toml ...]
                                [--task-runner dask]
+    python benchmarks/scale.py --plot LINES.jsonl OUT.png   # the saved lines as a plot
 
 The training files are made from the Kaggle rows: N rows drawn with replacement (seed 0), each
 area column and the price multiplied by exp(e), e ~ N(0, 0.03) drawn per value and rounded as
@@ -115,6 +116,30 @@ def run_once(rows: int, config: str | None, tmp: Path, runner: str = "threads") 
             "cpus": os.cpu_count()}
 
 
+def plot(lines: Path, out: Path) -> None:
+    """Wall seconds and peak RSS against rows (log-log), one line per config and task
+    runner, from the JSON lines this script printed (saved to ``lines``)."""
+    from matplotlib.figure import Figure
+
+    runs = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for key, ax, label in (("wall_s", axes[0], "wall seconds (cold run)"),
+                           ("peak_rss_mib", axes[1], "peak RSS, MiB")):
+        for name in sorted({(r["config"], r.get("task_runner", "threads")) for r in runs}):
+            pts = sorted((r["rows"], r[key]) for r in runs
+                         if (r["config"], r.get("task_runner", "threads")) == name)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=" · ".join(name))
+        ax.set(xscale="log", yscale="log", xlabel="training rows", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].axhline(8 * 1024, color="grey", linestyle="--", linewidth=1)
+    axes[1].set_ylim(top=12 * 1024)
+    axes[1].annotate("8 GiB", (min(r["rows"] for r in runs), 8 * 1024 * 1.05), color="grey")
+    axes[0].legend()
+    fig.suptitle(f"benchmarks/scale.py, {runs[0].get('cpus')} CPU cores")
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1460, 14600, 146000, 1460000])
@@ -123,7 +148,11 @@ def main() -> None:
     parser.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
                         help="dask: two local workers, each opening the matrix from the "
                         "artifact store")
+    parser.add_argument("--plot", nargs=2, metavar=("LINES", "PNG"), type=Path,
+                        help="only draw the JSON lines saved in LINES as a plot")
     args = parser.parse_args()
+    if args.plot:
+        return plot(*args.plot)
     configs = [None if c in (None, "default") else c for c in args.config]
     results = []
     for config in configs:
