@@ -29,11 +29,12 @@ from prefect import task
 from tasks.config import FoldSpec
 from tasks.data.features import ID, TARGET, load_preprocessor, read_csv, validate_training_frame
 from tasks.data.foldmaps import (
+    BaseWriter,
     FoldMaps,
+    base_block,
     base_columns,
     fold_maps,
     fold_preprocessors,
-    write_base,
 )
 from tasks.data.folds import make_folds
 from tasks.stage import build_stage, stage_task_options
@@ -44,6 +45,7 @@ META_KEY = b"houseprice"
 FOLD_BASE = "fold_base.npy"
 FOLD_MAPS = "fold_maps.json"
 FOLD_PREPROCESSORS = "fold_preprocessors.json"
+BLOCK = 65_536  # rows encoded and written at a time
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,36 @@ class Matrix:
     meta: dict[str, Any]
 
 
+class MatrixWriter:
+    """``train.parquet`` written a block of rows at a time (a row group each): Ids, prices
+    and the float32 features, with the metadata ``read_matrix`` reads."""
+
+    def __init__(self, path: Path, feature_names: list[str], meta: dict[str, Any], n: int):
+        if len(set(feature_names)) != len(feature_names):
+            raise ValueError("feature names are not unique")
+        self.names = feature_names
+        meta = {**meta, "feature_names": feature_names, "n_rows": n}
+        schema = pa.schema([(ID, pa.int64()), (TARGET, pa.float64())]
+                           + [(name, pa.float32()) for name in feature_names],
+                           metadata={META_KEY: json.dumps(meta).encode()})
+        self.writer = pq.ParquetWriter(path, schema)
+
+    def write(self, ids: np.ndarray, X: np.ndarray, y: np.ndarray) -> None:
+        columns = [pa.array(ids, pa.int64()), pa.array(y, pa.float64())]
+        columns += [pa.array(X[:, j], pa.float32()) for j in range(len(self.names))]
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.writer.schema))
+
+    def __enter__(self) -> MatrixWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.writer.close()
+
+
 def write_matrix(path: Path, ids: np.ndarray, X: np.ndarray, y: np.ndarray,
                  feature_names: list[str], meta: dict[str, Any]) -> None:
-    if len(set(feature_names)) != len(feature_names):
-        raise ValueError("feature names are not unique")
-    columns = {ID: pa.array(ids, pa.int64()), TARGET: pa.array(y, pa.float64())}
-    columns.update({name: pa.array(X[:, j]) for j, name in enumerate(feature_names)})
-    table = pa.table(columns)
-    meta = {**meta, "feature_names": feature_names, "n_rows": len(ids)}
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    pq.write_table(table, path)
+    with MatrixWriter(path, feature_names, meta, len(ids)) as out:
+        out.write(ids, X, y)
 
 
 def read_matrix(path: Path, features: bool = True) -> Matrix:
@@ -100,14 +122,11 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
     n_rows, ids, outliers = len(train), training_ids(train), outlier_ids(train)
     y = train[TARGET].to_numpy(float)
     del train  # what follows reads the encoded rows: the frame's memory goes back first
-    # Column-major (no transposed copy): Parquet takes each feature's column as it is.
-    X = pre.features(enc, pre.categories_, pre.feature_names_, contiguous=False)
-    write_matrix(
-        out_dir / "train.parquet", ids, X, y, pre.feature_names_,
-        {"preprocessor_version": preprocessor.version, "outlier_ids": outliers},
-    )
-    out = {"n_rows": int(X.shape[0]), "n_features": int(X.shape[1]),
-           "n_outliers": len(outliers), "fold_preprocessors": 0}
+    names = pre.feature_names_
+    out = {"n_rows": n_rows, "n_features": len(names), "n_outliers": len(outliers),
+           "fold_preprocessors": 0}
+    numeric = pre.numeric_columns(enc)
+    base = None
     if folds is not None:
         extra = None
         if fit_on == "train+test":
@@ -115,12 +134,24 @@ def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
             extra = (pre.numeric_columns(tenc), tenc.codes)
         splits = make_folds(n_rows, folds.n_splits, folds.seed, folds.fold_scheme,
                             folds.repeats)
-        numeric = pre.numeric_columns(enc)
         fitted = fold_preprocessors(pre, numeric, enc.codes, splits, extra)
         missing, flipped = base_columns(pre, fitted, numeric)
-        base = write_base(out_dir / FOLD_BASE, X, pre, numeric, missing, flipped)
-        maps = fold_maps(pre, fitted, missing, flipped, base)
-        del base
+        base = BaseWriter(out_dir / FOLD_BASE, n_rows, len(names) + 1 + len(missing)
+                          + len(flipped))
+    # A block of rows at a time: the matrix is never whole in memory, only on disk.
+    with MatrixWriter(out_dir / "train.parquet", names,
+                      {"preprocessor_version": preprocessor.version, "outlier_ids": outliers},
+                      n_rows) as matrix:
+        for lo in range(0, n_rows, BLOCK):
+            hi = lo + BLOCK
+            # column-major: Parquet takes each feature's column with no copy
+            X = pre.features(enc.rows(lo, hi), pre.categories_, names, contiguous=False)
+            matrix.write(ids[lo:hi], X, y[lo:hi])
+            if base is not None:
+                base.write(lo, base_block(X, pre, {c: v[lo:hi] for c, v in numeric.items()},
+                                          missing, flipped))
+    if base is not None:
+        maps = fold_maps(pre, fitted, missing, flipped, base.open())
         write_json(out_dir / FOLD_MAPS, {**maps.to_dict(), "presence": missing,
                                          "other_form": flipped})
         write_json(out_dir / FOLD_PREPROCESSORS,

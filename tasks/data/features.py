@@ -163,6 +163,12 @@ class Encoded:
     codes: dict[str, np.ndarray]
     report: TransformReport
 
+    def rows(self, lo: int, hi: int) -> Encoded:
+        """Rows ``lo:hi`` (views, no copy; the report stays the whole one's)."""
+        return Encoded(n=len(range(lo, min(hi, self.n))),
+                       numeric={c: v[lo:hi] for c, v in self.numeric.items()},
+                       codes={c: v[lo:hi] for c, v in self.codes.items()}, report=self.report)
+
 
 def column_map(col: str, encoded_as: list[str], own: list[str], at: dict[str, int]
                ) -> np.ndarray:

@@ -135,25 +135,55 @@ def base_columns(pre: Preprocessor, folds: list[Preprocessor], numeric: dict[str
     return missing, flipped
 
 
-def write_base(path: Path, X: np.ndarray, pre: Preprocessor, numeric: dict[str, np.ndarray],
+def base_block(X: np.ndarray, pre: Preprocessor, numeric: dict[str, np.ndarray],
                missing: list[str], flipped: list[str]) -> np.ndarray:
-    """``B``: ``X``, ones, a presence column per ``missing`` feature, then each ``flipped``
-    feature in the other form (log1p where ``pre`` has none, raw where it has), 0 where
-    missing; written memory-mapped to ``path`` (float32 ``.npy``)."""
-    n, d = X.shape
-    base = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                     shape=(n, d + 1 + len(missing) + len(flipped)))
-    for lo in range(0, n, 65_536):  # a block of rows at a time: ``X`` may be column-major
-        base[lo:lo + 65_536, :d] = X[lo:lo + 65_536]
-    base[:, d] = 1.0
+    """Rows of ``B`` ``(m, D) float32`` for a block of rows: their features ``X``, ones, a
+    presence column per ``missing`` feature, then each ``flipped`` feature in the other form
+    (log1p where ``pre`` has none, raw where it has), 0 where missing. ``numeric``: the
+    block's ``pre.numeric_columns``."""
+    m, d = X.shape
+    B = np.empty((m, d + 1 + len(missing) + len(flipped)), dtype=np.float32)
+    B[:, :d] = X
+    B[:, d] = 1.0
     for i, col in enumerate(missing):
-        base[:, d + 1 + i] = ~np.isnan(numeric[col])
+        B[:, d + 1 + i] = ~np.isnan(numeric[col])
     for i, col in enumerate(flipped):
         values = numeric[col]
         other = values if col in pre.log1p_ else log_form(values)
-        base[:, d + 1 + len(missing) + i] = np.nan_to_num(other, nan=0.0)
-    base.flush()
-    return base
+        B[:, d + 1 + len(missing) + i] = np.nan_to_num(other, nan=0.0)
+    return B
+
+
+class BaseWriter:
+    """``B (n, D) float32`` written to a ``.npy`` file a block of rows at a time, each block
+    mapped only while it is written: the file's pages are not held by this process."""
+
+    def __init__(self, path: Path, n: int, D: int):
+        self.path, self.shape = path, (n, D)
+        head = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, D))
+        self.offset = head.offset
+        del head
+
+    def write(self, lo: int, block: np.ndarray) -> None:
+        if len(block):
+            out = np.memmap(self.path, dtype=np.float32, mode="r+", shape=block.shape,
+                            offset=self.offset + lo * self.shape[1] * 4)
+            out[:] = block
+            out.flush()
+            del out
+
+    def open(self) -> np.ndarray:
+        """The written base, memory-mapped read-only."""
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
+
+
+def write_base(path: Path, X: np.ndarray, pre: Preprocessor, numeric: dict[str, np.ndarray],
+               missing: list[str], flipped: list[str]) -> np.ndarray:
+    """``B`` of all rows (``base_block``), written to ``path`` (float32 ``.npy``)."""
+    block = base_block(X, pre, numeric, missing, flipped)
+    writer = BaseWriter(path, *block.shape)
+    writer.write(0, block)
+    return writer.open()
 
 
 def fold_groups(folds: list[tuple[np.ndarray, np.ndarray]], n: int

@@ -92,3 +92,34 @@ def test_a_full_disk_fails_tensorize_in_one_line_with_nothing_half_written(train
     # With room again, the same stage builds.
     ref = tensorize_task.fn(raw, pre, str(root), folds)
     assert is_complete(ref) and (root / "tensorize" / ref.version / "fold_base.npy").is_file()
+
+
+def test_blocks_of_rows_write_what_one_block_writes(trained, tmp_path, monkeypatch):
+    """Tensorize encodes and writes a block of rows at a time; cut into blocks of 97 rows,
+    the matrix, the fold base and the fold maps are those of one block."""
+    import json
+
+    from tasks import tensorize as stage
+    from tasks.tensorize import read_matrix, tensorize
+
+    cfg, result = trained
+    versions = lineage(resolve(cfg.artifacts_dir, "select", result["model_version"]))
+    raw, pre = (ArtifactRef(root=cfg.artifacts_dir, stage=s, version=versions[s][0])
+                for s in ("download", "preprocess"))
+    assert stage.BLOCK == 65_536  # more than the rows: one block
+    written = {}
+    for block in (65_536, 97):
+        monkeypatch.setattr(stage, "BLOCK", block)
+        out = tmp_path / str(block)
+        out.mkdir()
+        tensorize(raw, pre, out, cfg.train.folds)
+        written[block] = out
+    one, many = written[65_536], written[97]
+    a, b = read_matrix(one / "train.parquet"), read_matrix(many / "train.parquet")
+    assert len(a.ids) > 97 * 10
+    np.testing.assert_array_equal(a.X, b.X)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert a.meta == b.meta
+    np.testing.assert_array_equal(np.load(one / "fold_base.npy"), np.load(many / "fold_base.npy"))
+    assert json.loads((one / "fold_maps.json").read_text()) == json.loads(
+        (many / "fold_maps.json").read_text())
