@@ -118,10 +118,16 @@ def run_once(rows: int, config: str | None, tmp: Path, runner: str = "threads") 
 
 def plot(lines: Path, out: Path) -> None:
     """Wall seconds and peak RSS against rows (log-log), one line per config and task
-    runner, from the JSON lines this script printed (saved to ``lines``)."""
+    runner, from the JSON lines this script printed (saved to ``lines``; of several lines
+    of the same rows, config and runner, the last)."""
     from matplotlib.figure import Figure
 
-    runs = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
+    newest: dict[tuple, dict] = {}  # a later line of the same run replaces an earlier one
+    for line in lines.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            newest[(r["config"], r.get("task_runner", "threads"), r["rows"])] = r
+    runs = list(newest.values())
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for key, ax, label in (("wall_s", axes[0], "wall seconds (cold run)"),
