@@ -228,7 +228,8 @@ def fold_preprocessors(pre: Preprocessor, numeric: dict[str, np.ndarray],
     n = _n_rows(numeric, codes)
     labels, take = fold_groups(folds, n)
     slope_names = [name for *_, name in pre.interaction_levels()]
-    raw_names = [c for c in pre.numeric_ if c not in set(slope_names)]
+    slope_set = set(slope_names)
+    raw_names = [c for c in pre.numeric_ if c not in slope_set]
 
     def moments(names: list[str], form=None) -> Moments:
         m = Moments.gather({c: numeric[c] for c in names}, labels, F + 1, form)
