@@ -209,8 +209,17 @@ def _parser() -> argparse.ArgumentParser:
                                          "against the history, cache records, abandoned "
                                          "temporaries (exit 1 if anything is wrong)")
     check.add_argument("--artifacts", metavar="DIR|URL", help="artifact root")
-    sub.add_parser("stop-api", help="stop the local Prefect API that runs keep between them "
-                                     "(HOUSEPRICE_API_KEEP_S) for this PREFECT_HOME")
+    sub.add_parser("stop-api", help="stop the local Prefect server that runs keep between "
+                                     "them (HOUSEPRICE_API_KEEP_S) for this PREFECT_HOME "
+                                     "(as 'server stop')")
+    server = sub.add_parser("server", help="the local Prefect server (API, dashboard, "
+                                           "services) that runs start and keep")
+    server.add_argument("action", choices=["status", "stop"],
+                        help="status: whether it runs, its dashboard URL; stop: stop it")
+    dash = sub.add_parser("dashboard", help="print the Prefect dashboard's URL (starting the "
+                                            "local server when none runs), and open it in a "
+                                            "browser when this machine has a display")
+    dash.add_argument("--no-open", action="store_true", help="only print the URL")
     # Global flags work after the subcommand too (SUPPRESS: absent there, the top level's
     # value stands).
     for command in sub.choices.values():
@@ -225,8 +234,56 @@ def stop_api(args: argparse.Namespace) -> int:
     from flows.commands.server import prefect_home, stop_kept_api
 
     stopped = stop_kept_api()
-    print(f"houseprice: stopped {stopped} local Prefect API server(s) of {prefect_home()}"
-          if stopped else f"houseprice: no local Prefect API is kept for {prefect_home()}")
+    print(f"houseprice: stopped {stopped} local Prefect server(s) of {prefect_home()}"
+          if stopped else f"houseprice: no local Prefect server is kept for {prefect_home()}")
+    return 0
+
+
+def server_command(args: argparse.Namespace) -> int:
+    """``houseprice server status|stop``; status exits 1 when no local server runs."""
+    from flows.commands.server import kept_status, prefect_home
+
+    if args.action == "stop":
+        return stop_api(args)
+    running = kept_status()
+    for s in running:
+        keep = s["keep_s"]
+        kept = f"stops {keep:.0f} s after its last use" if isinstance(keep, int | float) else ""
+        print(f"houseprice: a local Prefect server runs for {prefect_home()}: dashboard "
+              f"{s['dashboard']}, API {s['url']}, pid {s['pid']}; {kept}".rstrip("; "))
+    if not running:
+        print(f"houseprice: no local Prefect server runs for {prefect_home()}; 'houseprice "
+              "dashboard' or a run starts one")
+    return 0 if running else 1
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    """The dashboard's URL: the user's server's (PREFECT_API_URL), or the local server's,
+    started when none runs."""
+    from flows.commands.server import (
+        KEEP,
+        dashboard_url,
+        keep_seconds,
+        start_ephemeral_api,
+        user_api,
+    )
+
+    user = user_api()
+    if user is None and keep_seconds() == 0:
+        raise ConfigError(f"{KEEP}=0: runs use a temporary Prefect API with no dashboard; "
+                          f"unset {KEEP} to keep a local server with its dashboard")
+    if user is None:
+        start_ephemeral_api()()  # reuse the kept server, or start it and wait for it
+        url = dashboard_url(os.environ["PREFECT_API_URL"])
+    else:
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().ui_url or dashboard_url(user)
+    print(f"houseprice: the Prefect dashboard: {url}", flush=True)
+    if not args.no_open and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import webbrowser
+
+        webbrowser.open(url)  # a text browser would take the terminal: a display only
     return 0
 
 
@@ -264,7 +321,8 @@ def _main(argv: list[str] | None) -> int:
                     "predict": registry.predict, "score": operate.score,
                     "models": registry.models, "promote": registry.promote,
                     "rollback": registry.rollback, "make-feed": feed.make_feed,
-                    "stop-api": stop_api, "check": registry.check}
+                    "stop-api": stop_api, "server": server_command,
+                    "dashboard": dashboard, "check": registry.check}
         return commands[args.command](args)
     except ConfigError as exc:
         _trace(args)

@@ -11,18 +11,37 @@ from pydantic import ValidationError
 
 from flows.commands.config import ConfigError, build_config, config_error
 from flows.commands.run import RunFailed
-from flows.commands.server import NEEDS_SERVER, check_api, start_ephemeral_api
+from flows.commands.server import (
+    KEEP,
+    NEEDS_SERVER,
+    check_api,
+    keep_seconds,
+    page_link,
+    start_ephemeral_api,
+    user_api,
+)
+
+
+def lasting_api(what: str) -> str:
+    """The API of a server that outlives this command: the user's (PREFECT_API_URL, checked),
+    or the local one kept for this Prefect home (started when none runs). Its URL."""
+    url = user_api()
+    if url:
+        check_api(url)
+        return url
+    if keep_seconds() == 0:
+        raise RuntimeError(f"{what} needs a Prefect server that outlives this command, and "
+                           f"{KEEP}=0 asks for a temporary one: unset {KEEP} (a local server "
+                           f"is kept) or {NEEDS_SERVER}")
+    start_ephemeral_api()()
+    return os.environ["PREFECT_API_URL"]
 
 
 def serve(args: argparse.Namespace) -> int:
     config = build_config(args)
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        raise RuntimeError("scheduling needs a Prefect server (Prefect cannot schedule on its "
-                           f"ephemeral API) and PREFECT_API_URL is not set: {NEEDS_SERVER}")
     if args.flow in ("score", "both") and not args.inbox:
         raise ValueError("serving the scoring flow needs --inbox SOURCE (the files to score)")
-    check_api(url)
+    url = lasting_api("scheduling")
     from prefect import serve
 
     from flows.inbox import house_price_score
@@ -43,8 +62,33 @@ def serve(args: argparse.Namespace) -> int:
     print(f"houseprice: serving deployment(s) {', '.join(names)} on {url}"
           + (f", cron '{args.cron}'" if args.cron else "")
           + (f", every {args.interval:g} s" if args.interval else ""), flush=True)
+    for deployment in deployments:
+        print(f"houseprice: {deployment.flow_name}/{deployment.name}: "
+              f"{deployment_line(deployment, url)}", flush=True)
+    print("houseprice: Ctrl-C stops serving (the server keeps running: 'houseprice server "
+          "stop' stops a local one)", flush=True)
     serve(*deployments, print_starting_message=False)
+    print("houseprice: stopped serving (Prefect paused the deployments' schedules until they "
+          "are served again)", flush=True)
     return 0
+
+
+def deployment_line(deployment, url: str) -> str:
+    """A deployment, registered now: its next scheduled run and its dashboard page."""
+    import asyncio
+
+    from prefect.server.schemas import schedules
+
+    deployment_id = deployment.apply()  # serve() registers it again: the same deployment
+    next_runs = []
+    for entry in deployment.schedules or []:
+        plan = entry.schedule.model_dump()
+        kind = (schedules.CronSchedule if "cron" in plan else schedules.IntervalSchedule
+                if "interval" in plan else schedules.RRuleSchedule)
+        next_runs += asyncio.run(kind.model_validate(plan).get_dates(n=1))
+    when = (f"next run {min(next_runs).strftime('%Y-%m-%d %H:%M:%S %Z')}" if next_runs
+            else "no schedule")
+    return f"{when}; {page_link('deployment', deployment_id) or url}"
 
 
 def score_config(inbox: str, artifacts: str | None, model: str, threshold: float | None,
@@ -100,11 +144,7 @@ def rerun(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"{args.flow_run_id!r} is not a flow run id (a UUID, as shown in "
                          "the dashboard)") from None
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        raise RuntimeError("rerun needs the Prefect server that holds the run, and "
-                           f"PREFECT_API_URL is not set: {NEEDS_SERVER}")
-    check_api(url)
+    url = lasting_api("rerun")  # the local server of this Prefect home holds its runs
     with get_client(sync_client=True) as client:
         try:
             flow_run = client.read_flow_run(run_id)

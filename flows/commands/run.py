@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from flows.commands.config import build_config
-from flows.commands.server import KEEP, check_api, keep_seconds, start_ephemeral_api, user_api
+from flows.commands.server import (
+    KEEP,
+    check_api,
+    dashboard_url,
+    keep_seconds,
+    run_link,
+    start_ephemeral_api,
+    user_api,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         check_api(where)
     # A local server (none when ephemeral mode is off): kept this long, or 0: the run's own.
     keep = 0.0 if where or "PREFECT_API_URL" not in os.environ else keep_seconds()
-    where = where or (f"a local Prefect API at {os.environ['PREFECT_API_URL']}, kept "
+    where = where or (f"a local Prefect server (dashboard "
+                      f"{dashboard_url(os.environ['PREFECT_API_URL'])}), kept "
                       f"{keep:.0f} s after its last use ({KEEP}=0: one per run)" if keep
                       else "an ephemeral local Prefect API")
     local = not user_api()
@@ -53,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from tasks.progress import add_run_hook
 
     forget_run = add_run_hook(run_id.append)
+    forget_link = add_run_hook(announce_link)
     try:
         with no_heartbeats(local), interruptible(lambda: run_id[-1] if run_id else None,
                                                  rerun_hint(args, local)):
             state = flow(config, from_stage=args.from_stage, return_state=True)
     finally:
         forget_run()
+        forget_link()
         if display is not None:
             display.stop()
     if local and not keep:
@@ -83,6 +94,15 @@ def run(args: argparse.Namespace) -> int:
     print(result_table(config, outcome, log=log), flush=True)
     summary(config, outcome)
     return 0
+
+
+def announce_link(flow_run_id: str) -> None:
+    """The flow run's dashboard page, on the terminal as the run starts (written, not
+    print()ed: this runs inside the flow, whose log_prints would send it to Prefect's log)."""
+    link = run_link(flow_run_id)
+    if link:
+        sys.stdout.write(f"houseprice: flow run {flow_run_id}: {link}\n")
+        sys.stdout.flush()
 
 
 def run_again(args: argparse.Namespace) -> str:

@@ -92,8 +92,51 @@ def start_ephemeral_api() -> Callable[[], None]:
 
 
 def _server_env() -> dict[str, str]:
+    """The run's own temporary server: the API only (it stops with the run, so a dashboard
+    link to it would not open afterwards)."""
     return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1", **skip_block_registration()}
+
+
+def _kept_env(port: int) -> dict[str, str]:
+    """The kept server is a whole Prefect server, as ``prefect server start`` runs it: the
+    API, the dashboard (pointed at this port) and the services: the scheduler for served
+    deployments, the triggers and actions of automations, late runs, the event persister."""
+    env = {**os.environ, "PREFECT_UI_ENABLED": "1",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT__SERVER_FINAL": "1", **skip_block_registration()}
+    env.pop("PREFECT__SERVER_EPHEMERAL", None)
+    return env
+
+
+def dashboard_url(api_url: str) -> str:
+    """The dashboard of a local server: its API URL without ``/api``."""
+    return api_url.removesuffix("/").removesuffix("/api")
+
+
+# Where the dashboard shows each kind of object (Prefect's own UI routes).
+_PAGES = {"flow-run": "runs/flow-run", "deployment": "deployments/deployment"}
+
+
+def run_link(flow_run_id: str) -> str | None:
+    """The dashboard page of a flow run on the API this process uses (a user's server,
+    Prefect Cloud, or the kept local one); None for the run's own temporary server (it has
+    no dashboard, and stops with the run)."""
+    return page_link("flow-run", flow_run_id)
+
+
+def page_link(kind: str, obj_id: Any) -> str | None:
+    """The dashboard page of a ``kind`` (flow-run, deployment) object, as ``run_link``."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url or not obj_id:
+        return None
+    if url == os.environ.get(_KEPT):
+        return f"{dashboard_url(url)}/{_PAGES[kind]}/{obj_id}"
+    if url == os.environ.get(_EPHEMERAL):
+        return None
+    from prefect.utilities.urls import url_for
+
+    return url_for(kind, obj_id=obj_id)
 
 
 def _free_port() -> int:
@@ -217,11 +260,12 @@ def _kept_api(keep: float) -> Callable[[], None]:
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "flows.commands.apiserver", str(port),
                          repr(keep), str(record), str(lock)],
-                        env=_server_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        env=_kept_env(port), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                         start_new_session=True, cwd=Path(__file__).resolve().parents[2])
                 server.update(proc=proc, pid=proc.pid, url=f"http://127.0.0.1:{port}/api")
                 _write(record, {"pid": proc.pid, "url": server["url"], "keep_s": keep})
         _point_at(server["url"])
+        os.environ[_KEPT] = server["url"]
 
     def exited() -> int | None:
         if server["proc"] is not None:
@@ -338,8 +382,27 @@ def skip_block_registration() -> dict[str, str]:
             "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"}
 
 
-# Set (to the URL) while PREFECT_API_URL points at the temporary server this process started.
+# Set (to the URL) while PREFECT_API_URL points at the temporary server this process started;
+# and _KEPT too when that server is the kept one.
 _EPHEMERAL = "HOUSEPRICE_EPHEMERAL_API"
+_KEPT = "HOUSEPRICE_KEPT_API"
+
+
+def kept_status(home: Path | None = None) -> list[dict[str, Any]]:
+    """The local servers kept for a Prefect home that are running: pid, API URL, dashboard
+    URL and how long each is kept after its last use."""
+    import glob
+
+    found = []
+    for path in sorted(glob.glob(str((home or prefect_home()).absolute()
+                                     / "houseprice-api-*.json"))):
+        record = _read(Path(path))
+        if record and _running_server(record.get("pid"), Path(path)) and isinstance(
+                record.get("url"), str):
+            found.append({"pid": record["pid"], "url": record["url"],
+                          "dashboard": dashboard_url(record["url"]),
+                          "keep_s": record.get("keep_s")})
+    return found
 
 
 def user_api() -> str | None:

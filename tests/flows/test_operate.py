@@ -154,7 +154,10 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 1
     line = proc.stderr.strip().splitlines()[-1]
-    assert "needs a Prefect server" in line and "prefect server start" in line
+    assert line.startswith("houseprice: error: scheduling needs a Prefect server that "
+                           "outlives this command, and HOUSEPRICE_API_KEEP_S=0 asks for a "
+                           "temporary one: unset HOUSEPRICE_API_KEEP_S")
+    assert "prefect server start" in line
 
 
 def test_prefect_yaml_deploys_both_flows():

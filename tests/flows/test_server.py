@@ -125,7 +125,7 @@ def test_runs_started_together_share_one_new_kept_api_and_stop_api_stops_it(home
                               capture_output=True, text=True, timeout=60)
         stop_kept_api(home)  # should the command have failed
     assert stop.returncode == 0
-    assert stop.stdout.strip() == f"houseprice: stopped 1 local Prefect API server(s) of {home}"
+    assert stop.stdout.strip() == f"houseprice: stopped 1 local Prefect server(s) of {home}"
     assert not _running_server(pid)
     assert not list(home.glob("houseprice-api-*.json"))
 

@@ -1,0 +1,182 @@
+"""The dashboard as a person meets it: a run without PREFECT_API_URL uses the kept local
+server (API, dashboard and services), prints its flow run's link, and that link opens the
+run with its stages in a real browser (Debian's Chromium, driven by Playwright).
+
+Screenshots go to ``HOUSEPRICE_SCREENSHOTS`` (default ``.pytest-screenshots/`` in the
+repository), kept whether the test passes or fails, so a failure can be looked at."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.commands.server import dashboard_url, run_link, stop_kept_api
+from tests.conftest import REPO, write_config
+
+CHROMIUM = os.environ.get("HOUSEPRICE_CHROMIUM", "/usr/bin/chromium")
+SHOTS = Path(os.environ.get("HOUSEPRICE_SCREENSHOTS", REPO / ".pytest-screenshots"))
+STAGES = ("download", "preprocess", "tensorize", "train[ridge]", "select", "predict")
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _browser():
+    """Playwright's Chromium: Debian's binary (no browser download is reachable here)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it with 'apt-get install -y "
+                    "chromium' (.ci/run does) or set HOUSEPRICE_CHROMIUM to its path")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+@pytest.fixture(scope="module")
+def kept_env(tmp_path_factory):
+    """The environment of a user with no Prefect server of their own: a fresh Prefect home,
+    the local server kept between runs (started by the first command that needs it)."""
+    home = tmp_path_factory.mktemp("kept") / "prefect"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), HOUSEPRICE_API_KEEP_S="300")
+    yield env
+    stop_kept_api(home)
+
+
+def test_the_printed_link_opens_the_run_with_its_stages(kept_env, data_server, tmp_path):
+    config = write_config(tmp_path / "ridge.json", candidates=[
+        {"name": "ridge", "kind": "ridge", "alpha": 10.0}], search=[])
+    proc = _cli("run", "--config", str(config), "--data-url", data_server.url, "--artifacts",
+                str(tmp_path / "arts"), "--data-dir", str(tmp_path / "cache"), env=kept_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = proc.stdout.splitlines()[0]
+    base = re.search(r"dashboard (http://127\.0\.0\.1:\d+)\)", first)
+    assert base, first
+    link = re.search(r"^houseprice: flow run ([0-9a-f-]{36}): (\S+)$", proc.stdout, re.M)
+    assert link, proc.stdout[:2000]
+    run_id, url = link.groups()
+    assert url == f"{base[1]}/runs/flow-run/{run_id}"
+
+    status = _cli("server", "status", env=kept_env, timeout=60)
+    assert status.returncode == 0 and f"dashboard {base[1]}," in status.stdout, status.stdout
+    shown = _cli("dashboard", "--no-open", env=kept_env, timeout=60)
+    assert shown.stdout.strip() == f"houseprice: the Prefect dashboard: {base[1]}"
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SHOTS / "flow-run.png"
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url, wait_until="networkidle", timeout=90_000)
+            # The run's page: its name as the title, then its task runs in the graph and log.
+            page.get_by_text("Finished in state", exact=False).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(shot))
+            title, text = page.title(), page.inner_text("body")
+        finally:
+            browser.close()
+    assert title.startswith("Flow Run: data "), (title, shot)
+    assert "Completed" in text, shot
+    for stage in STAGES:
+        assert stage in text, (stage, shot)
+
+    stop = _cli("server", "stop", env=kept_env, timeout=60)
+    assert stop.returncode == 0 and "stopped 1 local Prefect server" in stop.stdout
+    after = _cli("server", "status", env=kept_env, timeout=60)
+    assert after.returncode == 1 and "no local Prefect server runs" in after.stdout
+
+
+def test_dashboard_refuses_a_temporary_api_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), HOUSEPRICE_API_KEEP_S="0")
+    proc = _cli("dashboard", "--no-open", env=env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "houseprice: error: HOUSEPRICE_API_KEEP_S=0: runs use a temporary Prefect API with no "
+        "dashboard; unset HOUSEPRICE_API_KEEP_S to keep a local server with its dashboard")
+    assert not list((tmp_path / "prefect").glob("houseprice-api-*.json"))  # none started
+
+
+def test_dashboard_of_a_users_own_server_is_its_ui(prefect_server, tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server,
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = _cli("dashboard", "--no-open", env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (f"houseprice: the Prefect dashboard: "
+                                   f"{dashboard_url(prefect_server)}")
+
+
+def test_run_link_names_the_server_the_run_uses(monkeypatch):
+    run = "31370e11-e836-4d89-9be5-f189a25c7e27"
+    kept = "http://127.0.0.1:4321/api"
+    monkeypatch.setenv("PREFECT_API_URL", kept)
+    monkeypatch.setenv("HOUSEPRICE_EPHEMERAL_API", kept)
+    monkeypatch.setenv("HOUSEPRICE_KEPT_API", kept)
+    assert run_link(run) == f"http://127.0.0.1:4321/runs/flow-run/{run}"
+    # The run's own temporary server has no dashboard, and is gone after the run.
+    monkeypatch.delenv("HOUSEPRICE_KEPT_API")
+    assert run_link(run) is None
+    assert run_link("") is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert run_link(run) is None
+
+
+def test_a_server_status_without_a_server_exits_1(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    proc = _cli("server", "status", env=env, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == (
+        f"houseprice: no local Prefect server runs for {tmp_path / 'prefect'}; 'houseprice "
+        "dashboard' or a run starts one")
+
+
+def test_serve_works_out_of_the_box_and_ctrl_c_stops_it(kept_env, data_server, tmp_path):
+    """No PREFECT_API_URL: serve registers the deployment on the local server, prints its
+    next run and its page, a run triggered on it completes, and Ctrl-C stops serving."""
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    config = write_config(tmp_path / "ridge.json", candidates=[
+        {"name": "ridge", "kind": "ridge", "alpha": 10.0}], search=[],
+        artifacts_dir=str(tmp_path / "arts"),
+        data={"url": data_server.url, "cache_dir": str(tmp_path / "cache")})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--cron", "0 3 * * *", "--name",
+         "nightly", "--config", str(config)], env=kept_env, cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    try:
+        while not any(line.startswith("houseprice: Ctrl-C stops serving") for line in lines):
+            line = proc.stdout.readline()
+            assert line, "serve ended early: " + "".join(lines)[-2000:]
+            lines.append(line)
+        api = re.search(r"on (http://127\.0\.0\.1:\d+/api), cron '0 3 \* \* \*'",
+                        lines[0])
+        assert api, lines
+        shown = re.fullmatch(
+            r"houseprice: house-price/nightly: next run (\d{4}-\d\d-\d\d) 03:00:00 UTC; "
+            r"(http://127\.0\.0\.1:\d+)/deployments/deployment/([0-9a-f-]{36})\n", lines[1])
+        assert shown and shown[2] == dashboard_url(api[1]), lines
+        with temporary_settings({PREFECT_API_URL: api[1]}), get_client(
+                sync_client=True) as client:
+            deployment = client.read_deployment_by_name("house-price/nightly")
+            assert str(deployment.id) == shown[3]
+            run = run_deployment("house-price/nightly", timeout=300, poll_interval=1)
+            assert run.state.is_completed(), run.state.message
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-2000:]
+    assert out.strip().splitlines()[-1].startswith("houseprice: stopped serving")
