@@ -71,11 +71,16 @@ def make_rows(n: int, out: Path, seed: int = 0) -> Path:
 def stage_seconds(log: str, start: float) -> dict[str, float]:
     """Per stage, from the previous stage's end (the run's start first) to its last task's
     end, read from the timestamps of Prefect's "Finished in state" lines."""
-    day = dt.date.today()
+    day = dt.date.fromtimestamp(start)
     ends: dict[str, float] = {}
+    prev, shift = start, 0.0
     for m in re.finditer(r"^(\d\d:\d\d:\d\d\.\d+) \| \w+ +\| Task run '([a-z]+)[^']*' - "
                          r"Finished in state", log, re.M):
-        t = dt.datetime.combine(day, dt.time.fromisoformat(m[1])).timestamp()
+        t = dt.datetime.combine(day, dt.time.fromisoformat(m[1])).timestamp() + shift
+        if t < prev - 43_200:  # the lines carry no date: a run past midnight goes on a day
+            shift += 86_400
+            t += 86_400
+        prev = max(prev, t)
         ends[m[2]] = max(ends.get(m[2], 0.0), t)
     out, last = {}, start
     for stage in STAGES:

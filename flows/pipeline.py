@@ -14,8 +14,8 @@ from tasks.config import STAGES, PipelineConfig, Stage, run_name
 from tasks.download import download_task, fetch_task
 from tasks.predict import predict_task
 from tasks.preprocess import preprocess_task
-from tasks.promote import promote_task
-from tasks.report import name_run, publish_task
+from tasks.promote import promote_task, show_promotion
+from tasks.report import name_run, publish_task, show_on_run
 from tasks.select import select_task
 from tasks.stage import run_stage
 from tasks.storage.store import check
@@ -71,7 +71,12 @@ def house_price_pipeline(
     predictions = run_stage(predict_task, root, force=force["predict"], model=model, raw=raw,
                             config=config.predict)
     promotion = promote_task(model, predictions, raw, config.promote)
-    return publish_task(model, predictions, trained, config.submission, promotion)
+    result = publish_task(model, predictions, config.submission, promotion)
+    # The results as artifacts of the flow run itself, on its page in the dashboard.
+    show_on_run(model, trained)
+    show_promotion(model, promotion)
+    name_run(config, snapshot.data_version, result)
+    return result
 
 
 def with_task_runner(kind: str = "threads", address: str | None = None):

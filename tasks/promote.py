@@ -148,9 +148,13 @@ def promote_task(model: ArtifactRef, predictions: ArtifactRef, raw: ArtifactRef,
     result = gate(model, predictions, raw, config, flow_run_id=str(flow_run.id or ""))
     get_run_logger().info(("promoted: " if result["promote"] else "not promoted: ")
                           + result["reason"])
+    return result
+
+
+def show_promotion(model: ArtifactRef, result: dict[str, Any]) -> None:
+    """The gate's decision as an artifact of the flow run itself (called from the flow)."""
     create_markdown_artifact(key=PROMOTION_KEY, markdown=promotion_markdown(model, result),
                              description="This run's model vs the production model")
-    return result
 
 
 def _predictions_of(root: str, model_version: str) -> str | None:

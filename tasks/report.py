@@ -1,4 +1,4 @@
-"""After the stages: publish a run's results (dashboard artifacts, LATEST pointers, the
+"""After the stages: publish a run's results (the flow run's dashboard artifacts, the
 submission copy). Not cached: every run, cached or not, shows its results."""
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ def copy_atomic(src: Path, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def name_run(config, data_version: str) -> None:
+def name_run(config, data_version: str, result: dict[str, Any] | None = None) -> None:
     """Rename the running flow run after its data version, known once the sources are
-    listed (a run of a changing source starts with the source's name)."""
+    listed (a run of a changing source starts with the source's name); and, with the run's
+    ``result``, after what it selected and scored and whether it promoted, so that a list of
+    runs tells them apart."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
@@ -85,17 +87,27 @@ def name_run(config, data_version: str) -> None:
 
     if flow_run.id is None:
         return
+    name = run_name(config, data_version)
+    if result is not None:
+        name += f" · {result_label(result)}"
     with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, name=run_name(config, data_version))
+        client.update_flow_run(flow_run.id, name=name)
 
 
-@task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
-def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[ArtifactRef],
-                 submission: str | None, promotion: dict[str, Any]) -> dict[str, Any]:
-    """Create the dashboard artifacts, copy the submission; the result says what the
-    promotion gate decided."""
+def result_label(result: dict[str, Any]) -> str:
+    """``lasso 0.1130 · promoted``: the selected candidate, its all-rows out-of-fold log
+    RMSE, and the gate's verdict (none when the model was production already)."""
+    promotion = result["promotion"]
+    verdict = ("" if promotion["basis"] == "same model"
+               else " · promoted" if promotion["promote"] else " · not promoted")
+    return f"{result['selected']} {result['oof_log_rmse_all']:.4f}{verdict}"
+
+
+def show_on_run(model: ArtifactRef, trained: list[ArtifactRef]) -> None:
+    """The result table, the model card and the learning curves as artifacts of the flow
+    run itself (called from the flow, not a task: the dashboard's run page lists only the
+    artifacts of no task run in its Artifacts tab)."""
     require(model)
-    require(predictions)
     board = json.loads(model.file("leaderboard.json").read_text())
     create_table_artifact(
         key=METRICS_KEY, table=in_reading_order(board),
@@ -109,6 +121,14 @@ def publish_task(model: ArtifactRef, predictions: ArtifactRef, trained: list[Art
         key=CURVES_KEY, markdown=curves_markdown(trained),
         description="Learning curves of the best torch candidates (PNG, as in the book)",
     )
+
+
+@task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
+def publish_task(model: ArtifactRef, predictions: ArtifactRef, submission: str | None,
+                 promotion: dict[str, Any]) -> dict[str, Any]:
+    """Copy the submission; the result says what the promotion gate decided."""
+    require(model)
+    require(predictions)
     if submission:
         copy_atomic(predictions.file("submission.csv"), Path(submission))
     metrics = model.manifest()["metrics"]

@@ -79,12 +79,19 @@ def test_the_printed_link_opens_the_run_with_its_stages(kept_env, data_server, t
             page.get_by_text("Finished in state", exact=False).first.wait_for(timeout=60_000)
             page.screenshot(path=str(shot))
             title, text = page.title(), page.inner_text("body")
+            # The run's own artifacts: the result table, model card, curves, promotion.
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("house-price-metrics").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(SHOTS / "flow-run-artifacts.png"))
+            artifacts = page.inner_text("body")
         finally:
             browser.close()
     assert title.startswith("Flow Run: data "), (title, shot)
     assert "Completed" in text, shot
     for stage in STAGES:
         assert stage in text, (stage, shot)
+    for key in ("house-price-metrics", "house-price-model-card", "house-price-promotion"):
+        assert key in artifacts, (key, SHOTS / "flow-run-artifacts.png")
 
     stop = _cli("server", "stop", env=kept_env, timeout=60)
     assert stop.returncode == 0 and "stopped 1 local Prefect server" in stop.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,8 +108,8 @@ def test_replay_trains_promotes_caches_and_gates_on_new_rows(replay):
     assert "promoted to production (first healthy model" in line
     first = read_production(root)
     assert first["model"] in line and first["data_version"] in line
-    assert flow_run.name == f"data {first['data_version'][:8]} · config " + \
-        flow_run.name.rsplit(" ", 1)[1]
+    assert re.fullmatch(rf"data {first['data_version'][:8]} · config [0-9a-f]{{8}} · "
+                        r"\S+ 0\.\d{4} · promoted", flow_run.name), flow_run.name
 
     # The same source again: every stage after the listing is Cached, nothing promoted.
     code, line, states, _ = run()

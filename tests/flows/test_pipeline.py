@@ -15,7 +15,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import house_price_pipeline
 from tasks.config import candidate
-from tasks.report import METRICS_KEY, MODEL_CARD_KEY
+from tasks.promote import PROMOTION_KEY
+from tasks.report import CURVES_KEY, METRICS_KEY, MODEL_CARD_KEY
 from tests.conftest import small_config, task_states
 
 STAGES = ["download", "preprocess", "tensorize", "train", "select", "predict"]
@@ -76,6 +77,10 @@ def test_dashboard_gets_metrics_table_and_model_card(first_run):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(flow_run_filter=_filter(state))
     by_key = {a.key: a for a in arts}
+    # The flow run's own: its page's Artifacts tab lists only those of no task run.
+    for key in (METRICS_KEY, MODEL_CARD_KEY, CURVES_KEY, PROMOTION_KEY):
+        assert by_key[key].task_run_id is None, key
+        assert by_key[key].flow_run_id == state.state_details.flow_run_id, key
     assert by_key[METRICS_KEY].type == "table"
     assert by_key[MODEL_CARD_KEY].type == "markdown"
     selected = state.result()["selected"]
@@ -87,6 +92,12 @@ def test_dashboard_gets_metrics_table_and_model_card(first_run):
     assert columns[-3:] == ["blend weight", "predict rows/s", "status"]
     assert columns.index("fold 1") < columns.index("fold 2") < columns.index("blend weight")
     assert f"# Selected model: {selected}" in by_key[MODEL_CARD_KEY].data
+    # Its name tells it apart in a list of runs: data, config, then what it selected.
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(state.state_details.flow_run_id).name
+    result = state.result()
+    assert name.startswith("data ") and name.endswith(
+        f" · {selected} {result['oof_log_rmse_all']:.4f} · promoted"), name
 
 
 def test_identical_rerun_executes_no_stage(first_run):
@@ -289,7 +300,8 @@ def test_dashboard_names_say_what_each_run_is(first_run):
     train = {f"train[{c.name}]" for c in cfg.all_candidates()}
     assert names == {"fetch", "download", "preprocess", "tensorize", "select", "predict",
                      "promote", "publish"} | train
-    assert flow_run.name == run_name(cfg) and flow_run.name.startswith("data ")
+    # data and config, then (once it ends) what it selected, its score and the verdict
+    assert flow_run.name.startswith(run_name(cfg) + " · ") and flow_run.name.startswith("data ")
 
 
 def test_candidates_of_one_shape_train_as_one_group_and_a_newcomer_alone(first_run):

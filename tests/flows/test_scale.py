@@ -52,3 +52,20 @@ def test_a_run_on_200_000_rows_keeps_one_matrix_and_fits_every_fold(
         assert 0.05 < scores[name]["oof_log_rmse_all"] < 0.2
     # 160,000 rows a fold: 2,500 batches of 64, so the budget of 2,000 steps allows 1 epoch
     assert len(scores["linear"]["curves"][0]["valid_log_rmse"]) == 1
+
+
+def test_stage_seconds_go_on_past_midnight():
+    """The log's times carry no date: a run that crosses midnight still gets each stage's
+    seconds (this benchmark once reported a download of 86,421 s and a select of -86,265)."""
+    import datetime as dt
+
+    from benchmarks.scale import stage_seconds
+
+    start = dt.datetime(2026, 12, 3, 23, 59, 50).timestamp()
+    log = "\n".join(
+        f"{t} | INFO    | Task run '{stage}' - Finished in state Completed()"
+        for t, stage in [("23:59:55.000", "download"), ("23:59:58.500", "preprocess"),
+                         ("00:00:04.000", "tensorize"), ("00:10:04.000", "train"),
+                         ("00:10:05.000", "select")])
+    assert stage_seconds(log, start) == {"download": 5.0, "preprocess": 3.5, "tensorize": 5.5,
+                                         "train": 600.0, "select": 1.0}
