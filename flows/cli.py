@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve", parents=[_config_flags()],
-        help="serve the pipeline as a (scheduled) deployment; needs a Prefect server")
+        help="serve the pipeline as a (scheduled) deployment on the local Prefect server "
+             "(or PREFECT_API_URL's), and install the automations")
     when = serve.add_mutually_exclusive_group()
     when.add_argument("--cron", metavar="EXPR", help="cron schedule, e.g. '0 3 * * *'")
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run every N seconds")
@@ -148,7 +149,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--inbox", metavar="SOURCE", help="files the scoring flow scores")
     serve.add_argument("--drift-threshold", type=float, metavar="SHARE",
                        help="share of drifted rows that raises houseprice.drift.detected")
+    _webhook_flag(serve)
     _runner_flags(serve)
+    auto = sub.add_parser("automations", help="install (or replace) the automations: retrain "
+                                              "on drift, notify on a failed run and on a "
+                                              "promotion")
+    auto.add_argument("--deployment", metavar="FLOW/NAME",
+                      help="the training deployment to run on drift (e.g. "
+                           "house-price/scheduled); none: no retraining")
+    _webhook_flag(auto)
 
     rerun = sub.add_parser(
         "rerun", help="retry a failed flow run (Prefect's retry): stages that completed come "
@@ -228,6 +237,27 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="Prefect's own log lines on the terminal")
     return p
+
+
+def _webhook_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--webhook", metavar="URL", default=os.environ.get("HOUSEPRICE_WEBHOOK"),
+                   help="notify a failed or crashed run, and a promotion, with a JSON POST "
+                        "to this URL (a Slack or Teams incoming webhook, any HTTP endpoint); "
+                        "default: HOUSEPRICE_WEBHOOK")
+
+
+def install_automations(args: argparse.Namespace) -> int:
+    from flows.automations import check_webhook, install
+    from flows.commands.operate import lasting_api
+
+    check_webhook(args.webhook)
+    lasting_api("automations")
+    for line in install(args.deployment, args.webhook):
+        print(f"houseprice: automation {line}", flush=True)
+    if not args.deployment and not args.webhook:
+        print("houseprice: nothing to install: give --deployment (retrain on drift) and/or "
+              "--webhook (notifications)", flush=True)
+    return 0
 
 
 def stop_api(args: argparse.Namespace) -> int:
@@ -322,6 +352,7 @@ def _main(argv: list[str] | None) -> int:
                     "models": registry.models, "promote": registry.promote,
                     "rollback": registry.rollback, "make-feed": feed.make_feed,
                     "stop-api": stop_api, "server": server_command,
+                    "automations": install_automations,
                     "dashboard": dashboard, "check": registry.check}
         return commands[args.command](args)
     except ConfigError as exc:

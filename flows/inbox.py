@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 
 from tasks.config import ScoreConfig
+from tasks.report import announce_failure
 from tasks.score import drift_task, inbox_task, score_task
 from tasks.stage import StageError, one_line, submit_stage
 
@@ -26,7 +27,8 @@ def _flow_run_name() -> str:
     return f"inbox {inbox} · model {config.get('model', 'production')}"
 
 
-@flow(name="house-price-score", log_prints=True, flow_run_name=_flow_run_name)
+@flow(name="house-price-score", log_prints=True, flow_run_name=_flow_run_name,
+      on_failure=[announce_failure])
 def house_price_score(config: ScoreConfig) -> dict[str, Any]:
     """Score each inbox file with the production model (Cached when already scored), report
     drift; a file that cannot be scored fails alone, after the others are scored."""

@@ -15,7 +15,7 @@ from tasks.download import download_task, fetch_task
 from tasks.predict import predict_task
 from tasks.preprocess import preprocess_task
 from tasks.promote import promote_task, show_promotion
-from tasks.report import name_run, publish_task, show_on_run
+from tasks.report import announce_failure, name_run, publish_task, show_on_run
 from tasks.select import select_task
 from tasks.stage import run_stage
 from tasks.storage.store import check
@@ -36,7 +36,8 @@ def _flow_run_name() -> str:
     return run_name(config)
 
 
-@flow(name="house-price", log_prints=True, flow_run_name=_flow_run_name)
+@flow(name="house-price", log_prints=True, flow_run_name=_flow_run_name,
+      on_failure=[announce_failure])
 def house_price_pipeline(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008
     from_stage: Stage | None = None,

@@ -35,6 +35,7 @@ from tasks.storage.artifacts import (
 from tasks.storage.store import canonical
 
 PROMOTION_KEY = "house-price-promotion"
+PROMOTED_EVENT = "houseprice.model.promoted"
 
 
 @dataclass
@@ -148,7 +149,25 @@ def promote_task(model: ArtifactRef, predictions: ArtifactRef, raw: ArtifactRef,
     result = gate(model, predictions, raw, config, flow_run_id=str(flow_run.id or ""))
     get_run_logger().info(("promoted: " if result["promote"] else "not promoted: ")
                           + result["reason"])
+    if result["promote"] and result["basis"] != "same model":
+        announce_promotion(model.root, model.version, result)
     return result
+
+
+def announce_promotion(root: str, version: str, result: dict[str, Any]) -> None:
+    """A ``houseprice.model.promoted`` event, for automations to act on (notify, deploy)."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=PROMOTED_EVENT,
+        resource={"prefect.resource.id": f"houseprice.model.{version}",
+                  "prefect.resource.name": version},
+        payload={"model": version, "production_before": result.get("champion") or "none",
+                 "reason": result["reason"], "basis": result["basis"],
+                 "data_version": result.get("data_version"),
+                 "log_rmse": result.get("challenger_log_rmse"),
+                 "production_log_rmse": result.get("champion_log_rmse"), "root": root},
+    )
 
 
 def show_promotion(model: ArtifactRef, result: dict[str, Any]) -> None:

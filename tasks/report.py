@@ -94,6 +94,27 @@ def name_run(config, data_version: str, result: dict[str, Any] | None = None) ->
         client.update_flow_run(flow_run.id, name=name)
 
 
+FAILED_EVENT = "houseprice.run.failed"
+
+
+def announce_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """A flow's ``on_failure`` hook: a ``houseprice.run.failed`` event about the run, which
+    the notify-on-failure automation hears at once. Prefect's own state events of a served
+    run can reach the server's triggers up to 15 minutes late: its runner reports the
+    Submitting state outside the server's event stream, and the triggers hold each later
+    event of the run until they have seen the one it follows."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=FAILED_EVENT,
+        resource={"prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
+                  "prefect.resource.name": flow_run.name},
+        related=[{"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}",
+                  "prefect.resource.role": "flow", "prefect.resource.name": flow.name}],
+        payload={"flow": flow.name, "state": state.name, "message": state.message or ""},
+    )
+
+
 def result_label(result: dict[str, Any]) -> str:
     """``lasso 0.1130 · promoted``: the selected candidate, its all-rows out-of-fold log
     RMSE, and the gate's verdict (none when the model was production already)."""

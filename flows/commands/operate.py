@@ -41,6 +41,9 @@ def serve(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.flow in ("score", "both") and not args.inbox:
         raise ValueError("serving the scoring flow needs --inbox SOURCE (the files to score)")
+    from flows.automations import check_webhook
+
+    check_webhook(args.webhook)
     url = lasting_api("scheduling")
     from prefect import serve
 
@@ -65,6 +68,11 @@ def serve(args: argparse.Namespace) -> int:
     for deployment in deployments:
         print(f"houseprice: {deployment.flow_name}/{deployment.name}: "
               f"{deployment_line(deployment, url)}", flush=True)
+    from flows.automations import install
+
+    trained = f"{deployments[0].flow_name}/{args.name}" if args.flow != "score" else None
+    for line in install(trained, args.webhook):
+        print(f"houseprice: automation {line}", flush=True)
     print("houseprice: Ctrl-C stops serving (the server keeps running: 'houseprice server "
           "stop' stops a local one)", flush=True)
     serve(*deployments, print_starting_message=False)

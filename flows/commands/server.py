@@ -102,8 +102,10 @@ def _kept_env(port: int) -> dict[str, str]:
     """The kept server is a whole Prefect server, as ``prefect server start`` runs it: the
     API, the dashboard (pointed at this port) and the services: the scheduler for served
     deployments, the triggers and actions of automations, late runs, the event persister."""
-    env = {**os.environ, "PREFECT_UI_ENABLED": "1",
-           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ,
+           "PREFECT_UI_ENABLED": "1", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           # the dashboard's address, for the links in notifications (``ui_url``)
+           "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
            "PREFECT__SERVER_FINAL": "1", **skip_block_registration()}
     env.pop("PREFECT__SERVER_EPHEMERAL", None)
     return env
