@@ -189,6 +189,31 @@ def test_serve_works_out_of_the_box_and_ctrl_c_stops_it(kept_env, data_server, t
     assert out.strip().splitlines()[-1].startswith("houseprice: stopped serving")
 
 
+def retry_in_browser(url: str, shots: Path) -> None:
+    """Open a failed run's page and press the dashboard's Retry (and confirm it when the
+    dashboard asks); screenshots before and after go to ``shots``-*.png."""
+    shots.parent.mkdir(parents=True, exist_ok=True)
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url, wait_until="networkidle", timeout=90_000)
+            retry = page.get_by_role("button", name="Retry")
+            retry.first.wait_for(timeout=60_000)
+            page.screenshot(path=f"{shots}-before.png")
+            retry.first.click()
+            confirm = page.get_by_role("dialog").get_by_role("button", name="Retry")
+            try:
+                confirm.first.wait_for(timeout=5_000)
+                confirm.first.click()
+            except Exception:  # noqa: BLE001 - no confirmation asked: the click was the retry
+                pass
+            page.wait_for_timeout(2_000)
+            page.screenshot(path=f"{shots}-after.png")
+        finally:
+            browser.close()
+
+
 class Receiver:
     """A loopback HTTP endpoint that keeps the JSON bodies POSTed to it (the webhook)."""
 
@@ -241,7 +266,12 @@ def test_drift_retrains_through_the_automation_and_failures_and_promotions_notif
 
     import pandas as pd
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.deployments import run_deployment
     from prefect.events.filters import EventFilter, EventNameFilter
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -312,11 +342,36 @@ def test_drift_retrains_through_the_automation_and_failures_and_promotions_notif
 
             (root / "train").rename(root / "train-away")
             (root / "train").write_text("a file where the train stage keeps its versions")
-            failed = run_deployment("house-price/auto", timeout=300, poll_interval=1)
+            # Another penalty: a candidate not trained yet, whose stage the fault stops.
+            params = client.read_deployment_by_name("house-price/auto").parameters
+            params["config"]["candidates"][0]["alpha"] = 20.0
+            failed = run_deployment("house-price/auto", parameters=params, timeout=300,
+                                    poll_interval=1)
             assert failed.state.is_failed()
             note = hook.wait_for("Failed")
             assert failed.name in note["subject"] and "stage 'train' failed" in note["body"]
             assert f"/runs/flow-run/{failed.id}" in note["body"]
+
+            # The fault fixed, the dashboard's Retry: the served runner runs it again, and
+            # the stages that had completed come back Cached.
+            (root / "train").unlink()
+            (root / "train-away").rename(root / "train")
+            page_url = re.search(r"(http://\S+/runs/flow-run/\S+)", note["body"])[1]
+            retry_in_browser(page_url, SHOTS / "retry")
+            deadline = time.monotonic() + 180
+            while not (run := client.read_flow_run(failed.id)).state.is_final() or \
+                    run.run_count < 2:
+                assert time.monotonic() < deadline, f"the retry did not end: {run.state}"
+                time.sleep(1)
+            assert run.state.is_completed(), run.state.message
+            states = {}
+            for r in client.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[failed.id]))):
+                if r.flow_run_run_count == 2:
+                    states.setdefault(r.name.split("[")[0], set()).add(r.state.name)
+            for stage in ("download", "preprocess", "tensorize"):
+                assert states[stage] == {"Cached"}, states
+            assert states["train"] == {"Completed"}, states
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     finally:
