@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         forget_link()
         if display is not None:
             display.stop()
+    send_events()
     if local and not keep:
         # Before the run's own server stops at exit. The history may then miss a state;
         # the run's own outcome stands either way.
@@ -94,6 +95,21 @@ def run(args: argparse.Namespace) -> int:
     print(result_table(config, outcome, log=log), flush=True)
     summary(config, outcome)
     return 0
+
+
+def send_events(timeout: float = 10.0) -> None:
+    """Send the events the run emitted (promotion, failure) now, before the result lines:
+    left to the exit, Prefect's events worker logs "Still processing items" after them (and a
+    temporary server may be gone before they reach it)."""
+    from prefect.events.worker import EventsWorker
+
+    quiet = logging.getLogger("EventsWorker")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its progress note; a failure to send still shows
+    try:
+        EventsWorker.drain_all(timeout=timeout)
+    finally:
+        quiet.setLevel(level)
 
 
 def announce_link(flow_run_id: str) -> None:
