@@ -29,6 +29,21 @@ def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.Co
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _serve(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
+    """``houseprice serve *args`` started, and its lines up to the one saying how to stop."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *args], env=env,
+                            cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    while not any(line.startswith("houseprice: Ctrl-C stops serving") for line in lines):
+        line = proc.stdout.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError("serve ended early: " + "".join(lines)[-2000:])
+        lines.append(line)
+    return proc, lines
+
+
 def _browser():
     """Playwright's Chromium: Debian's binary (no browser download is reachable here)."""
     if not Path(CHROMIUM).is_file():
@@ -158,16 +173,9 @@ def test_serve_works_out_of_the_box_and_ctrl_c_stops_it(kept_env, data_server, t
         {"name": "ridge", "kind": "ridge", "alpha": 10.0}], search=[],
         artifacts_dir=str(tmp_path / "arts"),
         data={"url": data_server.url, "cache_dir": str(tmp_path / "cache")})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--cron", "0 3 * * *", "--name",
-         "nightly", "--config", str(config)], env=kept_env, cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    lines: list[str] = []
+    proc, lines = _serve("--cron", "0 3 * * *", "--name", "nightly", "--config", str(config),
+                         env=kept_env)
     try:
-        while not any(line.startswith("houseprice: Ctrl-C stops serving") for line in lines):
-            line = proc.stdout.readline()
-            assert line, "serve ended early: " + "".join(lines)[-2000:]
-            lines.append(line)
         api = re.search(r"on (http://127\.0\.0\.1:\d+/api), cron '0 3 \* \* \*'",
                         lines[0])
         assert api, lines
@@ -293,17 +301,10 @@ def test_drift_retrains_through_the_automation_and_failures_and_promotions_notif
     listings["GrLivArea"] *= 10  # far out of the training range: drift
     listings.to_csv(inbox / "listings.csv", index=False)
     hook = Receiver()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--flow", "both", "--inbox", str(inbox),
-         "--drift-threshold", "0.3", "--cron", "0 3 * * *", "--name", "auto", "--config",
-         str(config), "--webhook", hook.url], env=kept_env, cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    lines: list[str] = []
+    proc, lines = _serve("--flow", "both", "--inbox", str(inbox), "--drift-threshold", "0.3",
+                         "--cron", "0 3 * * *", "--name", "auto", "--config", str(config),
+                         "--webhook", hook.url, env=kept_env)
     try:
-        while not any(line.startswith("houseprice: Ctrl-C stops serving") for line in lines):
-            line = proc.stdout.readline()
-            assert line, "serve ended early: " + "".join(lines)[-2000:]
-            lines.append(line)
         installed = [line for line in lines if line.startswith("houseprice: automation ")]
         assert len(installed) == 3 and all(
             line.startswith(f"houseprice: automation {name}: ")
