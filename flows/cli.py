@@ -180,6 +180,10 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--chunk-size", type=int, default=50_000, metavar="ROWS",
                       help="rows read and predicted at a time: memory is bounded by it "
                            "(default 50000)")
+    pred.add_argument("--interval", type=float, metavar="LEVEL",
+                      help="add SalePrice_lo and SalePrice_hi, a calibrated range that "
+                           "holds the price for this share of houses (e.g. 0.9; without it "
+                           "the output is Kaggle's Id,SalePrice)")
     pred.add_argument("--device", default="cpu", metavar="DEVICE",
                       help="where the networks' matrix products run: cpu (NumPy, the "
                            "default) or cuda / cuda:N (torch on that GPU; trees stay on "
@@ -194,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--drift-threshold", type=float, metavar="SHARE",
                        help="share of drifted rows that raises houseprice.drift.detected "
                             "(default 0.05)")
+    score.add_argument("--interval", type=float, metavar="LEVEL",
+                       help="coverage level of the SalePrice_lo, SalePrice_hi range written "
+                            "beside each price (default 0.9)")
 
     models = sub.add_parser("models", help="list the selected models (production marked)")
     models.add_argument("--artifacts", metavar="DIR", help="artifact root")

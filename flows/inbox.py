@@ -36,7 +36,8 @@ def house_price_score(config: ScoreConfig) -> dict[str, Any]:
     model, files = inbox_task(config)
     futures = {f.name: submit_stage(score_task, root, model=model, file=f,
                                     chunk_size=config.chunk_size,
-                                    threshold=config.drift_threshold) for f in files}
+                                    threshold=config.drift_threshold,
+                                    interval=config.interval) for f in files}
     scored, failed = [], {}
     for name, future in futures.items():
         state = future.wait() or future.state

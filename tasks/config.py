@@ -138,6 +138,9 @@ class ScoreConfig(_Frozen):
     drift_threshold: Annotated[float, Field(ge=0, le=1)] = Field(
         0.05, description="share of a file's rows with an out-of-range numeric or an unseen "
         "category above which a houseprice.drift.detected event is emitted")
+    interval: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        0.9, description="coverage level of the SalePrice_lo, SalePrice_hi range written "
+        "beside each price (None: prices only)")
     cache_dir: str = Field(default_factory=_default_data_dir)
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     retries: Annotated[int, Field(ge=0, le=10)] = 3

@@ -20,7 +20,8 @@ from prefect.events import emit_event
 from tasks.config import ScoreConfig
 from tasks.data.sources import SourceError, list_source
 from tasks.download import SourceFile, fetch_source, source_folder
-from tasks.inference.batch import load_model, predict_file
+from tasks.inference.batch import load_model, load_ranges, predict_file
+from tasks.inference.intervals import INTERVALS_JSON
 from tasks.stage import build_stage, failing_as, stage_task_options, stage_version
 from tasks.storage.artifacts import ArtifactRef, is_complete, resolve, write_json
 
@@ -48,13 +49,22 @@ def inbox_task(config: ScoreConfig) -> tuple[ArtifactRef, tuple[SourceFile, ...]
 
 
 def score(model: ArtifactRef, file: SourceFile, chunk_size: int, out_dir: Path,
-          warn=print) -> dict[str, Any]:
-    """Predict every row of ``file`` into ``predictions.csv`` (``Id,SalePrice``), with its
-    drift summary in ``drift.json``."""
+          warn=print, interval: float | None = None) -> dict[str, Any]:
+    """Predict every row of ``file`` into ``predictions.csv`` (``Id,SalePrice``, and the
+    range at level ``interval`` in ``SalePrice_lo,SalePrice_hi``), with its drift summary
+    in ``drift.json``."""
     fitted = load_model(model)
+    ranges = None
+    if interval is not None:
+        if model.file(INTERVALS_JSON).is_file():
+            ranges = load_ranges(model, interval)
+        else:  # a production model from before ranges still scores, without them
+            warn(f"model {model.version} has no calibrated ranges (it predates them): prices "
+                 "without SalePrice_lo, SalePrice_hi; rebuild it with 'houseprice run --from "
+                 "select' and promote it")
     # predict_file names errors after the input path; the inbox file's name says more.
     local = Path(file.path)
-    drift = predict_file(fitted, local, out_dir / "predictions.csv", chunk_size, warn)
+    drift = predict_file(fitted, local, out_dir / "predictions.csv", chunk_size, warn, ranges)
     (out_dir / "predictions.drift.json").unlink()  # written again below, with its file
     drift = {"file": file.name, "sha1": file.sha1, "model": model.version, **drift}
     write_json(out_dir / "drift.json", drift)
@@ -63,17 +73,19 @@ def score(model: ArtifactRef, file: SourceFile, chunk_size: int, out_dir: Path,
 
 @task(**stage_task_options(STAGE))
 def score_task(model: ArtifactRef, file: SourceFile, chunk_size: int, threshold: float,
-               root: str, force: bool = False) -> ArtifactRef:
+               root: str, interval: float | None = None, force: bool = False) -> ArtifactRef:
     """Score one inbox file with one model (cached on both); a newly scored file over the
     drift threshold emits a ``houseprice.drift.detected`` event (once per model and file,
     not on every run that finds it Cached)."""
     logger = get_run_logger()
     # The same inputs as the task's cache key (chunk_size, threshold: how, not what).
-    inputs = {"model": model, "file": file, "chunk_size": chunk_size, "threshold": threshold}
+    inputs = {"model": model, "file": file, "chunk_size": chunk_size, "threshold": threshold,
+              "interval": interval}
     fresh = force or not is_complete(ArtifactRef(root=root, stage=STAGE,
                                                  version=stage_version(STAGE, inputs)))
     ref = build_stage(STAGE, root, inputs,
-                      lambda out: score(model, file, chunk_size, out, warn=logger.warning),
+                      lambda out: score(model, file, chunk_size, out, warn=logger.warning,
+                                        interval=interval),
                       force=force)
     drift = json.loads(ref.file("drift.json").read_text())
     if fresh and drift["share_drifted"] > threshold:

@@ -35,6 +35,7 @@ from scipy.optimize import nnls
 from tasks.config import CandidateConfig, SelectConfig, TrainConfig
 from tasks.data.features import read_csv
 from tasks.data.folds import cv_label
+from tasks.inference import intervals
 from tasks.inference.checkpoint import CHECKPOINT_FORMAT, FittedModel
 from tasks.inference.plan import TIMING_ROWS, compile_plan, rows_per_s
 from tasks.kinds.base import oof_scores, rmse
@@ -137,8 +138,10 @@ def _rate(v: float | None) -> str:
 
 
 def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
-               board: list[dict[str, Any]], config: dict[str, Any], lin: dict[str, Any]) -> str:
-    """The markdown model card: what was chosen, its scores, every candidate, the lineage."""
+               board: list[dict[str, Any]], config: dict[str, Any], lin: dict[str, Any],
+               coverage: list[dict[str, Any]] = ()) -> str:
+    """The markdown model card: what was chosen, its scores, its price ranges' coverage,
+    every candidate, the lineage."""
     repeats = config.get("repeats", 1)
     k = config["n_splits"] * repeats
     cv = cv_label(config["n_splits"], repeats)
@@ -178,6 +181,7 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
         "",
         how,
         "",
+        *_ranges_section(coverage, cv),
         "## Configuration",
         "",
     ]
@@ -213,6 +217,25 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
           if stage not in ("raw_files", "data_version", "train_candidates")],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ranges_section(coverage: list[dict[str, Any]], cv: str) -> list[str]:
+    if not coverage:
+        return []
+    return [
+        "## Price ranges",
+        "",
+        "`houseprice predict --interval LEVEL` adds `SalePrice_lo` and `SalePrice_hi`: "
+        "conformal ranges from the out-of-fold residuals, widths set per predicted price "
+        f"band. Coverage is {cv} out of fold on all rows: each fold's rows get ranges "
+        "calibrated on the other folds' rows only.",
+        "",
+        "| level | out-of-fold coverage | median width | median width / price |",
+        "|---|---|---|---|",
+        *[f"| {c['level']:.0%} | {c['coverage']:.1%} | ${c['median_width']:,.0f} | "
+          f"{c['median_relative_width']:.1%} |" for c in coverage],
+        "",
+    ]
 
 
 def blend_metrics(P: np.ndarray, names: list[str], oof: pd.DataFrame, select_on: str
@@ -421,6 +444,10 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             fold=("fold", "first"), pred_log_price=("pred_log_price", "mean"),
             outlier=("outlier", "first"), log_price=("log_price", "first"))
     chosen_rows.to_parquet(out_dir / "oof.parquet", index=False)
+    # Calibrated ranges from the same out-of-fold rows (all of them: the rows a user meets).
+    pred, logy = chosen_rows["pred_log_price"].to_numpy(), chosen_rows["log_price"].to_numpy()
+    coverage = intervals.oof_coverage(pred, logy, chosen_rows["fold"].to_numpy())
+    intervals.save(intervals.fit(pred, logy), coverage, out_dir)
     lin = lineage(data)
     lin["train"] = sorted(r.version for r in trained)
     # Each train version's candidate, so the card and checkpoint name what the hashes are.
@@ -442,7 +469,7 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
                    {**config.version_params(), "select.on": select.on,
                     "select.final": (final if select.final == final
                                      else f"{final} (auto)"),
-                    "select.min_rows_per_s": select.min_rows_per_s}, lin)
+                    "select.min_rows_per_s": select.min_rows_per_s}, lin, coverage)
     )
     return {"selected": chosen["candidate"], "data_version": lin["data_version"],
             "n_rows": int(oof["Id"].nunique()),  # training rows (oof has one per repeat)
@@ -458,6 +485,7 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             "final": final,
             "final_estimates": estimates,
             "predict_rows_per_s": chosen.get("predict_rows_per_s"),
+            "interval_coverage": {f"{c['level']:g}": round(c["coverage"], 4) for c in coverage},
             "diverged": [m["candidate"] for m in metrics if m["status"] != "ok"]}
 
 

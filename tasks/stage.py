@@ -35,6 +35,7 @@ TASKS_DIR = Path(__file__).resolve().parent
 # kind's module retrains that kind only.
 _FEATURES = ("data/features.py", "data/settings.py", "data/statistics.py")
 _PREDICT_CODE = ("inference/batch.py", "inference/plan.py", "inference/forest.py",
+                 "inference/intervals.py",
                  *_FEATURES, "kinds/__init__.py")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),

@@ -399,3 +399,15 @@ def task_states(flow_run_id, wait_s: float = 15.0) -> dict[str, list[str]]:
     for r in runs:
         out.setdefault(r.name.split("[")[0], []).append(r.state.name if r.state else "None")
     return out
+
+
+def without_ranges(root: Path, version: str) -> None:
+    """Make select version ``version`` under ``root`` what a model built before calibrated
+    ranges is: no intervals.json, none listed in its manifest."""
+    import json
+
+    folder = Path(root) / "select" / version
+    (folder / "intervals.json").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]["intervals.json"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -100,7 +100,7 @@ def deployment_line(deployment, url: str) -> str:
 
 
 def score_config(inbox: str, artifacts: str | None, model: str, threshold: float | None,
-                  cache_dir: str | None = None):
+                 cache_dir: str | None = None, interval: float | None = None):
     from tasks.config import ScoreConfig, default_artifacts_dir
 
     fields: dict[str, Any] = {"inbox": inbox, "model": model,
@@ -109,6 +109,8 @@ def score_config(inbox: str, artifacts: str | None, model: str, threshold: float
         fields["drift_threshold"] = threshold
     if cache_dir:
         fields["cache_dir"] = cache_dir
+    if interval is not None:
+        fields["interval"] = interval
     try:
         return ScoreConfig.model_validate(fields)
     except ValidationError as exc:
@@ -119,7 +121,8 @@ def score(args: argparse.Namespace) -> int:
     # Prefect's own temporary server gives up after 20 s, which a busy 2-core machine can
     # exceed; the run command's local API (kept or per-run, waited for 120 s) serves here too.
     api_ready = start_ephemeral_api()
-    config = score_config(args.inbox, args.artifacts, args.model, args.drift_threshold)
+    config = score_config(args.inbox, args.artifacts, args.model, args.drift_threshold,
+                          interval=args.interval)
     from flows.inbox import house_price_score
 
     api_ready()

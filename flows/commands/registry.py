@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 def predict(args: argparse.Namespace) -> int:
-    from tasks.inference.batch import load_model, predict_file
+    from flows.commands.config import ConfigError
+    from tasks.inference.batch import load_model, load_ranges, predict_file
+    from tasks.inference.intervals import check_level
     from tasks.inference.plan import check_device
     from tasks.layout import default_artifacts_dir
     from tasks.storage.artifacts import resolve
@@ -18,16 +20,24 @@ def predict(args: argparse.Namespace) -> int:
     if args.chunk_size <= 0:
         raise ValueError("--chunk-size must be a positive number of rows")
     device = check_device(args.device)  # before anything is read or written
+    if args.interval is not None:
+        try:
+            check_level(args.interval)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     ref = resolve(args.artifacts or default_artifacts_dir(), "select", args.model)
     model = load_model(ref)
     model.torch_device = device
+    ranges = None if args.interval is None else load_ranges(ref, args.interval)
 
     def warn(msg: str) -> None:
         print(f"houseprice: warning: {msg}", file=sys.stderr)
 
-    what = f"(model {ref.version}: {model.describe})"
+    what = f"(model {ref.version}: {model.describe}" + (
+        "" if ranges is None else f"; {ranges[1]:.0%} ranges") + ")"
     if args.out != "-":
-        stats = predict_file(model, Path(args.input), Path(args.out), args.chunk_size, warn)
+        stats = predict_file(model, Path(args.input), Path(args.out), args.chunk_size, warn,
+                             ranges)
         print(f"houseprice: wrote {stats['rows']} predictions to {args.out} {what}")
         return 0
     # '-': the CSV on standard output, everything a person reads on standard error.
@@ -38,7 +48,7 @@ def predict(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="houseprice-predict-") as tmp:
         out = Path(tmp) / "predictions.csv"
-        stats = predict_file(model, Path(args.input), out, args.chunk_size, warn)
+        stats = predict_file(model, Path(args.input), out, args.chunk_size, warn, ranges)
         with out.open() as f:
             shutil.copyfileobj(f, sys.stdout)
         sys.stdout.flush()

@@ -28,10 +28,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from tasks.data.features import ID, DataError, Preprocessor, _numeric
+from tasks.inference import intervals
+from tasks.inference.intervals import Calibration, check_level
 from tasks.inference.plan import PLAN_JSON, Plan
 from tasks.storage.artifacts import ArtifactRef, write_json
 
-HEADER = "Id,SalePrice\n"
 # pandas' default missing-value strings (``pandas.read_csv``'s ``na_values``), which the
 # training rows are read with.
 NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
@@ -49,6 +50,19 @@ def load_model(ref: ArtifactRef) -> Plan:
         raise DataError(f"model {ref.version} has no compiled plan ({PLAN_JSON}; it predates "
                         "them): rebuild it with 'houseprice run --from select'")
     return Plan.load(ref.path)
+
+
+def load_ranges(ref: ArtifactRef, level: float) -> tuple[Calibration, float]:
+    """The model's calibrated ranges at ``level``, checked (a one-line error for a model
+    from before ranges, or a level its bands cannot serve)."""
+    level = check_level(level)
+    cal = intervals.load(ref.file(intervals.INTERVALS_JSON))
+    if cal is None:
+        raise DataError(f"model {ref.version} has no calibrated ranges (it predates them): "
+                        "rebuild it with 'houseprice run --from select', or predict without "
+                        "--interval")
+    cal.check(level)
+    return cal, level
 
 
 def _string_typed(t: pa.DataType) -> bool:
@@ -162,16 +176,19 @@ def _prefetch(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
 
 
 class _Writer:
-    """``Id,SalePrice`` rows as CSV or Parquet (by the output's suffix)."""
+    """``Id,SalePrice`` rows (and ``SalePrice_lo,SalePrice_hi`` with ranges) as CSV or
+    Parquet (by the output's suffix)."""
 
-    def __init__(self, path: Path, parquet: bool):
+    def __init__(self, path: Path, parquet: bool, ranges: bool = False):
         self.path, self.parquet, self.pq = path, parquet, None
+        self.columns = ["SalePrice", *(["SalePrice_lo", "SalePrice_hi"] if ranges else [])]
         if not parquet:
             self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-            self.fh.write(HEADER.encode())
+            self.fh.write((",".join([ID, *self.columns]) + "\n").encode())
 
-    def write(self, ids: pa.Array, price: np.ndarray) -> None:
-        table = pa.table({ID: ids, "SalePrice": pa.array(price, pa.float64())})
+    def write(self, ids: pa.Array, *prices: np.ndarray) -> None:
+        table = pa.table({ID: ids, **{c: pa.array(v, pa.float64())
+                                      for c, v in zip(self.columns, prices, strict=True)}})
         if self.parquet:
             if self.pq is None:
                 self.pq = pq.ParquetWriter(self.path, table.schema)
@@ -188,7 +205,8 @@ class _Writer:
         if self.parquet:
             if self.pq is None:  # no rows: an empty file with the columns
                 pq.write_table(pa.table({ID: pa.array([], ids_type),
-                                         "SalePrice": pa.array([], pa.float64())}), self.path)
+                                         **{c: pa.array([], pa.float64())
+                                            for c in self.columns}}), self.path)
             else:
                 self.pq.close()
         else:
@@ -255,13 +273,16 @@ def _refuse_implausible(pre: Preprocessor, table: pa.Table, ids: pa.Array, path:
 
 
 def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
-                 chunk_size: int = 50_000, warn: Callable[[str], None] = print
-                 ) -> dict[str, Any]:
+                 chunk_size: int = 50_000, warn: Callable[[str], None] = print,
+                 ranges: tuple[Calibration, float] | None = None) -> dict[str, Any]:
     """Write ``Id,SalePrice`` for every row of ``input_path`` to ``out_path`` (Parquet when
     it ends in .parquet or .pq, else CSV), and the drift summary beside it. ``model`` is a
     ``Plan`` (or the reference ``FittedModel``): anything with ``preprocessor`` and
-    ``predict_frame``."""
+    ``predict_frame``. With ``ranges`` (a calibration and a level), each row's range at
+    that level follows in ``SalePrice_lo,SalePrice_hi``."""
     input_path, out_path = Path(input_path), Path(out_path)
+    if ranges is not None:
+        ranges[0].check(check_level(ranges[1]))
     _check_output(out_path)
     pre = model.preprocessor
     with _naming(input_path):
@@ -276,7 +297,7 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
     wanted = [ID, *pre.columns_]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    writer = _Writer(tmp, out_path.suffix.lower() in (".parquet", ".pq"))
+    writer = _Writer(tmp, out_path.suffix.lower() in (".parquet", ".pq"), ranges is not None)
     rows, drifted, unseen, seen_ids = 0, 0, Counter(), []
     out_of_range, imputed = Counter(), Counter()
     ids_type = pa.int64()
@@ -303,7 +324,8 @@ def predict_file(model: Any, input_path: str | Path, out_path: str | Path,
                 out_of_range.update(report.out_of_range)
                 drifted += report.rows_drifted
                 imputed.update(report.missing)
-                writer.write(ids, np.exp(log_price))
+                writer.write(ids, np.exp(log_price),
+                             *(ranges[0].bounds(log_price, ranges[1]) if ranges else ()))
                 rows += table.num_rows
         finally:
             writer.close(ids_type)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from tasks.config import PROJECT_ROOT
 from tasks.storage.artifacts import resolve
-from tests.conftest import TEST_CSV, gpu_env, refused_port, write_config
+from tests.conftest import TEST_CSV, gpu_env, refused_port, without_ranges, write_config
 
 
 def houseprice(*args, env_extra=None, api=None, base_env=None):
@@ -207,6 +210,67 @@ def test_predict_with_explicit_and_unknown_model_version(trained, real_data, tmp
     assert "no select version '0123456789abcdef' under" in line
     assert f"nearest: {result['model_version']}" in line and "houseprice models" in line
     assert not (tmp_path / "q.csv").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_predict_with_an_interval_adds_calibrated_ranges(trained, real_data, tmp_path, suffix):
+    cfg, _ = trained
+    raw = pd.read_csv(real_data / "kaggle_house_pred_test.csv")
+    src = tmp_path / f"in{suffix}"
+    raw.to_csv(src, index=False) if suffix == ".csv" else raw.to_parquet(src)
+    outs = {}
+    for level in ("0.8", "0.95"):
+        out = outs[level] = tmp_path / f"ranges-{level}{suffix}"
+        proc = houseprice("predict", str(src), "--out", str(out), "--interval", level,
+                          "--artifacts", cfg.artifacts_dir)
+        assert proc.returncode == 0, proc.stderr
+        assert f"; {float(level):.0%} ranges)" in proc.stdout
+    read = pd.read_csv if suffix == ".csv" else pd.read_parquet
+    narrow, wide = read(outs["0.8"]), read(outs["0.95"])
+    assert list(wide.columns) == ["Id", "SalePrice", "SalePrice_lo", "SalePrice_hi"]
+    # The prices are the submission's; each range holds its price, and a higher level is
+    # wider for every house.
+    submission = pd.read_csv(resolve(cfg.artifacts_dir, "predict").file("submission.csv"))
+    np.testing.assert_allclose(wide["SalePrice"], submission["SalePrice"], rtol=1e-5)
+    assert (wide["SalePrice_lo"] < wide["SalePrice"]).all()
+    assert (wide["SalePrice"] < wide["SalePrice_hi"]).all()
+    assert (wide["SalePrice_hi"] - wide["SalePrice_lo"]
+            > narrow["SalePrice_hi"] - narrow["SalePrice_lo"]).all()
+
+
+def test_predict_with_a_level_outside_zero_and_one_is_one_line(trained, real_data, tmp_path):
+    cfg, _ = trained
+    test_csv = str(real_data / "kaggle_house_pred_test.csv")
+    for level in ("0", "1", "1.5", "-0.1"):
+        proc = houseprice("predict", test_csv, "--out", str(tmp_path / "p.csv"),
+                          "--interval", level, "--artifacts", cfg.artifacts_dir)
+        assert proc.returncode == 2, proc.stderr
+        assert last_line(proc.stderr) == (
+            f"houseprice: error: --interval {float(level)}: a coverage level is between 0 and "
+            "1 (exclusive), such as 0.9 for 90% ranges")
+    # A level the calibration's price bands cannot serve says the highest one they can.
+    proc = houseprice("predict", test_csv, "--out", str(tmp_path / "p.csv"),
+                      "--interval", "0.9999", "--artifacts", cfg.artifacts_dir)
+    assert proc.returncode == 1
+    assert re.search(r"error: --interval 0.9999: .* levels up to 0\.9\d+; pick a lower one$",
+                     last_line(proc.stderr)), proc.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_ranges_with_a_model_from_before_them_is_one_line(trained, real_data,
+                                                                  tmp_path):
+    cfg, result = trained
+    root = tmp_path / "artifacts"
+    shutil.copytree(cfg.artifacts_dir, root, symlinks=True)
+    without_ranges(root, result["model_version"])
+    proc = houseprice("predict", str(real_data / "kaggle_house_pred_test.csv"), "--out",
+                      str(tmp_path / "p.csv"), "--interval", "0.9", "--artifacts", str(root))
+    assert proc.returncode == 1
+    assert last_line(proc.stderr) == (
+        f"houseprice: error: model {result['model_version']} has no calibrated ranges (it "
+        "predates them): rebuild it with 'houseprice run --from select', or predict without "
+        "--interval")
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_predict_missing_column_is_one_clear_line(trained, real_data, tmp_path):

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 
 from tasks.score import DRIFT_EVENT
-from tests.conftest import TRAIN_CSV
+from tests.conftest import TEST_CSV, TRAIN_CSV, without_ranges
 
 
 def _drift_events(sha1: str, settle_s: float = 3.0) -> list:
@@ -62,3 +62,39 @@ def test_a_drifting_file_scored_again_raises_its_event_once(trained, tmp_path):
     assert len(events) == 1, [e.occurred for e in events]
     assert events[0].payload["file"] == "far.csv" and events[0].payload["rows"] == 40
     assert events[0].payload["share"] > 0.3 and events[0].payload["model"] == score.model
+
+
+def test_scored_files_carry_calibrated_ranges_csv_and_parquet(trained, tmp_path):
+    from flows.inbox import house_price_score
+    from tasks.config import ScoreConfig
+
+    cfg, result = trained
+    root = tmp_path / "artifacts"  # a copy: a model without ranges is made from it below
+    shutil.copytree(cfg.artifacts_dir, root, symlinks=True)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    listings = pd.read_csv(TEST_CSV).head(60)
+    listings.to_csv(inbox / "a.csv", index=False)
+    listings.to_parquet(inbox / "b.parquet")
+
+    def scored(**fields) -> dict[str, pd.DataFrame]:
+        score = ScoreConfig(inbox=str(inbox), model=result["model_version"],
+                            artifacts_dir=str(root), cache_dir=str(tmp_path / "cache"),
+                            **fields)
+        out = house_price_score(score)
+        return {name: pd.read_csv(path) for name, path in out["predictions"].items()}
+
+    by_file = scored()  # the default level, 0.9
+    assert set(by_file) == {"a.csv", "b.parquet"}
+    for frame in by_file.values():
+        assert list(frame.columns) == ["Id", "SalePrice", "SalePrice_lo", "SalePrice_hi"]
+        assert len(frame) == 60
+        assert ((frame["SalePrice_lo"] < frame["SalePrice"])
+                & (frame["SalePrice"] < frame["SalePrice_hi"])).all()
+    pd.testing.assert_frame_equal(by_file["a.csv"], by_file["b.parquet"], rtol=1e-9)
+    wider = scored(interval=0.95)["a.csv"]
+    assert (wider["SalePrice_hi"] > by_file["a.csv"]["SalePrice_hi"]).all()
+    # A production model from before ranges still scores every file, without them.
+    without_ranges(root, result["model_version"])
+    for frame in scored(interval=0.8).values():
+        assert list(frame.columns) == ["Id", "SalePrice"] and len(frame) == 60
