@@ -15,7 +15,7 @@ from tasks.download import download_task, fetch_task
 from tasks.predict import predict_task
 from tasks.preprocess import preprocess_task
 from tasks.promote import promote_task, show_promotion
-from tasks.report import announce_failure, name_run, publish_task, show_on_run
+from tasks.report import announce_failure, name_run, own_output, publish_task, show_on_run
 from tasks.select import select_task
 from tasks.stage import run_stage
 from tasks.storage.store import check
@@ -49,34 +49,37 @@ def house_price_pipeline(
     entries are refreshed); the stages before it come back Cached as usual.
     """
     progress.flow_run_started()
-    root = config.artifacts_dir
-    check(root)  # an object store that cannot be used: one line, before anything is written
-    force = {s: from_stage is not None and STAGES.index(s) >= STAGES.index(from_stage)
-             for s in STAGES}
-    snapshot = fetch_task(config.data, root, force=force["download"])
-    name_run(config, snapshot.data_version)
-    raw = run_stage(download_task, root, force=force["download"], snapshot=snapshot,
-                    on_duplicate=config.data.on_duplicate)
-    preprocessor = run_stage(preprocess_task, root, force=force["preprocess"], raw=raw,
-                             config=config.preprocess)
-    data = run_stage(tensorize_task, root, force=force["tensorize"], raw=raw,
-                     preprocessor=preprocessor, **config.tensorize_inputs())
-    # One task per group of torch candidates of one shape (trained as one stacked model) and
-    # per other candidate, submitted together: they train in parallel on the task runner
-    # (threads, or Dask workers), and a failed group reruns alone.
-    trained = train_all(root, force=force["train"], data=data,
-                        candidates=list(config.all_candidates()), config=config.train)
-    model = run_stage(select_task, root, force=force["select"], trained=trained,
-                      candidates=list(config.all_candidates()), config=config.train,
-                      select=config.select, raw=raw, preprocessor=preprocessor, data=data)
-    predictions = run_stage(predict_task, root, force=force["predict"], model=model, raw=raw,
-                            config=config.predict)
-    promotion = promote_task(model, predictions, raw, config.promote)
-    result = publish_task(model, predictions, config.submission, promotion)
-    # The results as artifacts of the flow run itself, on its page in the dashboard.
-    show_on_run(model, trained)
-    show_promotion(model, promotion)
-    name_run(config, snapshot.data_version, result)
+    # A served or retried run prints its stage lines and result table as `run` does.
+    with own_output() as show_result:
+        root = config.artifacts_dir
+        check(root)  # an object store that cannot be used: one line, before anything is written
+        force = {s: from_stage is not None and STAGES.index(s) >= STAGES.index(from_stage)
+                 for s in STAGES}
+        snapshot = fetch_task(config.data, root, force=force["download"])
+        name_run(config, snapshot.data_version)
+        raw = run_stage(download_task, root, force=force["download"], snapshot=snapshot,
+                        on_duplicate=config.data.on_duplicate)
+        preprocessor = run_stage(preprocess_task, root, force=force["preprocess"], raw=raw,
+                                 config=config.preprocess)
+        data = run_stage(tensorize_task, root, force=force["tensorize"], raw=raw,
+                         preprocessor=preprocessor, **config.tensorize_inputs())
+        # One task per group of torch candidates of one shape (trained as one stacked model) and
+        # per other candidate, submitted together: they train in parallel on the task runner
+        # (threads, or Dask workers), and a failed group reruns alone.
+        trained = train_all(root, force=force["train"], data=data,
+                            candidates=list(config.all_candidates()), config=config.train)
+        model = run_stage(select_task, root, force=force["select"], trained=trained,
+                          candidates=list(config.all_candidates()), config=config.train,
+                          select=config.select, raw=raw, preprocessor=preprocessor, data=data)
+        predictions = run_stage(predict_task, root, force=force["predict"], model=model, raw=raw,
+                                config=config.predict)
+        promotion = promote_task(model, predictions, raw, config.promote)
+        result = publish_task(model, predictions, config.submission, promotion)
+        # The results as artifacts of the flow run itself, on its page in the dashboard.
+        show_on_run(model, trained)
+        show_promotion(model, promotion)
+        name_run(config, snapshot.data_version, result)
+        show_result(config, result)
     return result
 
 

@@ -105,6 +105,24 @@ def add_run_hook(hook: Callable[[str], None]) -> Callable[[], None]:
     return _RUNS.add(hook)
 
 
+_SHOWN = [0]  # commands in this process showing the run's stages and results
+
+
+@contextlib.contextmanager
+def shown_by_caller() -> Iterator[None]:
+    """Inside the block, a command of this process (``houseprice run``) shows the run's stage
+    lines and results; outside it, the flow prints them itself."""
+    _SHOWN[0] += 1
+    try:
+        yield
+    finally:
+        _SHOWN[0] -= 1
+
+
+def caller_shows() -> bool:
+    return _SHOWN[0] > 0
+
+
 def flow_run_started() -> None:
     """The pipeline's flow run has started (its id, for a message should it be stopped)."""
     from prefect.runtime import flow_run

@@ -4,11 +4,15 @@ submission copy). Not cached: every run, cached or not, shows its results."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks import progress
 from tasks.storage.artifacts import ArtifactRef, require
 
 METRICS_KEY = "house-price-metrics"
@@ -208,3 +213,133 @@ def _plot_curves(curves: list[dict[str, list[float]]], title: str, path: Path) -
     ax.legend(handles=[Line2D([], [], color="C0", label="train"),
                        Line2D([], [], color="C1", linestyle="--", label="valid")])
     fig.savefig(path)
+
+
+def stage_line(name: str, state: str, took: float) -> str:
+    """A stage's line as it ends: ``select · Completed in 3.1 s``, ``download · Cached``."""
+    return (f"houseprice: {name} · {state}"
+            + (f" in {took:.1f} s" if state == "Completed" else ""))
+
+
+@contextlib.contextmanager
+def own_output() -> Iterator[Callable[[Any, dict[str, Any]], None]]:
+    """For the pipeline's flow: when no command of this process shows the run (a served
+    run, a worker's, a retry from the dashboard), its stage lines as ``houseprice run``
+    prints them; yields the function that prints the result table and summary line (a
+    no-op when a command shows them)."""
+    if progress.caller_shows():
+        yield lambda config, result: None
+        return
+    remove = progress.add_stage_hook(StageLines())
+
+    def show(config, result: dict[str, Any]) -> None:
+        sys.stdout.write(result_table(config, result) + "\n" + summary_line(config, result)
+                         + "\n")
+        sys.stdout.flush()
+
+    try:
+        yield show
+    finally:
+        remove()
+
+
+class StageLines:
+    """A ``tasks.progress`` stage hook writing each stage's line as it ends, for a run no
+    terminal display watches (one started by ``houseprice serve``, a worker, the dashboard's
+    Retry): the runner passes the flow process's output on to its own."""
+
+    def __init__(self, out=None) -> None:
+        self.out, self.clock, self.started = out or sys.stdout, time.monotonic, {}
+
+    def __call__(self, name: str, state: str) -> None:
+        if state == "Running":
+            self.started[name] = self.clock()
+            return
+        took = self.clock() - self.started.pop(name, self.clock())
+        # Written, not print()ed: the flow's log_prints would send a print to its log.
+        self.out.write(stage_line(name, state, took) + "\n")
+        self.out.flush()
+
+
+def result_table(config, result: dict[str, Any], shown: int = 12,
+                 log: Path | None = None) -> str:
+    """The end of ``houseprice run`` as a person reads it: the candidates best first (the
+    all-rows score, its spread over repeats, the score without the outliers, blend weight,
+    predict speed of its compiled plan alone, status), the selection, and where everything
+    was written."""
+    from tasks.data.folds import cv_label
+    from tasks.storage.artifacts import ArtifactRef
+
+    root = config.artifacts_dir
+    model = ArtifactRef(root=root, stage="select", version=result["model_version"])
+    board = json.loads(model.file("leaderboard.json").read_text())["leaderboard"]
+    meta = model.manifest()["metrics"]
+
+    def score(m: dict[str, Any], key: str) -> str:
+        return "—" if m.get(key) is None else f"{m[key]:.4f}"
+
+    rows = [("candidate", "all rows", "± repeats", "w/o outliers", "weight", "rows/s",
+             "status")]
+    for m in board[:shown]:
+        chosen = m["candidate"] == result["selected"]
+        weight = m.get("blend_weight")
+        rows.append((
+            m["candidate"] + (" *" if chosen else ""), score(m, "oof_log_rmse_all"),
+            score(m, "oof_log_rmse_all_spread"), score(m, "oof_log_rmse_clean"),
+            "" if not weight else f"{weight:.3f}",
+            f"{m['predict_rows_per_s']:,}" if m.get("predict_rows_per_s") else "—",
+            "selected" if chosen else m["status"] + (f": {m['reason']}" if m.get("reason")
+                                                     else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    cv = cv_label(config.train.n_splits, config.train.repeats)
+    lines = ["", f"{cv} out-of-fold log RMSE, best first "
+             f"({len(board)} entries; * = selected):"]
+    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+              + "  " + r[-1] for r in rows]
+    if len(board) > shown:
+        lines.append(f"  ... {len(board) - shown} more in {model.file('model_card.md')}")
+    lines += [
+        "",
+        f"  model        {result['model_version']}  ({model.location})",
+        *([f"  final form   {meta['final']} (select.final; see the model card)"
+           + (f", predicts {meta['predict_rows_per_s']:,} rows/s"
+              if meta.get("predict_rows_per_s") else "")] if meta.get("final") else []),
+        *([f"  ranges       out-of-fold coverage " + ", ".join(
+            f"{float(level):.0%} {cov:.1%}" for level, cov in meta["interval_coverage"].items())
+           + " ('houseprice predict --interval 0.9')"] if meta.get("interval_coverage") else []),
+        f"  submission   {result['submission']}",
+        *([f"  copied to    {config.submission}"] if config.submission else []),
+        f"  artifacts    {model.root}",
+        *([f"  log          {log}"] if log else []),
+    ]
+    return "\n".join(lines)
+
+
+def summary_line(config, result: dict[str, Any]) -> str:
+    """The run's last line, what scripts read: the selection, its score, the gate's verdict
+    and where the predictions are."""
+    from tasks.data.folds import cv_label
+
+    parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
+    promotion = result["promotion"]
+    if promotion["basis"] == "same model":
+        verdict = promotion["reason"]
+    elif promotion["promote"]:
+        verdict = f"promoted to production ({promotion['reason']})"
+    else:
+        verdict = (f"not promoted, production stays {promotion['production']} "
+                   f"({promotion['reason']})")
+    return (
+        f"houseprice: selected {result['selected']}"
+        + (f" [{parts}]" if result["selected"] == "blend" else "")
+        + f" ({cv_label(config.train.n_splits, config.train.repeats)} out-of-fold log RMSE "
+        f"{result['oof_log_rmse_all']:.4f}"
+        + (f" ± {spread:.4f} over repeats" if (spread := result.get("oof_log_rmse_all_spread"))
+           is not None else "")
+        + " on all rows, "
+        f"{result['oof_log_rmse_clean']:.4f} without the 2 outliers; "
+        f"model {result['model_version']}, "
+        f"data {result.get('data_version')}); {verdict}; predictions: {result['submission']}"
+        + (f"; copied to {config.submission}" if config.submission else "")
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -59,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
     display = (TerminalProgress(len(config.all_candidates())).start()
                if not args.quiet and sys.stderr.isatty() else None)
     run_id: list[str] = []
-    from tasks.progress import add_run_hook
+    from tasks.progress import add_run_hook, shown_by_caller
 
     forget_run = add_run_hook(run_id.append)
     forget_link = add_run_hook(announce_link)
     try:
-        with no_heartbeats(local), interruptible(lambda: run_id[-1] if run_id else None,
-                                                 rerun_hint(args, local)):
+        with shown_by_caller(), no_heartbeats(local), interruptible(
+                lambda: run_id[-1] if run_id else None, rerun_hint(args, local)):
             state = flow(config, from_stage=args.from_stage, return_state=True)
     finally:
         forget_run()
@@ -91,9 +90,11 @@ def run(args: argparse.Namespace) -> int:
             raise RunFailed(f"{one_line(error)}{hint}{where}") from error
         raise RunFailed(f"flow run {flow_run_id} ended {state.name}: {state.message}{hint}"
                         f"{where}")
+    from tasks.report import result_table, summary_line
+
     # The table, then the one-line summary last (what scripts read).
     print(result_table(config, outcome, log=log), flush=True)
-    summary(config, outcome)
+    print(summary_line(config, outcome), flush=True)
     return 0
 
 
@@ -355,8 +356,9 @@ class TerminalProgress:
             took = time.monotonic() - self.stage_started.pop(name, time.monotonic())
             # Written, not print()ed: this runs inside the flow, whose log_prints would
             # send a print to Prefect's log instead of the terminal.
-            self.out.write(self._erase() + f"houseprice: {name} · {state}"
-                           + (f" in {took:.1f} s" if state == "Completed" else "") + "\n")
+            from tasks.report import stage_line
+
+            self.out.write(self._erase() + stage_line(name, state, took) + "\n")
             self.out.flush()
 
     def line(self) -> str | None:
@@ -425,83 +427,3 @@ class TerminalProgress:
 
 def _clock(seconds: float) -> str:
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
-
-
-def result_table(config, result: dict[str, Any], shown: int = 12,
-                 log: Path | None = None) -> str:
-    """The end of ``houseprice run`` as a person reads it: the candidates best first (the
-    all-rows score, its spread over repeats, the score without the outliers, blend weight,
-    predict speed of its compiled plan alone, status), the selection, and where everything
-    was written."""
-    from tasks.data.folds import cv_label
-    from tasks.storage.artifacts import ArtifactRef
-
-    root = config.artifacts_dir
-    model = ArtifactRef(root=root, stage="select", version=result["model_version"])
-    board = json.loads(model.file("leaderboard.json").read_text())["leaderboard"]
-    meta = model.manifest()["metrics"]
-
-    def score(m: dict[str, Any], key: str) -> str:
-        return "—" if m.get(key) is None else f"{m[key]:.4f}"
-
-    rows = [("candidate", "all rows", "± repeats", "w/o outliers", "weight", "rows/s",
-             "status")]
-    for m in board[:shown]:
-        chosen = m["candidate"] == result["selected"]
-        weight = m.get("blend_weight")
-        rows.append((
-            m["candidate"] + (" *" if chosen else ""), score(m, "oof_log_rmse_all"),
-            score(m, "oof_log_rmse_all_spread"), score(m, "oof_log_rmse_clean"),
-            "" if not weight else f"{weight:.3f}",
-            f"{m['predict_rows_per_s']:,}" if m.get("predict_rows_per_s") else "—",
-            "selected" if chosen else m["status"] + (f": {m['reason']}" if m.get("reason")
-                                                     else "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    cv = cv_label(config.train.n_splits, config.train.repeats)
-    lines = ["", f"{cv} out-of-fold log RMSE, best first "
-             f"({len(board)} entries; * = selected):"]
-    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=False)))
-              + "  " + r[-1] for r in rows]
-    if len(board) > shown:
-        lines.append(f"  ... {len(board) - shown} more in {model.file('model_card.md')}")
-    lines += [
-        "",
-        f"  model        {result['model_version']}  ({model.location})",
-        *([f"  final form   {meta['final']} (select.final; see the model card)"
-           + (f", predicts {meta['predict_rows_per_s']:,} rows/s"
-              if meta.get("predict_rows_per_s") else "")] if meta.get("final") else []),
-        f"  submission   {result['submission']}",
-        *([f"  copied to    {config.submission}"] if config.submission else []),
-        f"  artifacts    {model.root}",
-        *([f"  log          {log}"] if log else []),
-    ]
-    return "\n".join(lines)
-
-
-def summary(config, result: dict[str, Any]) -> None:
-    from tasks.data.folds import cv_label
-
-    parts = ", ".join(f"{n} {w:.3f}" for n, w in result["components"].items())
-    promotion = result["promotion"]
-    if promotion["basis"] == "same model":
-        verdict = promotion["reason"]
-    elif promotion["promote"]:
-        verdict = f"promoted to production ({promotion['reason']})"
-    else:
-        verdict = (f"not promoted, production stays {promotion['production']} "
-                   f"({promotion['reason']})")
-    print(
-        f"houseprice: selected {result['selected']}"
-        + (f" [{parts}]" if result["selected"] == "blend" else "")
-        + f" ({cv_label(config.train.n_splits, config.train.repeats)} out-of-fold log RMSE "
-        f"{result['oof_log_rmse_all']:.4f}"
-        + (f" ± {spread:.4f} over repeats" if (spread := result.get("oof_log_rmse_all_spread"))
-           is not None else "")
-        + " on all rows, "
-        f"{result['oof_log_rmse_clean']:.4f} without the 2 outliers; "
-        f"model {result['model_version']}, "
-        f"data {result.get('data_version')}); {verdict}; predictions: {result['submission']}"
-        + (f"; copied to {config.submission}" if config.submission else ""),
-        flush=True,
-    )

@@ -160,44 +160,79 @@ def test_a_server_status_without_a_server_exits_1(tmp_path):
         "dashboard' or a run starts one")
 
 
-def test_serve_works_out_of_the_box_and_ctrl_c_stops_it(kept_env, data_server, tmp_path):
-    """No PREFECT_API_URL: serve registers the deployment on the local server, prints its
-    next run and its page, a run triggered on it completes, and Ctrl-C stops serving."""
+def test_serve_works_out_of_the_box_its_schedule_runs_and_ctrl_c_stops_it(
+        kept_env, data_server, tmp_path):
+    """No PREFECT_API_URL: serve registers the deployment on the local server and prints its
+    next run and its page; the server's scheduler starts a run on time, which prints the
+    stage lines and result table as ``houseprice run`` does; Ctrl-C stops serving."""
     import signal
+    import time
 
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     config = write_config(tmp_path / "ridge.json", candidates=[
         {"name": "ridge", "kind": "ridge", "alpha": 10.0}], search=[],
         artifacts_dir=str(tmp_path / "arts"),
         data={"url": data_server.url, "cache_dir": str(tmp_path / "cache")})
-    proc, lines = _serve("--cron", "0 3 * * *", "--name", "nightly", "--config", str(config),
+    proc, lines = _serve("--interval", "20", "--name", "every-20s", "--config", str(config),
                          env=kept_env)
     try:
-        api = re.search(r"on (http://127\.0\.0\.1:\d+/api), cron '0 3 \* \* \*'",
-                        lines[0])
+        api = re.search(r"on (http://127\.0\.0\.1:\d+/api), every 20 s", lines[0])
         assert api, lines
         # (Prefect's own log lines may come between ours.)
-        (line,) = [x for x in lines if x.startswith("houseprice: house-price/nightly: ")]
+        (line,) = [x for x in lines if x.startswith("houseprice: house-price/every-20s: ")]
         shown = re.fullmatch(
-            r"houseprice: house-price/nightly: next run (\d{4}-\d\d-\d\d) 03:00:00 UTC; "
+            r"houseprice: house-price/every-20s: next run (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC; "
             r"(http://127\.0\.0\.1:\d+)/deployments/deployment/([0-9a-f-]{36})\n", line)
         assert shown and shown[2] == dashboard_url(api[1]), lines
         with temporary_settings({PREFECT_API_URL: api[1]}), get_client(
                 sync_client=True) as client:
-            deployment = client.read_deployment_by_name("house-price/nightly")
+            deployment = client.read_deployment_by_name("house-price/every-20s")
             assert str(deployment.id) == shown[3]
-            run = run_deployment("house-price/nightly", timeout=300, poll_interval=1)
+            run = _first_scheduled_run(client, deployment.id)
+            # No second run while this one finishes: pausing deletes the later ones.
+            client.pause_deployment(deployment.id)
+            deadline = time.monotonic() + 300
+            while not (run := client.read_flow_run(run.id)).state.is_final():
+                assert time.monotonic() < deadline, run.state
+                time.sleep(1)
             assert run.state.is_completed(), run.state.message
+            assert run.auto_scheduled and run.created_by.type == "SCHEDULE"  # not by hand
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, _ = proc.communicate(timeout=120)
+        stopping = time.monotonic()
+        out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    print(f"serve stopped {time.monotonic() - stopping:.1f} s after Ctrl-C")
     assert proc.returncode == 0, out[-2000:]
     assert out.strip().splitlines()[-1].startswith("houseprice: stopped serving")
+    # The served run's own lines, as the run command prints them.
+    for stage in ("download", "preprocess", "tensorize", "select", "predict"):
+        assert re.search(rf"^houseprice: {stage} · Completed in [\d.]+ s$", out, re.M), out
+    assert "out-of-fold log RMSE, best first" in out and re.search(
+        r"^  ridge \*\s+0\.1\d+", out, re.M), out
+    assert re.search(r"^houseprice: selected ridge \(5-fold out-of-fold log RMSE 0\.1\d+", out,
+                     re.M), out
+
+
+def _first_scheduled_run(client, deployment_id, timeout: float = 180.0):
+    """The deployment's first run made by the scheduler, once it has started."""
+    import time
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
+        if runs and runs[0].state.type.value not in ("SCHEDULED", "PENDING"):
+            return runs[0]
+        time.sleep(1)
+    raise AssertionError(f"no scheduled run started in {timeout:.0f} s")
 
 
 def retry_in_browser(url: str, shots: Path) -> None:
