@@ -305,7 +305,7 @@ def result_table(config, result: dict[str, Any], shown: int = 12,
         *([f"  final form   {meta['final']} (select.final; see the model card)"
            + (f", predicts {meta['predict_rows_per_s']:,} rows/s"
               if meta.get("predict_rows_per_s") else "")] if meta.get("final") else []),
-        *([f"  ranges       out-of-fold coverage " + ", ".join(
+        *(["  ranges       out-of-fold coverage " + ", ".join(
             f"{float(level):.0%} {cov:.1%}" for level, cov in meta["interval_coverage"].items())
            + " ('houseprice predict --interval 0.9')"] if meta.get("interval_coverage") else []),
         f"  submission   {result['submission']}",
