@@ -402,3 +402,30 @@ def test_models_lists_training_rows_not_out_of_fold_predictions(trained, capsys)
     line = next(x for x in capsys.readouterr().out.splitlines()
                 if result["model_version"] in x)
     assert " 1460 " in line and "2920" not in line, line
+
+
+def test_the_selected_models_ranges_cover_their_levels_out_of_fold(trained):
+    from tasks.inference import intervals
+
+    cfg, result = trained
+    ref = ArtifactRef(root=cfg.artifacts_dir, stage="select", version=result["model_version"])
+    saved = json.loads(ref.file(intervals.INTERVALS_JSON).read_text())
+    # Each fold's rows with ranges calibrated on the other folds: within 1.5 points.
+    assert [row["level"] for row in saved["coverage"]] == [0.8, 0.9, 0.95]
+    for row in saved["coverage"]:
+        assert abs(row["coverage"] - row["level"]) <= 0.015, saved["coverage"]
+        assert 0 < row["median_relative_width"] < 1
+    meta = ref.manifest()["metrics"]
+    assert meta["interval_coverage"] == {
+        f"{row['level']:g}": round(row["coverage"], 4) for row in saved["coverage"]}
+    card = ref.file("model_card.md").read_text()
+    assert "## Price ranges" in card
+    assert f"| 90% | {saved['coverage'][1]['coverage']:.1%} | $" in card
+    # The calibration is the one the selected model's out-of-fold rows give.
+    oof = pd.read_parquet(ref.file("oof.parquet"))
+    assert len(oof) == oof["Id"].nunique() == 1460  # one prediction per house
+    again = intervals.fit(oof["pred_log_price"], oof["log_price"])
+    stored = intervals.load(ref.file(intervals.INTERVALS_JSON))
+    grid = np.linspace(10.5, 13.5, 61)
+    np.testing.assert_array_equal(stored.half_width(grid, 0.9), again.half_width(grid, 0.9))
+    assert len(stored.bands) == 5 and stored.bands[0].n == 292
