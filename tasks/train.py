@@ -380,6 +380,7 @@ def train_all(root: str, *, force: bool, data: ArtifactRef,
     """Every candidate trained (groups of one shape stacked, in parallel on the task
     runner); their references in the candidates' order."""
     groups = stack_groups(candidates)
+    progress_hooks.stage_state("train", "Running")
     for c in candidates:  # all of them waiting, for the terminal display, before any starts
         progress_hooks.report(c.name, 0.0)
     futures = []
@@ -400,8 +401,15 @@ def train_all(root: str, *, force: bool, data: ArtifactRef,
             future.add_done_callback(lambda _, slot=slot: slot.release())
         futures.append(future)
     by_name: dict[str, ArtifactRef] = {}
-    for group, future in zip(groups, futures, strict=True):
-        result = future.result()
-        by_name.update(zip((c.name for c in group),
-                           result if isinstance(result, list) else [result], strict=True))
+    try:
+        for group, future in zip(groups, futures, strict=True):
+            result = future.result()
+            by_name.update(zip((c.name for c in group),
+                               result if isinstance(result, list) else [result], strict=True))
+    except BaseException:
+        progress_hooks.stage_state("train", "Failed")
+        raise
+    # One line for the stage: Cached when every group was.
+    cached = all(f.state.name == "Cached" for f in futures)
+    progress_hooks.stage_state("train", "Cached" if cached else "Completed")
     return [by_name[c.name] for c in candidates]

@@ -381,6 +381,8 @@ class TerminalProgress:
             elapsed = now - self.started
         if not training:
             return running
+        # The training block stands for the train stage's own "running" line.
+        running = [line for line in running if not line.startswith("houseprice: train ")]
         shown = ", ".join(f"{n} {100 * f:.0f}%" for n, f in training[:4])
         more = f" (+{len(training) - 4} more)" if len(training) > 4 else ""
         lines = [f"houseprice: training {_clock(elapsed)} · {finished} of {self.total} "

@@ -649,9 +649,10 @@ def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_s
     # A row per candidate in training with its percent, time and latest valid log RMSE.
     assert re.search(r"  \S+ +\d+%  \d+:\d\d  valid 0\.\d{4}", output), output[-3000:]
     # Each stage's line as it ends, in order; Prefect's own lines are in the log file.
-    for stage in ("download", "preprocess", "tensorize", "select", "predict"):
+    for stage in ("download", "preprocess", "tensorize", "train", "select", "predict"):
         assert re.search(rf"houseprice: {stage} · (Completed in [\d.]+ s|Cached)", output), stage
-    assert output.index("houseprice: tensorize ·") < output.index("houseprice: select ·")
+    assert (output.index("houseprice: tensorize ·") < output.index("houseprice: train ·")
+            < output.index("houseprice: select ·"))
     assert "Finished in state" not in output
 
 
