@@ -367,6 +367,17 @@ def test_run_command_end_to_end_with_env_settings(prefect_api, data_server, tmp_
     assert bad.returncode == 2 and "invalid choice: 'nowhere'" in bad.stderr
 
 
+@pytest.mark.parametrize("level", ["0", "1.5"])
+def test_score_with_a_level_outside_zero_and_one_is_one_line(level, tmp_path):
+    proc = houseprice("score", str(tmp_path), "--interval", level,
+                      "--artifacts", str(tmp_path / "a"))
+    assert proc.returncode == 2
+    assert re.fullmatch(r"houseprice: error: invalid configuration: interval: Input should be "
+                        r"(greater|less) than [01]; fix it in --config or the flags",
+                        last_line(proc.stderr)), proc.stderr
+    assert not (tmp_path / "a").exists()
+
+
 def test_score_scores_an_inbox_once_and_names_a_file_it_cannot_score(trained, tmp_path):
     cfg, result = trained
     inbox = tmp_path / "inbox"
