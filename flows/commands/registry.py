@@ -84,8 +84,11 @@ def promote(args: argparse.Namespace) -> int:
     from tasks.config import default_artifacts_dir
     from tasks.promote import promote_by_hand
 
-    entry = promote_by_hand(args.artifacts or default_artifacts_dir(), args.version)
-    print(f"houseprice: {entry['model']} is production ({entry['reason']})")
+    root = args.artifacts or default_artifacts_dir()
+    before = _production(root)
+    entry = promote_by_hand(root, args.version)
+    print(f"houseprice: {entry['model']} is production ({entry['reason']})"
+          + _announce(root, entry, before), flush=True)
     return 0
 
 
@@ -93,9 +96,42 @@ def rollback(args: argparse.Namespace) -> int:
     from tasks.config import default_artifacts_dir
     from tasks.promote import rollback
 
-    entry = rollback(args.artifacts or default_artifacts_dir())
-    print(f"houseprice: {entry['model']} is production again ({entry['reason']})")
+    root = args.artifacts or default_artifacts_dir()
+    before = _production(root)
+    entry = rollback(root)
+    print(f"houseprice: {entry['model']} is production again ({entry['reason']})"
+          + _announce(root, entry, before), flush=True)
     return 0
+
+
+def _production(root: str) -> str | None:
+    from tasks.storage.artifacts import read_production
+
+    current = read_production(root)
+    return current.get("model") if current else None
+
+
+def _announce(root: str, entry: dict, before: str | None) -> str:
+    """The ``houseprice.model.promoted`` event of a model made production by hand, sent to
+    the server whose automations would hear it: the user's (PREFECT_API_URL) or the local
+    one kept for this Prefect home. With neither running, nothing could hear it, and none is
+    started for it. Returns what the command's line adds."""
+    from flows.commands.server import kept_status, user_api
+
+    url = user_api() or next((s["url"] for s in kept_status()), None)
+    if url is None:
+        return ""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.commands.run import send_events
+    from tasks.promote import PROMOTED_EVENT, announce_promotion
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        announce_promotion(root, entry["model"], {
+            "champion": before, "reason": entry["reason"], "basis": entry["action"],
+            "data_version": entry.get("data_version")})
+        send_events()
+    return f"; {PROMOTED_EVENT} sent to {url}"
 
 
 def check(args: argparse.Namespace) -> int:

@@ -61,7 +61,8 @@ def test_drift_retrains_through_the_automation_and_failures_and_promotions_notif
     """Served with a webhook, on the local server: the first training run promotes (a
     notification); a scored file that drifts emits the event, the automation runs the
     training deployment, and the gate decides on that run (its record read back); a failed
-    run notifies the webhook."""
+    run notifies the webhook, and its retry from the dashboard completes; a promotion by
+    hand notifies too."""
     import json
     import signal
     import time
@@ -167,6 +168,24 @@ def test_drift_retrains_through_the_automation_and_failures_and_promotions_notif
             for stage in ("download", "preprocess", "tensorize"):
                 assert states[stage] == {"Cached"}, states
             assert states["train"] == {"Completed"}, states
+
+            # A promotion by hand notifies too: the event goes to the kept local server.
+            from tasks.promote import list_models
+
+            other = next(m["version"] for m in list_models(str(root)) if not m["production"])
+            told = len([b for b in hook.bodies if "promoted" in b.get("subject", "")])
+            by_hand = cli("promote", other, "--artifacts", str(root), env=kept_env)
+            assert by_hand.returncode == 0, by_hand.stderr
+            assert by_hand.stdout.strip() == (
+                f"houseprice: {other} is production (promoted by hand); "
+                f"houseprice.model.promoted sent to {api}")
+            deadline = time.monotonic() + 90
+            while len(news := [b for b in hook.bodies
+                               if "promoted" in b.get("subject", "")]) == told:
+                assert time.monotonic() < deadline, hook.bodies
+                time.sleep(0.5)
+            assert news[-1]["subject"] == f"houseprice: model {other} promoted"
+            assert "promoted by hand" in news[-1]["body"]
     finally:
         hook.close()
         proc.send_signal(signal.SIGINT)  # serving stops (checked in the test above)
