@@ -396,8 +396,10 @@ def test_score_scores_an_inbox_once_and_names_a_file_it_cannot_score(trained, tm
                            "; drift over the threshold in far.csv; predictions: "), line
     paths = [Path(p) for p in line.split("predictions: ")[1].split(", ")]
     rows = {len(pd.read_csv(p)) for p in paths}
-    assert rows == {50, 30} and all(list(pd.read_csv(p).columns) == ["Id", "SalePrice"]
-                                    for p in paths)
+    # With the 90% range of each price, the scoring flow's default.
+    assert rows == {50, 30} and all(
+        list(pd.read_csv(p).columns) == ["Id", "SalePrice", "SalePrice_lo", "SalePrice_hi"]
+        for p in paths)
     (inbox / "broken.csv").write_text("Id,MSSubClass\n1")
     proc = houseprice(*args)
     assert proc.returncode == 1
