@@ -4,6 +4,7 @@ and Prefect's retry of a failed run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import Any
 
@@ -75,10 +76,38 @@ def serve(args: argparse.Namespace) -> int:
         print(f"houseprice: automation {line}", flush=True)
     print("houseprice: Ctrl-C stops serving (the server keeps running: 'houseprice server "
           "stop' stops a local one)", flush=True)
-    serve(*deployments, print_starting_message=False)
-    print("houseprice: stopped serving (Prefect paused the deployments' schedules until they "
-          "are served again)", flush=True)
+    forced = False
+    with ctrl_c_as_sigterm():
+        try:
+            serve(*deployments, print_starting_message=False)
+        except SystemExit:  # a second Ctrl-C: Prefect's SIGTERM handler exits at once
+            forced = True
+    print("houseprice: stopped serving " + (
+        "at once (a second Ctrl-C: the schedules may not be paused; pause them in the "
+        "dashboard, or serve again)" if forced else
+        "(Prefect paused the deployments' schedules until they are served again)"), flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def ctrl_c_as_sigterm():
+    """Inside the block, Ctrl-C takes the path SIGTERM takes once Prefect's runner has
+    started: its own handler stops the polling loops, which pauses the schedules, and a
+    second one exits at once. (asyncio's own Ctrl-C cancels the runner's main task instead;
+    seen in the parallel test suite, that left ``serve`` running.) Before the runner
+    handles SIGTERM, Ctrl-C interrupts as anywhere else."""
+    import signal
+
+    def on_ctrl_c(signum, frame):
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def deployment_line(deployment, url: str) -> str:
