@@ -280,8 +280,24 @@ def build_stage(stage: str, root: str, inputs: dict[str, Any], write,
     """
     with failing_as(stage):
         params, upstream = versioned_inputs(inputs)
-        return artifacts.build(
-            root, stage, stage_version(stage, inputs), write,
-            parameters=params, upstream=upstream, code_version=_stage_code(stage, inputs),
-            force=force,
-        )
+        try:
+            return artifacts.build(
+                root, stage, stage_version(stage, inputs), write,
+                parameters=params, upstream=upstream, code_version=_stage_code(stage, inputs),
+                force=force,
+            )
+        finally:
+            release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system. glibc keeps what a stage freed for
+    later allocations; with a million rows that was about 0.5 GB of the process's peak that
+    no later stage reused. (A lower mmap threshold would do it as well, but made the torch
+    training loop's per-step buffers page-fault: 60% slower.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
@@ -45,7 +44,7 @@ from tasks.stage import (
     stage_version,
     submit_stage,
 )
-from tasks.storage.artifacts import ArtifactRef, is_complete, link_name, write_json
+from tasks.storage.artifacts import ArtifactRef, is_complete, link_name, write_json, write_text
 from tasks.storage.store import open_store, root_key
 from tasks.tensorize import read_fold_features, read_matrix
 
@@ -221,18 +220,8 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
         log(f"{candidate.name}: diverged: {metrics['reason']}")
     torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members],
                 "refit": refit}, out_dir / "models.pt")
-    # One row per (repeat, Id): ``fold`` numbers the folds over all repeats (repeat-major).
-    rows = [(k, k // config.n_splits, va) for k, (_, va) in enumerate(cv.folds)]
-    pd.DataFrame({
-        "Id": np.concatenate([m.ids[va] for *_, va in rows]),
-        "repeat": np.concatenate([np.full(len(va), r) for _, r, va in rows]),
-        "fold": np.concatenate([np.full(len(va), k) for k, _, va in rows]),
-        "pred_log_price": np.concatenate([cv.oof_log_price[r, va] for _, r, va in rows]),
-        "outlier": np.concatenate([outliers[va] for *_, va in rows]),
-        "log_price": np.concatenate([np.log(m.y[va]) for *_, va in rows]),
-    }).sort_values(["repeat", "Id"]).to_parquet(out_dir / "oof.parquet", index=False)
-    write_json(out_dir / "folds.json", {"valid_ids": [m.ids[va].tolist() for _, va in cv.folds],
-                                        "excluded_from_fit": m.ids[excluded].tolist()})
+    write_oof(out_dir / "oof.parquet", m, outliers, cv, config.n_splits)
+    write_text(out_dir / "folds.json", folds_json(m.ids, cv.folds, excluded))
     write_json(out_dir / "metrics.json", {**metrics, "curves": cv.curves})
     if cv.curves is not None:
         score = metrics["mean_valid_log_rmse"]
@@ -241,6 +230,35 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
             out_dir / "learning_curves.png")
     return {k: metrics[k] for k in ("candidate", "status", "mean_valid_log_rmse",
                                     "oof_log_rmse_all", "oof_log_rmse_clean")}
+
+
+def folds_json(ids: np.ndarray, folds, excluded: np.ndarray) -> str:
+    """``folds.json``: ``{"excluded_from_fit": [Id...], "valid_ids": [[Id...] per fold]}``,
+    an Id list per line (indented, a million rows took seconds and hundreds of MB in json's
+    pure-Python encoder)."""
+    lists = ",\n".join("    " + json.dumps(ids[va].tolist()) for _, va in folds)
+    return (f'{{\n  "excluded_from_fit": {json.dumps(ids[excluded].tolist())},\n'
+            f'  "valid_ids": [\n{lists}\n  ]\n}}\n')
+
+
+def write_oof(path: Path, m, outliers: np.ndarray, cv: CVResult, n_splits: int) -> None:
+    """``oof.parquet``: one row per (repeat, Id), in that order; ``fold`` numbers the folds
+    over all repeats (repeat-major). Built in its order (rows gathered once per column, no
+    frame sorted and copied)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folds = [(k, k // n_splits, va) for k, (_, va) in enumerate(cv.folds)]
+    rows = np.concatenate([va for *_, va in folds])
+    fold = np.concatenate([np.full(len(va), k) for k, _, va in folds])
+    repeat = fold // n_splits
+    order = np.lexsort((m.ids[rows], repeat))
+    rows, fold, repeat = rows[order], fold[order], repeat[order]
+    pq.write_table(pa.table({
+        "Id": m.ids[rows], "repeat": repeat, "fold": fold,
+        "pred_log_price": cv.oof_log_price[repeat, rows], "outlier": outliers[rows],
+        "log_price": np.log(m.y[rows]),
+    }), path)
 
 
 def _check_root(root: str) -> None:

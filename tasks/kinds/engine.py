@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tasks.data.foldmaps import FoldMaps
-from tasks.kinds.nets import NetSpec, Regressor, epochs_within, log_price
+from tasks.kinds.nets import NetSpec, Regressor, epochs_within
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -367,13 +367,23 @@ def _eval_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
     widest = max(w.shape[-1] for w in weights)
     # ... and the chunk's inputs under 64 MB: rows built from fold maps are new memory
     chunk = max(128, min((1 << 22) // (S * C * widest), (1 << 24) // X.shape[1]))
-    parts = []
+    # One (S * C, n) result, each chunk written into it (not the chunks, their
+    # concatenation and its transpose: three copies of every prediction).
+    out = torch.empty(S, C, X.shape[0], dtype=weights[0].dtype, device=weights[0].device)
     for lo in range(0, X.shape[0], chunk):
         h = _first_layer_shared(X[lo:lo + chunk], weights[0], biases[0])
         for w, b in zip(weights[1:], biases[1:], strict=True):
             h = _next_layer(_activation(h, activation), w, b)
-        parts.append(h.squeeze(-1))  # (S, rows, C)
-    return torch.cat(parts, 1).permute(0, 2, 1).reshape(S * C, X.shape[0])
+        out[:, :, lo:lo + chunk] = h.squeeze(-1).transpose(1, 2)  # (S, rows, C)
+    return out.view(S * C, X.shape[0])
+
+
+def _log_price_(output: torch.Tensor, target: str, y_mean: torch.Tensor,
+                y_std: torch.Tensor) -> torch.Tensor:
+    """``log_price`` in place on ``output`` (the same values, no (M, n) copies)."""
+    if target == "log":
+        return output.mul_(y_std).add_(y_mean).clamp_(min=0.0)
+    return output.clamp_(min=1.0).log_()
 
 
 def forward_backward(X: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
@@ -552,10 +562,13 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     # Per-model target scaling from its own training rows (log target standardized).
     logy = torch.log(y)
     if target == "log":
-        cnt = train_mask.sum(1, keepdim=True).float()
-        y_mean = (logy * train_mask).sum(1, keepdim=True) / cnt
-        y_std = (((logy - y_mean) ** 2 * train_mask).sum(1, keepdim=True) / (cnt - 1)).sqrt()
-        y_fit = (logy - y_mean) / y_std  # (M, n)
+        # A model at a time: no (M, n) temporaries beside the (M, n) result.
+        own = [logy[train_mask[m]] for m in range(M)]
+        y_mean = torch.stack([t.mean() for t in own]).view(M, 1)
+        y_std = torch.stack([(t - mu).square_().sum() / (t.numel() - 1)
+                             for t, mu in zip(own, y_mean, strict=True)]).sqrt_().view(M, 1)
+        del own
+        y_fit = torch.sub(logy, y_mean).div_(y_std)  # (M, n)
     else:
         y_mean, y_std = torch.zeros(M, 1, device=device), torch.ones(M, 1, device=device)
         y_fit = y.expand(M, n)
@@ -566,8 +579,13 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     n_valid = valid_mask.sum(1).clamp(min=1)
     sizes = stream_mask.sum(1).tolist()
     width = max(sizes)
-    rows = torch.where(stream_mask, torch.arange(n, device=device), n).sort(1).values[:, :width]
-    rows = rows.clamp(max=n - 1)
+    # Row numbers are held as int32 (half of int64's bytes per row and stream; a million
+    # rows and 15 streams: 60 MB instead of 120, and no (S, n) sort): built a stream at a time.
+    index = torch.int32 if F * n < 2**31 else torch.int64
+    rows = torch.full((S, width), n - 1, dtype=index, device=device)
+    for s in range(S):
+        own = stream_mask[s].nonzero().squeeze(1)
+        rows[s, :own.numel()] = own.to(index)
     plans = _batch_plans(sizes, spec.batch_size, device)
     epochs = epochs_within(spec, width)  # the step budget cuts epochs on many rows
     own_batches = torch.tensor([sum(c[s] > 0 for *_, c in plans) for s in range(S)],
@@ -575,12 +593,15 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
 
     def score() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            pred = log_price(_eval_by_features(X, weights, biases, spec.activation,
-                                               stream_features), target, y_mean, y_std)
-            err = (pred - logy) ** 2
-            tr = ((err * train_mask).sum(1) / n_train).sqrt()
-            va = ((err * valid_mask).sum(1) / n_valid).sqrt()
-        return tr, va, pred
+            pred = _eval_by_features(X, weights, biases, spec.activation, stream_features)
+            pred = _log_price_(pred, target, y_mean, y_std)
+            # The squared errors' sums a block of rows at a time: no (M, n) temporaries.
+            tr, va = torch.zeros(M, device=device), torch.zeros(M, device=device)
+            for lo in range(0, n, 1 << 16):
+                err = (pred[:, lo:lo + (1 << 16)] - logy[lo:lo + (1 << 16)]).square_()
+                tr += (err * train_mask[:, lo:lo + (1 << 16)]).sum(1)
+                va += (err * valid_mask[:, lo:lo + (1 << 16)]).sum(1)
+        return (tr / n_train).sqrt_(), (va / n_valid).sqrt_(), pred
 
     curves = {k: torch.zeros(M, epochs, dtype=torch.float64)
               for k in ("train_log_rmse", "valid_log_rmse", "grad_norm")}
@@ -589,16 +610,18 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         # Minibatches indexed from tensors already in memory: no DataLoader. Each stream
         # draws its own permutation (the same order as each of its models alone); a batch
         # gathers its rows once per stream.
-        order = torch.stack([
-            torch.cat([torch.randperm(size, generator=g, device=device),
-                       torch.arange(size, width, device=device)])  # padding stays last
-            for g, size in zip(gens, sizes, strict=True)])
-        idx = rows.gather(1, order)  # (S, width) each stream's rows in this epoch's order
+        # (S, width): each stream's rows in this epoch's order, and (S, width, C) their
+        # targets, so that a batch's are one slice; built a stream at a time, so that no
+        # int64 (S, n) index is ever held.
+        idx = torch.empty_like(rows)
+        y_epoch = torch.empty(S, width, C, dtype=y_fit.dtype, device=device)
+        for s, (g, size) in enumerate(zip(gens, sizes, strict=True)):
+            order = torch.randperm(size, generator=g, device=device)
+            idx[s, :size] = rows[s].index_select(0, order)
+            idx[s, size:] = rows[s, size:]  # padding stays last
+            y_epoch[s] = y_fit[s * C:(s + 1) * C].index_select(1, idx[s]).T
         if folds is None:  # the same rows of the stream's own matrix
-            idx_x = idx + offset if F > 1 else idx
-        # (S, width, C): a batch's targets are then one slice
-        y_epoch = y_fit.gather(1, idx.repeat_interleave(C, 0)).view(S, C, width).transpose(
-            1, 2).contiguous()
+            idx_x = idx + offset.to(idx.dtype) if F > 1 else idx
         grad_sum = torch.zeros(M, device=device)
         all_alive = bool(alive.all())
         alive_dev = alive.to(device)
@@ -647,6 +670,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         if not alive.any():
             break
     epochs_run = epoch + 1
+    del idx, y_epoch, y_fit  # before the last evaluation
     _, _, pred = score()
     # Back to one model per row, in the caller's order.
     w0 = weights[0].permute(0, 2, 1, 3).reshape(M, d, -1)

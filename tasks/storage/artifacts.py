@@ -193,10 +193,15 @@ def build(
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file, then rename): a reader never sees half of it."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically, as ``write_json``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -317,3 +317,44 @@ def test_learning_curves_are_drawn_with_gaps_and_for_a_candidate_diverged_at_onc
             blended = 0.6 * rgb + 0.4 * 255
             n = int((np.abs(half - blended).max(axis=-1) < 6).sum())
             assert (n > 30) == (name == "fine"), (name, series, n)
+
+
+def test_oof_and_folds_files_are_what_the_frame_sort_and_json_gave(tmp_path):
+    """``oof.parquet`` is built in its order (no frame sorted and copied) and ``folds.json``
+    a line per fold: the same rows, values and order as the pandas frame sorted by (repeat,
+    Id), and the same JSON object."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from tasks.kinds.base import CVResult
+    from tasks.train import folds_json, write_oof
+
+    rng = np.random.default_rng(3)
+    n = 50
+    folds = make_folds(n, 5, seed=4, scheme="shuffled", repeats=3)
+    ids = rng.permutation(np.arange(1000, 1000 + n))  # not in row order
+    m = SimpleNamespace(ids=ids, y=rng.uniform(5e4, 5e5, n))
+    outliers = rng.random(n) < 0.1
+    oof = rng.normal(12, 0.3, (3, n))
+    cv = CVResult(folds=folds, members=[], train_log_rmse=[], valid_log_rmse=[],
+                  oof_log_price=oof, curves=None)
+    write_oof(tmp_path / "oof.parquet", m, outliers, cv, 5)
+    got = pd.read_parquet(tmp_path / "oof.parquet")
+    rows = [(k, k // 5, va) for k, (_, va) in enumerate(folds)]
+    want = pd.DataFrame({
+        "Id": np.concatenate([ids[va] for *_, va in rows]),
+        "repeat": np.concatenate([np.full(len(va), r) for _, r, va in rows]),
+        "fold": np.concatenate([np.full(len(va), k) for k, _, va in rows]),
+        "pred_log_price": np.concatenate([oof[r, va] for _, r, va in rows]),
+        "outlier": np.concatenate([outliers[va] for *_, va in rows]),
+        "log_price": np.concatenate([np.log(m.y[va]) for *_, va in rows]),
+    }).sort_values(["repeat", "Id"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want)
+    assert len(got) == 3 * n and got.groupby("repeat")["Id"].is_monotonic_increasing.all()
+    excluded = np.zeros(n, dtype=bool)
+    excluded[[3, 17]] = True
+    assert json.loads(folds_json(ids, folds, excluded)) == {
+        "excluded_from_fit": ids[excluded].tolist(),
+        "valid_ids": [ids[va].tolist() for _, va in folds]}

@@ -102,3 +102,52 @@ def test_fold_sums_by_subtraction_equal_the_sums_fold_by_fold(tmp_path):
         np.testing.assert_allclose(sums.xx[k], X.T @ X, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(sums.xt[k], X.T @ t[tr], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose([sums.st[k], sums.tt[k]], [t[tr].sum(), t[tr] @ t[tr]])
+
+
+def test_block_sums_of_a_mapped_file_are_computed_once_for_threads_that_ask_together(
+        tmp_path, monkeypatch):
+    """Lasso and ridge ask for the same sums of the same file at once: one pass, the same
+    result for both (equal to the sums of the array in memory); another target, other
+    blocks or a slice of the map are not taken for it."""
+    import threading
+
+    from tasks.data import foldmaps
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 7)).astype(np.float32)
+    np.save(tmp_path / "base.npy", X)
+    base = np.load(tmp_path / "base.npy", mmap_mode="r", allow_pickle=False)
+    t, blocks = rng.standard_normal(3000), rng.integers(-1, 4, 3000)
+    want = foldmaps.block_sums(X, t, blocks, 4)  # in memory: not kept
+    passes = []
+    real = foldmaps._block_sums
+    started = threading.Barrier(3)
+
+    def counted(*args):
+        passes.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(foldmaps, "_block_sums", counted)
+    got = []
+
+    def ask():
+        started.wait()
+        got.append(foldmaps.block_sums(base, t, blocks, 4, chunk=512))
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(passes) == 1 and len(got) == 3
+    for g in got:
+        np.testing.assert_allclose(g, want, rtol=1e-10, atol=1e-8)
+    got[0][:] = 0  # each caller has its own copy
+    np.testing.assert_allclose(foldmaps.block_sums(base, t, blocks, 4, chunk=512), want,
+                               rtol=1e-10, atol=1e-8)
+    assert len(passes) == 1
+    foldmaps.block_sums(base, t + 1, blocks, 4, chunk=512)
+    foldmaps.block_sums(base, t, np.where(blocks == 3, -1, blocks), 4, chunk=512)
+    foldmaps.block_sums(base[1:], t[1:], blocks[1:], 4, chunk=512)
+    foldmaps.block_sums(base[1:], t[1:], blocks[1:], 4, chunk=512)
+    assert len(passes) == 5  # three new keys, and a slice is never kept
