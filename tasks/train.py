@@ -101,6 +101,11 @@ _SLOT: contextvars.ContextVar[_FitSlot | None] = contextvars.ContextVar(
     "houseprice_fit_slot", default=None)
 
 
+# The files with a line per training row (a few hundred MB of buffers at a million rows)
+# are written by one candidate at a time: threads that finish together do not add up.
+_ROW_FILES = threading.Lock()
+
+
 def _fits_done() -> None:
     """This task's fits are over: the next train task may be submitted."""
     slot = _SLOT.get()
@@ -220,8 +225,9 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
         log(f"{candidate.name}: diverged: {metrics['reason']}")
     torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members],
                 "refit": refit}, out_dir / "models.pt")
-    write_oof(out_dir / "oof.parquet", m, outliers, cv, config.n_splits)
-    write_text(out_dir / "folds.json", folds_json(m.ids, cv.folds, excluded))
+    with _ROW_FILES:
+        write_oof(out_dir / "oof.parquet", m, outliers, cv, config.n_splits)
+        write_text(out_dir / "folds.json", folds_json(m.ids, cv.folds, excluded))
     write_json(out_dir / "metrics.json", {**metrics, "curves": cv.curves})
     if cv.curves is not None:
         score = metrics["mean_valid_log_rmse"]
