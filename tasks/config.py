@@ -215,9 +215,8 @@ class SearchSpace(_Frozen):
 def default_search() -> tuple[SearchSpace, ...]:
     """Ridge's penalty and whether it fits the two outliers, and a seeded random search of
     24 MLPs (width and depth, dropout, weight decay, learning rate; one seed per fold: the 3
-    repeats of the folds already give each row 3 models' predictions), sized so a cold
-    default run takes under a minute on 2
-    CPU cores: MLPs of one shape train as one stacked model."""
+    repeats of the folds already give each row 3 models' predictions). MLPs of one shape
+    train as one stacked model; the cold default run's time is in docs/benchmarks.md."""
     return (
         # Whether to fit the two outliers, searched: scored on all rows, as everything.
         SearchSpace(base=candidate(name="ridge", kind="ridge"),

@@ -598,9 +598,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             # The squared errors' sums a block of rows at a time: no (M, n) temporaries.
             tr, va = torch.zeros(M, device=device), torch.zeros(M, device=device)
             for lo in range(0, n, 1 << 16):
-                err = (pred[:, lo:lo + (1 << 16)] - logy[lo:lo + (1 << 16)]).square_()
-                tr += (err * train_mask[:, lo:lo + (1 << 16)]).sum(1)
-                va += (err * valid_mask[:, lo:lo + (1 << 16)]).sum(1)
+                cols = slice(lo, lo + (1 << 16))
+                err = (pred[:, cols] - logy[cols]).square_()
+                tr += (err * train_mask[:, cols]).sum(1)
+                va += (err * valid_mask[:, cols]).sum(1)
         return (tr / n_train).sqrt_(), (va / n_valid).sqrt_(), pred
 
     curves = {k: torch.zeros(M, epochs, dtype=torch.float64)
