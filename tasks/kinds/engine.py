@@ -50,11 +50,11 @@ class PerModel:
     models share them, so the single-candidate path stays as fast as before."""
 
     def __init__(self, specs: list[NetSpec], device: torch.device):
-        shared = {(s.hidden, s.activation, s.batch_size, s.epochs, s.max_steps, s.optimizer)
-                  for s in specs}
+        shared = {(s.hidden, s.activation, s.batch_size, s.epochs, s.max_steps, s.optimizer,
+                   s.lr_schedule, s.average_last) for s in specs}
         if len(shared) != 1:
             raise ValueError("stacked models must share hidden, activation, batch_size, "
-                             "epochs, max_steps and optimizer")
+                             "epochs, max_steps, optimizer, lr_schedule and average_last")
         self.specs = specs
         self.lr_list = [s.lr for s in specs]
         self.wd_list = [s.weight_decay for s in specs]
@@ -138,9 +138,11 @@ class StackedOptimizer:
         return torch._foreach_add(grads, torch._foreach_mul(self.params, self.wd_views))
 
     @torch.no_grad()
-    def step(self, grads: list[torch.Tensor], active: torch.Tensor | None = None) -> None:
+    def step(self, grads: list[torch.Tensor], active: torch.Tensor | None = None,
+             scale: float = 1.0) -> None:
         """One update of every model with ``grads`` (one per parameter), or only of the
-        ``active`` ``(M,) bool`` ones."""
+        ``active`` ``(M,) bool`` ones; ``scale`` multiplies every learning rate (the
+        schedule's factor at this step)."""
         spec, params, hyper = self.spec, self.params, self.hyper
         grads = self._decay(grads)
         if spec.optimizer == "sgd":
@@ -148,9 +150,10 @@ class StackedOptimizer:
                 grads = [g * _per_model(active, p, sh)
                          for g, p, sh in zip(grads, params, self.shapes, strict=True)]
             if hyper.uniform:
-                torch._foreach_add_(params, grads, alpha=-hyper.lr_list[0])
+                torch._foreach_add_(params, grads, alpha=-hyper.lr_list[0] * scale)
             else:
-                torch._foreach_sub_(params, torch._foreach_mul(grads, self.lr_views))
+                torch._foreach_add_(params, torch._foreach_mul(grads, self.lr_views),
+                                    alpha=-scale)
             return
         b1, b2 = ADAM_BETAS
         if active is None and self.step_count is None:
@@ -160,7 +163,8 @@ class StackedOptimizer:
                 (p,), (g,), (m,), (v,) = params, grads, self.exp_avg, self.exp_avg_sq
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(ADAM_EPS), value=-hyper.lr_list[0] / bc1)
+                p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(ADAM_EPS),
+                           value=-hyper.lr_list[0] * scale / bc1)
                 return
             torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)
             torch._foreach_mul_(self.exp_avg_sq, b2)
@@ -170,11 +174,11 @@ class StackedOptimizer:
             torch._foreach_add_(denom, ADAM_EPS)
             if hyper.uniform:
                 torch._foreach_addcdiv_(params, self.exp_avg, denom,
-                                        value=-hyper.lr_list[0] / bc1)
+                                        value=-hyper.lr_list[0] * scale / bc1)
             else:
                 upd = torch._foreach_div(self.exp_avg, denom)
                 torch._foreach_mul_(upd, self.lr_views)
-                torch._foreach_add_(params, upd, alpha=-1.0 / bc1)
+                torch._foreach_add_(params, upd, alpha=-scale / bc1)
             return
         if self.step_count is None:
             self.step_count = torch.full((len(active),), float(self.t), dtype=torch.float64)
@@ -190,7 +194,7 @@ class StackedOptimizer:
             m.copy_(torch.where(a, m.lerp(g, 1 - b1), m))
             v.copy_(torch.where(a, v * b2 + (1 - b2) * g * g, v))
             upd = m / (v.sqrt() / _per_model(bc2_sqrt, p, sh) + ADAM_EPS)
-            p.sub_(torch.where(a, upd * _per_model(hyper.lr / bc1, p, sh), 0.0))
+            p.sub_(torch.where(a, upd * _per_model(hyper.lr * scale / bc1, p, sh), 0.0))
 
 
 def _rand(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device,
@@ -606,6 +610,13 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
 
     curves = {k: torch.zeros(M, epochs, dtype=torch.float64)
               for k in ("train_log_rmse", "valid_log_rmse", "grad_norm")}
+    total_steps, step = epochs * len(plans), 0
+    # The tail average of the weights (``average_last`` epochs): a copy, updated at the end
+    # of each of those epochs, put in place of the last weights before the final score.
+    tail = max(0, min(spec.average_last, epochs))
+    state = [flat] if flat is not None else params
+    averaged = [torch.zeros_like(p) for p in state] if tail else []
+    n_averaged = 0
     epoch = 0
     for epoch in range(epochs):
         # Minibatches indexed from tensors already in memory: no DataLoader. Each stream
@@ -648,7 +659,16 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                          zip(grads, [None] if flat is not None else shapes, strict=True)]
             if not all_alive:  # a diverged candidate's models update no more
                 active = alive_dev if active is None else active & alive_dev
-            opt.step(grads, active)
+            scale = 1.0
+            if spec.lr_schedule == "cosine":  # from lr at the first step to 0 after the last
+                scale = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            opt.step(grads, active, scale)
+            step += 1
+        if tail and epoch >= epochs - tail:  # a running mean: no list of snapshots
+            n_averaged += 1
+            with torch.no_grad():
+                for a, p in zip(averaged, state, strict=True):
+                    a.add_(p - a, alpha=1.0 / n_averaged)
         tr, va, _ = score()
         curves["train_log_rmse"][:, epoch] = tr.double().cpu()
         curves["valid_log_rmse"][:, epoch] = va.double().cpu()
@@ -672,6 +692,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             break
     epochs_run = epoch + 1
     del idx, y_epoch, y_fit  # before the last evaluation
+    if tail and n_averaged == tail:  # (stopped early, every candidate diverged: the last)
+        with torch.no_grad():
+            for a, p in zip(averaged, state, strict=True):
+                p.copy_(a)
     _, _, pred = score()
     # Back to one model per row, in the caller's order.
     w0 = weights[0].permute(0, 2, 1, 3).reshape(M, d, -1)

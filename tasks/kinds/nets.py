@@ -30,6 +30,8 @@ class NetSpec(Protocol):
     seeds: int
     clip_grad_norm: float | None
     max_steps: int | None
+    lr_schedule: str
+    average_last: int
 
     @property
     def draws_dropout(self) -> bool: ...

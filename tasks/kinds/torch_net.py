@@ -38,6 +38,13 @@ class TorchCandidate(CandidateConfig):
         "rows the epochs are cut to fit (never below one; logged), so a bigger file does not "
         "multiply a search's cost. The book's 100 epochs of 64 rows fit below 12,800 rows. "
         "None: always every epoch")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the learning rate through training: constant, or cosine "
+        "decay from lr to 0 over every step")
+    average_last: Annotated[int, Field(ge=0)] = Field(
+        0, description="keep the mean of the weights at the end of the last this many "
+        "epochs instead of the last weights (0: the last weights): cheaper than more seeds, "
+        "and it lowers a network's variance the same way")
 
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
         return cross_validate_group([self], X, y, train, folds, fitted, on_progress)[0]
@@ -76,7 +83,8 @@ class TorchCandidate(CandidateConfig):
         plus what makes their random streams line up without padding (the number of seeds,
         and whether dropout masks are drawn), so each stream holds one model of each."""
         return (self.hidden, self.activation, self.batch_size, self.epochs, self.max_steps,
-                self.optimizer, self.seeds, self.draws_dropout, self.exclude_outliers)
+                self.optimizer, self.lr_schedule, self.average_last, self.seeds,
+                self.draws_dropout, self.exclude_outliers)
 
     @property
     def draws_dropout(self) -> bool:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -45,13 +47,18 @@ def test_stacked_training_equals_training_each_model_alone(optimizer):
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_written_out_backward_equals_autograd_training(activation, optimizer):
+@pytest.mark.parametrize(("schedule", "tail"), [("constant", 0), ("cosine", 2)])
+def test_written_out_backward_equals_autograd_training(activation, optimizer, schedule, tail):
     """The engine's loop (explicit gradients, stacked optimizer) against the textbook loop:
-    nn.Module, autograd, torch.optim, the same batches and dropout draws."""
+    nn.Module, autograd, torch.optim, the same batches and dropout draws; and the cosine
+    schedule and the tail average against torch's own (LambdaLR, AveragedModel)."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from torch.optim.swa_utils import AveragedModel
+
     X, y = _data(n=100)
     spec = candidate(name="m", kind="mlp", hidden=(8, 6), activation=activation, dropout=0.25,
-                           optimizer=optimizer, lr=0.01, weight_decay=1e-2, epochs=3,
-                           batch_size=20)
+                     optimizer=optimizer, lr=0.01, weight_decay=1e-2, epochs=3,
+                     batch_size=20, lr_schedule=schedule, average_last=tail)
     train, valid = _masks(len(X), [(0, 20)])  # 80 training rows: 4 full batches
     res = train_stacked(X, y, train, valid, spec, "log", [5])
 
@@ -63,8 +70,12 @@ def test_written_out_backward_equals_autograd_training(activation, optimizer):
                       dropout_generator=gen)
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(
         model.parameters(), lr=0.01, weight_decay=1e-2)
+    steps = 3 * 4
+    sched = LambdaLR(opt, (lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+                     if schedule == "cosine" else (lambda t: 1.0))
+    averaged = AveragedModel(model)
     model.train()
-    for _ in range(3):
+    for epoch in range(3):
         order = rows[torch.randperm(80, generator=gen)]
         for lo in range(0, 80, 20):
             batch = order[lo:lo + 20]
@@ -73,8 +84,15 @@ def test_written_out_backward_equals_autograd_training(activation, optimizer):
                                                 y_fit[batch - 20])
             loss.backward()
             opt.step()
-    for key, value in model.state_dict().items():
+            sched.step()
+        if epoch >= 3 - tail:
+            averaged.update_parameters(model)
+    final = averaged.module if tail else model
+    for key, value in final.state_dict().items():
         torch.testing.assert_close(res.state_dicts[0][key], value, rtol=1e-4, atol=1e-5)
+    if tail:  # the average is not the last weights
+        assert not torch.equal(res.state_dicts[0]["net.0.weight"],
+                               model.state_dict()["net.0.weight"])
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
