@@ -613,7 +613,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     total_steps, step = epochs * len(plans), 0
     # The tail average of the weights (``average_last`` epochs): a copy, updated at the end
     # of each of those epochs, put in place of the last weights before the final score.
-    tail = max(0, min(spec.average_last, epochs))
+    # Epochs cut by the step budget keep the same share averaged (8 of 24 -> 1 of 2: none),
+    # not every epoch from the first, barely trained, one.
+    tail = min(epochs, spec.average_last if epochs == spec.epochs
+               else round(spec.average_last * epochs / spec.epochs))
     state = [flat] if flat is not None else params
     averaged = [torch.zeros_like(p) for p in state] if tail else []
     n_averaged = 0

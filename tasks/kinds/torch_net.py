@@ -44,7 +44,8 @@ class TorchCandidate(CandidateConfig):
     average_last: Annotated[int, Field(ge=0)] = Field(
         0, description="keep the mean of the weights at the end of the last this many "
         "epochs instead of the last weights (0: the last weights): cheaper than more seeds, "
-        "and it lowers a network's variance the same way")
+        "and it lowers a network's variance the same way. When max_steps cuts the epochs, "
+        "the same share of them is averaged")
 
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
         return cross_validate_group([self], X, y, train, folds, fitted, on_progress)[0]

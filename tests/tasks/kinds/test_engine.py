@@ -132,6 +132,23 @@ def test_diverging_candidate_stops_with_the_reason():
     assert res.epochs_run < 50
 
 
+@pytest.mark.parametrize(("max_steps", "same_as"), [(12, (3, 2)), (8, (2, 0))])
+def test_epochs_cut_by_the_step_budget_average_the_same_share(max_steps, same_as):
+    """6 epochs of 4 steps, the last 3 averaged: cut to 3 epochs, the last 2 (1.5 rounded);
+    cut to 2, the last 1, i.e. the last weights (never the first, barely trained, epoch)."""
+    X, y = _data(n=100)
+    train, valid = _masks(len(X), [(0, 20)])  # 80 training rows: 4 batches of 20
+    common = {"name": "m", "kind": "mlp", "hidden": (8,), "lr": 0.01, "batch_size": 20}
+    cut = train_stacked(X, y, train, valid, candidate(
+        **common, epochs=6, average_last=3, max_steps=max_steps), "log", [5])
+    epochs, tail = same_as
+    plain = train_stacked(X, y, train, valid, candidate(
+        **common, epochs=epochs, average_last=tail, max_steps=None), "log", [5])
+    assert cut.epochs_run == epochs
+    for key, value in plain.state_dicts[0].items():
+        torch.testing.assert_close(cut.state_dicts[0][key], value)
+
+
 def test_gradient_norm_is_recorded_and_clipping_bounds_each_step():
     X, y = _data()
     spec = candidate(name="m", kind="mlp", hidden=(16,), optimizer="sgd", lr=1.0, epochs=1,
