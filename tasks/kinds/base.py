@@ -268,6 +268,22 @@ def clamped_log_price(out: np.ndarray, target: str) -> np.ndarray:
     return np.maximum(out, 0.0) if target == "log" else np.log(np.maximum(out, 1.0))
 
 
+_ROWS = 65_536  # rows of a fold's features built at a time
+
+
+def fold_rows(X: Any, k: int, rows: np.ndarray, dtype: type) -> np.ndarray:
+    """Fold ``k``'s features of ``rows`` as one ``(len(rows), d)`` array of ``dtype``: of the
+    fold maps (``X.rows``) a block of rows at a time, of stacked fold matrices ``X[k]``, or of
+    the one matrix ``X (n, d)``."""
+    if not hasattr(X, "rows"):
+        Xk = X[k] if X.ndim == 3 else X
+        return np.asarray(Xk[rows], dtype=dtype)
+    out = np.empty((len(rows), X.shape[2]), dtype)
+    for lo in range(0, len(rows), _ROWS):
+        out[lo:lo + _ROWS] = X.rows(k, rows[lo:lo + _ROWS])
+    return out
+
+
 def sklearn_log_price(estimator: Any, X: np.ndarray, target: str) -> np.ndarray:
     """A fitted regressor's predictions ``(n,) float64`` as clamped log prices."""
     return clamped_log_price(estimator.predict(X), target)
@@ -345,6 +361,9 @@ class SklearnCandidate(CandidateConfig):
     checkpoint as skops bytes (``skops_dumps``), which load without running code."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py",)
+    # The dtype the estimator fits in (scikit-learn's trees: float32; the rest float64): a
+    # fold's training rows are built in it, so scikit-learn does not copy them again.
+    fit_dtype: ClassVar[type] = np.float64
 
     def make_estimator(self, seed: int) -> Any:
         """The unfitted scikit-learn regressor this config names."""
@@ -360,10 +379,16 @@ class SklearnCandidate(CandidateConfig):
             with _SKLEARN_IMPORT:
                 _import_sklearn()
                 est = self.make_estimator(seed=train.seed * 1000 + k)
-            Xk = X[k] if X.ndim == 3 else X  # fold k's own preprocessing, when there is one
-            est.fit(Xk[tr], target[tr])
-            p_tr = sklearn_log_price(est, Xk[tr], train.target)
-            p_va = sklearn_log_price(est, Xk[va], train.target)
+            # Fold k's rows (its own preprocessing, when there is one) as scikit-learn takes
+            # them: built a block of rows at a time, never the fold's whole matrix.
+            X_tr = fold_rows(X, k, tr, self.fit_dtype)
+            est.fit(X_tr, target[tr])
+            p_tr = sklearn_log_price(est, X_tr, train.target)
+            del X_tr
+            p_va = np.concatenate([
+                sklearn_log_price(est, fold_rows(X, k, va[lo:lo + _ROWS], self.fit_dtype),
+                                  train.target) for lo in range(0, len(va), _ROWS)]
+                or [np.zeros(0)])
             oof[k // train.n_splits, va] = p_va  # folds are repeat-major
             members.append([{"skops": skops_dumps(est)}])
             train_rmse.append(rmse(p_tr, logy[tr]))

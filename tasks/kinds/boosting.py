@@ -73,6 +73,8 @@ class GBRConfig(SklearnCandidate):
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/boosting.py")
 
+    fit_dtype: ClassVar[type] = np.float32  # its trees' own dtype
+
     kind: Literal["gbr"] = "gbr"
     loss: Literal["squared_error", "huber", "absolute_error"] = "huber"
     learning_rate: Annotated[float, Field(gt=0, description="shrinkage per tree")] = 0.05

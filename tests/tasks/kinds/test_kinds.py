@@ -261,3 +261,43 @@ def test_a_torch_kind_says_when_its_step_budget_cuts_its_epochs():
         "set max_steps higher (or none) to train every epoch")
     assert candidate(name="n", kind="linear", max_steps=None).budget_note(10**7) is None
     assert candidate(name="l", kind="lasso", alpha=1e-3).budget_note(10**7) is None
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "hgb", "kind": "hgb", "max_iter": 15},
+    {"name": "gbr", "kind": "gbr", "n_estimators": 15},
+    {"name": "svr", "kind": "svr"},
+])
+def test_scikit_learn_kinds_build_a_folds_rows_a_block_at_a_time(spec, monkeypatch):
+    """On fold maps a scikit-learn kind never builds a fold's whole matrix: its training and
+    validation rows come a block at a time, and it fits what the stacked fold matrices fit."""
+    import tasks.kinds.base as base
+    from tasks.data.folds import make_folds
+    from tasks.data.foldmaps import FoldMaps
+    from tasks.train import cross_validate
+
+    rng = np.random.default_rng(0)
+    n, d, train = 400, 6, TrainConfig(n_splits=4, repeats=1)
+    X = rng.normal(size=(n, d))
+    y = np.exp(11 + X @ rng.normal(0.2, 0.1, d) + 0.05 * rng.normal(size=n))
+    folds = make_folds(n, 4, 0, "shuffled", 1)
+    # Fold k's features: the base's scaled and shifted (a column of ones last), as tensorize's.
+    maps = FoldMaps(base=np.hstack([X, np.ones((n, 1))]).astype(np.float32),
+                    src=np.tile(np.arange(d), (4, 1)), scale=rng.uniform(0.5, 2, (4, d)),
+                    pres=np.full((4, d), d), shift=rng.normal(0, 0.3, (4, d)))
+    stacked = np.stack([maps[k] for k in range(4)])
+    asked = []
+
+    class Recorded(FoldMaps):
+        def rows(self, k, rows):
+            asked.append(len(rows))
+            return super().rows(k, rows)
+
+    monkeypatch.setattr(base, "_ROWS", 64)
+    cand = candidate(**spec)
+    on_maps = cross_validate(Recorded(maps.base, maps.src, maps.scale, maps.pres, maps.shift),
+                             y, cand, train, None)
+    assert asked and max(asked) <= 64 and sum(asked) == 4 * n  # each fold's rows once
+    on_matrices = cross_validate(stacked, y, cand, train, None)
+    np.testing.assert_allclose(on_maps.oof_log_price, on_matrices.oof_log_price, rtol=1e-6)
+    np.testing.assert_allclose(on_maps.valid_log_rmse, on_matrices.valid_log_rmse, rtol=1e-6)
