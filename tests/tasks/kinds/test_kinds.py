@@ -272,7 +272,6 @@ def test_scikit_learn_kinds_build_a_folds_rows_a_block_at_a_time(spec, monkeypat
     """On fold maps a scikit-learn kind never builds a fold's whole matrix: its training and
     validation rows come a block at a time, and it fits what the stacked fold matrices fit."""
     import tasks.kinds.base as base
-    from tasks.data.folds import make_folds
     from tasks.data.foldmaps import FoldMaps
     from tasks.train import cross_validate
 
@@ -280,7 +279,6 @@ def test_scikit_learn_kinds_build_a_folds_rows_a_block_at_a_time(spec, monkeypat
     n, d, train = 400, 6, TrainConfig(n_splits=4, repeats=1)
     X = rng.normal(size=(n, d))
     y = np.exp(11 + X @ rng.normal(0.2, 0.1, d) + 0.05 * rng.normal(size=n))
-    folds = make_folds(n, 4, 0, "shuffled", 1)
     # Fold k's features: the base's scaled and shifted (a column of ones last), as tensorize's.
     maps = FoldMaps(base=np.hstack([X, np.ones((n, 1))]).astype(np.float32),
                     src=np.tile(np.arange(d), (4, 1)), scale=rng.uniform(0.5, 2, (4, d)),
