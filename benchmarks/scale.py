@@ -122,24 +122,29 @@ def run_once(rows: int, config: str | None, tmp: Path, runner: str = "threads") 
 
 
 def plot(lines: Path, out: Path) -> None:
-    """Wall seconds and peak RSS against rows (log-log), one line per config and task
-    runner, from the JSON lines this script printed (saved to ``lines``; of several lines
-    of the same rows, config and runner, the last)."""
+    """Wall seconds and peak RSS against rows (log-log), one line per config, task runner
+    and machine, from the JSON lines this script printed (saved to ``lines``; of several
+    lines of the same rows, config, runner and machine, the last). A line's ``machine``
+    (added by hand) names a machine other than the first sessions'; machines differ in
+    speed, so their points are not joined."""
     from matplotlib.figure import Figure
+
+    def series(r: dict) -> tuple[str, ...]:
+        return (r["config"], r.get("task_runner", "threads"), *(
+            [r["machine"]] if r.get("machine") else []))
 
     newest: dict[tuple, dict] = {}  # a later line of the same run replaces an earlier one
     for line in lines.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            newest[(r["config"], r.get("task_runner", "threads"), r["rows"])] = r
+            newest[(*series(r), r["rows"])] = r
     runs = list(newest.values())
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for key, ax, label in (("wall_s", axes[0], "wall seconds (cold run)"),
                            ("peak_rss_mib", axes[1], "peak RSS, MiB")):
-        for name in sorted({(r["config"], r.get("task_runner", "threads")) for r in runs}):
-            pts = sorted((r["rows"], r[key]) for r in runs
-                         if (r["config"], r.get("task_runner", "threads")) == name)
+        for name in sorted({series(r) for r in runs}):
+            pts = sorted((r["rows"], r[key]) for r in runs if series(r) == name)
             ax.plot(*zip(*pts, strict=True), marker="o", label=" · ".join(name))
         ax.set(xscale="log", yscale="log", xlabel="training rows", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
