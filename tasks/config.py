@@ -289,10 +289,12 @@ class PipelineConfig(_Frozen):
 
     def with_epochs(self, epochs: int) -> PipelineConfig:
         """A copy with every epoch-trained candidate (listed or searched) trained ``epochs``
-        epochs."""
+        epochs, averaging the same share of them as before (``average_last``)."""
         data = self.model_dump()
         for cand in [*data["candidates"], *(s["base"] for s in data["search"])]:
             if "epochs" in KINDS[cand["kind"]].model_fields:
+                if cand.get("average_last"):
+                    cand["average_last"] = round(cand["average_last"] * epochs / cand["epochs"])
                 cand["epochs"] = epochs
         for space in data["search"]:
             space["grid"].pop("epochs", None)

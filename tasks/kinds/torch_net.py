@@ -47,6 +47,13 @@ class TorchCandidate(CandidateConfig):
         "and it lowers a network's variance the same way. When max_steps cuts the epochs, "
         "the same share of them is averaged")
 
+    @model_validator(mode="after")
+    def _tail_within_epochs(self) -> TorchCandidate:
+        if self.average_last > self.epochs:
+            raise ValueError(f"average_last ({self.average_last}) is more than epochs "
+                             f"({self.epochs}): average at most every epoch")
+        return self
+
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
         return cross_validate_group([self], X, y, train, folds, fitted, on_progress)[0]
 

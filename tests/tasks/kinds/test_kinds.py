@@ -299,3 +299,14 @@ def test_scikit_learn_kinds_build_a_folds_rows_a_block_at_a_time(spec, monkeypat
     on_matrices = cross_validate(stacked, y, cand, train, None)
     np.testing.assert_allclose(on_maps.oof_log_price, on_matrices.oof_log_price, rtol=1e-6)
     np.testing.assert_allclose(on_maps.valid_log_rmse, on_matrices.valid_log_rmse, rtol=1e-6)
+
+
+def test_a_tail_average_longer_than_training_is_refused_and_epochs_keep_its_share():
+    with pytest.raises(ValidationError, match=r"average_last \(5\) is more than epochs \(4\)"):
+        candidate(name="m", kind="mlp", hidden=(8,), epochs=4, average_last=5)
+    mlp = next(s.base for s in PipelineConfig().search if s.base.kind == "mlp")
+    assert (mlp.epochs, mlp.average_last) == (24, 8)
+    for epochs, tail in ((3, 1), (12, 4), (48, 16)):  # --epochs: the same third averaged
+        cfg = PipelineConfig().with_epochs(epochs)
+        mlp = next(s.base for s in cfg.search if s.base.kind == "mlp")
+        assert (mlp.epochs, mlp.average_last) == (epochs, tail)
