@@ -60,17 +60,23 @@ def newest(root: Path) -> Path:
     return max(versions, key=lambda p: (p / "manifest.json").stat().st_mtime)
 
 
+def run_features(root: Path):
+    """The newest tensorize artifact under ``root``: its folder, rows, the default train
+    settings and the features the folds see (the fold maps, or the one matrix)."""
+    data = newest(root)
+    matrix = read_matrix(data / "train.parquet")
+    train = TrainConfig()
+    maps = read_fold_features(ArtifactRef(root=str(data.parents[1]), stage="tensorize",
+                                          version=data.name), train.folds)
+    return data, matrix, train, (matrix.X if maps is None else maps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
     args = ap.parse_args()
-    data = newest(args.artifacts)
-    matrix = read_matrix(data / "train.parquet")
-    train = TrainConfig()
-    maps = read_fold_features(ArtifactRef(root=str(data.parents[1]), stage="tensorize",
-                                          version=data.name), train.folds)
-    X = matrix.X if maps is None else maps
+    data, matrix, train, X = run_features(args.artifacts)
     from tasks.train import cross_validate
 
     raw = pd.read_csv(DATA / "kaggle_house_pred_train.csv")

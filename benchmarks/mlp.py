@@ -23,11 +23,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.kinds import DATA, newest  # noqa: E402
-from tasks.config import TrainConfig, candidate  # noqa: E402
+from benchmarks.kinds import DATA, run_features  # noqa: E402
+from tasks.config import candidate  # noqa: E402
 from tasks.kinds.base import oof_scores  # noqa: E402
-from tasks.storage.artifacts import ArtifactRef  # noqa: E402
-from tasks.tensorize import outlier_ids, read_fold_features, read_matrix  # noqa: E402
+from tasks.tensorize import outlier_ids  # noqa: E402
 from tasks.train import cross_validate  # noqa: E402
 
 BASE = {"name": "mlp", "kind": "mlp", "hidden": [48], "lr": 3e-3, "weight_decay": 1e-2,
@@ -56,12 +55,7 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args()
-    data = newest(args.artifacts)
-    matrix = read_matrix(data / "train.parquet")
-    train = TrainConfig()
-    maps = read_fold_features(ArtifactRef(root=str(data.parents[1]), stage="tensorize",
-                                          version=data.name), train.folds)
-    X = matrix.X if maps is None else maps
+    _, matrix, train, X = run_features(args.artifacts)
     raw = pd.read_csv(DATA / "kaggle_house_pred_train.csv")
     clean = np.tile(~np.isin(matrix.ids, outlier_ids(raw)), train.repeats)
     repeat = np.repeat(np.arange(train.repeats), len(matrix.y))
