@@ -198,8 +198,6 @@ def _rows(data: ArtifactRef, config: TrainConfig, candidate: CandidateConfig):
 def _note_budget(candidates: list[CandidateConfig], n: int, excluded: np.ndarray,
                  config: TrainConfig, log: Callable[[str], None]) -> None:
     """Log each candidate's training cut to its budget on a fold's fitted rows."""
-    if not any(c.epochs_field for c in candidates):
-        return
     folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme, config.repeats)
     n_fit = max(len(rows) for rows in fit_rows(folds, excluded))
     for c in candidates:

@@ -286,7 +286,7 @@ OWN_FIELDS = {
     "lasso": {"name", "kind", "exclude_outliers", "alpha", "max_iter"},
     "ridge": {"name", "kind", "exclude_outliers", "alpha"},
     "hgb": {"name", "kind", "exclude_outliers", "l2_regularization", "learning_rate", "loss",
-            "max_iter", "max_leaf_nodes", "min_samples_leaf"},
+            "max_iter", "max_leaf_nodes", "min_samples_leaf", "max_fit_rows"},
 }
 OWN_FIELDS["mlp"] = OWN_FIELDS["linear"] | {"activation", "dropout", "hidden"}
 TEST_SEARCH = (

@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 import numpy as np
 from pydantic import Field
@@ -355,6 +355,11 @@ def skops_loads(member: dict[str, Any]) -> Any:
     return skops.io.loads(data, trusted=list(TRUSTED_TYPES))
 
 
+MaxFitRows = Annotated[int | None, Field(ge=1, description=(
+    "fit each fold on a uniform sample of at most this many of its training rows (seeded; "
+    "every validation row is still predicted); None: all of them"))]
+
+
 class SklearnCandidate(CandidateConfig):
     """A kind backed by a scikit-learn regressor: cross-validated fold by fold on the same
     folds and target as every other kind; each fold's fitted estimator goes into the
@@ -369,8 +374,14 @@ class SklearnCandidate(CandidateConfig):
         """The unfitted scikit-learn regressor this config names."""
         raise NotImplementedError
 
+    def fit_sample(self, rows: np.ndarray, seed: int) -> np.ndarray:
+        """The training rows a fold fits on: all of ``rows`` (``SampledCandidate``: a
+        sample)."""
+        return rows
+
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
-        check_rows(self, len(y))  # before any fit: the refit on all rows would take them all
+        # before any fit: the refit on all rows would take them all
+        check_rows(self, len(self.fit_sample(np.arange(len(y)), 0)))
         logy = np.log(y)
         target = logy if train.target == "log" else y
         oof = np.full((train.repeats, len(y)), np.nan)
@@ -381,8 +392,9 @@ class SklearnCandidate(CandidateConfig):
                 est = self.make_estimator(seed=train.seed * 1000 + k)
             # Fold k's rows (its own preprocessing, when there is one) as scikit-learn takes
             # them: built a block of rows at a time, never the fold's whole matrix.
-            X_tr = fold_rows(X, k, tr, self.fit_dtype)
-            est.fit(X_tr, target[tr])
+            fit = self.fit_sample(tr, seed=train.seed * 1000 + k)
+            X_tr = fold_rows(X, k, fit, self.fit_dtype)
+            est.fit(X_tr, target[fit])
             p_tr = sklearn_log_price(est, X_tr, train.target)
             del X_tr
             p_va = np.concatenate([
@@ -391,7 +403,7 @@ class SklearnCandidate(CandidateConfig):
                 or [np.zeros(0)])
             oof[k // train.n_splits, va] = p_va  # folds are repeat-major
             members.append([{"skops": skops_dumps(est)}])
-            train_rmse.append(rmse(p_tr, logy[tr]))
+            train_rmse.append(rmse(p_tr, logy[fit]))
             valid_rmse.append(rmse(p_va, logy[va]))
             report_score(self.name, float(np.mean(valid_rmse)))
             on_progress((k + 1) / len(folds))
@@ -403,3 +415,25 @@ class SklearnCandidate(CandidateConfig):
             _import_sklearn()
             estimator = skops_loads(member)
         return SklearnMember(estimator, target)
+
+
+class SampledCandidate(SklearnCandidate):
+    """A scikit-learn kind fitted fold by fold, that can fit each fold on a sample of its
+    rows (``max_fit_rows``): boosting's and the kernels' cost grows with every row."""
+
+    max_fit_rows: MaxFitRows = None
+
+    def fit_sample(self, rows: np.ndarray, seed: int) -> np.ndarray:
+        """``rows``, or a sorted uniform sample of ``max_fit_rows`` of them (sorted, so the
+        base is read in order)."""
+        if self.max_fit_rows is None or len(rows) <= self.max_fit_rows:
+            return rows
+        pick = np.random.default_rng(seed).choice(len(rows), self.max_fit_rows, replace=False)
+        return rows[np.sort(pick)]
+
+    def budget_note(self, n_rows: int) -> str | None:
+        if self.max_fit_rows is None or n_rows <= self.max_fit_rows:
+            return None
+        return (f"{self.name}: each fold fits on a sample of {self.max_fit_rows:,} of its "
+                f"{n_rows:,} training rows (max_fit_rows); set max_fit_rows higher (or none) "
+                "to fit on all of them")

@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.kinds.base import Runtime, SklearnCandidate, trees_form
+from tasks.kinds.base import MaxFitRows, Runtime, SampledCandidate, trees_form
 
 
 def _hgb_tree(nodes: np.ndarray) -> dict[str, np.ndarray]:
@@ -31,7 +31,7 @@ def _sk_tree(tree: Any, lr: float) -> dict[str, np.ndarray]:
             "missing_left": np.asarray(missing).astype(np.uint8)}
 
 
-class HGBConfig(SklearnCandidate):
+class HGBConfig(SampledCandidate):
     """Gradient-boosted trees on binned features, a fixed number of rounds (no early
     stopping: every fold fits the same model)."""
 
@@ -49,6 +49,9 @@ class HGBConfig(SklearnCandidate):
     loss: Literal["squared_error", "absolute_error"] = Field(
         "squared_error", description="'absolute_error' is robust: a few extreme sales pull "
         "the trees less")
+    # Its fit bins every row it is given, and its time grows with them; 200,000 rows bin a
+    # feature's 255 levels as finely as a million do (see docs/benchmarks.md).
+    max_fit_rows: MaxFitRows = 200_000
 
     def make_estimator(self, seed: int) -> Any:
         from sklearn.ensemble import HistGradientBoostingRegressor
@@ -66,7 +69,7 @@ class HGBConfig(SklearnCandidate):
                            float(np.ravel(est._baseline_prediction)[0]))
 
 
-class GBRConfig(SklearnCandidate):
+class GBRConfig(SampledCandidate):
     """scikit-learn's exact gradient boosting (``GradientBoostingRegressor``), which has the
     Huber loss (squared near the target, linear far from it) and per-split feature sampling.
     Several times slower than ``hgb`` on 2 cores, so not in the default search."""

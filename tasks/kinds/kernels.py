@@ -8,17 +8,18 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.kinds.base import Runtime, SklearnCandidate
+from tasks.kinds.base import Runtime, SampledCandidate
 
 
-class SVRConfig(SklearnCandidate):
+class SVRConfig(SampledCandidate):
     """Support vector regression with an RBF kernel (``sklearn.svm.SVR``): a smooth
     nonlinear model whose epsilon-insensitive loss grows only linearly, so a few extreme
     sales pull it less than squared error does."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/kernels.py")
     max_rows: ClassVar[int | None] = 20_000
-    instead: ClassVar[str] = "leave it out of the candidates, or use hgb or mlp"
+    instead: ClassVar[str] = ("set its max_fit_rows to at most 20,000 (a sample of each "
+                             "fold's rows), leave it out of the candidates, or use hgb or mlp")
 
     kind: Literal["svr"] = "svr"
     C: Annotated[float, Field(gt=0, description="inverse regularization strength")] = 20.0
@@ -38,13 +39,14 @@ class SVRConfig(SklearnCandidate):
                         "coef": np.asarray(est.dual_coef_, np.float64).ravel()})
 
 
-class KernelRidgeConfig(SklearnCandidate):
+class KernelRidgeConfig(SampledCandidate):
     """Kernel ridge regression (``sklearn.kernel_ridge.KernelRidge``) with a polynomial
     kernel: ridge on every pairwise product of the features, without building them."""
 
     code_files: ClassVar[tuple[str, ...]] = ("kinds/base.py", "kinds/kernels.py")
     max_rows: ClassVar[int | None] = 20_000  # its n x n kernel: 3.2 GB at the limit
-    instead: ClassVar[str] = "leave it out of the candidates, or use hgb or mlp"
+    instead: ClassVar[str] = ("set its max_fit_rows to at most 20,000 (a sample of each "
+                             "fold's rows), leave it out of the candidates, or use hgb or mlp")
 
     kind: Literal["krr"] = "krr"
     alpha: Annotated[float, Field(gt=0, description="L2 penalty strength")] = 0.6

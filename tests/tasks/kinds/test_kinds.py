@@ -249,8 +249,9 @@ def test_a_kernel_kind_refuses_more_rows_than_it_can_take_in_one_line(kind):
                             lambda f: None)
     assert str(info.value) == (
         f"candidate 'k': kind {kind} takes at most 20,000 training rows, the data has "
-        "20,001 (its time and memory grow with their square); leave it out of the "
-        "candidates, or use hgb or mlp")
+        "20,001 (its time and memory grow with their square); set its max_fit_rows to at "
+        "most 20,000 (a sample of each fold's rows), leave it out of the candidates, or use "
+        "hgb or mlp")
 
 
 def test_a_torch_kind_says_when_its_step_budget_cuts_its_epochs():
@@ -299,6 +300,45 @@ def test_scikit_learn_kinds_build_a_folds_rows_a_block_at_a_time(spec, monkeypat
     on_matrices = cross_validate(stacked, y, cand, train, None)
     np.testing.assert_allclose(on_maps.oof_log_price, on_matrices.oof_log_price, rtol=1e-6)
     np.testing.assert_allclose(on_maps.valid_log_rmse, on_matrices.valid_log_rmse, rtol=1e-6)
+
+
+def test_a_scikit_learn_kind_fits_a_seeded_sample_of_max_fit_rows_and_predicts_every_row():
+    """Above max_fit_rows each fold fits on a sample of that many of its own training rows
+    (the same on every run), logged once; every validation row is still predicted."""
+    from tasks.kinds.base import skops_loads
+    from tasks.train import cross_validate
+
+    rng = np.random.default_rng(1)
+    n, d, train = 400, 5, TrainConfig(n_splits=4, repeats=1)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.exp(11 + X @ rng.normal(0.2, 0.1, d) + 0.05 * rng.normal(size=n))
+    cand = candidate(name="h", kind="hgb", max_iter=10, max_fit_rows=150)
+    assert candidate(name="h", kind="hgb").max_fit_rows == 200_000  # the kind's default
+    assert candidate(name="h", kind="hgb").budget_note(300) is None
+    assert cand.budget_note(300) == (
+        "h: each fold fits on a sample of 150 of its 300 training rows (max_fit_rows); set "
+        "max_fit_rows higher (or none) to fit on all of them")
+    cv = cross_validate(X, y, cand, train, None)
+    assert not np.isnan(cv.oof_log_price).any()  # every row predicted out of fold
+    whole = cross_validate(X, y, candidate(name="h", kind="hgb", max_iter=10,
+                                           max_fit_rows=None), train, None)
+    assert not np.allclose(cv.oof_log_price, whole.oof_log_price)  # it did fit on fewer rows
+    for k, (tr, va) in enumerate(cv.folds):
+        sample = cand.fit_sample(tr, seed=train.seed * 1000 + k)
+        assert len(sample) == len(np.unique(sample)) == 150 and np.isin(sample, tr).all()
+        np.testing.assert_array_equal(sample, cand.fit_sample(tr, seed=train.seed * 1000 + k))
+        by_hand = cand.make_estimator(seed=train.seed * 1000 + k).fit(
+            X[sample].astype(np.float64), np.log(y[sample]))
+        saved = skops_loads(cv.members[k][0])
+        np.testing.assert_allclose(saved.predict(X[va]), by_hand.predict(X[va]), rtol=1e-12)
+    # A kernel kind over its row limit fits when its sample is within it.
+    svr = candidate(name="s", kind="svr", max_fit_rows=100)
+    big = 20_001
+    Xb, yb = rng.normal(size=(big, 2)).astype(np.float32), np.full(big, 1e5)
+    rows = np.arange(big)
+    out = svr.cross_validate(Xb, yb, TrainConfig(repeats=1), [(rows, rows)], [rows],
+                             lambda f: None)
+    assert np.isfinite(out.oof_log_price).all()
 
 
 def test_a_tail_average_longer_than_training_is_refused_and_epochs_keep_its_share():
