@@ -56,6 +56,7 @@ class Receiver:
         self.httpd.server_close()
 
 
+@pytest.mark.serial
 def test_drift_retrains_through_the_automation_and_failures_and_promotions_notify(
         kept_env, data_server, tmp_path):
     """Served with a webhook, on the local server: the first training run promotes (a

@@ -610,6 +610,7 @@ def test_terminal_progress_line_lists_what_is_training():
     assert out.getvalue().count("houseprice: training") >= 2
 
 
+@pytest.mark.serial
 def test_run_on_a_terminal_shows_progress_at_least_every_5_s(prefect_api, data_server,
                                                                tmp_path):
     """In a pseudo-terminal, ``houseprice run`` prints a progress line while candidates
@@ -695,6 +696,7 @@ def test_help_says_what_the_defaults_are_and_accepts_every_final_form(capsys):
         assert build_config(args).select.final == form
 
 
+@pytest.mark.serial
 def test_ctrl_c_says_at_once_which_run_and_how_to_resume_and_stops_in_seconds(
         data_server, tmp_path):
     """SIGINT while candidates train: a line naming the flow run and how to resume comes at

@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from flows.commands.server import dashboard_url, run_link
 from tests.conftest import write_config
 from tests.flows.kept import CHROMIUM, SHOTS, cli, playwright, serve
@@ -111,6 +113,7 @@ def test_a_server_status_without_a_server_exits_1(tmp_path):
         "dashboard' or a run starts one")
 
 
+@pytest.mark.serial
 def test_serve_works_out_of_the_box_its_schedule_runs_and_ctrl_c_stops_it(
         kept_env, data_server, tmp_path):
     """No PREFECT_API_URL: serve registers the deployment on the local server and prints its
