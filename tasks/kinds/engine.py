@@ -37,7 +37,7 @@ class EngineResult:
     state_dicts: list[dict[str, torch.Tensor]]
     y_mean: list[float]  # target scaling fitted on model m's training rows
     y_std: list[float]
-    pred_log_price: torch.Tensor  # (M, n_rows) float64, every row, after the last epoch
+    pred_log_price: torch.Tensor  # (M, n_rows) float32 on the CPU, every row, at the end
     curves: dict[str, torch.Tensor]  # name -> (M, epochs): train/valid log RMSE, grad norm
     epochs_run: int
     diverged: dict[int, str]  # candidate (group) -> why it stopped, for those that diverged
@@ -345,41 +345,46 @@ def _next_layer(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 def _eval_by_features(X: torch.Tensor, weights: list[torch.Tensor],
                       biases: list[torch.Tensor], activation: str,
-                      stream_features: list[int]) -> torch.Tensor:
-    """``(S * C, n)`` outputs of every model on its own feature matrix ``X[f] (n, d)`` of
-    ``X (F, n, d)`` (``stream_features[s]``: the matrix of stream ``s``'s models), one
-    ``_eval_stacked`` per matrix."""
+                      stream_features: list[int], start: int = 0,
+                      stop: int | None = None) -> torch.Tensor:
+    """``(S * C, stop - start)`` outputs of every model on rows ``start:stop`` of its own
+    feature matrix ``X[f] (n, d)`` of ``X (F, n, d)`` (``stream_features[s]``: the matrix of
+    stream ``s``'s models), one ``_eval_stacked`` per matrix."""
     S, _, C, _ = weights[0].shape
+    stop = X.shape[1] if stop is None else stop
     if len(set(stream_features)) == 1:
-        return _eval_stacked(X[stream_features[0]], weights, biases, activation)
-    out = torch.empty(S * C, X.shape[1], dtype=X.dtype, device=X.device)
+        return _eval_stacked(X[stream_features[0]], weights, biases, activation, start, stop)
+    out = torch.empty(S * C, stop - start, dtype=X.dtype, device=X.device)
     for f in sorted(set(stream_features)):
         streams = torch.tensor([s for s, g in enumerate(stream_features) if g == f],
                                device=X.device)
         models = (streams[:, None] * C + torch.arange(C, device=X.device)).reshape(-1)
         out[models] = _eval_stacked(
             X[f], [weights[0][streams]] + [w[models] for w in weights[1:]],
-            [b[models] for b in biases], activation)
+            [b[models] for b in biases], activation, start, stop)
     return out
 
 
 def _eval_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                  activation: str) -> torch.Tensor:
-    """Shared ``X (n, d)`` -> ``(S * C, n)`` outputs of every model (eval mode: no dropout),
-    in chunks of rows that keep the hidden activations under about 16 MB."""
+                  activation: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of a shared ``X (n, d)`` -> ``(S * C, stop - start)`` outputs of
+    every model (eval mode: no dropout), in chunks of rows that keep the hidden activations
+    under about 16 MB."""
     S, _, C, _ = weights[0].shape
     widest = max(w.shape[-1] for w in weights)
     # ... and the chunk's inputs under 64 MB: rows built from fold maps are new memory
     chunk = max(128, min((1 << 22) // (S * C * widest), (1 << 24) // X.shape[1]))
     # One (S * C, n) result, each chunk written into it (not the chunks, their
     # concatenation and its transpose: three copies of every prediction).
-    out = torch.empty(S, C, X.shape[0], dtype=weights[0].dtype, device=weights[0].device)
-    for lo in range(0, X.shape[0], chunk):
-        h = _first_layer_shared(X[lo:lo + chunk], weights[0], biases[0])
+    stop = X.shape[0] if stop is None else stop
+    out = torch.empty(S, C, stop - start, dtype=weights[0].dtype, device=weights[0].device)
+    for lo in range(start, stop, chunk):
+        hi = min(stop, lo + chunk)
+        h = _first_layer_shared(X[lo:hi], weights[0], biases[0])
         for w, b in zip(weights[1:], biases[1:], strict=True):
             h = _next_layer(_activation(h, activation), w, b)
-        out[:, :, lo:lo + chunk] = h.squeeze(-1).transpose(1, 2)  # (S, rows, C)
-    return out.view(S * C, X.shape[0])
+        out[:, :, lo - start:hi - start] = h.squeeze(-1).transpose(1, 2)  # (S, rows, C)
+    return out.view(S * C, stop - start)
 
 
 def _log_price_(output: torch.Tensor, target: str, y_mean: torch.Tensor,
@@ -526,7 +531,10 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     spec = specs[0]  # what they all share
     hyper = PerModel(specs, device)
     pos_dev = lay.pos.to(device)
-    train_mask, valid_mask = train_mask[pos_dev], valid_mask[pos_dev]
+    keep = lay.first  # the stacked model of each of the caller's models
+    keep_dev = keep.to(device)
+    # The masks stay in the caller's order (model ``m`` of the stack is row ``pos[m]``): a
+    # reordered copy would be another (M, n) pair; blocks of rows are reordered when read.
     groups_t = torch.tensor([groups0[i] for i in pos])
     alive = torch.ones(M, dtype=torch.bool)
     diverged: dict[int, str] = {}
@@ -566,47 +574,64 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     # Per-model target scaling from its own training rows (log target standardized).
     logy = torch.log(y)
     if target == "log":
-        # A model at a time: no (M, n) temporaries beside the (M, n) result.
-        own = [logy[train_mask[m]] for m in range(M)]
-        y_mean = torch.stack([t.mean() for t in own]).view(M, 1)
-        y_std = torch.stack([(t - mu).square_().sum() / (t.numel() - 1)
-                             for t, mu in zip(own, y_mean, strict=True)]).sqrt_().view(M, 1)
+        # A model at a time, each one's rows let go before the next's: no (M, n) memory.
+        y_mean = torch.empty(M, 1, device=device)
+        y_std = torch.empty(M, 1, device=device)
+        for m in range(M):
+            own = logy[train_mask[pos[m]]]
+            y_mean[m] = own.mean()
+            y_std[m] = (own - y_mean[m]).square_().sum() / (own.numel() - 1)
+        y_std.sqrt_()
         del own
-        y_fit = torch.sub(logy, y_mean).div_(y_std)  # (M, n)
     else:
         y_mean, y_std = torch.zeros(M, 1, device=device), torch.ones(M, 1, device=device)
-        y_fit = y.expand(M, n)
+
+    def fit_target(rows: torch.Tensor) -> torch.Tensor:
+        """``(S, B, C)``: each stream's models' targets of its rows ``rows (S, B)`` as they
+        fit them (log price standardized by each model's own mean and spread); built when
+        needed, never held as an (M, n) matrix."""
+        B = rows.shape[1]
+        t = (logy if target == "log" else y).index_select(0, rows.reshape(-1)).view(S, B, 1)
+        if target != "log":
+            return t.expand(S, B, C)
+        return t.sub(y_mean.view(S, 1, C)).div_(y_std.view(S, 1, C))
 
     # Each stream's training rows, padded to the longest; padding sorts last in every shuffle.
-    stream_mask = train_mask[::C]
-    n_train = train_mask.sum(1)
-    n_valid = valid_mask.sum(1).clamp(min=1)
-    sizes = stream_mask.sum(1).tolist()
+    stream_rows = [pos[s * C] for s in range(S)]  # a stream's models share their rows
+    n_train = train_mask.sum(1)[pos_dev]
+    n_valid = valid_mask.sum(1)[pos_dev].clamp(min=1)
+    sizes = [int(train_mask[r].sum()) for r in stream_rows]
     width = max(sizes)
     # Row numbers are held as int32 (half of int64's bytes per row and stream; a million
     # rows and 15 streams: 60 MB instead of 120, and no (S, n) sort): built a stream at a time.
     index = torch.int32 if F * n < 2**31 else torch.int64
     rows = torch.full((S, width), n - 1, dtype=index, device=device)
     for s in range(S):
-        own = stream_mask[s].nonzero().squeeze(1)
+        own = train_mask[stream_rows[s]].nonzero().squeeze(1)
         rows[s, :own.numel()] = own.to(index)
     plans = _batch_plans(sizes, spec.batch_size, device)
     epochs = epochs_within(spec, width)  # the step budget cuts epochs on many rows
     own_batches = torch.tensor([sum(c[s] > 0 for *_, c in plans) for s in range(S)],
                                device=device).clamp(min=1).repeat_interleave(C)
 
-    def score() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def score(out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each model's train and valid log RMSE, its outputs built a block of rows at a
+        time (no (M, n) outputs: with many models on many rows those were the engine's
+        largest memory); ``out`` ``(M0, n)``, when given, gets each model's log prices in
+        the caller's order."""
         with torch.no_grad():
-            pred = _eval_by_features(X, weights, biases, spec.activation, stream_features)
-            pred = _log_price_(pred, target, y_mean, y_std)
-            # The squared errors' sums a block of rows at a time: no (M, n) temporaries.
             tr, va = torch.zeros(M, device=device), torch.zeros(M, device=device)
             for lo in range(0, n, 1 << 16):
-                cols = slice(lo, lo + (1 << 16))
-                err = (pred[:, cols] - logy[cols]).square_()
-                tr += (err * train_mask[:, cols]).sum(1)
-                va += (err * valid_mask[:, cols]).sum(1)
-        return (tr / n_train).sqrt_(), (va / n_valid).sqrt_(), pred
+                hi = min(n, lo + (1 << 16))
+                pred = _eval_by_features(X, weights, biases, spec.activation,
+                                         stream_features, lo, hi)
+                pred = _log_price_(pred, target, y_mean, y_std)
+                if out is not None:
+                    out[:, lo:hi] = pred[keep_dev].cpu()
+                err = pred.sub_(logy[lo:hi]).square_()
+                tr += (err * train_mask[pos_dev, lo:hi]).sum(1)
+                va += (err * valid_mask[pos_dev, lo:hi]).sum(1)
+        return (tr / n_train).sqrt_(), (va / n_valid).sqrt_()
 
     curves = {k: torch.zeros(M, epochs, dtype=torch.float64)
               for k in ("train_log_rmse", "valid_log_rmse", "grad_norm")}
@@ -625,16 +650,16 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         # Minibatches indexed from tensors already in memory: no DataLoader. Each stream
         # draws its own permutation (the same order as each of its models alone); a batch
         # gathers its rows once per stream.
-        # (S, width): each stream's rows in this epoch's order, and (S, width, C) their
-        # targets, so that a batch's are one slice; built a stream at a time, so that no
-        # int64 (S, n) index is ever held.
+        # (S, width): each stream's rows in this epoch's order, built a stream at a time,
+        # so that no int64 (S, n) index is ever held; and, when they fit in 256 MB,
+        # (S, width, C) their targets, so that a batch's are one slice (else each batch
+        # builds its own: many models on many rows would hold an (M, n) matrix).
         idx = torch.empty_like(rows)
-        y_epoch = torch.empty(S, width, C, dtype=y_fit.dtype, device=device)
         for s, (g, size) in enumerate(zip(gens, sizes, strict=True)):
             order = torch.randperm(size, generator=g, device=device)
             idx[s, :size] = rows[s].index_select(0, order)
             idx[s, size:] = rows[s, size:]  # padding stays last
-            y_epoch[s] = y_fit[s * C:(s + 1) * C].index_select(1, idx[s]).T
+        y_epoch = fit_target(idx) if M * width * 4 <= 1 << 28 else None
         if folds is None:  # the same rows of the stream's own matrix
             idx_x = idx + offset.to(idx.dtype) if F > 1 else idx
         grad_sum = torch.zeros(M, device=device)
@@ -646,7 +671,8 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             # Forward and backward; the sum of each model's own mean loss keeps their
             # gradients apart.
             grads = forward_backward(
-                X_batch, y_epoch[:, lo:hi], weight, weights, biases,
+                X_batch, fit_target(idx[:, lo:hi]) if y_epoch is None else y_epoch[:, lo:hi],
+                weight, weights, biases,
                 spec.activation, gens, None if weight is None else counts, rates, draws)
             if flat is not None:
                 grads = [torch.cat([g.reshape(M, -1) for g in grads], 1)]
@@ -672,7 +698,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             with torch.no_grad():
                 for a, p in zip(averaged, state, strict=True):
                     a.add_(p - a, alpha=1.0 / n_averaged)
-        tr, va, _ = score()
+        tr, va = score()
         curves["train_log_rmse"][:, epoch] = tr.double().cpu()
         curves["valid_log_rmse"][:, epoch] = va.double().cpu()
         curves["grad_norm"][:, epoch] = (grad_sum / own_batches).double().cpu()
@@ -694,22 +720,21 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         if not alive.any():
             break
     epochs_run = epoch + 1
-    del idx, y_epoch, y_fit  # before the last evaluation
+    del idx, y_epoch  # before the last evaluation
     if tail and n_averaged == tail:  # (stopped early, every candidate diverged: the last)
         with torch.no_grad():
             for a, p in zip(averaged, state, strict=True):
                 p.copy_(a)
-    _, _, pred = score()
+    pred = torch.empty(len(keep), n, dtype=torch.float32)
+    score(pred)
     # Back to one model per row, in the caller's order.
     w0 = weights[0].permute(0, 2, 1, 3).reshape(M, d, -1)
-    keep = lay.first
     flat_w = [w.detach().cpu()[keep] for w in [w0, *weights[1:]]]
     flat_b = [b.detach().cpu()[keep] for b in biases]
-    keep_dev = keep.to(device)
     return EngineResult(
         state_dicts=_state_dicts(specs0, d, flat_w, flat_b),
         y_mean=y_mean.squeeze(1)[keep_dev].tolist(), y_std=y_std.squeeze(1)[keep_dev].tolist(),
-        pred_log_price=pred[keep_dev].double().cpu(),
+        pred_log_price=pred,
         curves={k: v[keep, :epochs_run] for k, v in curves.items()},
         epochs_run=epochs_run,
         diverged=diverged,

@@ -149,7 +149,7 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         sl = slice(first, first + K * S)
         first += K * S
         # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
-        pred = res.pred_log_price[sl].view(K, S, n).mean(1).numpy()
+        pred = res.pred_log_price[sl].double().view(K, S, n).mean(1).numpy()
         oof = np.full((train.repeats, n), np.nan)
         for k, (_, va) in enumerate(folds):
             oof[k // train.n_splits, va] = pred[k, va]  # folds are repeat-major
