@@ -488,6 +488,12 @@ def _batch_plans(sizes: list[int], batch: int, device: torch.device
     return plans
 
 
+# An epoch's targets of every model are held when they fit in this (a batch's are then one
+# slice); scores are computed this many rows at a time.
+_TARGETS_BYTES = 1 << 28
+_SCORE_ROWS = 1 << 16
+
+
 def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                   valid_mask: torch.Tensor, spec: NetSpec | list[NetSpec],
                   target: str, seeds: list[int],
@@ -621,8 +627,8 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         the caller's order."""
         with torch.no_grad():
             tr, va = torch.zeros(M, device=device), torch.zeros(M, device=device)
-            for lo in range(0, n, 1 << 16):
-                hi = min(n, lo + (1 << 16))
+            for lo in range(0, n, _SCORE_ROWS):
+                hi = min(n, lo + _SCORE_ROWS)
                 pred = _eval_by_features(X, weights, biases, spec.activation,
                                          stream_features, lo, hi)
                 pred = _log_price_(pred, target, y_mean, y_std)
@@ -659,7 +665,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             order = torch.randperm(size, generator=g, device=device)
             idx[s, :size] = rows[s].index_select(0, order)
             idx[s, size:] = rows[s, size:]  # padding stays last
-        y_epoch = fit_target(idx) if M * width * 4 <= 1 << 28 else None
+        y_epoch = fit_target(idx) if M * width * 4 <= _TARGETS_BYTES else None
         if folds is None:  # the same rows of the stream's own matrix
             idx_x = idx + offset.to(idx.dtype) if F > 1 else idx
         grad_sum = torch.zeros(M, device=device)

@@ -207,6 +207,33 @@ def test_models_on_their_own_fold_features_equal_each_trained_alone(hidden):
         train_stacked(Xf, y, train[:1], valid[:1], specs[0], "log", [1], features=[3])
 
 
+@pytest.mark.parametrize("target", ["log", "raw"])
+def test_targets_built_per_batch_and_scores_by_blocks_train_what_held_ones_train(
+        target, monkeypatch):
+    """Many models on many rows: each batch builds its own targets and the scores and final
+    predictions come a block of rows at a time (no (M, n) matrix); the models, scores and
+    predictions are those of holding the epoch's targets and scoring all rows at once."""
+    import tasks.kinds.engine as engine
+
+    X, y = _data(n=150)
+    spec = [candidate(name=f"c{i}", kind="mlp", hidden=(8,), dropout=0.1 * i, lr=0.01 * (i + 1),
+                      weight_decay=1e-3, epochs=3, batch_size=16) for i in range(2)
+            for _ in range(3)]
+    train, valid = _masks(150, [(0, 50), (50, 100), (100, 150)] * 2)
+    args = (X, y, train, valid, spec, target, [1, 2, 3] * 2)
+    held = train_stacked(*args)
+    monkeypatch.setattr(engine, "_TARGETS_BYTES", 0)
+    monkeypatch.setattr(engine, "_SCORE_ROWS", 7)
+    built = train_stacked(*args)
+    assert built.pred_log_price.dtype == torch.float32 and built.pred_log_price.shape == (6, 150)
+    torch.testing.assert_close(built.pred_log_price, held.pred_log_price, rtol=1e-6, atol=1e-6)
+    for name in ("train_log_rmse", "valid_log_rmse", "grad_norm"):
+        torch.testing.assert_close(built.curves[name], held.curves[name], rtol=1e-5, atol=1e-7)
+    for a, b in zip(built.state_dicts, held.state_dicts, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("hidden", [(), (8,)])
 def test_fold_maps_built_batch_by_batch_train_what_the_fold_matrices_train(hidden):
     """Per-fold features as maps of one base (``TorchFolds``): each batch's rows are built
