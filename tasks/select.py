@@ -338,14 +338,21 @@ def select_model(trained: list[ArtifactRef], candidates: list[CandidateConfig],
             f"{m['candidate']} {m['status']} ({m['reason']})" for m in metrics))
     key = _score_key(select.on)
     names = [m["candidate"] for m in healthy]
-    frames = [pd.read_parquet(refs[n].file("oof.parquet")) for n in names]
-    oof = frames[0].drop(columns="pred_log_price")
-    P = np.column_stack([f["pred_log_price"].to_numpy() for f in frames])
-    for f in frames[1:]:
+    # One candidate's out-of-fold frame at a time, its predictions into one column of P:
+    # every frame held at once was most of this stage's memory on many rows (33 candidates
+    # x 3 repeats x 1,460,000 rows: about 6 GB).
+    oof = pd.read_parquet(refs[names[0]].file("oof.parquet"))
+    P = np.empty((len(oof), len(names)))
+    P[:, 0] = oof.pop("pred_log_price").to_numpy()
+    for j, name in enumerate(names[1:], 1):
+        f = pd.read_parquet(refs[name].file("oof.parquet"))
         # the same rows, repeats and folds, or blending is meaningless
-        if not all(f[c].equals(oof[c]) for c in ("Id", "repeat", "fold") if c in oof):
+        if len(f) != len(oof) or not all(f[c].equals(oof[c]) for c in ("Id", "repeat", "fold")
+                                         if c in oof):
             raise ValueError("candidates were trained on different rows or folds; rerun the "
                              "train stage")
+        P[:, j] = f["pred_log_price"].to_numpy()
+        del f
     models = {n: torch.load(refs[n].file("models.pt"), weights_only=True) for n in names}
     if select.final != "ensemble":
         stale = [n for n in names if models[n].get("refit") is None]
