@@ -149,7 +149,7 @@ def plot(lines: Path, out: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="training rows", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].axhline(8 * 1024, color="grey", linestyle="--", linewidth=1)
-    axes[1].set_ylim(top=12 * 1024)
+    axes[1].set_ylim(top=max(12 * 1024, 1.2 * max(r["peak_rss_mib"] for r in runs)))
     axes[1].annotate("8 GiB", (min(r["rows"] for r in runs), 8 * 1024 * 1.05), color="grey")
     axes[0].legend()
     fig.suptitle(f"benchmarks/scale.py, {runs[0].get('cpus')} CPU cores")
