@@ -50,29 +50,37 @@ VARIANTS = {
 }
 
 
+def reporter(matrix, train):
+    """A function that prints a variant's JSON line from its ``(repeats, n)`` out-of-fold
+    log prices: all rows, the spread over repeats, without the outliers, seconds."""
+    raw = pd.read_csv(DATA / "kaggle_house_pred_train.csv")
+    clean = np.tile(~np.isin(matrix.ids, outlier_ids(raw)), train.repeats)
+    repeat = np.repeat(np.arange(train.repeats), len(matrix.y))
+    logy = np.tile(np.log(matrix.y), train.repeats)
+
+    def report(name: str, oof: np.ndarray, start: float) -> None:
+        scores = oof_scores(oof.ravel(), logy, repeat, clean)
+        print(json.dumps({"variant": name, "all": round(scores["oof_log_rmse_all"], 4),
+                          "spread": round(float(np.std(
+                              scores["oof_log_rmse_all_per_repeat"])), 4),
+                          "clean": round(scores["oof_log_rmse_clean"], 4),
+                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args()
     _, matrix, train, X = run_features(args.artifacts)
-    raw = pd.read_csv(DATA / "kaggle_house_pred_train.csv")
-    clean = np.tile(~np.isin(matrix.ids, outlier_ids(raw)), train.repeats)
-    repeat = np.repeat(np.arange(train.repeats), len(matrix.y))
-    logy = np.tile(np.log(matrix.y), train.repeats)
+    report = reporter(matrix, train)
     for name, change in VARIANTS.items():
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
         result = cross_validate(X, matrix.y, candidate(**{**BASE, **change}), train, None)
-        oof = result.oof_log_price.ravel()
-        scores = oof_scores(oof, logy, repeat, clean)
-        per_repeat = [float(np.sqrt(np.mean((oof[repeat == k] - logy[repeat == k]) ** 2)))
-                      for k in range(train.repeats)]
-        print(json.dumps({"variant": name, "all": round(scores["oof_log_rmse_all"], 4),
-                          "spread": round(float(np.std(per_repeat)), 4),
-                          "clean": round(scores["oof_log_rmse_clean"], 4),
-                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        report(name, result.oof_log_price, start)
 
 
 if __name__ == "__main__":

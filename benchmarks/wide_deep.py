@@ -13,21 +13,19 @@ without-outliers OOF log RMSE over every repeat, the spread over repeats, and th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.kinds import DATA, run_features  # noqa: E402
+from benchmarks.kinds import run_features  # noqa: E402
+from benchmarks.mlp import reporter  # noqa: E402
 from tasks.config import TrainConfig, candidate  # noqa: E402
 from tasks.data.foldmaps import FoldMaps  # noqa: E402
 from tasks.data.folds import fit_rows, make_folds  # noqa: E402
-from tasks.kinds.base import oof_scores, skops_loads  # noqa: E402
-from tasks.tensorize import outlier_ids  # noqa: E402
+from tasks.kinds.base import skops_loads  # noqa: E402
 
 WIDE = {"name": "lasso", "kind": "lasso", "alpha": 5e-4, "max_iter": 5000}
 DEEP = {"name": "mlp", "kind": "mlp", "hidden": [48], "lr": 3e-3, "weight_decay": 1e-2,
@@ -67,11 +65,9 @@ def main() -> None:
     from tasks.train import cross_validate
 
     _, matrix, train, X = run_features(args.artifacts)
-    raw = pd.read_csv(DATA / "kaggle_house_pred_train.csv")
+    report = reporter(matrix, train)
     n, y = len(matrix.y), matrix.y
     logy = np.log(y)
-    clean = np.tile(~np.isin(matrix.ids, outlier_ids(raw)), train.repeats)
-    repeat = np.repeat(np.arange(train.repeats), n)
     folds = make_folds(n, train.n_splits, train.seed, train.fold_scheme, train.repeats)
     fitted = fit_rows(folds, np.zeros(n, bool))
     wide = cross_validate(X, y, candidate(**WIDE), train, None)
@@ -99,14 +95,7 @@ def main() -> None:
                 cv = deep.cross_validate(one_fold(X, k), resid, one, [(tr, va)], [fit],
                                          lambda f: None)
                 oof[k // train.n_splits, va] = wide_rows[k][va] + cv.oof_log_price[0, va]
-        flat = oof.ravel()
-        scores = oof_scores(flat, np.tile(logy, train.repeats), repeat, clean)
-        per_repeat = [float(np.sqrt(np.mean((oof[r] - logy) ** 2)))
-                      for r in range(train.repeats)]
-        print(json.dumps({"variant": name, "all": round(scores["oof_log_rmse_all"], 4),
-                          "spread": round(float(np.std(per_repeat)), 4),
-                          "clean": round(scores["oof_log_rmse_clean"], 4),
-                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        report(name, oof, start)
 
 
 if __name__ == "__main__":

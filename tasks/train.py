@@ -171,7 +171,9 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     ``models.pt`` (fold models), ``metrics.json`` (scores, curves), ``oof.parquet``,
     ``folds.json`` and, for torch candidates, ``learning_curves.png``."""
     m, X, X_all, outliers, excluded = _rows(data, config, candidate)
-    _note_budget([candidate], len(m.y), excluded, config, log)
+    folds = make_folds(len(m.y), config.n_splits, config.seed, config.fold_scheme,
+                       config.repeats)
+    _note_budget([candidate], fit_rows(folds, excluded), log)
     cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
               candidate.name, log)
     _fits_done()  # only the short refit is left: the next task may start loading
@@ -195,11 +197,10 @@ def _rows(data: ArtifactRef, config: TrainConfig, candidate: CandidateConfig):
     return m, (m.X if per_fold is None else per_fold), X_all, outliers, excluded
 
 
-def _note_budget(candidates: list[CandidateConfig], n: int, excluded: np.ndarray,
-                 config: TrainConfig, log: Callable[[str], None]) -> None:
-    """Log each candidate's training cut to its budget on a fold's fitted rows."""
-    folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme, config.repeats)
-    n_fit = max(len(rows) for rows in fit_rows(folds, excluded))
+def _note_budget(candidates: list[CandidateConfig], fitted: list[np.ndarray],
+                 log: Callable[[str], None]) -> None:
+    """Log each candidate's training cut to its budget on a fold's ``fitted`` rows."""
+    n_fit = max(len(rows) for rows in fitted)
     for c in candidates:
         if note := c.budget_note(n_fit):
             log(note)
@@ -320,7 +321,7 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         folds = make_folds(len(m.y), config.n_splits, config.seed, config.fold_scheme,
                            config.repeats)
         fitted = fit_rows(folds, excluded)
-        _note_budget(todo, len(m.y), excluded, config, log)
+        _note_budget(todo, fitted, log)
         names = ", ".join(c.name for c in todo)
         cvs = _fit(lambda: type(todo[0]).cross_validate_stack(todo, X, m.y, config, folds, fitted,
                                                              progress), names, log)

@@ -379,9 +379,13 @@ class SklearnCandidate(CandidateConfig):
         sample)."""
         return rows
 
+    def n_fit_rows(self, n: int) -> int:
+        """How many of ``n`` training rows a fold fits on."""
+        return n
+
     def cross_validate(self, X, y, train, folds, fitted, on_progress) -> CVResult:
         # before any fit: the refit on all rows would take them all
-        check_rows(self, len(self.fit_sample(np.arange(len(y)), 0)))
+        check_rows(self, self.n_fit_rows(len(y)))
         logy = np.log(y)
         target = logy if train.target == "log" else y
         oof = np.full((train.repeats, len(y)), np.nan)
@@ -426,13 +430,16 @@ class SampledCandidate(SklearnCandidate):
     def fit_sample(self, rows: np.ndarray, seed: int) -> np.ndarray:
         """``rows``, or a sorted uniform sample of ``max_fit_rows`` of them (sorted, so the
         base is read in order)."""
-        if self.max_fit_rows is None or len(rows) <= self.max_fit_rows:
+        if self.n_fit_rows(len(rows)) == len(rows):
             return rows
         pick = np.random.default_rng(seed).choice(len(rows), self.max_fit_rows, replace=False)
         return rows[np.sort(pick)]
 
+    def n_fit_rows(self, n: int) -> int:
+        return n if self.max_fit_rows is None else min(n, self.max_fit_rows)
+
     def budget_note(self, n_rows: int) -> str | None:
-        if self.max_fit_rows is None or n_rows <= self.max_fit_rows:
+        if self.n_fit_rows(n_rows) == n_rows:
             return None
         return (f"{self.name}: each fold fits on a sample of {self.max_fit_rows:,} of its "
                 f"{n_rows:,} training rows (max_fit_rows); set max_fit_rows higher (or none) "
