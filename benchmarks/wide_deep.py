@@ -49,6 +49,19 @@ VARIANTS = {
                                                          "average_last": 16},
     "lasso + mlp (32, 16), lr 1e-3": {"lr": 1e-3, "hidden": [32, 16]},
 }
+# The same, as the mlp kind trains it (``wide_alpha``): every fold of a candidate in one
+# stacked model, as in a run.
+KIND_VARIANTS = {
+    "mlp kind, wide_alpha 5e-4, lr 1e-3": {"wide_alpha": 5e-4, "lr": 1e-3},
+    "mlp kind, wide_alpha 5e-4, lr 3e-3": {"wide_alpha": 5e-4},
+    "mlp kind, wide_alpha 1e-3, lr 1e-3": {"wide_alpha": 1e-3, "lr": 1e-3},
+    "mlp kind, wide_alpha 5e-4, lr 1e-3, weight decay 3e-2": {"wide_alpha": 5e-4, "lr": 1e-3,
+                                                              "weight_decay": 3e-2},
+    "mlp kind, wide_alpha 5e-4, lr 1e-3, dropout 0.1": {"wide_alpha": 5e-4, "lr": 1e-3,
+                                                        "dropout": 0.1},
+    "mlp kind (32), wide_alpha 5e-4, lr 1e-3": {"wide_alpha": 5e-4, "lr": 1e-3,
+                                                "hidden": [32]},
+}
 
 
 def one_fold(X: FoldMaps, k: int) -> FoldMaps:
@@ -95,6 +108,12 @@ def main() -> None:
                 cv = deep.cross_validate(one_fold(X, k), resid, one, [(tr, va)], [fit],
                                          lambda f: None)
                 oof[k // train.n_splits, va] = wide_rows[k][va] + cv.oof_log_price[0, va]
+        report(name, oof, start)
+    for name, change in KIND_VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        oof = cross_validate(X, y, candidate(**{**DEEP, **change}), train, None).oof_log_price
         report(name, oof, start)
 
 

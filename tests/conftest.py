@@ -288,7 +288,8 @@ OWN_FIELDS = {
     "hgb": {"name", "kind", "exclude_outliers", "l2_regularization", "learning_rate", "loss",
             "max_iter", "max_leaf_nodes", "min_samples_leaf", "max_fit_rows"},
 }
-OWN_FIELDS["mlp"] = OWN_FIELDS["linear"] | {"activation", "dropout", "hidden"}
+OWN_FIELDS["mlp"] = OWN_FIELDS["linear"] | {"activation", "dropout", "hidden",
+                                            "wide_alpha"}
 TEST_SEARCH = (
     {"base": {"name": "ridge", "kind": "ridge"}, "grid": {"alpha": [3.0, 30.0]}},
 )

@@ -266,6 +266,16 @@ def _predict_members(members: list[Term], X: np.ndarray, target: str,
     return total
 
 
+def _wide(group: list[Term], X: np.ndarray) -> np.ndarray | None:
+    """``(M, n) float64``: each net's wide part, ``X·w + b`` (a net without one: 0); None
+    when no net of the group has one."""
+    if not any("wide_w" in m.arrays for m in group):
+        return None
+    W = np.stack([m.arrays.get("wide_w", np.zeros(X.shape[1])) for m in group], axis=1)
+    b = np.array([m.params.get("wide_b", 0.0) for m in group])
+    return (X.astype(np.float64) @ W.astype(np.float64) + b).T
+
+
 _ACTIVATIONS = {"relu": lambda h: np.maximum(h, 0, out=h),
                 "tanh": lambda h: np.tanh(h, out=h),
                 "sigmoid": lambda h: np.reciprocal(1 + np.exp(-h, out=h), out=h)}
@@ -279,11 +289,14 @@ def _predict_nets(group: list[Term], X: np.ndarray, target: str,
     forward = _forward if torch_device is None else functools.partial(
         _forward_torch, device=torch_device)
     out = forward(group, X.astype(dtype, copy=False))  # (M, n)
+    wide = _wide(group, X)
     total = np.zeros(len(X))
     for j, m in enumerate(group):
         # As the network's own log_price: a raw-price target reads the output as the price.
         y = (out[j] * dtype(m.params["y_std"]) + dtype(m.params["y_mean"])
              if target == "log" else out[j])
+        if wide is not None:  # the wide part, added in float64 before the clamp
+            y = y.astype(np.float64) + wide[j]
         total += m.scale * clamped_log_price(y, target)
     return total
 

@@ -388,10 +388,14 @@ def _eval_stacked(X: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
 
 
 def _log_price_(output: torch.Tensor, target: str, y_mean: torch.Tensor,
-                y_std: torch.Tensor) -> torch.Tensor:
-    """``log_price`` in place on ``output`` (the same values, no (M, n) copies)."""
+                y_std: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``log_price`` in place on ``output`` (the same values, no (M, n) copies), plus each
+    model's wide part ``offset`` (a log price) before the clamp."""
     if target == "log":
-        return output.mul_(y_std).add_(y_mean).clamp_(min=0.0)
+        output.mul_(y_std).add_(y_mean)
+        if offset is not None:
+            output.add_(offset)
+        return output.clamp_(min=0.0)
     return output.clamp_(min=1.0).log_()
 
 
@@ -500,6 +504,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                   on_epoch: Callable[[int, dict[int, float]], None] | None = None,
                   groups: list[int] | None = None,
                   features: list[int] | None = None,
+                  wide: tuple[torch.Tensor, torch.Tensor] | None = None,
                   ) -> EngineResult:
     """Train M models at once: of ``spec``, or model ``m`` of ``spec[m]`` (candidates that
     share layer sizes, activation, batch size, epochs and optimizer, each with its own
@@ -516,6 +521,11 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     (all 0 by default): once a model's loss is not finite its candidate is diverged, with
     the reason, and its models stop updating; the others train on, and the run stops early
     only when every candidate has diverged.
+
+    ``wide``: ``(w (M, d), b (M,))``, a fixed linear function of its features per model (a
+    log price; zeros for a model without one), fitted beforehand: model ``m``'s network then
+    fits what it leaves, ``log y - (x·w_m + b_m)``, standardized by that residual's own mean
+    and spread, and predicts their sum (wide and deep, fitted in stages; log target only).
     """
     device = X.device
     folds = X if isinstance(X, TorchFolds) else None  # fold matrices built batch by batch
@@ -579,7 +589,35 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
 
     # Per-model target scaling from its own training rows (log target standardized).
     logy = torch.log(y)
-    if target == "log":
+    wide_w = wide_b = None
+    if wide is not None:
+        if target != "log":
+            raise ValueError("a wide part is a log price: it needs train.target = 'log'")
+        # Laid out as a one-column first layer (S, d, C, 1), in stacked order.
+        wide_w = wide[0].to(device, torch.float32)[lay.pos].view(S, C, d, 1).permute(
+            0, 2, 1, 3).contiguous()
+        wide_b = wide[1].to(device, torch.float32)[lay.pos].view(M, 1, 1)
+
+    def wide_part(lo: int, hi: int) -> torch.Tensor:
+        """``(M, hi - lo)``: each model's wide part of rows ``lo:hi`` of its features."""
+        return _eval_by_features(X, [wide_w], [wide_b], spec.activation, stream_features,
+                                 lo, hi)
+
+    if wide is not None:
+        # The residual's mean and spread on each model's training rows, a block of rows at
+        # a time (float64 sums: no (M, n) residuals are held).
+        total = torch.zeros(M, dtype=torch.float64, device=device)
+        square = torch.zeros(M, dtype=torch.float64, device=device)
+        for lo in range(0, n, _SCORE_ROWS):
+            hi = min(n, lo + _SCORE_ROWS)
+            r = (logy[lo:hi] - wide_part(lo, hi)).double() * train_mask[pos_dev, lo:hi]
+            total += r.sum(1)
+            square += r.square().sum(1)
+        count = train_mask.sum(1)[pos_dev].double()
+        y_mean = (total / count).float().view(M, 1)
+        y_std = ((square - count * (total / count).square()) / (count - 1)).clamp(
+            min=1e-12).sqrt().float().view(M, 1)
+    elif target == "log":
         # A model at a time, each one's rows let go before the next's: no (M, n) memory.
         y_mean = torch.empty(M, 1, device=device)
         y_std = torch.empty(M, 1, device=device)
@@ -592,14 +630,17 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     else:
         y_mean, y_std = torch.zeros(M, 1, device=device), torch.ones(M, 1, device=device)
 
-    def fit_target(rows: torch.Tensor) -> torch.Tensor:
+    def fit_target(rows: torch.Tensor, X_batch: torch.Tensor | None = None) -> torch.Tensor:
         """``(S, B, C)``: each stream's models' targets of its rows ``rows (S, B)`` as they
-        fit them (log price standardized by each model's own mean and spread); built when
-        needed, never held as an (M, n) matrix."""
+        fit them (log price, less the wide part of the rows' features ``X_batch`` when
+        there is one, standardized by each model's own mean and spread); built when needed,
+        never held as an (M, n) matrix."""
         B = rows.shape[1]
         t = (logy if target == "log" else y).index_select(0, rows.reshape(-1)).view(S, B, 1)
         if target != "log":
             return t.expand(S, B, C)
+        if wide_w is not None:
+            t = t - _first_layer(X_batch, wide_w, wide_b).squeeze(-1)
         return t.sub(y_mean.view(S, 1, C)).div_(y_std.view(S, 1, C))
 
     # Each stream's training rows, padded to the longest; padding sorts last in every shuffle.
@@ -631,7 +672,8 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                 hi = min(n, lo + _SCORE_ROWS)
                 pred = _eval_by_features(X, weights, biases, spec.activation,
                                          stream_features, lo, hi)
-                pred = _log_price_(pred, target, y_mean, y_std)
+                pred = _log_price_(pred, target, y_mean, y_std,
+                                   None if wide_w is None else wide_part(lo, hi))
                 if out is not None:
                     out[:, lo:hi] = pred[keep_dev].cpu()
                 err = pred.sub_(logy[lo:hi]).square_()
@@ -665,7 +707,9 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             order = torch.randperm(size, generator=g, device=device)
             idx[s, :size] = rows[s].index_select(0, order)
             idx[s, size:] = rows[s, size:]  # padding stays last
-        y_epoch = fit_target(idx) if M * width * 4 <= _TARGETS_BYTES else None
+        # (a wide part needs each batch's features: its targets are built per batch)
+        y_epoch = (fit_target(idx) if M * width * 4 <= _TARGETS_BYTES and wide_w is None
+                   else None)
         if folds is None:  # the same rows of the stream's own matrix
             idx_x = idx + offset.to(idx.dtype) if F > 1 else idx
         grad_sum = torch.zeros(M, device=device)
@@ -677,7 +721,8 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             # Forward and backward; the sum of each model's own mean loss keeps their
             # gradients apart.
             grads = forward_backward(
-                X_batch, fit_target(idx[:, lo:hi]) if y_epoch is None else y_epoch[:, lo:hi],
+                X_batch,
+                fit_target(idx[:, lo:hi], X_batch) if y_epoch is None else y_epoch[:, lo:hi],
                 weight, weights, biases,
                 spec.activation, gens, None if weight is None else counts, rates, draws)
             if flat is not None:

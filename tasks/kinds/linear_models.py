@@ -10,6 +10,7 @@ from pydantic import Field
 
 from tasks.data.foldmaps import FoldGrams, FoldMaps, fold_grams
 from tasks.kinds.base import (
+    _ROWS,
     _SKLEARN_IMPORT,
     CVResult,
     Linear,
@@ -17,6 +18,7 @@ from tasks.kinds.base import (
     SklearnCandidate,
     _import_sklearn,
     clamped_log_price,
+    fold_rows,
     net_form,
     rmse,
     skops_dumps,
@@ -48,10 +50,7 @@ class LinearSklearn(SklearnCandidate):
             return super().cross_validate(X, y, train, folds, fitted, on_progress)
         logy = np.log(y)
         t = logy if train.target == "log" else y
-        excluded = np.ones(len(y), dtype=bool)
-        for rows in fitted:
-            excluded[rows] = False
-        sums = fold_grams(X, t, folds, excluded)
+        sums = fold_sums(X, t, folds, fitted)
         oof = np.full((train.repeats, len(y)), np.nan)
         members, train_rmse, valid_rmse = [], [], []
         for k, ((_, va), tr) in enumerate(zip(folds, fitted, strict=True)):
@@ -66,6 +65,14 @@ class LinearSklearn(SklearnCandidate):
             on_progress((k + 1) / len(folds))
         return CVResult(folds=folds, members=members, train_log_rmse=train_rmse,
                         valid_log_rmse=valid_rmse, oof_log_price=oof, curves=None)
+
+    def fold_fits(self, X: Any, t: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+                  fitted: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, float]]:
+        """Each fold's coefficients and intercept ``(w (d,), b)`` for target ``t``, fitted on
+        its ``fitted`` rows from their sums (fold ``k`` seeded ``seed * 1000 + k``, as in
+        ``cross_validate``)."""
+        sums = fold_sums(X, t, folds, fitted)
+        return [self._fit_sums(sums, k, seed * 1000 + k) for k in range(len(folds))]
 
     def _fit_sums(self, sums: FoldGrams, k: int, seed: int) -> tuple[np.ndarray, float]:
         """Fold ``k``'s coefficients and intercept, centred as scikit-learn centres."""
@@ -186,3 +193,29 @@ def gram_descent(G: np.ndarray, q: np.ndarray, tt: float, n: float, alpha: float
         np.array([np.sqrt(max(tt, 0.0))]), max_iter, 1e-4, check_random_state(seed), False,
         False)
     return np.asarray(w)
+
+
+def fold_sums(X: Any, t: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+              fitted: list[np.ndarray]) -> FoldGrams:
+    """``FoldGrams`` of each fold's ``fitted`` rows: of fold maps by subtraction
+    (``fold_grams``); of a matrix ``(n, d)`` or fold matrices ``(K, n, d)`` summed over each
+    fold's rows, a block of rows at a time."""
+    if isinstance(X, FoldMaps):
+        excluded = np.ones(len(t), dtype=bool)
+        for rows in fitted:
+            excluded[rows] = False
+        return fold_grams(X, t, folds, excluded)
+    d = X.shape[-1]
+    out = {key: [] for key in ("n", "sx", "xx", "xt", "st", "tt")}
+    for k, rows in enumerate(fitted):
+        sx, xx, xt = np.zeros(d), np.zeros((d, d)), np.zeros(d)
+        for lo in range(0, len(rows), _ROWS):
+            part = rows[lo:lo + _ROWS]
+            A = fold_rows(X, k, part, np.float64)
+            sx += A.sum(0)
+            xx += A.T @ A
+            xt += A.T @ t[part]
+        tk = t[rows]
+        for key, v in zip(out, (len(rows), sx, xx, xt, tk.sum(), tk @ tk), strict=True):
+            out[key].append(v)
+    return FoldGrams(**{key: np.array(v, dtype=np.float64) for key, v in out.items()})

@@ -73,7 +73,11 @@ class TorchCandidate(CandidateConfig):
             return Linear(std * W[:, 0].astype(np.float64), std * float(b[0]) + mean)
         acts = [type(m).__name__.lower() for m in loaded.model.modules()
                 if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Tanh)]
-        return net_form(layers, acts[0] if acts else "relu", mean, std)
+        form = net_form(layers, acts[0] if acts else "relu", mean, std)
+        if loaded.wide is None:
+            return form
+        w, b = loaded.wide
+        return Runtime(form.kind, {**form.params, "wide_b": b}, {**form.arrays, "wide_w": w})
 
     def budget_note(self, n_rows: int) -> str | None:
         from tasks.kinds.nets import epochs_within
@@ -104,7 +108,15 @@ class TorchCandidate(CandidateConfig):
 
         model = Regressor(self, n_features)
         model.load_state_dict(member["state_dict"])
-        return TorchMember(model.eval(), member["y_mean"], member["y_std"], target)
+        wide = None
+        if "wide_w" in member:
+            w = np.asarray(member["wide_w"], np.float64)
+            if w.shape != (n_features,):
+                raise ValueError(f"candidate '{self.name}': its saved wide part has shape "
+                                 f"{w.shape}, the features {n_features} columns; retrain "
+                                 "with --from train")
+            wide = (w, float(member["wide_b"]))
+        return TorchMember(model.eval(), member["y_mean"], member["y_std"], target, wide)
 
 
 def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted,
@@ -121,6 +133,7 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
     device = resolve_device(train.device)
     # X (n, d), or (K, n, d): fold k's rows through the preprocessor fitted on its own rows.
     K, n = len(folds), X.shape[-2]
+    wides = _wide_parts(specs, X, y, train, folds, fitted)
     models, seeds, groups = [], [], []  # per stacked model: its spec, seed, candidate
     for c, spec in enumerate(specs):
         for k in range(K):
@@ -134,6 +147,15 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
     for m, (_, k, _) in enumerate(models):
         train_mask[m, fitted[k]] = True
         valid_mask[m, folds[k][1]] = True
+    wide = None
+    if wides:  # per stacked model its fold's wide part; zeros for a plain network
+        d = X.shape[-1]
+        wide = (torch.zeros(len(models), d, dtype=torch.float64),
+                torch.zeros(len(models), dtype=torch.float64))
+        for m, (c, k, _) in enumerate(models):
+            if specs[c].wide_alpha is not None:
+                w, b = wides[specs[c].wide_alpha][k]
+                wide[0][m], wide[1][m] = torch.from_numpy(w), b
     res = train_stacked(
         _features_on(X, device),
         torch.tensor(y, dtype=torch.float32, device=device),
@@ -141,6 +163,7 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         train.target, seeds, on_epoch=lambda e, valid: _epoch_done(
             specs, valid, lambda: on_progress((e + 1) / epochs)),
         groups=groups, features=[k for _, k, _ in models] if X.ndim == 3 else None,
+        wide=wide,
     )
     logy = np.log(y)
     out, first = [], 0
@@ -156,7 +179,8 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         base = sl.start
         members = [[{"state_dict": res.state_dicts[base + k * S + s],
                      "y_mean": res.y_mean[base + k * S + s],
-                     "y_std": res.y_std[base + k * S + s]} for s in range(S)]
+                     "y_std": res.y_std[base + k * S + s],
+                     **_wide_member(spec, wides, k)} for s in range(S)]
                    for k in range(K)]
         curves = [{name: cv[base + k * S: base + (k + 1) * S].mean(0).tolist()
                    for name, cv in res.curves.items()} for k in range(K)]
@@ -168,6 +192,34 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         ))
     return out
 
+
+def _wide_parts(specs: list[TorchCandidate], X, y, train, folds, fitted
+                ) -> dict[float, list[tuple[np.ndarray, float]]]:
+    """Per wide penalty of ``specs``, each fold's lasso of log price on its own fitted rows,
+    from their sums (``wide_alpha``; what the networks then fit the residuals of)."""
+    from tasks.kinds.linear_models import LassoConfig
+
+    alphas = sorted({s.wide_alpha for s in specs if getattr(s, "wide_alpha", None)})
+    if alphas and train.target != "log":
+        raise ValueError(f"candidate '{specs[0].name}': wide_alpha fits a lasso of the log "
+                         "price, so it needs train.target = 'log'")
+    return {a: LassoConfig(name="wide", alpha=a, max_iter=WIDE_MAX_ITER).fold_fits(
+        X, np.log(y), folds, fitted, train.seed) for a in alphas}
+
+
+def _wide_member(spec: TorchCandidate, wides: dict, k: int) -> dict[str, Any]:
+    """What a fold's member saves of its wide part (nothing without one)."""
+    import torch
+
+    alpha = getattr(spec, "wide_alpha", None)
+    if alpha is None:
+        return {}
+    w, b = wides[alpha][k]
+    return {"wide_w": torch.from_numpy(np.asarray(w, np.float64)), "wide_b": float(b)}
+
+
+# Coordinate descent sweeps of a wide part's lasso (the default lasso candidate's).
+WIDE_MAX_ITER = 5000
 
 # Fold matrices up to this size are built once and held: a batch is then one gather (about
 # 4x faster than building its rows from the base, measured at 15 x 64 rows x 330 features).
@@ -210,6 +262,7 @@ class TorchMember:
     y_mean: float
     y_std: float
     target: str
+    wide: tuple[np.ndarray, float] | None = None  # (w (d,), b) float64: the linear part
 
     def log_price(self, X: np.ndarray) -> np.ndarray:
         import torch
@@ -218,7 +271,11 @@ class TorchMember:
 
         with torch.no_grad():
             out = self.model(torch.from_numpy(X))
-            return log_price(out, self.target, self.y_mean, self.y_std).double().numpy()
+            if self.wide is None:
+                return log_price(out, self.target, self.y_mean, self.y_std).double().numpy()
+            w, b = self.wide
+            y = out.double().numpy() * self.y_std + self.y_mean
+            return np.maximum(y + (X.astype(np.float64) @ w + b), 0.0)
 
 
 class LinearConfig(TorchCandidate):
@@ -242,6 +299,11 @@ class MLPConfig(TorchCandidate):
         (256,), description="hidden layer sizes, input side first")
     activation: Literal["relu", "sigmoid", "tanh"] = "relu"
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    wide_alpha: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="wide and deep, fitted in stages: each fold first fits a lasso of "
+        "this penalty to the log price (from its rows' sums), the network then fits that "
+        "lasso's residuals, and the prediction is their sum (None: the network alone). "
+        "Needs train.target = 'log'")
 
     @model_validator(mode="after")
     def _needs_layers(self) -> MLPConfig:

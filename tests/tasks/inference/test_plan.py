@@ -27,6 +27,10 @@ def kaggle(real_data):
     return train, test
 
 
+# Forms of a kind beside MINIMAL's: an MLP with a wide part (a lasso it adds to).
+VARIANTS = {"wide": {"kind": "mlp", "hidden": [4], "epochs": 3, "wide_alpha": 1e-3}}
+
+
 @pytest.fixture(scope="module")
 def fitted(kaggle):
     """Every kind cross-validated on the real rows, 3 folds, each fold's own preprocessor;
@@ -40,8 +44,8 @@ def fitted(kaggle):
     cfg = TrainConfig(repeats=1, n_splits=3, seed=0)
     y = train["SalePrice"].to_numpy(float)
     out = {}
-    for kind, (fields, _) in MINIMAL.items():
-        spec = candidate(name=kind, kind=kind, **fields)
+    for kind, fields in [*((k, f) for k, (f, _) in MINIMAL.items()), *VARIANTS.items()]:
+        spec = candidate(name=kind, **{"kind": kind, **fields})
         cv = spec.cross_validate(Xs, y, cfg, folds, [tr for tr, _ in folds], lambda f: None)
         refit = spec.refit(X, y, cfg, np.arange(len(y)))
         out[kind] = (spec, cv.members, refit)
@@ -62,7 +66,7 @@ def _checkpoint(pre, fold_pres, parts, refit=False, target="log"):
 
 
 @pytest.mark.parametrize("refit", [False, True], ids=["ensemble", "refit"])
-@pytest.mark.parametrize("kind", [*sorted(MINIMAL), "blend"])
+@pytest.mark.parametrize("kind", [*sorted(MINIMAL), *VARIANTS, "blend"])
 def test_plan_equals_the_members_predicted_one_by_one(fitted, kaggle, kind, refit, tmp_path):
     """For every kind and a blend of all of them, with each fold's own preprocessor or one
     refit: the compiled plan, saved and loaded back, predicts the Kaggle test rows as the

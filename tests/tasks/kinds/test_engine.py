@@ -262,3 +262,37 @@ def test_fold_maps_built_batch_by_batch_train_what_the_fold_matrices_train(hidde
     for a, b in zip(built.state_dicts, held.state_dicts, strict=True):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_wide_part_trains_the_network_on_what_it_leaves():
+    """A fixed linear part per model (zeros for a plain one, stacked beside them): each
+    network trains as it would alone on the residual prices ``exp(log y - x·w - b)``, scaled
+    by the residual's own mean and spread, and predicts the residual plus the linear part."""
+    X, y = _data(n=150)
+    spec = [candidate(name=f"c{i}", kind="mlp", hidden=(8,), dropout=0.1, lr=0.01,
+                      weight_decay=1e-3, epochs=3, batch_size=16) for i in range(3)]
+    train, valid = _masks(150, [(0, 50), (50, 100), (100, 150)])
+    g = torch.Generator().manual_seed(5)
+    w = 0.3 * torch.randn(3, X.shape[1], generator=g, dtype=torch.float64)
+    b = torch.tensor([11.5, 12.0, 0.0], dtype=torch.float64)
+    w[2] = 0.0  # the third model has no wide part
+    seeds = [4, 5, 6]
+    both = train_stacked(X, y, train, valid, spec, "log", seeds, wide=(w, b))
+    for m in range(3):
+        part = (X.double() @ w[m] + b[m]).float()
+        # the residual shifted up by 5 (standardizing takes it off again), so that the
+        # clamp at a log price of 0 never binds on it alone
+        resid = torch.exp(torch.log(y) - part + 5.0)
+        alone = train_stacked(X, resid, train[m:m + 1], valid[m:m + 1], spec[m], "log",
+                              [seeds[m]])
+        assert both.y_mean[m] == pytest.approx(alone.y_mean[0] - 5.0, abs=1e-5)
+        assert both.y_std[m] == pytest.approx(alone.y_std[0], rel=1e-4)
+        for key, value in alone.state_dicts[0].items():
+            torch.testing.assert_close(both.state_dicts[m][key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(both.pred_log_price[m],
+                                   alone.pred_log_price[0] - 5.0 + part, rtol=1e-5, atol=1e-4)
+    plain = train_stacked(X, y, train[2:], valid[2:], spec[2], "log", [6])
+    torch.testing.assert_close(both.pred_log_price[2], plain.pred_log_price[0], rtol=1e-5,
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="needs train.target = 'log'"):
+        train_stacked(X, y, train, valid, spec, "raw", seeds, wide=(w, b))

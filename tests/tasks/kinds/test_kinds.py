@@ -350,3 +350,51 @@ def test_a_tail_average_longer_than_training_is_refused_and_epochs_keep_its_shar
         cfg = PipelineConfig().with_epochs(epochs)
         mlp = next(s.base for s in cfg.search if s.base.kind == "mlp")
         assert (mlp.epochs, mlp.average_last) == (epochs, tail)
+
+
+def test_a_wide_mlp_is_its_folds_lasso_plus_a_network_on_what_the_lasso_leaves(tmp_path):
+    """``wide_alpha``: each fold's wide part is the lasso kind's own fold model (from the
+    fold's sums, on fold maps or on fold matrices alike); it is saved with the network and
+    predicts, loaded back, what cross-validation predicted; a plain MLP stacked beside it
+    trains as it does alone; a raw-price target is refused in one line."""
+    import torch
+
+    from tasks.data.folds import make_folds
+    from tasks.kinds.base import skops_loads
+    from tasks.kinds.torch_net import MLPConfig
+    from tasks.train import cross_validate
+    from tests.tasks.kinds.test_linear_models import synthetic_maps
+
+    maps, y = synthetic_maps(n=300)
+    cfg = TrainConfig(n_splits=3, repeats=2, seed=4)
+    fields = {"kind": "mlp", "hidden": (8,), "lr": 0.01, "epochs": 4, "batch_size": 32}
+    wide = candidate(name="w", wide_alpha=2e-3, **fields)
+    plain = candidate(name="p", **fields)
+    on_maps = cross_validate(maps, y, wide, cfg)
+    matrices = np.stack([maps[k] for k in range(maps.shape[0])])
+    on_matrices = cross_validate(matrices, y, wide, cfg)
+    np.testing.assert_allclose(on_maps.oof_log_price, on_matrices.oof_log_price, atol=1e-4)
+    lasso = cross_validate(maps, y, candidate(name="l", kind="lasso", alpha=2e-3,
+                                              max_iter=5000), cfg)
+    torch.save({"folds": on_maps.members}, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)["folds"]
+    for k, (_, va) in enumerate(on_maps.folds):
+        est = skops_loads(lasso.members[k][0])
+        member = saved[k][0]
+        np.testing.assert_allclose(member["wide_w"].numpy(), est.coef_, atol=1e-9)
+        assert member["wide_b"] == pytest.approx(float(est.intercept_), abs=1e-9)
+        loaded = wide.load_member(member, maps.shape[2], "log")
+        np.testing.assert_allclose(loaded.log_price(maps[k][va]),
+                                   on_maps.oof_log_price[k // 3, va], atol=1e-4)
+    # the wide part is what the network adds to: a plain network's predictions differ
+    assert not np.allclose(on_maps.oof_log_price, cross_validate(maps, y, plain, cfg)
+                           .oof_log_price, atol=1e-2)
+    folds = make_folds(len(y), 3, 4, "shuffled", 2)
+    fitted = [tr for tr, _ in folds]
+    both = MLPConfig.cross_validate_stack([wide, plain], maps, y, cfg, folds, fitted,
+                                          lambda f: None)
+    alone = plain.cross_validate(maps, y, cfg, folds, fitted, lambda f: None)
+    np.testing.assert_allclose(both[1].oof_log_price, alone.oof_log_price, atol=1e-5)
+    np.testing.assert_allclose(both[0].oof_log_price, on_maps.oof_log_price, atol=1e-5)
+    with pytest.raises(ValueError, match="wide_alpha fits a lasso of the log price"):
+        cross_validate(maps, y, wide, cfg.model_copy(update={"target": "raw"}))
