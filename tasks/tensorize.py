@@ -35,6 +35,7 @@ from tasks.data.foldmaps import (
     base_columns,
     fold_maps,
     fold_preprocessors,
+    open_base,
 )
 from tasks.data.folds import make_folds
 from tasks.stage import build_stage, stage_task_options
@@ -172,7 +173,7 @@ def read_fold_features(data: ArtifactRef, folds: FoldSpec) -> FoldMaps | None:
         raise ValueError(f"tensorize {data.version} holds folds {saved}, train cuts "
                          f"{folds.model_dump(mode='json')}; rerun from tensorize")
     # Memory-mapped: a fold's matrix is built when asked, from the rows it needs.
-    base = np.load(data.file(FOLD_BASE), mmap_mode="r", allow_pickle=False)
+    base = open_base(data.file(FOLD_BASE))  # one mapping, shared by the tasks side by side
     return FoldMaps.from_dict(json.loads(data.file(FOLD_MAPS).read_text()), base)
 
 

@@ -241,9 +241,13 @@ def _features_on(X, device):
     if F * n * d * 4 > HOLD_BYTES:
         return TorchFolds(X, device)
     held = torch.empty((F, n, d), dtype=torch.float32, device=device)
-    for k in range(F):
-        held[k] = torch.from_numpy(X[k])
+    for k in range(F):  # a block of rows at a time: a whole fold built at once is 3 copies
+        for lo in range(0, n, _HOLD_ROWS):
+            held[k, lo:lo + _HOLD_ROWS] = torch.from_numpy(X.rows(k, slice(lo, lo + _HOLD_ROWS)))
     return held
+
+
+_HOLD_ROWS = 65_536
 
 
 def _epoch_done(specs: list[TorchCandidate], valid: dict[int, float], progress) -> None:

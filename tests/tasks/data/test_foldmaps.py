@@ -151,3 +151,30 @@ def test_block_sums_of_a_mapped_file_are_computed_once_for_threads_that_ask_toge
     foldmaps.block_sums(base[1:], t[1:], blocks[1:], 4, chunk=512)
     foldmaps.block_sums(base[1:], t[1:], blocks[1:], 4, chunk=512)
     assert len(passes) == 5  # three new keys, and a slice is never kept
+
+
+def test_a_base_file_is_mapped_once_while_anything_holds_it(tmp_path):
+    """Train tasks side by side open the same base: they share one read-only mapping
+    (each mapping would count the file in the process's memory again), a rewritten file
+    gets its own, and the last holder gone, the mapping is let go."""
+    import gc
+    import os
+    import weakref
+
+    from tasks.data.foldmaps import _BASES, open_base
+
+    path = tmp_path / "fold_base.npy"
+    np.save(path, np.arange(12, dtype=np.float32).reshape(4, 3))
+    first, second = open_base(path), open_base(path)
+    assert first is second and not first.flags.writeable
+    np.testing.assert_array_equal(first, np.arange(12).reshape(4, 3))
+    np.save(tmp_path / "new.npy", np.ones((4, 3), np.float32))
+    (tmp_path / "new.npy").replace(path)  # a new artifact at the same path
+    third = open_base(path)
+    assert third is not first and float(third.sum()) == 12.0
+    gone = weakref.ref(first)
+    del first, second
+    gc.collect()
+    assert gone() is None  # only the rewritten file's mapping is left
+    assert [k[1:] for k in _BASES if k[0] == os.path.realpath(path)] == [
+        (os.stat(path).st_ino, os.stat(path).st_size, os.stat(path).st_mtime_ns)]
