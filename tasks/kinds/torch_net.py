@@ -299,6 +299,8 @@ class MLPConfig(TorchCandidate):
     activation and (inverted) dropout."""
 
     kind: Literal["mlp"] = "mlp"
+    # its wide part is the lasso kind's fit: an edit there retrains the MLPs too
+    code_files: ClassVar[tuple[str, ...]] = (*_CODE, "kinds/linear_models.py")
     hidden: tuple[Annotated[int, Field(gt=0)], ...] = Field(
         (256,), description="hidden layer sizes, input side first")
     activation: Literal["relu", "sigmoid", "tanh"] = "relu"

@@ -77,6 +77,9 @@ def test_a_kind_version_holds_its_own_code_only():
     assert "kinds/boosting.py" not in KINDS["lasso"].code_files
     assert "kinds/engine.py" in KINDS["mlp"].code_files
     assert "kinds/engine.py" not in KINDS["hgb"].code_files
+    # an MLP's wide part is the lasso kind's fit
+    assert "kinds/linear_models.py" in KINDS["mlp"].code_files
+    assert "kinds/linear_models.py" not in KINDS["linear"].code_files
     tasks_dir = Path(__file__).resolve().parents[3] / "tasks"
     for kind, cls in KINDS.items():  # every named file exists (a moved module would not)
         assert all((tasks_dir / f).is_file() for f in cls.code_files), (kind, cls.code_files)
