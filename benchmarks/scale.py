@@ -151,7 +151,8 @@ def plot(lines: Path, out: Path) -> None:
     axes[1].axhline(8 * 1024, color="grey", linestyle="--", linewidth=1)
     axes[1].set_ylim(top=max(12 * 1024, 1.2 * max(r["peak_rss_mib"] for r in runs)))
     axes[1].annotate("8 GiB", (min(r["rows"] for r in runs), 8 * 1024 * 1.05), color="grey")
-    axes[0].legend()
+    # below the panels: inside one it hid the points of the largest runs
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
     fig.suptitle(f"benchmarks/scale.py, {runs[0].get('cpus')} CPU cores")
     fig.savefig(out, dpi=110)
 
