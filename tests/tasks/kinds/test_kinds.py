@@ -399,5 +399,8 @@ def test_a_wide_mlp_is_its_folds_lasso_plus_a_network_on_what_the_lasso_leaves(t
     alone = plain.cross_validate(maps, y, cfg, folds, fitted, lambda f: None)
     np.testing.assert_allclose(both[1].oof_log_price, alone.oof_log_price, atol=1e-5)
     np.testing.assert_allclose(both[0].oof_log_price, on_maps.oof_log_price, atol=1e-5)
+    bad = {**saved[0][0], "wide_w": torch.zeros(5, dtype=torch.float64)}  # a damaged one
+    with pytest.raises(ValueError, match=r"saved wide part has shape \(5,\), the features 12 "):
+        wide.load_member(bad, maps.shape[2], "log")
     with pytest.raises(ValueError, match="wide_alpha fits a lasso of the log price"):
         cross_validate(maps, y, wide, cfg.model_copy(update={"target": "raw"}))
