@@ -153,9 +153,8 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         wide = (torch.zeros(len(models), d, dtype=torch.float64),
                 torch.zeros(len(models), dtype=torch.float64))
         for m, (c, k, _) in enumerate(models):
-            alpha = getattr(specs[c], "wide_alpha", None)
-            if alpha is not None:
-                w, b = wides[alpha][k]
+            if specs[c].wide_alpha is not None:
+                w, b = wides[specs[c].wide_alpha][k]
                 wide[0][m], wide[1][m] = torch.from_numpy(w), b
     res = train_stacked(
         _features_on(X, device),
