@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -33,3 +34,13 @@ def timed(args: list[str], env: dict[str, str]) -> tuple[float, str, str]:
         errors = [line for line in lines if line.startswith("houseprice: error")] or lines[-5:]
         sys.exit(f"failed ({proc.returncode}): {' '.join(args)}: " + " | ".join(errors))
     return wall, proc.stdout, proc.stdout + proc.stderr
+
+
+def run_args(doc: str, what: str) -> argparse.Namespace:
+    """``--artifacts DIR`` (a default run's artifact root, required) and ``--only NAME ...``
+    (which ``what`` to run; default all): the arguments of the scripts that score variants
+    on a run's own folds."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--artifacts", type=Path, required=True)
+    ap.add_argument("--only", nargs="*", help=f"{what} names to run (default: all)")
+    return ap.parse_args()

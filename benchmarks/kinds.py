@@ -14,7 +14,6 @@ Prints a Markdown table, then one JSON line per candidate and blend.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import DATA  # noqa: E402
+from benchmarks._common import DATA, run_args  # noqa: E402
 from tasks.config import TrainConfig, candidate  # noqa: E402
 from tasks.data.folds import make_folds  # noqa: E402
 from tasks.kinds.base import oof_scores  # noqa: E402
@@ -72,10 +71,7 @@ def run_features(root: Path):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifacts", type=Path, required=True)
-    ap.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
-    args = ap.parse_args()
+    args = run_args(__doc__, "candidate")
     data, matrix, train, X = run_features(args.artifacts)
     from tasks.train import cross_validate
 

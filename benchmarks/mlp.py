@@ -13,7 +13,6 @@ Prints one JSON line per variant.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import run_args  # noqa: E402
 from benchmarks.kinds import DATA, run_features  # noqa: E402
 from tasks.config import candidate  # noqa: E402
 from tasks.kinds.base import oof_scores  # noqa: E402
@@ -69,10 +69,7 @@ def reporter(matrix, train):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifacts", type=Path, required=True)
-    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
-    args = ap.parse_args()
+    args = run_args(__doc__, "variant")
     _, matrix, train, X = run_features(args.artifacts)
     report = reporter(matrix, train)
     for name, change in VARIANTS.items():

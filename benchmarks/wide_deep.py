@@ -12,7 +12,6 @@ without-outliers OOF log RMSE over every repeat, the spread over repeats, and th
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import run_args  # noqa: E402
 from benchmarks.kinds import run_features  # noqa: E402
 from benchmarks.mlp import reporter  # noqa: E402
 from tasks.config import TrainConfig, candidate  # noqa: E402
@@ -71,10 +71,7 @@ def one_fold(X: FoldMaps, k: int) -> FoldMaps:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifacts", type=Path, required=True)
-    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
-    args = ap.parse_args()
+    args = run_args(__doc__, "variant")
     from tasks.train import cross_validate
 
     _, matrix, train, X = run_features(args.artifacts)
