@@ -161,6 +161,7 @@ def candidate_metrics(spec: CandidateConfig, cv: CVResult, logy: np.ndarray,
              "valid_log_rmse": va if ok else None}
             for k, (tr, va) in enumerate(zip(cv.train_log_rmse, cv.valid_log_rmse, strict=True))
         ],
+        **({"halving": cv.halving} if cv.halving is not None else {}),
     }
 
 
@@ -222,6 +223,13 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
                 f"{f['valid_log_rmse']:.4f}")
     else:
         log(f"{candidate.name}: diverged: {metrics['reason']}")
+    if (h := cv.halving) is not None:
+        log(f"{candidate.name}: successive halving: " + (
+            f"stopped at rung {h['rung']} of {h['rungs']}" if h["stopped"] else
+            f"trained the whole budget at rung {h['rung']} of {h['rungs']}")
+            + f" ({h['epochs']} epochs; ranked {h['rank']} of {h['of']} there, OOF log RMSE "
+            + ("diverged" if h["rung_oof_log_rmse_all"] is None
+               else f"{h['rung_oof_log_rmse_all']:.4f}") + ")")
     torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members],
                 "refit": refit}, out_dir / "models.pt")
     with _ROW_FILES:
@@ -301,11 +309,22 @@ def stack_groups(candidates: list[CandidateConfig]) -> list[list[CandidateConfig
     return list(groups.values())
 
 
+def version_inputs(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig,
+                   stack: list[CandidateConfig] | None = None) -> dict[str, Any]:
+    """What ``candidate``'s train version is made of; with the ``stack`` it trains in, when
+    its result depends on the others there (a search among them)."""
+    inputs: dict[str, Any] = {"data": data, "candidate": candidate, "config": config}
+    if stack is not None and len(stack) > 1 and candidate.depends_on_stack:
+        inputs["stack"] = list(stack)  # in order: ties go to the first listed
+    return inputs
+
+
 def member_ref(root: str, data: ArtifactRef, candidate: CandidateConfig,
-               config: TrainConfig) -> ArtifactRef:
+               config: TrainConfig, stack: list[CandidateConfig] | None = None
+               ) -> ArtifactRef:
     """Where ``candidate``'s train artifact is (whether or not it exists yet)."""
     return ArtifactRef(root=root, stage=STAGE, version=stage_version(
-        STAGE, {"data": data, "candidate": candidate, "config": config}))
+        STAGE, version_inputs(data, candidate, config, stack)))
 
 
 def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: TrainConfig,
@@ -313,9 +332,12 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
                 progress: Callable[[float], None] = lambda f: None) -> list[ArtifactRef]:
     """Train the candidates of one group whose artifacts are missing (all with ``force``)
     as one stacked model, then write each one's own artifact; returns every candidate's
-    reference. A cached candidate is not retrained when another joins its group."""
-    refs = [member_ref(root, data, c, config) for c in candidates]
+    reference. A cached candidate is not retrained when another joins its group, unless
+    its result depends on the group (a search among them): then the whole group retrains."""
+    refs = [member_ref(root, data, c, config, candidates) for c in candidates]
     todo = [c for c, r in zip(candidates, refs, strict=True) if force or not is_complete(r)]
+    if todo and any(c.depends_on_stack for c in candidates):
+        todo = list(candidates)  # (a complete artifact is kept: the same result, not rewritten)
     if todo:
         m, X, X_all, outliers, excluded = _rows(data, config, todo[0])  # one rule per stack
         folds = make_folds(len(m.y), config.n_splits, config.seed, config.fold_scheme,
@@ -326,12 +348,14 @@ def train_group(data: ArtifactRef, candidates: list[CandidateConfig], config: Tr
         cvs = _fit(lambda: type(todo[0]).cross_validate_stack(todo, X, m.y, config, folds, fitted,
                                                              progress), names, log)
         _fits_done()  # only the short refits are left: the next task may start loading
-        refits = _fit(lambda: refit_members(todo, X_all, m.y, config,
-                                            np.flatnonzero(~excluded)),
+        # each on the budget its cross-validation had (a search may have cut it)
+        refits = _fit(lambda: refit_members([c.trained_as(cv) for c, cv in
+                                             zip(todo, cvs, strict=True)],
+                                            X_all, m.y, config, np.flatnonzero(~excluded)),
                       names, log, "refitted on all rows")
         for c, cv, refit in zip(todo, cvs, refits, strict=True):
             ref = build_stage(
-                STAGE, root, {"data": data, "candidate": c, "config": config},
+                STAGE, root, version_inputs(data, c, config, candidates),
                 lambda out, c=c, cv=cv, refit=refit: write_artifact(
                     m, outliers, excluded, c, config, cv, out, log, refit), force=force)
             link_name(ref, c.name)
@@ -344,8 +368,9 @@ class GroupVersionPolicy(CachePolicy):
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
                     flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        versions = [member_ref(inputs["root"], inputs["data"], c, inputs["config"]).version
-                    for c in inputs["candidates"]]
+        group = inputs["candidates"]
+        versions = [member_ref(inputs["root"], inputs["data"], c, inputs["config"],
+                               group).version for c in group]
         digest = hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
         return f"houseprice-train-group-{digest}-{root_key(inputs['root'])}"
 
@@ -377,7 +402,7 @@ def submit_train(root: str, *, force: bool, data: ArtifactRef,
     if len(candidates) == 1:
         return submit_stage(train_task, root, force=force, data=data, candidate=candidates[0],
                             config=config)
-    refs = [member_ref(root, data, c, config) for c in candidates]
+    refs = [member_ref(root, data, c, config, candidates) for c in candidates]
     names = ", ".join(c.name for c in candidates)
     task = train_group_task.with_options(
         result_storage=results_storage(root),

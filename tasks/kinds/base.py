@@ -70,14 +70,23 @@ def oof_scores(pred: np.ndarray, logy: np.ndarray, repeat: np.ndarray, clean: np
 
 def refit_members(specs: list[CandidateConfig], X: np.ndarray, y: np.ndarray,
                   train: TrainConfig, rows: np.ndarray) -> list[list[dict[str, Any]]]:
-    """Each of ``specs`` (one kind, one ``stack_key``) fitted once on ``rows``: one fold whose
-    validation rows are its training rows (their score is not used)."""
+    """Each of ``specs`` (one kind) fitted once on ``rows``: one fold whose validation rows
+    are its training rows (their score is not used). Specs of one ``stack_key`` fit as one
+    stack (those a search cut to different budgets are different stacks)."""
     one = train.model_copy(update={"repeats": 1})
     fold = [(rows, rows)]
+    stacks: dict[Any, list[int]] = {}
+    for i, s in enumerate(specs):
+        key = s.stack_key()
+        stacks.setdefault(("alone", i) if key is None else key, []).append(i)
+    out: list[list[dict[str, Any]]] = [[] for _ in specs]
     with muted():  # its "valid" rows are its training rows: no score to show
-        cvs = type(specs[0]).cross_validate_stack(specs, X, y, one, fold, [rows],
-                                                  lambda f: None)
-    return [cv.members[0] for cv in cvs]
+        for at in stacks.values():
+            cvs = type(specs[at[0]]).cross_validate_stack([specs[i] for i in at], X, y, one,
+                                                          fold, [rows], lambda f: None)
+            for i, cv in zip(at, cvs, strict=True):
+                out[i] = cv.members[0]
+    return out
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,9 @@ class CVResult:
     oof_log_price: np.ndarray
     curves: list[dict[str, list[float]]] | None  # per fold, per epoch (epoch-trained kinds)
     diverged: str | None = None
+    # Where a search over its stack cut this candidate's budget (the torch kinds' successive
+    # halving): its last rung, that rung's budget and rank; None: trained as configured.
+    halving: dict[str, Any] | None = None
 
 
 class Member(Protocol):
@@ -237,6 +249,18 @@ class CandidateConfig(Frozen):
         """Candidates whose keys are equal (not None) train as one ``cross_validate_stack``
         call; None: this candidate trains alone."""
         return None
+
+    @property
+    def depends_on_stack(self) -> bool:
+        """Whether this candidate's result depends on the other candidates of its stack (a
+        search among them, as successive halving): its version then holds theirs, and its
+        stack retrains as a whole."""
+        return False
+
+    def trained_as(self, cv: CVResult) -> CandidateConfig:
+        """The configuration ``cv`` was trained with: this one, or the smaller budget a
+        search over its stack stopped it at (what its refit on all rows must use)."""
+        return self
 
     @classmethod
     def cross_validate_stack(cls, specs: list[CandidateConfig], X: np.ndarray, y: np.ndarray,
