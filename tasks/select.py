@@ -105,6 +105,9 @@ def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]
         row["predict rows/s"] = m.get("predict_rows_per_s")
         row["status"] = m.get("status", "ok") if m.get("reason") is None else (
             f"{m['status']}: {m['reason']}")
+        if isinstance(h := m.get("halving"), dict) and h.get("stopped"):
+            row["status"] += (f"; halving stopped it at rung {h.get('rung')} of "
+                              f"{h.get('rungs')} ({h.get('epochs')} epochs)")
         rows.append(row)
     return rows
 

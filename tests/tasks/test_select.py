@@ -51,6 +51,17 @@ def test_leaderboard_ranks_by_oof_score_and_puts_diverged_last():
     assert table[3]["status"] == "diverged: nan at epoch 3" and table[3]["mean"] is None
 
 
+def test_a_candidate_halving_stopped_says_so_in_its_status():
+    stopped = {**_m("s", [0.2, 0.2], 0.2), "halving": {
+        "rung": 1, "rungs": 3, "epochs": 6, "stopped": True}}
+    whole = {**_m("w", [0.1, 0.1], 0.1), "halving": {
+        "rung": 3, "rungs": 3, "epochs": 24, "stopped": False}}
+    odd = {**_m("o", [0.3, 0.3], 0.3), "halving": "not a dict"}  # a damaged metrics file
+    table = fold_table(leaderboard([stopped, whole, odd]), chosen="w")
+    assert [r["status"] for r in table] == [
+        "ok", "ok; halving stopped it at rung 1 of 3 (6 epochs)", "ok"]
+
+
 def test_blend_weights_are_non_negative_and_its_score_is_cross_fitted():
     rng = np.random.default_rng(0)
     n = 400
