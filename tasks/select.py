@@ -107,7 +107,7 @@ def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]
             f"{m['status']}: {m['reason']}")
         if isinstance(h := m.get("halving"), dict) and h.get("stopped"):
             row["status"] += (f"; halving stopped it at rung {h.get('rung')} of "
-                              f"{h.get('rungs')} ({h.get('epochs')} epochs)")
+                              f"{h.get('rungs')} ({h.get('share')} of its steps)")
         rows.append(row)
     return rows
 

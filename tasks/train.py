@@ -225,11 +225,11 @@ def write_artifact(m, outliers: np.ndarray, excluded: np.ndarray, candidate: Can
         log(f"{candidate.name}: diverged: {metrics['reason']}")
     if (h := cv.halving) is not None:
         log(f"{candidate.name}: successive halving: " + (
-            f"stopped at rung {h['rung']} of {h['rungs']}" if h["stopped"] else
-            f"trained the whole budget at rung {h['rung']} of {h['rungs']}")
-            + f" ({h['epochs']} epochs; ranked {h['rank']} of {h['of']} there, OOF log RMSE "
-            + ("diverged" if h["rung_oof_log_rmse_all"] is None
-               else f"{h['rung_oof_log_rmse_all']:.4f}") + ")")
+            f"stopped at rung {h['rung']} of {h['rungs']}, after {h['step']:,} of "
+            f"{h['steps']:,} steps (epoch {h['epoch']}); ranked {h['rank']} of {h['of']} there, "
+            + ("diverged" if h["valid_log_rmse"] is None
+               else f"valid log RMSE {h['valid_log_rmse']:.4f}")
+            if h["stopped"] else f"trained every step, one of the {h['of']} that went on"))
     torch.save({"kind": candidate.kind, "folds": [{"members": mem} for mem in cv.members],
                 "refit": refit}, out_dir / "models.pt")
     with _ROW_FILES:

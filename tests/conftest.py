@@ -281,7 +281,7 @@ TEST_CANDIDATES = (
 # another kind.
 OWN_FIELDS = {
     "linear": {"name", "kind", "exclude_outliers", "batch_size", "clip_grad_norm", "epochs",
-               "max_steps", "lr_schedule", "average_last", "halving",
+               "max_steps", "lr_schedule", "average_last", "halving", "stop_share",
                "init", "lr", "optimizer", "seeds", "weight_decay"},
     "lasso": {"name", "kind", "exclude_outliers", "alpha", "max_iter"},
     "ridge": {"name", "kind", "exclude_outliers", "alpha"},

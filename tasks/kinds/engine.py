@@ -41,6 +41,10 @@ class EngineResult:
     curves: dict[str, torch.Tensor]  # name -> (M, epochs): train/valid log RMSE, grad norm
     epochs_run: int
     diverged: dict[int, str]  # candidate (group) -> why it stopped, for those that diverged
+    # per model: the epochs its curves hold (fewer for a candidate stopped early; the last
+    # one partial), and per candidate stopped early: at which step and why
+    epochs_of: list[int] | None = None
+    stopped: dict[int, dict] | None = None
 
 
 class PerModel:
@@ -130,6 +134,24 @@ class StackedOptimizer:
         if spec.optimizer == "adam":
             self.exp_avg = [torch.zeros_like(p) for p in params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+    def compact(self, params: list[torch.Tensor], hyper: PerModel,
+                shapes: list[tuple[int, ...] | None],
+                take: Callable[[int, torch.Tensor], torch.Tensor],
+                take_models: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Keep only some of the models (candidates stopped early leave the stack):
+        ``params``, ``hyper`` and ``shapes`` are the kept ones', ``take(i, t)`` the kept part
+        of a tensor laid out as parameter ``i``, ``take_models`` of an ``(M,)`` one."""
+        self.params, self.hyper, self.shapes = params, hyper, shapes
+        if self.spec.optimizer == "adam":
+            self.exp_avg = [take(i, t) for i, t in enumerate(self.exp_avg)]
+            self.exp_avg_sq = [take(i, t) for i, t in enumerate(self.exp_avg_sq)]
+        if self.step_count is not None:
+            self.step_count = take_models(self.step_count)
+        if not hyper.uniform:
+            pairs = list(zip(params, shapes, strict=True))
+            self.lr_views = [_per_model(hyper.lr, p, sh) for p, sh in pairs]
+            self.wd_views = [_per_model(hyper.wd, p, sh) for p, sh in pairs]
 
     def _decay(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.hyper.uniform:
@@ -505,6 +527,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                   groups: list[int] | None = None,
                   features: list[int] | None = None,
                   wide: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  halving: int = 0,
                   ) -> EngineResult:
     """Train M models at once: of ``spec``, or model ``m`` of ``spec[m]`` (candidates that
     share layer sizes, activation, batch size, epochs and optimizer, each with its own
@@ -526,6 +549,13 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     log price; zeros for a model without one), fitted beforehand: model ``m``'s network then
     fits what it leaves, ``log y - (x·w_m + b_m)``, standardized by that residual's own mean
     and spread, and predicts their sum (wide and deep, fitted in stages; log target only).
+
+    Stopping early: a model whose spec has ``stop_share`` stops after that share of the
+    steps; with ``halving`` rungs, at 2^-r, ..., 1/2 of the steps every candidate (group)
+    still training is scored and the worse half stops (successive halving). A stopped
+    candidate keeps its weights and predictions of that step (not a tail average), its
+    curves end in that, partial, epoch, and its models leave the stack: the rest train on
+    with fewer models per step.
     """
     device = X.device
     folds = X if isinstance(X, TorchFolds) else None  # fold matrices built batch by batch
@@ -548,7 +578,6 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     hyper = PerModel(specs, device)
     pos_dev = lay.pos.to(device)
     keep = lay.first  # the stacked model of each of the caller's models
-    keep_dev = keep.to(device)
     # The masks stay in the caller's order (model ``m`` of the stack is row ``pos[m]``): a
     # reordered copy would be another (M, n) pair; blocks of rows are reordered when read.
     groups_t = torch.tensor([groups0[i] for i in pos])
@@ -661,11 +690,31 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     own_batches = torch.tensor([sum(c[s] > 0 for *_, c in plans) for s in range(S)],
                                device=device).clamp(min=1).repeat_interleave(C)
 
+    # Candidates stopped before the end (successive halving; ``stop_share``) leave the
+    # stack there: the others' steps then cost less. ``ids``: each current model's position
+    # in the original stack; ``where``: the current position of each original one (-1: gone).
+    M_all = M
+    ids = torch.arange(M)
+    where = torch.arange(M)
+    total_steps = epochs * len(plans)
+    stops = _stop_steps(specs, groups_t, total_steps, halving)
+    if stops.events and not bool((groups_t.view(S, C) == groups_t.view(S, C)[0]).all()):
+        raise ValueError("stopping candidates early needs each one's models in one column of "
+                         "the stack: the same seeds and dropout draws as the others")
+    pred: torch.Tensor | None = None  # (M0, n) every model's final log prices, caller order
+    finished: dict[int, tuple] = {}  # original position -> its final weights and scaling
+    epochs_of = torch.zeros(M, dtype=torch.int64)
+    stopped: dict[int, dict] = {}
+
     def score(out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each model's train and valid log RMSE, its outputs built a block of rows at a
         time (no (M, n) outputs: with many models on many rows those were the engine's
-        largest memory); ``out`` ``(M0, n)``, when given, gets each model's log prices in
-        the caller's order."""
+        largest memory); ``out`` ``(M0, n)``, when given, gets each current model's log
+        prices in the caller's order."""
+        if out is not None:  # the caller's models still in the stack, and where they are
+            here = where[keep]
+            callers = (here >= 0).nonzero().squeeze(1)
+            rows_of = here[callers].to(device)
         with torch.no_grad():
             tr, va = torch.zeros(M, device=device), torch.zeros(M, device=device)
             for lo in range(0, n, _SCORE_ROWS):
@@ -675,15 +724,24 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                 pred = _log_price_(pred, target, y_mean, y_std,
                                    None if wide_w is None else wide_part(lo, hi))
                 if out is not None:
-                    out[:, lo:hi] = pred[keep_dev].cpu()
+                    out[callers, lo:hi] = pred[rows_of].cpu()
                 err = pred.sub_(logy[lo:hi]).square_()
                 tr += (err * train_mask[pos_dev, lo:hi]).sum(1)
                 va += (err * valid_mask[pos_dev, lo:hi]).sum(1)
         return (tr / n_train).sqrt_(), (va / n_valid).sqrt_()
 
-    curves = {k: torch.zeros(M, epochs, dtype=torch.float64)
+    def keep_final(models: list[int]) -> None:
+        """Put the current models ``models``' weights and target scaling aside, as final."""
+        w0 = weights[0].permute(0, 2, 1, 3).reshape(M, d, -1)
+        for j in models:
+            finished[int(ids[j])] = (
+                [w.detach()[j].cpu().clone() for w in [w0, *weights[1:]]],
+                [b.detach()[j].cpu().clone() for b in biases],
+                float(y_mean[j, 0]), float(y_std[j, 0]))
+
+    curves = {k: torch.full((M, epochs), math.nan, dtype=torch.float64)
               for k in ("train_log_rmse", "valid_log_rmse", "grad_norm")}
-    total_steps, step = epochs * len(plans), 0
+    step = 0
     # The tail average of the weights (``average_last`` epochs): a copy, updated at the end
     # of each of those epochs, put in place of the last weights before the final score.
     # Epochs cut by the step budget keep the same share averaged (8 of 24 -> 1 of 2: none),
@@ -694,6 +752,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     averaged = [torch.zeros_like(p) for p in state] if tail else []
     n_averaged = 0
     epoch = 0
+    done = False  # every candidate stopped early
     for epoch in range(epochs):
         # Minibatches indexed from tensors already in memory: no DataLoader. Each stream
         # draws its own permutation (the same order as each of its models alone); a batch
@@ -713,6 +772,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         if folds is None:  # the same rows of the stream's own matrix
             idx_x = idx + offset.to(idx.dtype) if F > 1 else idx
         grad_sum = torch.zeros(M, device=device)
+        batches = torch.zeros(M, device=device)  # each model's batches so far this epoch
         all_alive = bool(alive.all())
         alive_dev = alive.to(device)
         for lo, hi, weight, active, counts in plans:
@@ -733,6 +793,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             if active is not None:
                 active = active.repeat_interleave(C)
             grad_sum += norm if active is None else norm * active
+            batches += 1 if active is None else active
             if hyper.any_clip:
                 scale = (hyper.clip / (norm + 1e-6)).clamp(max=1.0)
                 grads = [g * _per_model(scale, g, sh) for g, sh in
@@ -744,21 +805,87 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                 scale = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
             opt.step(grads, active, scale)
             step += 1
+            if step not in stops.events:
+                continue
+            # Some candidates stop here: score every model (its predictions so far kept),
+            # rank, and take the stopped ones out of the stack.
+            if pred is None:
+                pred = torch.empty(len(keep), n, dtype=torch.float32)
+            tr, va = score(pred)
+            leaving = stops.leaving(step, groups_t, alive, va, n_valid)
+            gone = [j for j in range(M) if int(groups_t[j]) in leaving]
+            for j in gone:
+                at = int(ids[j])
+                curves["train_log_rmse"][at, epoch] = float(tr[j])
+                curves["valid_log_rmse"][at, epoch] = float(va[j])
+                curves["grad_norm"][at, epoch] = float(grad_sum[j] / batches[j].clamp(min=1))
+                epochs_of[at] = epoch + 1
+            for group, why in leaving.items():
+                stopped[group] = {**why, "step": step, "steps": total_steps,
+                                  "share": step / total_steps, "epoch": epoch + 1}
+            keep_final(gone)
+            if len(gone) == M:
+                done = True
+                break
+            # The kept columns of the stack (a candidate is one column: checked above).
+            cols = torch.tensor([c for c in range(C) if int(groups_t[c]) not in leaving])
+            C_new = len(cols)
+
+            def take_models(t: torch.Tensor, C=C, cols=cols) -> torch.Tensor:
+                """The kept models of a stream-major ``(S * C, ...)`` tensor."""
+                return t.reshape(S, C, *t.shape[1:])[:, cols.to(t.device)].reshape(
+                    S * len(cols), *t.shape[1:]).contiguous()
+
+            def take_param(i: int, t: torch.Tensor, cols=cols) -> torch.Tensor:
+                """The kept models of a tensor laid out as parameter ``i``."""
+                if i == 0:  # the first layer's weight, (S, d, C, out)
+                    return t[:, :, cols.to(t.device)].contiguous()
+                return take_models(t)
+
+            params = [take_param(i, p) for i, p in enumerate(params)]
+            weights, biases = params[:len(weights)], params[len(weights):]
+            averaged = [take_param(i, a) for i, a in enumerate(averaged)]
+            state = params
+            kept = [j for j in range(M) if int(groups_t[j]) not in leaving]
+            specs = [specs[j] for j in kept]
+            hyper = PerModel(specs, device)
+            shapes = [(S, 1, C_new, 1)] + [None] * (len(params) - 1)
+            opt.compact(params, hyper, shapes, take_param, take_models)
+            if rates is not None:
+                rates = rates[:, :, cols.to(device)].contiguous()
+            if wide_w is not None:
+                wide_w = wide_w[:, :, cols.to(device)].contiguous()
+                wide_b = take_models(wide_b)
+            if y_epoch is not None:
+                y_epoch = y_epoch[:, :, cols.to(device)].contiguous()
+            y_mean, y_std = take_models(y_mean), take_models(y_std)
+            n_train, n_valid = take_models(n_train), take_models(n_valid)
+            own_batches, grad_sum = take_models(own_batches), take_models(grad_sum)
+            batches = take_models(batches)
+            groups_t, alive, ids = take_models(groups_t), take_models(alive), take_models(ids)
+            pos = [pos[j] for j in kept]
+            pos_dev = take_models(pos_dev)
+            where = torch.full((M_all,), -1, dtype=torch.int64)
+            where[ids] = torch.arange(len(ids))
+            C, M = C_new, S * C_new
+            alive_dev = alive.to(device)
+        if done:
+            break
         if tail and epoch >= epochs - tail:  # a running mean: no list of snapshots
             n_averaged += 1
             with torch.no_grad():
                 for a, p in zip(averaged, state, strict=True):
                     a.add_(p - a, alpha=1.0 / n_averaged)
         tr, va = score()
-        curves["train_log_rmse"][:, epoch] = tr.double().cpu()
-        curves["valid_log_rmse"][:, epoch] = va.double().cpu()
-        curves["grad_norm"][:, epoch] = (grad_sum / own_batches).double().cpu()
+        curves["train_log_rmse"][ids, epoch] = tr.double().cpu()
+        curves["valid_log_rmse"][ids, epoch] = va.double().cpu()
+        curves["grad_norm"][ids, epoch] = (grad_sum / own_batches).double().cpu()
         if on_epoch is not None:  # the epoch, and each group's mean valid log RMSE at it
-            valid = curves["valid_log_rmse"][:, epoch]
+            valid = curves["valid_log_rmse"][ids, epoch]
             on_epoch(epoch, {int(g): float(valid[groups_t == g].mean())
                              for g in torch.unique(groups_t)})
-        bad = alive & (~torch.isfinite(curves["grad_norm"][:, epoch]) | ~torch.isfinite(
-            curves["train_log_rmse"][:, epoch]))
+        bad = alive & (~torch.isfinite(curves["grad_norm"][ids, epoch]) | ~torch.isfinite(
+            curves["train_log_rmse"][ids, epoch]))
         for m in bad.nonzero().flatten().tolist():
             group = int(groups_t[m])
             if group not in diverged:
@@ -772,21 +899,84 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             break
     epochs_run = epoch + 1
     del idx, y_epoch  # before the last evaluation
-    if tail and n_averaged == tail:  # (stopped early, every candidate diverged: the last)
-        with torch.no_grad():
-            for a, p in zip(averaged, state, strict=True):
-                p.copy_(a)
-    pred = torch.empty(len(keep), n, dtype=torch.float32)
-    score(pred)
+    if pred is None:
+        pred = torch.empty(len(keep), n, dtype=torch.float32)
+    if not done:
+        if tail and n_averaged == tail:  # (stopped early, every candidate diverged: the last)
+            with torch.no_grad():
+                for a, p in zip(averaged, state, strict=True):
+                    p.copy_(a)
+        score(pred)
+        keep_final(list(range(M)))
+        epochs_of[ids] = epochs_run
     # Back to one model per row, in the caller's order.
-    w0 = weights[0].permute(0, 2, 1, 3).reshape(M, d, -1)
-    flat_w = [w.detach().cpu()[keep] for w in [w0, *weights[1:]]]
-    flat_b = [b.detach().cpu()[keep] for b in biases]
+    final = [finished[int(at)] for at in keep]
+    flat_w = [torch.stack([f[0][i] for f in final]) for i in range(len(final[0][0]))]
+    flat_b = [torch.stack([f[1][i] for f in final]) for i in range(len(final[0][1]))]
     return EngineResult(
         state_dicts=_state_dicts(specs0, d, flat_w, flat_b),
-        y_mean=y_mean.squeeze(1)[keep_dev].tolist(), y_std=y_std.squeeze(1)[keep_dev].tolist(),
+        y_mean=[f[2] for f in final], y_std=[f[3] for f in final],
         pred_log_price=pred,
         curves={k: v[keep, :epochs_run] for k, v in curves.items()},
         epochs_run=epochs_run,
         diverged=diverged,
+        epochs_of=epochs_of[keep].tolist(),
+        stopped=stopped,
     )
+
+
+@dataclass
+class _Stops:
+    """When candidates (groups) leave a stack early: at a fixed step each (``stop_share``
+    of the steps), and at successive halving's rungs, where the better half by pooled valid
+    log RMSE (ties: the lower group) goes on."""
+
+    events: set[int]
+    fixed: dict[int, int]  # group -> the step it stops after
+    rungs: dict[int, int]  # step -> rung number (1-based)
+    n_rungs: int
+
+    def leaving(self, step: int, groups: torch.Tensor, alive: torch.Tensor,
+                valid: torch.Tensor, n_valid: torch.Tensor) -> dict[int, dict]:
+        """The groups that stop after ``step`` (of the current models' ``groups``), each
+        with why: its rung, rank and pooled valid log RMSE there (None: diverged)."""
+        present = sorted({int(g) for g in groups.tolist()})
+        out = {g: {"reason": "stop_share"} for g in present if self.fixed.get(g) == step}
+        rung = self.rungs.get(step)
+        if rung is None:
+            return out
+        racing = [g for g in present if g not in out]
+        sse = (valid.double().cpu() ** 2) * n_valid.double().cpu()
+        score = {}
+        for g in racing:
+            mine = groups == g
+            ok = bool(alive[mine].all()) and bool(torch.isfinite(sse[mine]).all())
+            score[g] = (float((sse[mine].sum() / n_valid[mine].double().cpu().sum()).sqrt())
+                        if ok else math.inf)
+        order = sorted(racing, key=lambda g: (score[g], g))
+        goes_on = order[:-(-len(racing) // 2)]
+        for rank, g in enumerate(order, 1):
+            if g not in goes_on:
+                out[g] = {"reason": "halving", "rung": rung, "rungs": self.n_rungs + 1,
+                          "rank": rank, "of": len(racing),
+                          "valid_log_rmse": score[g] if math.isfinite(score[g]) else None}
+        return out
+
+
+def _stop_steps(specs: list[NetSpec], groups: torch.Tensor, total_steps: int,
+                halving: int) -> _Stops:
+    """The steps at which candidates may leave: each one's ``stop_share`` of the
+    ``total_steps``, and with ``halving`` rungs (fewer when the candidates run out first)
+    the steps at 2^-r, ..., 1/4, 1/2 of them."""
+    fixed: dict[int, int] = {}
+    for m, s in enumerate(specs):
+        share = getattr(s, "stop_share", None)
+        if share is not None and round(total_steps * share) < total_steps:
+            fixed[int(groups[m])] = max(1, round(total_steps * share))
+    n_groups = len(set(groups.tolist()))
+    n_rungs = min(halving, math.ceil(math.log2(n_groups))) if n_groups > 1 else 0
+    rungs: dict[int, int] = {}
+    for i in range(n_rungs):
+        rungs.setdefault(max(1, round(total_steps * 2.0 ** (i - n_rungs))), i + 1)
+    events = {s for s in (*fixed.values(), *rungs) if s < total_steps}
+    return _Stops(events, fixed, rungs, n_rungs)

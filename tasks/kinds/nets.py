@@ -32,6 +32,7 @@ class NetSpec(Protocol):
     max_steps: int | None
     lr_schedule: str
     average_last: int
+    stop_share: float | None
 
     @property
     def draws_dropout(self) -> bool: ...

@@ -48,13 +48,16 @@ class TorchCandidate(CandidateConfig):
         "the same share of them is averaged")
     halving: Annotated[int, Field(ge=0, le=8)] = Field(
         0, description="successive halving over the candidates of its stack (those of one "
-        "shape, trained as one model): 0 off. With r > 0 every candidate first trains on a "
-        "2^-r share of its budget (epochs, max_steps and average_last scaled), the better "
-        "half by out-of-fold log RMSE on all rows trains again on twice that, and so on "
-        "until the last train the whole budget (fewer rungs when the candidates run out "
-        "first). Each rung trains from the start: a candidate's result is what training it "
-        "alone on its last budget gives, and a stopped one keeps that model (metrics.json "
-        "'halving' says where it stopped)")
+        "shape, trained as one model): 0 off. With r rungs, at 2^-r, ..., 1/4, 1/2 of the "
+        "steps every candidate still training is scored (its pooled validation log RMSE "
+        "over its fold models) and the worse half stops there, keeping its weights of that "
+        "step; the better half trains on (fewer rungs when the candidates run out first). "
+        "metrics.json 'halving' says where each one stopped")
+    stop_share: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="stop after this share of the training steps, keeping the "
+        "weights of that step (the learning-rate schedule and the tail average still "
+        "planned for every step): where successive halving stopped a candidate, which its "
+        "refit on all rows then repeats. None: train every step")
 
     @model_validator(mode="after")
     def _tail_within_epochs(self) -> TorchCandidate:
@@ -69,30 +72,18 @@ class TorchCandidate(CandidateConfig):
     @classmethod
     def cross_validate_stack(cls, specs, X, y, train, folds, fitted, on_progress
                              ) -> list[CVResult]:
-        if specs[0].halving and len(specs) > 1:
-            return successive_halving(specs, X, y, train, folds, fitted, on_progress)
         return cross_validate_group(specs, X, y, train, folds, fitted, on_progress)
 
     @property
     def depends_on_stack(self) -> bool:
         return self.halving > 0
 
-    def with_budget(self, share: float) -> TorchCandidate:
-        """This candidate on ``share`` of its budget (epochs, max_steps and the epochs
-        averaged, each at least what training needs), with no halving of its own."""
-        if share >= 1:
-            return self.model_copy(update={"halving": 0})
-        return self.model_copy(update={
-            "epochs": max(1, round(self.epochs * share)),
-            "max_steps": None if self.max_steps is None else max(1, round(self.max_steps * share)),
-            "average_last": round(self.average_last * share),  # <= the epochs: rounding keeps order
-            "halving": 0,
-        })
-
     def trained_as(self, cv: CVResult) -> TorchCandidate:
         if cv.halving is None:
             return self
-        return self.with_budget(cv.halving["budget"])
+        if not cv.halving["stopped"]:
+            return self.model_copy(update={"halving": 0})
+        return self.model_copy(update={"halving": 0, "stop_share": cv.halving["share"]})
 
     def inference_form(self, saved, loaded, n_features, target) -> Linear | Runtime:
         from torch import nn
@@ -151,66 +142,13 @@ class TorchCandidate(CandidateConfig):
         return TorchMember(model.eval(), member["y_mean"], member["y_std"], target, wide)
 
 
-def successive_halving(specs: list[TorchCandidate], X, y, train, folds, fitted, on_progress
-                       ) -> list[CVResult]:
-    """Successive halving over ``specs`` (one stack, ``halving`` rungs): every candidate
-    trains on the first rung's share of its budget, the better half by out-of-fold log RMSE
-    on all rows (ties: the first listed) trains again, from the start, on twice that, and so
-    on; the last rung's candidates train the whole budget. Each candidate's result is that
-    of its last rung, with ``halving`` saying which; the stopped ones save what a search
-    spends on them, and the rungs' total is about ``rungs`` halves of one full training."""
-    from tasks.kinds.settings import resolve_device
-
-    sizes = [len(specs)]
-    while len(sizes) <= specs[0].halving and sizes[-1] > 1:
-        sizes.append(-(-sizes[-1] // 2))
-    last = len(sizes) - 1
-    shares = [2.0 ** (i - last) for i in range(last + 1)]
-    work = sum(n * f for n, f in zip(sizes, shares, strict=True))  # in full trainings
-    on_device = _features_on(X, resolve_device(train.device))  # once for every rung
-    logy = np.log(y)
-    out: list[CVResult | None] = [None] * len(specs)
-    alive, done = list(range(len(specs))), 0.0
-    for i, share in enumerate(shares):
-        rung = [specs[c].with_budget(share) for c in alive]
-        part = len(alive) * share / work
-        cvs = cross_validate_group(
-            rung, X, y, train, folds, fitted,
-            lambda f, done=done, part=part: on_progress(done + f * part), on_device)
-        done += part
-        scores = [_oof_log_rmse(cv, logy) for cv in cvs]
-        order = sorted(range(len(alive)), key=lambda j: (scores[j], j))
-        going = order[:sizes[i + 1]] if i < last else order
-        for j, c in enumerate(alive):
-            cvs[j].halving = {
-                "rung": i + 1, "rungs": last + 1, "budget": share, "epochs": rung[j].epochs,
-                "max_steps": rung[j].max_steps, "rank": order.index(j) + 1, "of": len(alive),
-                # (None for a diverged one: JSON has no infinity)
-                "rung_oof_log_rmse_all": scores[j] if np.isfinite(scores[j]) else None,
-                "stopped": j not in going,
-            }
-            out[c] = cvs[j]
-        alive = sorted(alive[j] for j in going)
-    return out
-
-
-def _oof_log_rmse(cv: CVResult, logy: np.ndarray) -> float:
-    """The all-rows out-of-fold log RMSE a rung ranks by (inf for a diverged candidate)."""
-    if cv.diverged is not None:
-        return float("inf")
-    pred = cv.oof_log_price
-    scored = ~np.isnan(pred)
-    err = pred[scored] - np.broadcast_to(logy, pred.shape)[scored]
-    score = float(np.sqrt(np.mean(err ** 2)))
-    return score if np.isfinite(score) else float("inf")
-
-
 def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted,
-                         on_progress, on_device=None) -> list[CVResult]:
+                         on_progress) -> list[CVResult]:
     """Every candidate of ``specs`` (one ``stack_key``), K folds x its seeds each, trained as
     one stacked model; each candidate's result is exactly what training it alone gives (the
-    same seeds, batch order and dropout draws). ``on_device``: ``X`` as the engine reads it,
-    when the caller already built it."""
+    same seeds, batch order and dropout draws). With ``halving``, the stack's successive
+    halving: a stopped candidate's result is what training it alone with ``stop_share`` at
+    that step's share gives."""
     import torch
 
     from tasks.kinds.engine import train_stacked
@@ -244,13 +182,13 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
                 w, b = wides[specs[c].wide_alpha][k]
                 wide[0][m], wide[1][m] = torch.from_numpy(w), b
     res = train_stacked(
-        _features_on(X, device) if on_device is None else on_device,
+        _features_on(X, device),
         torch.tensor(y, dtype=torch.float32, device=device),
         train_mask.to(device), valid_mask.to(device), [specs[c] for c, _, _ in models],
         train.target, seeds, on_epoch=lambda e, valid: _epoch_done(
             specs, valid, lambda: on_progress((e + 1) / epochs)),
         groups=groups, features=[k for _, k, _ in models] if X.ndim == 3 else None,
-        wide=wide,
+        wide=wide, halving=specs[0].halving,
     )
     logy = np.log(y)
     out, first = [], 0
@@ -269,15 +207,31 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
                      "y_std": res.y_std[base + k * S + s],
                      **_wide_member(spec, wides, k)} for s in range(S)]
                    for k in range(K)]
-        curves = [{name: cv[base + k * S: base + (k + 1) * S].mean(0).tolist()
+        ran = res.epochs_of[base]  # a candidate's models stop together
+        curves = [{name: cv[base + k * S: base + (k + 1) * S, :ran].mean(0).tolist()
                    for name, cv in res.curves.items()} for k in range(K)]
         out.append(CVResult(
             folds=folds, members=members,
             train_log_rmse=[rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
             valid_log_rmse=[rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
             oof_log_price=oof, curves=curves, diverged=res.diverged.get(c),
+            halving=_halving_note(spec, res.stopped.get(c), res.stopped, len(specs)),
         ))
     return out
+
+
+def _halving_note(spec: TorchCandidate, stop: dict | None, stopped: dict, n: int
+                  ) -> dict | None:
+    """What metrics.json says of a candidate's successive halving (None without any)."""
+    if not spec.halving or n < 2:
+        return None
+    if stop is None or stop["reason"] != "halving":
+        rungs = max((s["rungs"] for s in stopped.values() if s["reason"] == "halving"),
+                    default=1)
+        return {"stopped": False, "rungs": rungs, "share": 1.0,
+                "of": n - sum(s["reason"] == "halving" for s in stopped.values())}
+    return {"stopped": True, **{k: stop[k] for k in (
+        "rung", "rungs", "rank", "of", "valid_log_rmse", "share", "step", "steps", "epoch")}}
 
 
 def _wide_parts(specs: list[TorchCandidate], X, y, train, folds, fitted

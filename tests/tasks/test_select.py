@@ -53,13 +53,13 @@ def test_leaderboard_ranks_by_oof_score_and_puts_diverged_last():
 
 def test_a_candidate_halving_stopped_says_so_in_its_status():
     stopped = {**_m("s", [0.2, 0.2], 0.2), "halving": {
-        "rung": 1, "rungs": 3, "epochs": 6, "stopped": True}}
+        "rung": 1, "rungs": 3, "share": 0.25, "stopped": True}}
     whole = {**_m("w", [0.1, 0.1], 0.1), "halving": {
-        "rung": 3, "rungs": 3, "epochs": 24, "stopped": False}}
+        "rungs": 3, "share": 1.0, "stopped": False}}
     odd = {**_m("o", [0.3, 0.3], 0.3), "halving": "not a dict"}  # a damaged metrics file
     table = fold_table(leaderboard([stopped, whole, odd]), chosen="w")
     assert [r["status"] for r in table] == [
-        "ok", "ok; halving stopped it at rung 1 of 3 (6 epochs)", "ok"]
+        "ok", "ok; halving stopped it at rung 1 of 3 (0.25 of its steps)", "ok"]
 
 
 def test_blend_weights_are_non_negative_and_its_score_is_cross_fitted():
