@@ -37,7 +37,7 @@ class EngineResult:
     state_dicts: list[dict[str, torch.Tensor]]
     y_mean: list[float]  # target scaling fitted on model m's training rows
     y_std: list[float]
-    pred_log_price: torch.Tensor  # (M, n_rows) float32 on the CPU, every row, at the end
+    pred_log_price: torch.Tensor  # (M, n_rows) float32 on the CPU, the rows scored, at the end
     curves: dict[str, torch.Tensor]  # name -> (M, epochs): train/valid log RMSE, grad norm
     epochs_run: int
     diverged: dict[int, str]  # candidate (group) -> why it stopped, for those that diverged
@@ -45,6 +45,9 @@ class EngineResult:
     # one partial), and per candidate stopped early: at which step and why
     epochs_of: list[int] | None = None
     stopped: dict[int, dict] | None = None
+    # whether scores and ``pred_log_price`` cover only each fold's validation rows and a
+    # sample of its training rows (many rows; NaN elsewhere)
+    sampled: bool = False
 
 
 class PerModel:
@@ -518,6 +521,11 @@ def _batch_plans(sizes: list[int], batch: int, device: torch.device
 # slice); scores are computed this many rows at a time.
 _TARGETS_BYTES = 1 << 28
 _SCORE_ROWS = 1 << 16
+# On more training rows than this per fold, scores (the curves, halving's ranks, the final
+# predictions) are taken on each fold's validation rows and a seeded sample of this many of
+# its training rows, not on every row through every fold's features: at 146,000 rows those
+# full passes cost more than the training steps.
+_SCORE_TRAIN = 1 << 14
 
 
 def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
@@ -706,11 +714,60 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     epochs_of = torch.zeros(M, dtype=torch.int64)
     stopped: dict[int, dict] = {}
 
+    sampled = max(sizes) > _SCORE_TRAIN
+    if sampled:  # per stream: the rows it is scored on, and which are training / validation
+        score_rows, score_train, score_valid = [], [], []
+        for s in range(S):
+            own = rows[s, :sizes[s]].long().cpu()
+            if len(own) > _SCORE_TRAIN:
+                g = torch.Generator().manual_seed(stream_seeds[s])
+                own = own[torch.randperm(len(own), generator=g)[:_SCORE_TRAIN]]
+            valid_rows = valid_mask[stream_rows[s]].nonzero().squeeze(1).cpu()
+            both = torch.cat([valid_rows, own]).unique()  # sorted: the base read in order
+            in_sample = torch.zeros(n, dtype=torch.bool)
+            in_sample[own] = True
+            score_rows.append(both.to(device))
+            score_train.append(in_sample[both].to(device, torch.float32))
+            score_valid.append(valid_mask[stream_rows[s], both.to(device)].float())
+        sample_train = torch.stack([t.sum() for t in score_train])
+        sample_valid = torch.stack([v.sum() for v in score_valid]).clamp(min=1)
+
+    def score_streams(out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score`` on each stream's own scored rows (``sampled``)."""
+        if out is not None:
+            here = where[keep]
+        tr, va = torch.zeros(M, device=device), torch.zeros(M, device=device)
+        for s in range(S):
+            sl = slice(s * C, (s + 1) * C)
+            w = [weights[0][s:s + 1], *(x[sl] for x in weights[1:])]
+            b = [x[sl] for x in biases]
+            if out is not None:
+                callers = ((here >= s * C) & (here < (s + 1) * C)).nonzero().squeeze(1)
+                local = (here[callers] - s * C).to(device)
+            for lo in range(0, len(score_rows[s]), _SCORE_ROWS):
+                idx = score_rows[s][lo:lo + _SCORE_ROWS]
+                f = stream_features[s]
+                Xs = folds.rows(f, idx) if folds is not None else X[f].index_select(0, idx)
+                pred = _eval_stacked(Xs, w, b, spec.activation)
+                wide = (None if wide_w is None else
+                        _eval_stacked(Xs, [wide_w[s:s + 1]], [wide_b[sl]], spec.activation))
+                pred = _log_price_(pred, target, y_mean[sl], y_std[sl], wide)
+                if out is not None and len(callers):
+                    out[callers.unsqueeze(1), idx.cpu().unsqueeze(0)] = pred[local].cpu()
+                err = pred.sub_(logy[idx]).square_()
+                tr[sl] += (err * score_train[s][lo:lo + _SCORE_ROWS]).sum(1)
+                va[sl] += (err * score_valid[s][lo:lo + _SCORE_ROWS]).sum(1)
+        return ((tr / sample_train.repeat_interleave(C)).sqrt_(),
+                (va / sample_valid.repeat_interleave(C)).sqrt_())
+
     def score(out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each model's train and valid log RMSE, its outputs built a block of rows at a
         time (no (M, n) outputs: with many models on many rows those were the engine's
         largest memory); ``out`` ``(M0, n)``, when given, gets each current model's log
-        prices in the caller's order."""
+        prices in the caller's order (on many rows only on the rows scored: NaN elsewhere)."""
+        if sampled:
+            with torch.no_grad():
+                return score_streams(out)
         if out is not None:  # the caller's models still in the stack, and where they are
             here = where[keep]
             callers = (here >= 0).nonzero().squeeze(1)
@@ -810,7 +867,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
             # Some candidates stop here: score every model (its predictions so far kept),
             # rank, and take the stopped ones out of the stack.
             if pred is None:
-                pred = torch.empty(len(keep), n, dtype=torch.float32)
+                pred = torch.full((len(keep), n), math.nan, dtype=torch.float32)
             tr, va = score(pred)
             leaving = stops.leaving(step, groups_t, alive, va, n_valid)
             gone = [j for j in range(M) if int(groups_t[j]) in leaving]
@@ -900,7 +957,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
     epochs_run = epoch + 1
     del idx, y_epoch  # before the last evaluation
     if pred is None:
-        pred = torch.empty(len(keep), n, dtype=torch.float32)
+        pred = torch.full((len(keep), n), math.nan, dtype=torch.float32)
     if not done:
         if tail and n_averaged == tail:  # (stopped early, every candidate diverged: the last)
             with torch.no_grad():
@@ -922,6 +979,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         diverged=diverged,
         epochs_of=epochs_of[keep].tolist(),
         stopped=stopped,
+        sampled=sampled,
     )
 
 

@@ -212,7 +212,11 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
                    for name, cv in res.curves.items()} for k in range(K)]
         out.append(CVResult(
             folds=folds, members=members,
-            train_log_rmse=[rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(fitted)],
+            # (on many rows, on the sample of its fitted rows that was scored)
+            train_log_rmse=[rmse(pred[k, tr], logy[tr]) if not res.sampled else
+                            rmse(pred[k, tr][np.isfinite(pred[k, tr])],
+                                 logy[tr][np.isfinite(pred[k, tr])])
+                            for k, tr in enumerate(fitted)],
             valid_log_rmse=[rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
             oof_log_price=oof, curves=curves, diverged=res.diverged.get(c),
             halving=_halving_note(spec, res.stopped.get(c), res.stopped, len(specs)),

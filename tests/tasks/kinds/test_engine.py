@@ -296,3 +296,56 @@ def test_a_wide_part_trains_the_network_on_what_it_leaves():
                                atol=1e-4)
     with pytest.raises(ValueError, match="needs train.target = 'log'"):
         train_stacked(X, y, train, valid, spec, "raw", seeds, wide=(w, b))
+
+
+@pytest.mark.parametrize("built_from_maps", [False, True])
+def test_on_many_rows_scores_take_the_validation_rows_and_a_sample_of_the_training_rows(
+        monkeypatch, built_from_maps):
+    """Above ``_SCORE_TRAIN`` training rows a model is scored (curves, halving's ranks, its
+    final predictions) on its validation rows and a seeded sample of its training rows: the
+    training, the validation scores and predictions are those of scoring every row; the
+    training curve is the sample's; the other rows get no prediction (NaN)."""
+    from tasks.data.foldmaps import FoldMaps
+    from tasks.kinds import engine
+    from tasks.kinds.engine import TorchFolds
+
+    X, y = _data(n=150)
+    n, d = X.shape
+    rng = np.random.default_rng(4)
+    base = np.concatenate([X.numpy(), np.ones((n, 1), np.float32)], 1)
+    maps = FoldMaps(base, np.tile(np.arange(d), (3, 1)), rng.uniform(0.5, 2, (3, d)),
+                    np.full((3, d), d), np.zeros((3, d)))
+    Xf = torch.from_numpy(np.stack([maps[k] for k in range(3)]))
+    specs = [candidate(name=f"c{i}", kind="mlp", hidden=(8,), dropout=0.1, lr=lr,
+                       weight_decay=1e-3, epochs=4, batch_size=16, halving=1)
+             for i, lr in enumerate((1e-2, 3e-3))]
+    train, valid = _masks(n, [(0, 50), (50, 100), (100, 150)] * 2)
+    g = torch.Generator().manual_seed(2)
+    wide = (0.1 * torch.randn(6, d, generator=g, dtype=torch.float64),
+            torch.full((6,), 11.0, dtype=torch.float64))
+    features = [0, 1, 2] * 2
+    args = (y, train, valid, [specs[0]] * 3 + [specs[1]] * 3, "log", [7, 8, 9] * 2)
+    kw = {"features": features, "groups": [0, 0, 0, 1, 1, 1], "wide": wide, "halving": 1}
+    every = train_stacked(Xf, *args, **kw)
+    monkeypatch.setattr(engine, "_SCORE_TRAIN", 30)  # 100 training rows per fold
+    few = train_stacked(TorchFolds(maps, torch.device("cpu")) if built_from_maps else Xf,
+                        *args, **kw)
+    assert few.sampled and not every.sampled
+    assert few.stopped.keys() == every.stopped.keys() == {1} or \
+        few.stopped.keys() == every.stopped.keys() == {0}
+    for a, b in zip(few.state_dicts, every.state_dicts, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(few.curves["valid_log_rmse"], every.curves["valid_log_rmse"],
+                               rtol=1e-5, equal_nan=True)
+    assert not np.allclose(few.curves["train_log_rmse"][:, 0], every.curves["train_log_rmse"]
+                           [:, 0])  # a sample's
+    for m in range(6):
+        scored = ~torch.isnan(few.pred_log_price[m])
+        assert bool(scored[valid[m]].all())
+        assert int((scored & train[m]).sum()) == 30
+        torch.testing.assert_close(few.pred_log_price[m][scored],
+                                   every.pred_log_price[m][scored], rtol=1e-5, atol=1e-5)
+    # the sample is seeded: the same rows every time
+    again = train_stacked(Xf, *args, **kw)
+    assert torch.equal(torch.isnan(again.pred_log_price), torch.isnan(few.pred_log_price))
