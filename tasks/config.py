@@ -218,8 +218,9 @@ def default_search() -> tuple[SearchSpace, ...]:
     repeats of the folds already give each row 3 models' predictions; each keeps the mean of
     its last 8 epochs' weights, which lowers its variance as more seeds would, at no cost:
     docs/accuracy.md), and a grid of 8 wide-and-deep MLPs (each on its fold's lasso's
-    residuals). MLPs of one shape train as one stacked model; the cold default run's time is
-    in docs/benchmarks.md."""
+    residuals). MLPs of one shape train as one stacked model, with successive halving: at a
+    quarter and at half of the steps the worse half of a stack stops (docs/kinds.md); the
+    cold default run's time is in docs/benchmarks.md."""
     return (
         # Whether to fit the two outliers, searched: scored on all rows, as everything.
         SearchSpace(base=candidate(name="ridge", kind="ridge"),
@@ -228,7 +229,7 @@ def default_search() -> tuple[SearchSpace, ...]:
             # 2,400 steps: every epoch up to about 12,800 training rows per fold; on more rows
             # the same number of steps, so a bigger file does not multiply the search's cost.
             base=candidate(name="mlp", kind="mlp", hidden=(32,), lr=3e-3, batch_size=128,
-                           epochs=24, seeds=1, max_steps=2_400, average_last=8),
+                           epochs=24, seeds=1, max_steps=2_400, average_last=8, halving=2),
             grid={"hidden": ((32,), (48,), (32, 16)), "dropout": (0.0, 0.1, 0.3),
                   "weight_decay": (1e-3, 3e-3, 1e-2, 3e-2), "lr": (1e-3, 3e-3, 1e-2)},
             mode="random", n_samples=24,
@@ -239,7 +240,7 @@ def default_search() -> tuple[SearchSpace, ...]:
         SearchSpace(
             base=candidate(name="wide", kind="mlp", hidden=(48,), lr=1e-3, batch_size=128,
                            epochs=24, seeds=1, max_steps=2_400, average_last=8,
-                           wide_alpha=5e-4),
+                           wide_alpha=5e-4, halving=2),
             grid={"hidden": ((32,), (48,)), "dropout": (0.0, 0.1),
                   "weight_decay": (1e-2, 3e-2)},
         ),

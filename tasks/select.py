@@ -80,6 +80,16 @@ def cross_fitted_blend(P: np.ndarray, logy: np.ndarray, fold: np.ndarray, use: n
     return out
 
 
+def status_text(m: dict[str, Any]) -> str:
+    """A candidate's status as the tables show it: ok or why not, and where successive
+    halving stopped it."""
+    text = m.get("status", "ok") if m.get("reason") is None else f"{m['status']}: {m['reason']}"
+    if isinstance(h := m.get("halving"), dict) and h.get("stopped"):
+        text += (f"; halving stopped it at rung {h.get('rung')} of {h.get('rungs')} "
+                 f"({h.get('share')} of its steps)")
+    return text
+
+
 def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]:
     """Rows of the metrics table, columns in reading order: candidate, selected, OOF scores
     (all rows, then without the outliers), mean and spread over folds, each fold's valid log
@@ -103,11 +113,7 @@ def fold_table(board: list[dict[str, Any]], chosen: str) -> list[dict[str, Any]]
             row[name] = None if v is None else round(v, 5)
         row["blend weight"] = round(m["blend_weight"], 4) if "blend_weight" in m else None
         row["predict rows/s"] = m.get("predict_rows_per_s")
-        row["status"] = m.get("status", "ok") if m.get("reason") is None else (
-            f"{m['status']}: {m['reason']}")
-        if isinstance(h := m.get("halving"), dict) and h.get("stopped"):
-            row["status"] += (f"; halving stopped it at rung {h.get('rung')} of "
-                              f"{h.get('rungs')} ({h.get('share')} of its steps)")
+        row["status"] = status_text(m)
         rows.append(row)
     return rows
 
@@ -206,7 +212,7 @@ def model_card(chosen: dict[str, Any], components: list[dict[str, Any]],
              if m.get("oof_log_rmse_all_spread") is not None else "") + " | "
           f"{_fmt(m['oof_log_rmse_clean'])} | {_fmt(m.get('blend_weight'))} | "
           f"{_rate(m.get('predict_rows_per_s'))} | "
-          f"{m['status']}{': ' + m['reason'] if m.get('reason') else ''} |" for m in board],
+          f"{status_text(m)} |" for m in board],
         "",
         "## Lineage",
         "",
