@@ -65,9 +65,10 @@ def test_a_candidate_halving_stopped_says_so_in_its_status():
     chosen = {"candidate": "w", "oof_log_rmse_all": 0.1, "oof_log_rmse_clean": 0.1,
               "n_rows_all": 10, "n_rows_clean": 9, "mean_valid_log_rmse": 0.1,
               "std_valid_log_rmse": 0.01}
-    card = model_card(chosen, [], leaderboard([stopped, whole]), {"n_splits": 2, "select.on": "all"}, {})
-    assert "| 0.2000 | 0.2000 | — | — | ok; halving stopped it at rung 1 of 3 (0.25 of its steps) |" \
-        in card.replace("0.2000 ± 0.0000", "0.2000"), card
+    card = model_card(chosen, [], leaderboard([stopped, whole]),
+                      {"n_splits": 2, "select.on": "all"}, {})
+    row = "| 0.2000 | 0.2000 | — | — | ok; halving stopped it at rung 1 of 3 (0.25 of its steps) |"
+    assert row in card.replace("0.2000 ± 0.0000", "0.2000"), card
 
 
 def test_blend_weights_are_non_negative_and_its_score_is_cross_fitted():
