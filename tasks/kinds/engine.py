@@ -695,8 +695,6 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         rows[s, :own.numel()] = own.to(index)
     plans = _batch_plans(sizes, spec.batch_size, device)
     epochs = epochs_within(spec, width)  # the step budget cuts epochs on many rows
-    own_batches = torch.tensor([sum(c[s] > 0 for *_, c in plans) for s in range(S)],
-                               device=device).clamp(min=1).repeat_interleave(C)
 
     # Candidates stopped before the end (successive halving; ``stop_share``) leave the
     # stack there: the others' steps then cost less. ``ids``: each current model's position
@@ -829,7 +827,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         if folds is None:  # the same rows of the stream's own matrix
             idx_x = idx + offset.to(idx.dtype) if F > 1 else idx
         grad_sum = torch.zeros(M, device=device)
-        batches = torch.zeros(M, device=device)  # each model's batches so far this epoch
+        batches = torch.zeros(M, device=device)  # each model's batches with rows so far
         all_alive = bool(alive.all())
         alive_dev = alive.to(device)
         for lo, hi, weight, active, counts in plans:
@@ -917,8 +915,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
                 y_epoch = y_epoch[:, :, cols.to(device)].contiguous()
             y_mean, y_std = take_models(y_mean), take_models(y_std)
             n_train, n_valid = take_models(n_train), take_models(n_valid)
-            own_batches, grad_sum = take_models(own_batches), take_models(grad_sum)
-            batches = take_models(batches)
+            grad_sum, batches = take_models(grad_sum), take_models(batches)
             groups_t, alive, ids = take_models(groups_t), take_models(alive), take_models(ids)
             pos = [pos[j] for j in kept]
             pos_dev = take_models(pos_dev)
@@ -936,7 +933,7 @@ def train_stacked(X: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor,
         tr, va = score()
         curves["train_log_rmse"][ids, epoch] = tr.double().cpu()
         curves["valid_log_rmse"][ids, epoch] = va.double().cpu()
-        curves["grad_norm"][ids, epoch] = (grad_sum / own_batches).double().cpu()
+        curves["grad_norm"][ids, epoch] = (grad_sum / batches.clamp(min=1)).double().cpu()
         if on_epoch is not None:  # the epoch, and each group's mean valid log RMSE at it
             valid = curves["valid_log_rmse"][ids, epoch]
             on_epoch(epoch, {int(g): float(valid[groups_t == g].mean())

@@ -198,6 +198,9 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
         first += K * S
         # Seeds of a fold are averaged in log space: one model per fold, as at predict time.
         pred = res.pred_log_price[sl].double().view(K, S, n).mean(1).numpy()
+        # the fitted rows scored (on many rows, a sample of them: the others are NaN)
+        scored = [tr[np.isfinite(pred[k, tr])] if res.sampled else tr
+                  for k, tr in enumerate(fitted)]
         oof = np.full((train.repeats, n), np.nan)
         for k, (_, va) in enumerate(folds):
             oof[k // train.n_splits, va] = pred[k, va]  # folds are repeat-major
@@ -212,11 +215,7 @@ def cross_validate_group(specs: list[TorchCandidate], X, y, train, folds, fitted
                    for name, cv in res.curves.items()} for k in range(K)]
         out.append(CVResult(
             folds=folds, members=members,
-            # (on many rows, on the sample of its fitted rows that was scored)
-            train_log_rmse=[rmse(pred[k, tr], logy[tr]) if not res.sampled else
-                            rmse(pred[k, tr][np.isfinite(pred[k, tr])],
-                                 logy[tr][np.isfinite(pred[k, tr])])
-                            for k, tr in enumerate(fitted)],
+            train_log_rmse=[rmse(pred[k, tr], logy[tr]) for k, tr in enumerate(scored)],
             valid_log_rmse=[rmse(pred[k, va], logy[va]) for k, (_, va) in enumerate(folds)],
             oof_log_price=oof, curves=curves, diverged=res.diverged.get(c),
             halving=_halving_note(spec, res.stopped.get(c), res.stopped, len(specs)),
