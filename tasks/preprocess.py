@@ -1,5 +1,7 @@
 """Stage 2, preprocess: fit the standardize / one-hot preprocessor (the book's recipe) on the
-training rows and save it as JSON. The preprocessing itself is ``tasks/data/features.py``."""
+training rows and save it as JSON. The preprocessing itself is ``tasks/data/features.py``;
+the rows are read as Arrow record batches (``tasks/data/rawcsv.py``): one pass checks them,
+one gathers the statistics, and neither holds the file whole."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from tasks.config import PreprocessConfig
-from tasks.data.features import ID, fit_preprocessor, read_csv, validate_training_frame
+from tasks.data.features import ID
+from tasks.data.rawcsv import fit_streamed, header, scan, scan_types
 from tasks.stage import build_stage, stage_task_options
 from tasks.storage.artifacts import ArtifactRef, write_json
 
@@ -18,14 +21,19 @@ STAGE = "preprocess"
 
 def preprocess(raw: ArtifactRef, config: PreprocessConfig, out_dir: Path) -> dict[str, Any]:
     """Validate the raw training rows, fit the preprocessor, save it as JSON."""
-    train = read_csv(raw.file("train.csv"))
-    test = read_csv(raw.file("test.csv"))
-    validate_training_frame(train, "train.csv", [c for c in test.columns if c != ID])
-    test = test if config.fit_on == "train+test" else None
-    pre = fit_preprocessor(train, test, config)
+    train_csv, test_csv = raw.file("train.csv"), raw.file("test.csv")
+    test_columns = header(test_csv, "test.csv")
+    train = scan(train_csv, "train.csv", expected=[c for c in test_columns if c != ID],
+                 codes=config.as_category)
+    files = [(train_csv, train)]
+    if config.fit_on == "train+test":
+        files.append((test_csv, scan(test_csv, "test.csv", training=False,
+                                     codes=config.as_category,
+                                     types=scan_types(train, test_columns))))
+    pre = fit_streamed(files, config)
     write_json(out_dir / "preprocessor.json", pre.to_dict())
     return {
-        "n_rows": len(train),
+        "n_rows": train.n,
         "n_numeric": len(pre.numeric_),
         "n_categorical": len(pre.categories_),
         "n_features": len(pre.feature_names_),

@@ -27,17 +27,26 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config import FoldSpec
-from tasks.data.features import ID, TARGET, load_preprocessor, read_csv, validate_training_frame
+from tasks.data.features import ID, TARGET, Encoded, Preprocessor, load_preprocessor
 from tasks.data.foldmaps import (
     BaseWriter,
     FoldMaps,
+    Sums,
     base_block,
     base_columns,
+    fold_groups,
     fold_maps,
-    fold_preprocessors,
     open_base,
 )
 from tasks.data.folds import make_folds
+from tasks.data.rawcsv import (
+    BLOCK_BYTES,
+    batches,
+    header,
+    id_values,
+    preprocessor_types,
+    read_all,
+)
 from tasks.stage import build_stage, stage_task_options
 from tasks.storage.artifacts import ArtifactRef, write_json
 
@@ -46,7 +55,6 @@ META_KEY = b"houseprice"
 FOLD_BASE = "fold_base.npy"
 FOLD_MAPS = "fold_maps.json"
 FOLD_PREPROCESSORS = "fold_preprocessors.json"
-BLOCK = 65_536  # rows encoded and written at a time
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,9 @@ class MatrixWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.writer.close()
 
 
@@ -111,54 +122,128 @@ def training_ids(train: pd.DataFrame) -> np.ndarray:
     return pd.to_numeric(train[ID].astype("string").str.strip()).to_numpy().astype(np.int64)
 
 
+def _numbers(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as float64 (NaN where missing), parsed where it was read as text."""
+    if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
+        return column.cast(pa.float64()).to_numpy()
+    return pd.to_numeric(pd.Series(column.to_pandas(), dtype="string"),
+                         errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+class _Rows:
+    """The first pass: each row's Id and price, and the outlier rule's rows."""
+
+    def __init__(self, types: dict[str, pa.DataType]):
+        self.ids: list[np.ndarray] = []
+        self.y: list[np.ndarray] = []
+        self.outliers: list[np.ndarray] = []
+
+    def add(self, lo: int, rows: pa.Table) -> None:
+        ids, y = id_values(rows.column(ID), "train.csv", lo), _numbers(rows.column(TARGET))
+        self.ids.append(ids)
+        self.y.append(y)
+        if "GrLivArea" in rows.column_names:
+            area = _numbers(rows.column("GrLivArea"))
+            with np.errstate(invalid="ignore"):
+                self.outliers.append(ids[(area > 4000) & (y < 300_000)])
+
+
+class _Encoder:
+    """A pass over rows encoded by ``pre`` (``step(lo, enc)`` per batch), that restarts
+    cleanly: ``read_all`` starts it over when a column meets text."""
+
+    def __init__(self, pre: Preprocessor, step):
+        self.pre, self.step = pre, step
+
+    def add(self, lo: int, rows: pa.Table) -> None:
+        self.step(lo, self.pre.encode_table(rows))
+
+
 def tensorize(raw: ArtifactRef, preprocessor: ArtifactRef, out_dir: Path,
-              folds: FoldSpec | None = None, fit_on: str = "train") -> dict[str, Any]:
+              folds: FoldSpec | None = None, fit_on: str = "train",
+              block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
     """Write ``train.parquet``: the preprocessed training rows as float32; with ``folds``,
     also each fold's own preprocessor and matrix (``fit_on="train+test"``: each fitted on
-    the fold's training rows and the test rows, as the book fits on both)."""
-    train = read_csv(raw.file("train.csv"))
-    validate_training_frame(train, "train.csv")
+    the fold's training rows and the test rows, as the book fits on both).
+
+    The file is read as Arrow record batches (``tasks.data.rawcsv``), never whole: a pass
+    for the Ids and prices (the folds need the row count), one that writes the matrix and
+    gathers each fold's statistics, and, with folds, one that writes the fold base."""
     pre = load_preprocessor(preprocessor.file("preprocessor.json"))
-    enc = pre.encode(train)
-    n_rows, ids, outliers = len(train), training_ids(train), outlier_ids(train)
-    y = train[TARGET].to_numpy(float)
-    del train  # what follows reads the encoded rows: the frame's memory goes back first
-    names = pre.feature_names_
+    path = raw.file("train.csv")
+    types = preprocessor_types(pre, header(path, "train.csv"))
+    keep = [c for c in (ID, TARGET, "GrLivArea") if c in types]
+    first, _ = read_all(path, "train.csv", {c: types[c] for c in keep}, _Rows, keep,
+                        block_bytes)
+    ids, y = np.concatenate(first.ids), np.concatenate(first.y)
+    outliers = sorted(int(i) for part in first.outliers for i in part)
+    n_rows, names = len(ids), pre.feature_names_
     out = {"n_rows": n_rows, "n_features": len(names), "n_outliers": len(outliers),
            "fold_preprocessors": 0}
-    numeric = pre.numeric_columns(enc)
-    base = None
+    labels = sums = None
     if folds is not None:
-        extra = None
-        if fit_on == "train+test":
-            tenc = pre.encode(read_csv(raw.file("test.csv")))
-            extra = (pre.numeric_columns(tenc), tenc.codes)
         splits = make_folds(n_rows, folds.n_splits, folds.seed, folds.fold_scheme,
                             folds.repeats)
-        fitted = fold_preprocessors(pre, numeric, enc.codes, splits, extra)
-        missing, flipped = base_columns(pre, fitted, numeric)
-        base = BaseWriter(out_dir / FOLD_BASE, n_rows, len(names) + 1 + len(missing)
-                          + len(flipped))
-    # A block of rows at a time: the matrix is never whole in memory, only on disk.
-    with MatrixWriter(out_dir / "train.parquet", names,
-                      {"preprocessor_version": preprocessor.version, "outlier_ids": outliers},
-                      n_rows) as matrix:
-        for lo in range(0, n_rows, BLOCK):
-            hi = lo + BLOCK
+        labels, take = fold_groups(splits, n_rows)
+        F = len(splits)
+    missing: set[str] = set()  # numeric features some row lacks: a presence column each
+    target = out_dir / "train.parquet"
+
+    def write_matrix_pass(_: dict[str, pa.DataType]) -> _Encoder:
+        nonlocal sums
+        sums = None if folds is None else Sums(pre, F + 1)
+        missing.clear()
+        if writers:  # a column met text: the pass starts over, and the file with it
+            writers.pop().close()
+        writer = MatrixWriter(target, names, {"preprocessor_version": preprocessor.version,
+                                              "outlier_ids": outliers}, n_rows)
+
+        def step(lo: int, enc: Encoded) -> None:
+            hi = lo + enc.n
+            numeric = pre.numeric_columns(enc)
+            missing.update(c for c, v in numeric.items() if np.isnan(v).any())
             # column-major: Parquet takes each feature's column with no copy
-            X = pre.features(enc.rows(lo, hi), pre.categories_, names, contiguous=False)
-            matrix.write(ids[lo:hi], X, y[lo:hi])
-            if base is not None:
-                base.write(lo, base_block(X, pre, {c: v[lo:hi] for c, v in numeric.items()},
-                                          missing, flipped))
-    if base is not None:
-        maps = fold_maps(pre, fitted, missing, flipped, base.open())
-        write_json(out_dir / FOLD_MAPS, {**maps.to_dict(), "presence": missing,
-                                         "other_form": flipped})
-        write_json(out_dir / FOLD_PREPROCESSORS,
-                   {"folds": folds.model_dump(mode="json"),
-                    "preprocessors": [f.to_dict() for f in fitted]})
-        out["fold_preprocessors"] = len(fitted)
+            X = pre.features(enc, pre.categories_, names, contiguous=False)
+            writer.write(ids[lo:hi], X, y[lo:hi])
+            if sums is not None:
+                sums.add(numeric, enc.codes, labels[:, lo:hi])
+        writers.append(writer)
+        return _Encoder(pre, step)
+
+    writers: list[MatrixWriter] = []
+    try:
+        _, types = read_all(path, "train.csv", types, write_matrix_pass,
+                            block_bytes=block_bytes)
+    finally:
+        for writer in writers:
+            writer.close()
+    if folds is None:
+        return out
+    if fit_on == "train+test":  # every fold also fits on the test rows (group F)
+        test = raw.file("test.csv")
+        read_all(test, "test.csv", preprocessor_types(pre, header(test, "test.csv")),
+                 lambda _: _Encoder(pre, lambda lo, enc: sums.add(
+                     pre.numeric_columns(enc), enc.codes,
+                     np.full((1, enc.n), F, dtype=np.int64))), block_bytes=block_bytes)
+    fitted = [sums.fitted(take[k]) for k in range(F)]
+    extra_missing, flipped = base_columns(pre, fitted, missing)
+    base = BaseWriter(out_dir / FOLD_BASE, n_rows, len(names) + 1 + len(extra_missing)
+                      + len(flipped))
+
+    def write_base(lo: int, enc: Encoded) -> None:
+        X = pre.features(enc, pre.categories_, names, contiguous=False)  # B copies it
+        base.write(lo, base_block(X, pre, pre.numeric_columns(enc), extra_missing, flipped))
+
+    # the types the last pass settled on: no column changes type now
+    for lo, rows in batches(path, "train.csv", types, block_bytes=block_bytes):
+        write_base(lo, pre.encode_table(rows))
+    maps = fold_maps(pre, fitted, extra_missing, flipped, base.open())
+    write_json(out_dir / FOLD_MAPS, {**maps.to_dict(), "presence": extra_missing,
+                                     "other_form": flipped})
+    write_json(out_dir / FOLD_PREPROCESSORS,
+               {"folds": folds.model_dump(mode="json"),
+                "preprocessors": [f.to_dict() for f in fitted]})
+    out["fold_preprocessors"] = len(fitted)
     return out
 
 

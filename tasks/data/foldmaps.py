@@ -128,13 +128,14 @@ class FoldMaps:
         return cls(base=base, src=src, scale=scale, pres=pres, shift=shift)
 
 
-def base_columns(pre: Preprocessor, folds: list[Preprocessor], numeric: dict[str, np.ndarray]
-                 ) -> tuple[list[str], list[str]]:
+def base_columns(pre: Preprocessor, folds: list[Preprocessor],
+                 numeric: dict[str, np.ndarray] | set[str]) -> tuple[list[str], list[str]]:
     """The extra base columns ``B`` needs after the all-rows features: the numeric features
-    (``pre.numeric_columns`` of the rows) with missing values (a presence column each), and
-    those some fold transforms the other way round (log1p or not) than ``pre`` (their raw
-    form each)."""
-    missing = [c for c in pre.numeric_ if np.isnan(numeric[c]).any()]
+    with missing values (a presence column each; ``numeric``: ``pre.numeric_columns`` of
+    the rows, or the names of those with missing values), and those some fold transforms
+    the other way round (log1p or not) than ``pre`` (their raw form each)."""
+    missing = [c for c in pre.numeric_ if (c in numeric if isinstance(numeric, set)
+                                           else np.isnan(numeric[c]).any())]
     flipped = [c for c in pre.numeric_
                if any(c in f.numeric_ and (c in f.log1p_) != (c in pre.log1p_) for f in folds)]
     return missing, flipped
@@ -240,6 +241,62 @@ def fold_groups(folds: list[tuple[np.ndarray, np.ndarray]], n: int
     return labels, take
 
 
+class Sums:
+    """What ``Preprocessor.learn`` needs of a set of rows, per group of rows, added a block
+    at a time (``tasks.data.statistics``): the moments of ``pre``'s numeric features (and
+    of their log form, with ``log1p_skewed``), of its ``interactions`` slopes, and how many
+    rows of each group hold each category. ``pre`` gives the columns and the categories
+    the rows are encoded against (the all-rows preprocessor, or one with its categories and
+    column order and no statistics yet)."""
+
+    def __init__(self, pre: Preprocessor, n_groups: int):
+        self.pre, self.G = pre, n_groups
+        self.slope_names = [name for *_, name in pre.interaction_levels()]
+        slopes = set(self.slope_names)
+        self.raw_names = [c for c in pre.numeric_ if c not in slopes]
+        self.raw: Moments | None = None
+        self.logged: Moments | None = None
+        self.slopes: Moments | None = None
+        self.counts = {col: np.zeros((n_groups, len(cats) + 2), dtype=np.int64)
+                       for col, cats in pre.categories_.items()}
+
+    def add(self, numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray],
+            labels: np.ndarray) -> None:
+        """A block of rows: ``numeric``, ``pre.numeric_columns`` of it; ``codes``, each
+        categorical's codes (missing: one past the categories), as ``pre.encode`` gives
+        them; ``labels (R, m)``, each row's group in each of R partitions (-1 for none)."""
+
+        def gather(names: list[str], into: Moments | None, form=None) -> Moments:
+            m = Moments.gather({c: numeric[c] for c in names}, labels, self.G, form,
+                               None if into is None else into.center)
+            return m if into is None else into + m
+
+        self.raw = gather(self.raw_names, self.raw)
+        if self.pre.log1p_skewed:
+            self.logged = gather(self.raw_names, self.logged, log_form)
+        self.slopes = gather(self.slope_names, self.slopes)
+        for col, cats in self.pre.categories_.items():
+            self.counts[col] += category_counts(codes[col], len(cats) + 2, labels, self.G)
+
+    def fitted(self, take: np.ndarray) -> Preprocessor:
+        """A preprocessor of ``pre``'s switches fitted on the rows of the groups ``take``
+        (``(G,) bool``): what ``pre.unfitted().fit`` on those rows learns."""
+        pre = self.pre
+        if self.raw is None:  # no rows at all: sums of nothing
+            self.add({c: np.zeros(0) for c in self.raw_names + self.slope_names},
+                     {c: np.zeros(0, np.int64) for c in pre.categories_},
+                     np.zeros((1, 0), np.int64))
+        seen = {col: [cats[j] for j in np.flatnonzero(self.counts[col][take].sum(0)[:len(cats)])]
+                for col, cats in pre.categories_.items()}
+        known = {interaction_name(num, cat, level) for spec in pre.interactions
+                 for num, cat in [spec.split("@")] for level in seen.get(cat, ())}
+        known = [name for name in self.slope_names if name in known]
+        return pre.unfitted().learn(
+            pre.columns_, seen, self.raw.over(take),
+            None if self.logged is None else self.logged.over(take),
+            self.slopes.over(take).only(known))
+
+
 def fold_preprocessors(pre: Preprocessor, numeric: dict[str, np.ndarray],
                        codes: dict[str, np.ndarray], folds: list[tuple[np.ndarray, np.ndarray]],
                        extra: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
@@ -247,45 +304,18 @@ def fold_preprocessors(pre: Preprocessor, numeric: dict[str, np.ndarray],
     """Each fold's own preprocessor, as ``pre.unfitted().fit`` on the fold's training rows
     (and on ``extra``'s rows, which every fold fits on: the test rows with ``fit_on =
     "train+test"``) learns it, from statistics per validation block gathered in one pass
-    (``tasks.data.statistics``): no copy of the rows per fold.
+    (``Sums``): no copy of the rows per fold.
 
     ``numeric``: ``pre.numeric_columns`` of the rows; ``codes``: each categorical's codes
     among ``pre``'s categories (missing: one past them), as ``pre.encode`` gives them;
     ``extra``: the same two of the extra rows."""
     F = len(folds)
-    n = _n_rows(numeric, codes)
-    labels, take = fold_groups(folds, n)
-    slope_names = [name for *_, name in pre.interaction_levels()]
-    slope_set = set(slope_names)
-    raw_names = [c for c in pre.numeric_ if c not in slope_set]
-
-    def moments(names: list[str], form=None) -> Moments:
-        m = Moments.gather({c: numeric[c] for c in names}, labels, F + 1, form)
-        if extra is None:
-            return m
-        every = np.full((1, _n_rows(*extra)), F, dtype=np.int64)
-        return m + Moments.gather({c: extra[0][c] for c in names}, every, F + 1, form,
-                                  m.center)
-
-    raw = moments(raw_names)
-    logged = moments(raw_names, log_form) if pre.log1p_skewed else None
-    slopes = moments(slope_names)
-    counts = {}
-    for col, cats in pre.categories_.items():
-        counts[col] = category_counts(codes[col], len(cats) + 2, labels, F + 1)
-        if extra is not None:
-            counts[col][F] += np.bincount(extra[1][col], minlength=len(cats) + 2)
-    out = []
-    for k in range(F):
-        seen = {col: [cats[j] for j in np.flatnonzero(counts[col][take[k]].sum(0)[:len(cats)])]
-                for col, cats in pre.categories_.items()}
-        known = {interaction_name(num, cat, level) for spec in pre.interactions
-                 for num, cat in [spec.split("@")] for level in seen.get(cat, ())}
-        known = [name for name in slope_names if name in known]
-        out.append(pre.unfitted().learn(
-            pre.columns_, seen, raw.over(take[k]),
-            None if logged is None else logged.over(take[k]), slopes.over(take[k]).only(known)))
-    return out
+    labels, take = fold_groups(folds, _n_rows(numeric, codes))
+    sums = Sums(pre, F + 1)
+    sums.add(numeric, codes, labels)
+    if extra is not None:
+        sums.add(*extra, np.full((1, _n_rows(*extra)), F, dtype=np.int64))
+    return [sums.fitted(take[k]) for k in range(F)]
 
 
 def _n_rows(numeric: dict[str, np.ndarray], codes: dict[str, np.ndarray]) -> int:

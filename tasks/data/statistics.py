@@ -130,6 +130,11 @@ def _extremes(X: np.ndarray, groups: np.ndarray, lo: np.ndarray, hi: np.ndarray)
     (missing values ignored), with one sort of the rows by group."""
     if not len(groups):
         return
+    if groups[0] == groups[-1] and (groups == groups[0]).all():  # one group: no sort
+        g = groups[0]
+        lo[g] = np.fmin(lo[g], np.fmin.reduce(X, axis=0))
+        hi[g] = np.fmax(hi[g], np.fmax.reduce(X, axis=0))
+        return
     order = np.argsort(groups, kind="stable")
     g = groups[order]
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from tasks.select import lineage
@@ -94,32 +95,37 @@ def test_a_full_disk_fails_tensorize_in_one_line_with_nothing_half_written(train
     assert is_complete(ref) and (root / "tensorize" / ref.version / "fold_base.npy").is_file()
 
 
-def test_blocks_of_rows_write_what_one_block_writes(trained, tmp_path, monkeypatch):
-    """Tensorize encodes and writes a block of rows at a time; cut into blocks of 97 rows,
-    the matrix, the fold base and the fold maps are those of one block."""
+def test_batches_of_rows_write_what_one_batch_writes(trained, tmp_path):
+    """Tensorize reads, encodes and writes a batch of rows at a time; read in batches of
+    4 KiB (about ten rows), the matrix and the fold base are those of one batch, and the
+    fold maps the same to float rounding (each fold's sums add up in another order)."""
     import json
 
-    from tasks import tensorize as stage
     from tasks.tensorize import read_matrix, tensorize
 
     cfg, result = trained
     versions = lineage(resolve(cfg.artifacts_dir, "select", result["model_version"]))
     raw, pre = (ArtifactRef(root=cfg.artifacts_dir, stage=s, version=versions[s][0])
                 for s in ("download", "preprocess"))
-    assert stage.BLOCK == 65_536  # more than the rows: one block
     written = {}
-    for block in (65_536, 97):
-        monkeypatch.setattr(stage, "BLOCK", block)
+    for block in (16 << 20, 4096):
         out = tmp_path / str(block)
         out.mkdir()
-        tensorize(raw, pre, out, cfg.train.folds)
+        tensorize(raw, pre, out, cfg.train.folds, block_bytes=block)
         written[block] = out
-    one, many = written[65_536], written[97]
+    one, many = written[16 << 20], written[4096]
     a, b = read_matrix(one / "train.parquet"), read_matrix(many / "train.parquet")
-    assert len(a.ids) > 97 * 10
+    assert len(a.ids) > 100 and pq.ParquetFile(many / "train.parquet").num_row_groups > 100
+    assert pq.ParquetFile(one / "train.parquet").num_row_groups == 1
     np.testing.assert_array_equal(a.X, b.X)
     np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.y, b.y)
     assert a.meta == b.meta
     np.testing.assert_array_equal(np.load(one / "fold_base.npy"), np.load(many / "fold_base.npy"))
-    assert json.loads((one / "fold_maps.json").read_text()) == json.loads(
-        (many / "fold_maps.json").read_text())
+    maps = [json.loads((d / "fold_maps.json").read_text()) for d in (one, many)]
+    assert maps[0].keys() == maps[1].keys()
+    for key, value in maps[0].items():
+        if key in ("scale", "shift"):
+            np.testing.assert_allclose(value, maps[1][key], rtol=1e-9, atol=1e-12)
+        else:
+            assert value == maps[1][key], key
