@@ -39,9 +39,9 @@ _PREDICT_CODE = ("inference/batch.py", "inference/plan.py", "inference/forest.py
                  *_FEATURES, "kinds/__init__.py")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (),
-    "preprocess": ("preprocess.py", *_FEATURES),
-    "tensorize": ("tensorize.py", "preprocess.py", *_FEATURES, "data/folds.py",
-                  "data/foldmaps.py"),
+    "preprocess": ("preprocess.py", *_FEATURES, "data/rawcsv.py", "data/foldmaps.py"),
+    "tensorize": ("tensorize.py", "preprocess.py", *_FEATURES, "data/rawcsv.py",
+                  "data/folds.py", "data/foldmaps.py"),
     "train": ("train.py", "data/folds.py", "data/foldmaps.py", *_FEATURES, "kinds/__init__.py"),
     "select": ("select.py", "inference/checkpoint.py", "data/folds.py", "data/foldmaps.py",
                *_PREDICT_CODE, *code_files()),

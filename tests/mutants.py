@@ -144,7 +144,7 @@ MUTANTS = [
     Mutant("base-block-offset", "tasks/data/foldmaps.py",
            "offset=self.offset + lo * self.shape[1] * 4)",
            "offset=self.offset + lo * self.shape[1])",
-           ("tests/tasks/test_tensorize.py::test_blocks_of_rows_write_what_one_block_writes",),
+           ("tests/tasks/test_tensorize.py::test_batches_of_rows_write_what_one_batch_writes",),
            "tensorize's later blocks of rows land at the wrong place in the fold base"),
     Mutant("unseen-as-missing", "tasks/data/features.py", "code[unseen] = len(cats) + 1",
            "code[unseen] = len(cats)", (PRE,),

@@ -63,10 +63,11 @@ def header(path: Path, name: str) -> list[str]:
     return list(reader.schema.names)
 
 
-def guess_types(path: Path, name: str) -> dict[str, pa.DataType]:
+def guess_types(path: Path, name: str, block_bytes: int = BLOCK_BYTES
+                ) -> dict[str, pa.DataType]:
     """Types to read ``path`` with, from its first block (see the module)."""
     try:
-        schema = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
+        schema = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=block_bytes),
                                convert_options=_convert({})).schema
     except pa.ArrowInvalid as exc:
         if "Empty CSV file" in str(exc):
@@ -137,10 +138,11 @@ def read_all(path: Path, name: str, types: dict[str, pa.DataType],
 def id_values(ids: pa.ChunkedArray, name: str, lo: int) -> np.ndarray:
     """A batch's training Ids as int64: whole numbers ("7", "7.0" and "007" are 7), every
     row one; otherwise a DataError naming the data row."""
-    try:
-        return np.asarray(ids.cast(pa.int64()), dtype=np.int64)  # plain digits, no nulls
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
-        pass
+    if ids.null_count == 0:
+        try:
+            return np.asarray(ids.cast(pa.int64()), dtype=np.int64)  # plain digits
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
     text = pd.Series(ids.to_pandas(), dtype="string").str.strip()
     blank = (text.isna() | (text == "")).to_numpy(dtype=bool)
     if blank.any():
@@ -195,8 +197,9 @@ class _Values:
 
 class Scan:
     """One pass over a raw file of rows: its columns and which are numbers, the distinct
-    values of its text columns, and, for a training file (``training``), every check
-    ``validate_training_frame`` makes of a whole frame, a batch at a time."""
+    values of its text columns, and, for a training file (``training``), its checks: unique
+    whole-number Ids, a positive numeric SalePrice, no empty column, no stray text in a
+    numeric column, no value beyond ±MAX_ABS. Each error names the column and the row."""
 
     def __init__(self, name: str, types: dict[str, pa.DataType], training: bool,
                  codes: tuple[str, ...] = ()):
@@ -242,20 +245,13 @@ class Scan:
             raise DataError(f"{self.name}: column {col} has {values[pos]:g} at Id={ids[pos]}, "
                             f"beyond ±{MAX_ABS:g}; fix or blank that value")
 
-    def finish(self, expected: list[str] | None = None) -> Scan:
+    def finish(self) -> Scan:
         """Decide which text columns are numbers; for a training file, the checks that
         need every row. Raises DataError naming the column and row."""
         source = self.name
         if self.training:
-            missing = [c for c in (ID, TARGET) if c not in self.types]
-            if missing:
-                raise DataError(f"{source} lacks column(s) {', '.join(missing)}")
             if self.n == 0:
                 raise DataError(f"{source} has a header but no rows")
-            absent = [c for c in (expected or []) if c not in self.types]
-            if absent:
-                raise DataError(f"{source} lacks feature column(s) {', '.join(absent)} that "
-                                "the test file has; supply the full Kaggle training file")
             empty = [c for c, k in self.present.items() if k == 0]
             if empty:
                 raise DataError(f"{source}: column(s) {', '.join(empty)} have no values at "
@@ -328,10 +324,19 @@ def scan(path: Path, name: str, training: bool = True, expected: list[str] | Non
          block_bytes: int = BLOCK_BYTES) -> Scan:
     """Read ``path`` once (see ``Scan``), with ``types`` (guessed from its first block
     when not given) and, where a column meets text, that column as text."""
-    result, _ = read_all(path, name, types or guess_types(path, name),
+    types = types or guess_types(path, name, block_bytes)
+    if training:  # what the header alone shows, before reading the rows
+        missing = [c for c in (ID, TARGET) if c not in types]
+        if missing:
+            raise DataError(f"{name} lacks column(s) {', '.join(missing)}")
+        absent = [c for c in (expected or []) if c not in types]
+        if absent:
+            raise DataError(f"{name} lacks feature column(s) {', '.join(absent)} that "
+                            "the test file has; supply the full Kaggle training file")
+    result, _ = read_all(path, name, types,
                          lambda types: Scan(name, types, training, codes),
                          block_bytes=block_bytes)
-    return result.finish(expected)
+    return result.finish()
 
 
 def scan_types(scan: Scan, columns: list[str]) -> dict[str, pa.DataType]:

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.data.features import DataError, fit_preprocessor, validate_training_frame
+from tasks.data import rawcsv
+from tasks.data.features import DataError, fit_preprocessor
 from tasks.inference.batch import load_model, predict_file
 from tasks.inference.checkpoint import FittedModel
 from tasks.storage.artifacts import resolve
-from tasks.tensorize import training_ids
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -136,15 +136,17 @@ def test_training_validation_errors_cleanly_or_gives_finite_features(real_data, 
     def check(frame):
         path = tmp_path_factory.mktemp("train") / "train.csv"
         frame.to_csv(path, index=False)
-        df = pd.read_csv(path)  # as the pipeline reads it
-        try:
-            validate_training_frame(df, "train.csv", expected)
+        try:  # as preprocess reads it: batches of a few rows
+            scan = rawcsv.scan(path, "train.csv", expected=expected, block_bytes=1 << 12)
         except DataError as exc:
             assert "\n" not in str(exc) and str(exc).startswith("train.csv"), exc
             return
-        ids = training_ids(df)
-        assert ids.dtype == np.int64 and len(np.unique(ids)) == len(df)
-        X, _ = fit_preprocessor(df).transform(df)
+        ids = scan.all_ids()
+        assert ids.dtype == np.int64 and len(np.unique(ids)) == len(frame) == scan.n
+        pre = rawcsv.fit_streamed([(path, scan)], block_bytes=1 << 12)
+        X, _ = pre.transform(pd.read_csv(path, dtype=pre.raw_dtypes()))
         assert np.isfinite(X).all()
+        df = pd.read_csv(path)  # the whole frame's fit learns the same
+        np.testing.assert_allclose(X, fit_preprocessor(df).transform(df)[0], atol=1e-5)
 
     check()

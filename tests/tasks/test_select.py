@@ -374,7 +374,9 @@ def test_min_rows_per_s_leaves_out_slower_candidates(trained, tmp_path):
              and m["candidate"] != "blend"}
     assert all(r > 0 for r in rates.values())
     fast, slow = rates["lasso"], rates["mlp"]
-    assert fast > 4 * slow  # a collapsed linear ensemble vs 10 networks on 10 matrices
+    # a collapsed linear ensemble vs 10 networks on 10 matrices (at least 3x on a machine busy
+    # with the other tests: the floor between them is then 1.7x from each)
+    assert fast > 3 * slow
     floor = (fast * slow) ** 0.5
     result, board = _reselect(trained, tmp_path, final="ensemble", min_rows_per_s=floor)
     kinds = {c.name: c.kind for c in trained[0].all_candidates()}
