@@ -21,16 +21,21 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import DataConfig, RemoteFile, data_version
 from tasks.data.features import ID, DataError
+from tasks.data.rawcsv import TEXT, Scan, batches, guess_types, read_all
 from tasks.data.sources import Located, SourceError, list_source
 from tasks.frozen import Frozen
 from tasks.stage import build_stage, failing_as, one_line, stage_task_options
@@ -340,102 +345,209 @@ def _log_listing_change(memo: Path, source: str, names: list[str], log) -> None:
     write_json(memo, names)
 
 
-def _read_rows(path: Path, name: str) -> pd.DataFrame:
-    """One source file as a frame, or a one-line DataError naming it: empty, not CSV or
-    Parquet, or a row with more or fewer fields than the header (a file cut off mid-row)."""
-    if path.stat().st_size == 0:
-        raise DataError(f"{name} is empty: expected a header line and rows")
-    if name.lower().endswith((".parquet", ".pq")):
-        try:
-            return pq.read_table(path).to_pandas()
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
-            raise DataError(f"{name} is not a readable Parquet file ({one_line(exc)})") from None
-    head = path.open("rb").read(4096)
-    if b"\x00" in head or head.startswith(b"PAR1"):
-        raise DataError(f"{name} is not a CSV file (binary content); export it as CSV")
+@dataclass
+class _Rows:
+    """One source file, read once a batch at a time (``tasks.data.rawcsv``): its columns,
+    which of them are numbers and where each text value first is (``Scan``), and its Ids
+    (``_id_keys``), without holding its rows."""
+
+    name: str
+    path: Path
+    columns: list[str]
+    scan: Scan
+    ids: np.ndarray  # int64, or text where an Id is no whole number
+
+
+def _csv_shape(path: Path, name: str) -> None:
+    """A CSV file pyarrow could not parse: a DataError naming the first line whose number
+    of fields is not the header's (a file cut off mid-row), or the file when none is."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
-            header = next(reader, None)
+            header = next(reader, None) or []
             for row in reader:
                 if row and len(row) != len(header):
                     raise DataError(
                         f"{name} line {reader.line_num} has {len(row)} fields, the header "
                         f"has {len(header)}: the file is cut off or malformed; fix or "
                         "re-export it")
-        return pd.read_csv(path)
     except UnicodeDecodeError:
         raise DataError(f"{name} is not a UTF-8 CSV file; export it as CSV") from None
-    except (pd.errors.ParserError, csv.Error) as exc:
+    except csv.Error as exc:
         raise DataError(f"{name} is not a valid CSV file ({one_line(exc)})") from None
 
 
-def _check_alike(frames: list[tuple[str, pd.DataFrame]]) -> None:
+def _parquet_batches(path: Path, name: str) -> tuple[dict[str, pa.DataType], Any]:
+    """A Parquet file's types as ``Scan`` wants them (numbers float64, the rest text) and
+    its batches so typed; a DataError naming it when it is not Parquet."""
+    try:
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
+        raise DataError(f"{name} is not a readable Parquet file ({one_line(exc)})") from None
+    types = {f.name: pa.string() if f.name == ID else pa.float64()
+             if pa.types.is_integer(f.type) or pa.types.is_floating(f.type) else TEXT
+             for f in schema}
+
+    def batches():
+        lo = 0
+        for batch in file.iter_batches(batch_size=65_536):
+            table = pa.Table.from_batches([batch])
+            table = pa.table({c: table.column(c).cast(t if t != TEXT else pa.string())
+                              for c, t in types.items()})
+            yield lo, table
+            lo += table.num_rows
+    return types, batches
+
+
+def _id_keys(ids: pa.ChunkedArray) -> np.ndarray:
+    """Ids as keys: int64 when each is a whole number however written ("7", "7.0" and
+    "007" are 7), text otherwise: the same Id in two files is the same key."""
+    if ids.null_count == 0:
+        try:
+            return np.asarray(ids.cast(pa.int64()), dtype=np.int64)  # plain digits: fast
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    text = pd.Series(ids.to_pandas(), dtype="string").str.strip()
+    number = pd.to_numeric(text, errors="coerce")
+    whole = text.str.fullmatch(r"[+-]?\d{1,18}(\.0*)?").fillna(False).to_numpy(bool)
+    if whole.all():
+        return number.to_numpy().astype(np.int64)
+    return np.array([str(int(v)) if w else t for t, v, w in zip(
+        text.fillna("").tolist(), number.tolist(), whole, strict=True)], dtype=object)
+
+
+class _RowsScan(Scan):
+    """A ``Scan`` of a source file that also keeps its Ids (as ``_id_keys``)."""
+
+    def __init__(self, name: str, types: dict[str, pa.DataType]):
+        super().__init__(name, types, training=False)
+        self.keys: list[np.ndarray] = []
+
+    def add(self, lo: int, rows: pa.Table) -> None:
+        super().add(lo, rows)
+        if ID in rows.column_names:
+            self.keys.append(_id_keys(rows.column(ID)))
+
+
+def _read_rows(path: Path, name: str) -> _Rows:
+    """One source file read through, or a one-line DataError naming it: empty, not CSV or
+    Parquet, or a row with more or fewer fields than the header (a file cut off mid-row)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{name} is empty: expected a header line and rows")
+    if name.lower().endswith((".parquet", ".pq")):
+        types, batches = _parquet_batches(path, name)
+        state = _RowsScan(name, types)
+        for lo, table in batches():
+            state.add(lo, table)
+    else:
+        head = path.open("rb").read(4096)
+        if b"\x00" in head or head.startswith(b"PAR1"):
+            raise DataError(f"{name} is not a CSV file (binary content); export it as CSV")
+        with path.open("rb") as fh:  # a field's quotes come in pairs ("" inside one too)
+            quotes = sum(chunk.count(b'"') for chunk in iter(lambda: fh.read(1 << 24), b""))
+        if quotes % 2:
+            raise DataError(f"{name} is not a valid CSV file (a quoted field is never "
+                            "closed); fix or re-export it")
+        try:
+            state, _ = read_all(path, name, guess_types(path, name),
+                                lambda types: _RowsScan(name, types))
+        except DataError:
+            _csv_shape(path, name)  # the line that is wrong, when one is
+            raise
+    state.finish()
+    if ID not in state.types:
+        raise DataError(f"{name} has no {ID} column")
+    kinds = {k.dtype for k in state.keys}
+    ids = (np.zeros(0, np.int64) if not state.keys else np.concatenate(state.keys)
+           if len(kinds) == 1 else np.concatenate([k.astype(str).astype(object)
+                                                   for k in state.keys]))
+    return _Rows(name, path, list(state.types), state, ids)
+
+
+def _check_alike(files: list[_Rows]) -> None:
     """Every file must have the first file's columns, and no text where another file has
     numbers (a numeric column turned text)."""
-    first_name, first = frames[0]
-    for name, df in frames[1:]:
-        missing = [c for c in first.columns if c not in df.columns]
-        extra = [c for c in df.columns if c not in first.columns]
+    first = files[0]
+    for f in files[1:]:
+        missing = [c for c in first.columns if c not in f.columns]
+        extra = [c for c in f.columns if c not in first.columns]
         if missing or extra:
             parts = ([f"missing {', '.join(missing[:5])}"] if missing else []) + (
                 [f"extra {', '.join(extra[:5])}"] if extra else [])
-            raise DataError(f"{name} has other columns than {first_name} ({'; '.join(parts)}); "
-                            "every file of a source needs the same columns")
-    numeric = {c for _, df in frames for c in df.columns
-               if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()}
-    for name, df in frames:
-        for col in sorted(numeric & set(df.columns)):
-            if pd.api.types.is_numeric_dtype(df[col]):
+            raise DataError(f"{f.name} has other columns than {first.name} "
+                            f"({'; '.join(parts)}); every file of a source needs the same "
+                            "columns")
+    numeric = {c for f in files for c in f.scan.numeric if f.scan.present.get(c)}
+    for f in files:
+        for col in sorted(numeric - set(f.scan.numeric)):
+            values = f.scan.text.get(col)
+            if col == ID or values is None or not values.count:
                 continue
-            values = df[col].dropna().astype("string").str.strip()
-            bad = values[pd.to_numeric(values, errors="coerce").isna() & (values != "")]
-            if len(bad):
-                raise DataError(f"{name}: column {col} is numeric in the other files but has "
-                                f"{bad.iloc[0]!r} (row {bad.index[0] + 1}); fix that value")
+            parsed, _ = values.numbers()
+            word, (row, _) = min(((w, values.first[w]) for w, v in zip(
+                values.count, parsed, strict=True) if np.isnan(v)), key=lambda x: x[1][0])
+            raise DataError(f"{f.name}: column {col} is numeric in the other files but has "
+                            f"{word!r} (row {row + 1}); fix that value")
 
 
-def _drop_duplicates(frames: list[tuple[str, pd.DataFrame]], on_duplicate: str,
-                     log) -> list[tuple[str, pd.DataFrame]]:
-    """The same Id in two files is an error naming both, unless ``on_duplicate='last'``:
-    then the later file's row wins (corrections)."""
-    seen: dict[Any, str] = {}  # Id -> the last file (in name order) that has it
-    for name, df in frames:
-        if ID not in df.columns:
-            raise DataError(f"{name} has no {ID} column")
-        ids = df[ID].tolist()
-        clash = [i for i in dict.fromkeys(ids) if i in seen]
-        if clash and on_duplicate == "error":
-            other = seen[clash[0]]
-            shared = sum(seen[i] == other for i in clash)
+def _keep_last(files: list[_Rows], on_duplicate: str, log) -> list[np.ndarray]:
+    """Which rows of each file to keep. The same Id in two files is an error naming both,
+    unless ``on_duplicate='last'``: then the later file's row wins (corrections)."""
+    if len({f.ids.dtype for f in files}) > 1:  # Ids that are text somewhere: compare text
+        for f in files:
+            f.ids = f.ids.astype(str).astype(object)
+    seen = pd.Series([], dtype="int64", index=pd.Index(files[0].ids[:0]))  # Id -> file
+    for i, f in enumerate(files):
+        ids = pd.Index(f.ids).unique()
+        clash = ids[ids.isin(seen.index)]
+        if len(clash) and on_duplicate == "error":
+            other = int(seen[clash[0]])
+            shared = int((seen[clash] == other).sum())
             raise DataError(
-                f"{ID} {clash[0]} is in both {other} and {name} ({shared} shared Id(s)); "
-                "remove the repeats, or set data.on_duplicate = \"last\" to let the later "
-                "file win (corrections)")
-        seen.update(dict.fromkeys(ids, name))
-    out = []
-    for name, df in frames:
-        keep = df[ID].map(seen).to_numpy() == name
-        if not keep.all():
-            log(f"{int((~keep).sum())} row(s) of {name} replaced by a later file's row "
+                f"{ID} {clash[0]} is in both {files[other].name} and {f.name} ({shared} "
+                "shared Id(s)); remove the repeats, or set data.on_duplicate = \"last\" to "
+                "let the later file win (corrections)")
+        seen = pd.concat([seen[~seen.index.isin(ids)], pd.Series(i, index=ids)])
+    keep = []
+    for i, f in enumerate(files):
+        mask = (seen.reindex(pd.Index(f.ids)).to_numpy() == i)
+        if not mask.all():
+            log(f"{int((~mask).sum())} row(s) of {f.name} replaced by a later file's row "
                 "with the same Id")
-        out.append((name, df[keep]))
-    return out
+        keep.append(mask)
+    return keep
 
 
 def merge(files: tuple[SourceFile, ...], on_duplicate: str, dest: Path, log=print) -> int:
-    """Every file's rows, in name order, checked alike, into ``dest`` (CSV); a single CSV is
-    copied byte for byte (bump ``stage.STAGE_FORMATS['download']`` when this changes what it
-    writes). Returns the number of rows."""
-    frames = [(f.name, _read_rows(Path(f.path), f.name)) for f in files]
-    _check_alike(frames)
-    frames = _drop_duplicates(frames, on_duplicate, log)
+    """Every file's rows, in name order, checked alike, into ``dest`` (CSV), a batch at a
+    time; a single CSV is copied byte for byte (bump ``stage.STAGE_FORMATS['download']``
+    when this changes what it writes). Returns the number of rows."""
+    rows = [_read_rows(Path(f.path), f.name) for f in files]
+    _check_alike(rows)
+    keep = _keep_last(rows, on_duplicate, log)
     if len(files) == 1 and files[0].name.lower().endswith(".csv"):
         shutil.copyfile(files[0].path, dest)
-        return len(frames[0][1])
-    merged = pd.concat([df for _, df in frames], ignore_index=True)
-    merged.to_csv(dest, index=False)
-    return len(merged)
+        return rows[0].scan.n
+    columns = rows[0].columns
+    # Every value as the text it was written as (numbers are not reformatted), missing
+    # values as empty fields.
+    schema = pa.schema([(c, pa.string()) for c in columns])
+    total = 0
+    with pcsv.CSVWriter(dest, schema) as out:
+        for f, mask in zip(rows, keep, strict=True):
+            if f.name.lower().endswith((".parquet", ".pq")):
+                _, parts = _parquet_batches(f.path, f.name)
+                parts = parts()
+            else:
+                parts = batches(f.path, f.name, dict.fromkeys(f.columns, pa.string()))
+            for lo, table in parts:
+                table = pa.table({c: table.column(c).cast(pa.string()) for c in columns})
+                take = mask[lo:lo + table.num_rows]
+                table = table if take.all() else table.filter(pa.array(take))
+                out.write_table(table.cast(schema))
+                total += table.num_rows
+    return total
 
 
 def download(snapshot: Snapshot, on_duplicate: str, out_dir: Path, log=print

@@ -46,8 +46,8 @@ _COLUMN = re.compile(r"In CSV column #(\d+)")
 class _Retype(Exception):
     """A column typed float64 met text: read it as text, from the start."""
 
-    def __init__(self, column: str):
-        self.column = column
+    def __init__(self, column: str, message: str):
+        self.column, self.message = column, message
 
 
 def header(path: Path, name: str) -> list[str]:
@@ -94,23 +94,28 @@ def batches(path: Path, name: str, types: dict[str, pa.DataType],
             columns: list[str] | None = None, block_bytes: int = BLOCK_BYTES
             ) -> Iterator[tuple[int, pa.Table]]:
     """``(first row, rows)`` of ``path`` a block at a time, read with ``types`` (only
-    ``columns``, when given). Raises ``_Retype`` when a float64 column meets text."""
-    reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=block_bytes),
-                           convert_options=_convert(types, columns))
+    ``columns``, when given). Raises ``_Retype`` when a column meets a value its type cannot
+    hold, a DataError naming the file when it is not CSV."""
     lo = 0
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as exc:
-            at = _COLUMN.search(str(exc))
-            if at is not None and "conversion error" in str(exc):
-                raise _Retype(header(path, name)[int(at[1])]) from None  # the file's #
-            raise DataError(f"{name} is not a valid CSV file after data row {lo} ({exc}); "
-                            "fix or re-export it") from None
-        yield lo, pa.Table.from_batches([batch])
-        lo += batch.num_rows
+    try:
+        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=block_bytes),
+                               convert_options=_convert(types, columns))
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            yield lo, pa.Table.from_batches([batch])
+            lo += batch.num_rows
+    except pa.ArrowInvalid as exc:
+        at = _COLUMN.search(str(exc))
+        if at is not None and "conversion error" in str(exc):
+            # the file's column number, not among ``columns``
+            raise _Retype(header(path, name)[int(at[1])], str(exc)) from None
+        if "Empty CSV file" in str(exc):
+            raise DataError(f"{name} is empty: expected a header and rows") from None
+        raise DataError(f"{name} is not a valid CSV file after data row {lo} ({exc}); "
+                        "fix or re-export it") from None
 
 
 class Pass(Protocol):
@@ -132,6 +137,9 @@ def read_all(path: Path, name: str, types: dict[str, pa.DataType],
                 state.add(lo, rows)
             return state, types
         except _Retype as change:
+            if types.get(change.column) in (TEXT, pa.string()):  # not even text (UTF-8)
+                raise DataError(f"{name} is not a valid CSV file ({change.message}); fix "
+                                "or re-export it") from None
             types[change.column] = TEXT
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 
+import pandas as pd
 import pytest
 
 from tasks.config import DataConfig, RemoteFile
@@ -252,3 +253,20 @@ def test_a_cached_file_changed_after_its_fetch_is_not_merged(real_data, tmp_path
                                             "run again"):
         download(snapshot, "error", out)
     assert list(out.iterdir()) == []
+
+
+def test_an_id_written_two_ways_in_two_files_is_one_id(tmp_path):
+    """Files are read a batch at a time and their Ids compared as numbers however written:
+    7 in a Parquet file, "007.0" in a CSV file are the same sale."""
+    from tasks.data.features import DataError
+    from tasks.download import merge
+
+    pd.DataFrame({"Id": [5, 7], "Price": [1.0, 2.0]}).to_parquet(tmp_path / "a.parquet")
+    (tmp_path / "b.csv").write_text('Id,Price\n"007.0",3\n9,4\n')
+    files = (_source_file(tmp_path / "a.parquet"), _source_file(tmp_path / "b.csv"))
+    with pytest.raises(DataError, match=r"Id 7 is in both a.parquet and b.csv \(1 shared"):
+        merge(files, "error", tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+    assert merge(files, "last", tmp_path / "out.csv", log=lambda _: None) == 3
+    rows = pd.read_csv(tmp_path / "out.csv")
+    assert rows["Price"].tolist() == [1.0, 3.0, 4.0] and rows["Id"].tolist() == [5, 7, 9]
