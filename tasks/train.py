@@ -53,16 +53,20 @@ STAGE = "train"
 
 def cross_validate(X: np.ndarray, y: np.ndarray, spec: CandidateConfig, config: TrainConfig,
                    excluded: np.ndarray | None = None,
-                   on_progress: Callable[[float], None] = lambda f: None) -> CVResult:
+                   on_progress: Callable[[float], None] = lambda f: None,
+                   folds: list[tuple[np.ndarray, np.ndarray]] | None = None) -> CVResult:
     """K-fold cross-validate ``spec`` on ``X (n, d) float32`` (or ``(K, n, d)``: fold
     ``k``'s rows through its own preprocessor), ``y (n,) prices``.
 
     ``excluded`` ``(n,) bool`` rows are left out of fitting but still validated and predicted
     out of fold. ``on_progress`` gets the finished fraction (per epoch or per fold).
+    ``folds``: ``config``'s, when the caller has cut them already.
     """
     n = X.shape[-2]  # X (n, d), or (K, n, d) with a preprocessor per fold
     excluded = np.zeros(n, bool) if excluded is None else excluded
-    folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme, config.repeats)
+    if folds is None:
+        folds = make_folds(n, config.n_splits, config.seed, config.fold_scheme,
+                           config.repeats)
     return spec.cross_validate(X, y, config, folds, fit_rows(folds, excluded), on_progress)
 
 
@@ -175,7 +179,7 @@ def train(data: ArtifactRef, candidate: CandidateConfig, config: TrainConfig, ou
     folds = make_folds(len(m.y), config.n_splits, config.seed, config.fold_scheme,
                        config.repeats)
     _note_budget([candidate], fit_rows(folds, excluded), log)
-    cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress),
+    cv = _fit(lambda: cross_validate(X, m.y, candidate, config, excluded, progress, folds),
               candidate.name, log)
     _fits_done()  # only the short refit is left: the next task may start loading
     refit = _fit(lambda: candidate.refit(X_all, m.y, config, np.flatnonzero(~excluded)),

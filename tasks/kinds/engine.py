@@ -520,7 +520,7 @@ def _batch_plans(sizes: list[int], batch: int, device: torch.device
 # An epoch's targets of every model are held when they fit in this (a batch's are then one
 # slice); scores are computed this many rows at a time.
 _TARGETS_BYTES = 1 << 28
-_SCORE_ROWS = 1 << 16
+_SCORE_ROWS = 1 << 14  # a block of base rows and its features: 50 MB at 385 features
 # On more training rows than this per fold, scores (the curves, halving's ranks, the final
 # predictions) are taken on each fold's validation rows and a seeded sample of this many of
 # its training rows, not on every row through every fold's features: at 146,000 rows those
