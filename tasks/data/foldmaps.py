@@ -23,6 +23,7 @@ the all-rows Gram minus its validation rows' (``fold_grams``), one pass over the
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import os
 import threading
@@ -266,14 +267,21 @@ class Sums:
         categorical's codes (missing: one past the categories), as ``pre.encode`` gives
         them; ``labels (R, m)``, each row's group in each of R partitions (-1 for none)."""
 
-        def gather(names: list[str], into: Moments | None, form=None) -> Moments:
+        def gather(names: list[str], into: Moments | None, form=None,
+                   extremes: tuple[np.ndarray, np.ndarray] | None = None) -> Moments:
             m = Moments.gather({c: numeric[c] for c in names}, labels, self.G, form,
-                               None if into is None else into.center)
+                               None if into is None else into.center,
+                               extremes=extremes is None)
+            if extremes is not None:
+                m = dataclasses.replace(m, lo=extremes[0], hi=extremes[1])
             return m if into is None else into + m
 
-        self.raw = gather(self.raw_names, self.raw)
-        if self.pre.log1p_skewed:
-            self.logged = gather(self.raw_names, self.logged, log_form)
+        raw = Moments.gather({c: numeric[c] for c in self.raw_names}, labels, self.G,
+                             center=None if self.raw is None else self.raw.center)
+        self.raw = raw if self.raw is None else self.raw + raw
+        if self.pre.log1p_skewed:  # log_form is monotone: its extremes are the raw ones'
+            self.logged = gather(self.raw_names, self.logged, log_form,
+                                 (log_form(raw.lo), log_form(raw.hi)))
         self.slopes = gather(self.slope_names, self.slopes)
         for col, cats in self.pre.categories_.items():
             self.counts[col] += category_counts(codes[col], len(cats) + 2, labels, self.G)

@@ -64,10 +64,12 @@ class Moments:
     @classmethod
     def gather(cls, columns: dict[str, np.ndarray], labels: np.ndarray, n_groups: int,
                form: Callable[[np.ndarray], np.ndarray] | None = None,
-               center: np.ndarray | None = None, chunk: int = CHUNK) -> Moments:
+               center: np.ndarray | None = None, chunk: int = CHUNK,
+               extremes: bool = True) -> Moments:
         """Sums of ``form(x)`` (NaN where missing) per group. ``labels (R, n)``: each row's
         group in each of ``R`` partitions (a repeat's folds), -1 for none; the groups of
-        the partitions are numbered apart, ``0..n_groups-1`` in all."""
+        the partitions are numbered apart, ``0..n_groups-1`` in all. Without ``extremes``
+        the min and max are left NaN (the caller knows them otherwise)."""
         names = tuple(columns)
         cols = list(columns.values())
         C, n = len(cols), labels.shape[1]
@@ -88,7 +90,8 @@ class Moments:
             for part in labels[:, start:stop]:
                 hit = part >= 0
                 member[np.flatnonzero(hit), part[hit]] = 1.0
-                _extremes(X[hit], part[hit], lo, hi)
+                if extremes:
+                    _extremes(X[hit], part[hit], lo, hi)
             D2 = D * D
             sums[0] += member.T @ present
             sums[1] += member.T @ D
@@ -135,7 +138,9 @@ def _extremes(X: np.ndarray, groups: np.ndarray, lo: np.ndarray, hi: np.ndarray)
         lo[g] = np.fmin(lo[g], np.fmin.reduce(X, axis=0))
         hi[g] = np.fmax(hi[g], np.fmax.reduce(X, axis=0))
         return
-    order = np.argsort(groups, kind="stable")
+    # small keys: a radix sort, not a comparison sort of the rows
+    order = np.argsort(groups.astype(np.int16 if groups.max() < 2**15 else np.int64),
+                       kind="stable")
     g = groups[order]
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     Xs = X[order]
