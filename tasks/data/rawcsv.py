@@ -241,9 +241,10 @@ class Scan:
             if col != ID and t != TEXT:
                 self._in_bounds(col, rows.column(col).to_numpy(), ids)
         if self.types[TARGET] != TEXT:
-            y = rows.column(TARGET).to_numpy()
-            bad = np.flatnonzero(~(y > 0))[: 5 - len(self.not_positive)]
-            self.not_positive += [int(self.ids[-1][i]) for i in bad]
+            bad = np.flatnonzero(~(rows.column(TARGET).to_numpy() > 0))  # NaN too
+        else:  # prices read as text: the missing ones here, the values at the end
+            bad = np.flatnonzero(np.asarray(rows.column(TARGET).is_null()))
+        self.not_positive += [int(self.ids[-1][i]) for i in bad[:5 - len(self.not_positive)]]
 
     def _in_bounds(self, col: str, values: np.ndarray, ids: pa.ChunkedArray) -> None:
         with np.errstate(invalid="ignore"):
@@ -306,8 +307,8 @@ class Scan:
             values = self.text[TARGET]
             parsed, _ = values.numbers()
             for word, v in zip(values.count, parsed, strict=True):
-                if not v > 0 and len(self.not_positive) < 5:
-                    self.not_positive.append(values.first[word][1])
+                if not v > 0 and len(self.not_positive) < 5:  # its first row's Id
+                    self.not_positive.append(int(values.first[word][1].strip().split(".")[0]))
         if self.not_positive:
             raise DataError(f"{self.name}: {TARGET} must be positive; bad rows "
                             f"Id={self.not_positive}")

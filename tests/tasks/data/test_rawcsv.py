@@ -119,6 +119,9 @@ def late(df: pd.DataFrame, col: str, value, at: int = 250) -> pd.DataFrame:
         (lambda df: df.drop(columns=["SalePrice"]), "lacks column.*SalePrice"),
         (lambda df: df.iloc[0:0], "no rows"),
         (lambda df: late(df, "SalePrice", -5.0), r"positive; bad rows Id=\[251\]"),
+        # prices read as text (none in the first batches): the missing ones are bad rows
+        (lambda df: late(df.assign(SalePrice=[None] * 200 + [1e5] * 100), "SalePrice", -5.0),
+         r"positive; bad rows Id=\[1, 2, 3, 4, 5\]"),
         (lambda df: late(df, "Id", 7), r"duplicate Id values \[7\]"),
         (lambda df: late(df, "SalePrice", "x"), "SalePrice is not numeric.*Id=251"),
         (lambda df: df.drop(columns=["Zone"]), "lacks feature column.*Zone"),
@@ -144,6 +147,14 @@ def test_streamed_checks_name_the_column_and_row(tmp_path, change, message):
         assert rawcsv.guess_types(path, "t", SMALL)["Late"] == rawcsv.TEXT
     with pytest.raises(DataError, match=message):
         rawcsv.scan(path, "train.csv", expected=["Area", "Zone"], block_bytes=SMALL)
+
+
+def test_prices_read_as_text_are_checked_as_numbers(tmp_path):
+    path = tmp_path / "train.csv"
+    late(BASE, "SalePrice", "-5").to_csv(path, index=False)
+    types = {**rawcsv.guess_types(path, "t"), "SalePrice": rawcsv.TEXT}
+    with pytest.raises(DataError, match=r"positive; bad rows Id=\[251\]"):
+        rawcsv.scan(path, "train.csv", types=types, block_bytes=SMALL)
 
 
 def test_ids_written_alike_are_one_id(tmp_path):
