@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import PromoteConfig
-from tasks.data.features import ID, DataError, read_csv
+from tasks.data.features import ID, DataError
+from tasks.data.rawcsv import header, id_values, preprocessor_types, read_all
 from tasks.kinds.base import rmse
 from tasks.storage.artifacts import (
     ArtifactError,
@@ -49,15 +51,38 @@ class Decision:
     champion: str | None = None
 
 
+class _Picked:
+    """The training rows of some Ids, picked from the file a batch at a time."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids, self.found, self.parts = ids, [], []
+
+    def add(self, lo: int, rows: pa.Table) -> None:
+        have = id_values(rows.column(ID), "train.csv", lo)
+        keep = np.isin(have, self.ids)
+        if keep.any():
+            self.found.append(have[keep])
+            self.parts.append(rows.filter(pa.array(keep)))
+
+
 def _champion_predictions(champion: ArtifactRef, raw: ArtifactRef, ids: np.ndarray
                           ) -> np.ndarray:
     """The champion's log-price prediction ``(len(ids),) float64`` of the training rows
-    ``ids`` of this run's data, through its own preprocessor."""
+    ``ids`` of this run's data, through its own preprocessor (the rows read a batch at a
+    time, only those kept: the file may hold millions)."""
     from tasks.inference.batch import load_model
 
     model = load_model(champion)
-    rows = read_csv(raw.file("train.csv")).set_index(ID).loc[ids].reset_index()
-    return model.predict_frame(rows)[0]
+    path = raw.file("train.csv")
+    picked, _ = read_all(path, "train.csv",
+                         preprocessor_types(model.preprocessor, header(path, "train.csv")),
+                         lambda _: _Picked(ids))
+    found = np.concatenate(picked.found) if picked.found else np.zeros(0, np.int64)
+    at = pd.Index(found).get_indexer(ids)
+    if (at < 0).any():
+        raise DataError(f"train.csv has no row with {ID} {ids[at < 0][0]}, which the "
+                        "challenger was scored on; rerun from download")
+    return model.predict_table(pa.concat_tables(picked.parts))[0][at]
 
 
 def compare(challenger: ArtifactRef, champion: ArtifactRef, raw: ArtifactRef,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from tasks.data.features import DataError
 from tasks.promote import rollback
 from tasks.storage import artifacts
 from tasks.storage.artifacts import (
@@ -147,3 +149,27 @@ def test_an_unusable_champion_is_replaced(duel):
     broken = _scored(root, "cccc", np.arange(3), None, None, oof=False)  # no predictions kept
     d = compare(challenger, broken, challenger, min_improvement=0.0)
     assert d.promote and d.basis == "champion unusable" and "cccc is not usable" in d.reason
+
+
+def test_the_champion_is_scored_on_rows_picked_from_the_file_in_order(trained):
+    """The gate's rows are picked from the training file a batch at a time: the champion's
+    predictions of them, in the order asked, are its predictions of the same rows read
+    whole; an Id the file lacks is one line."""
+    from tasks.data.features import read_csv
+    from tasks.inference.batch import load_model
+    from tasks.promote import _champion_predictions
+    from tasks.select import lineage
+    from tasks.storage.artifacts import ArtifactRef, resolve
+
+    cfg, result = trained
+    champion = resolve(cfg.artifacts_dir, "select", result["model_version"])
+    (raw,) = lineage(champion)["download"]
+    raw = ArtifactRef(root=cfg.artifacts_dir, stage="download", version=raw)
+    frame = read_csv(raw.file("train.csv"))
+    ids = frame["Id"].to_numpy()[[-1, 2, 40, 0, 7]]
+    got = _champion_predictions(champion, raw, ids)
+    want = load_model(champion).predict_frame(frame.set_index("Id").loc[ids].reset_index())[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(DataError, match="train.csv has no row with Id 987654321, which the "
+                                        "challenger was scored on; rerun from download"):
+        _champion_predictions(champion, raw, np.array([ids[0], 987654321]))
