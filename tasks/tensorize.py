@@ -27,7 +27,14 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config import FoldSpec
-from tasks.data.features import ID, TARGET, Encoded, Preprocessor, load_preprocessor
+from tasks.data.features import (
+    ID,
+    TARGET,
+    Encoded,
+    Preprocessor,
+    _arrow_numeric,
+    load_preprocessor,
+)
 from tasks.data.foldmaps import (
     BaseWriter,
     FoldMaps,
@@ -122,12 +129,10 @@ def training_ids(train: pd.DataFrame) -> np.ndarray:
     return pd.to_numeric(train[ID].astype("string").str.strip()).to_numpy().astype(np.int64)
 
 
-def _numbers(column: pa.ChunkedArray) -> np.ndarray:
-    """A numeric column as float64 (NaN where missing), parsed where it was read as text."""
-    if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
-        return column.cast(pa.float64()).to_numpy()
-    return pd.to_numeric(pd.Series(column.to_pandas(), dtype="string"),
-                         errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+def flagged(area: np.ndarray, price: np.ndarray) -> np.ndarray:
+    """The outlier rule (see ``outlier_ids``) of living areas and prices, NaN never."""
+    with np.errstate(invalid="ignore"):
+        return (area > 4000) & (price < 300_000)
 
 
 class _Rows:
@@ -139,13 +144,13 @@ class _Rows:
         self.outliers: list[np.ndarray] = []
 
     def add(self, lo: int, rows: pa.Table) -> None:
-        ids, y = id_values(rows.column(ID), "train.csv", lo), _numbers(rows.column(TARGET))
+        ids = id_values(rows.column(ID), "train.csv", lo)
+        y = _arrow_numeric(rows.column(TARGET), TARGET, None)
         self.ids.append(ids)
         self.y.append(y)
         if "GrLivArea" in rows.column_names:
-            area = _numbers(rows.column("GrLivArea"))
-            with np.errstate(invalid="ignore"):
-                self.outliers.append(ids[(area > 4000) & (y < 300_000)])
+            area = _arrow_numeric(rows.column("GrLivArea"), "GrLivArea", None)
+            self.outliers.append(ids[flagged(area, y)])
 
 
 class _Encoder:
@@ -267,9 +272,9 @@ def outlier_ids(train: pd.DataFrame) -> list[int]:
     (GrLivArea > 4000 and SalePrice < 300000): two rows of the Kaggle training file."""
     if "GrLivArea" not in train.columns:
         return []
-    area = pd.to_numeric(train["GrLivArea"], errors="coerce")
-    flagged = (area > 4000) & (train[TARGET] < 300_000)
-    return sorted(int(i) for i in training_ids(train)[flagged.to_numpy(dtype=bool)])
+    area = pd.to_numeric(train["GrLivArea"], errors="coerce").to_numpy(np.float64)
+    rows = flagged(area, train[TARGET].to_numpy(np.float64))
+    return sorted(int(i) for i in training_ids(train)[rows])
 
 
 @task(**stage_task_options(STAGE))
